@@ -1,0 +1,70 @@
+#include "kernels/attention_types.h"
+
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace anchorserve {
+
+absl::Status ValidateAnchorConfig(const AnchorConfig& config) {
+  if (std::isnan(config.theta)) return absl::InvalidArgumentError("config.theta is NaN");
+  if (config.block_size < 1 || config.block_size > kMaxBlockSize) {
+    return absl::InvalidArgumentError(absl::StrCat("config.block_size must be in [1, ",
+                                                   kMaxBlockSize, "], got ", config.block_size));
+  }
+  if (config.step < 1 || config.step > kMaxStep) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.step must be in [1, ", kMaxStep, "], got ", config.step));
+  }
+  if (config.init_groups < 0 || config.init_groups > kMaxRegionGroups) {
+    return absl::InvalidArgumentError(absl::StrCat("config.init_groups must be in [0, ",
+                                                   kMaxRegionGroups, "], got ",
+                                                   config.init_groups));
+  }
+  if (config.local_groups < 1 || config.local_groups > kMaxRegionGroups) {
+    return absl::InvalidArgumentError(absl::StrCat("config.local_groups must be in [1, ",
+                                                   kMaxRegionGroups, "], got ",
+                                                   config.local_groups));
+  }
+  if (!std::isfinite(config.softmax_scale) || config.softmax_scale < 0.0f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.softmax_scale must be finite and positive (0 = default), got ",
+        config.softmax_scale));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTask(const AttentionTask& task) {
+  const AttentionShape& s = task.shape;
+  if (s.seq_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("seq_len must be positive, got ", s.seq_len));
+  }
+  if (s.num_q_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_q_heads must be positive, got ", s.num_q_heads));
+  }
+  if (s.num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_kv_heads must be positive, got ", s.num_kv_heads));
+  }
+  if (s.num_q_heads % s.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("num_q_heads (", s.num_q_heads,
+                                                   ") must be a multiple of num_kv_heads (",
+                                                   s.num_kv_heads, ")"));
+  }
+  if (s.head_dim <= 0 || s.head_dim > kMaxHeadDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim must be in [1, ", kMaxHeadDim, "], got ", s.head_dim));
+  }
+  // Elements of Q must fit int64 with room for byte counts.
+  const int64_t limit = std::numeric_limits<int64_t>::max() / 8;
+  if (s.seq_len > limit / (int64_t{s.num_q_heads} * s.head_dim)) {
+    return absl::InvalidArgumentError("seq_len * num_q_heads * head_dim overflows");
+  }
+  if (task.q == nullptr || task.k == nullptr || task.v == nullptr || task.out == nullptr) {
+    return absl::InvalidArgumentError("q, k, v and out must be non-null");
+  }
+  return ValidateAnchorConfig(task.config);
+}
+
+}  // namespace anchorserve

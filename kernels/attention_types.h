@@ -1,0 +1,119 @@
+// The problem every backend solves: AnchorAttention (../shared/spec/anchorattention.md) causal
+// prefill of one or more sequences, and the statistics it reports.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/dtype.h"
+
+namespace anchorserve {
+
+enum class Layout {
+  kTokenMajor,  // [seq_len, num_heads, head_dim]
+  kHeadMajor,   // [num_heads, seq_len, head_dim]
+};
+
+enum class AttentionMode {
+  kAnchor,  // sparse AnchorAttention
+  kDense,   // exact dense causal attention, served by a dense kernel
+};
+
+// The spec's knobs, with its defaults. One group = block_size * step query rows.
+struct AnchorConfig {
+  AttentionMode mode = AttentionMode::kAnchor;
+  float theta = 12.0f;  // nats of scale*q.k; +inf = dense, -inf = anchor region only
+  int block_size = 128;  // B
+  int step = 16;         // s
+  int init_groups = 1;   // n_init
+  int local_groups = 1;  // n_loc (own group counts as 1)
+  float softmax_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
+
+  int64_t GroupSize() const { return int64_t{block_size} * step; }
+  float ScaleFor(int head_dim) const {
+    return softmax_scale > 0.0f ? softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  }
+  // Dense mode, or a threshold that keeps every candidate.
+  bool IsDense() const { return mode == AttentionMode::kDense || theta == INFINITY; }
+};
+
+// Bounds that keep every derived size (group size, index lists) well inside int32/int64.
+inline constexpr int kMaxBlockSize = 4096;
+inline constexpr int kMaxStep = 1024;
+inline constexpr int kMaxRegionGroups = 1 << 20;
+inline constexpr int kMaxHeadDim = 256;
+
+// Checks ranges: theta not NaN, block_size in [1, kMaxBlockSize], step in [1, kMaxStep],
+// init_groups >= 0, local_groups >= 1, softmax_scale finite and >= 0.
+absl::Status ValidateAnchorConfig(const AnchorConfig& config);
+
+struct AttentionShape {
+  int64_t seq_len = 0;  // N: q_len == kv_len (causal prefill)
+  int num_q_heads = 0;  // Hq
+  int num_kv_heads = 0;  // Hkv; Hq % Hkv == 0, query head h reads KV head h / (Hq / Hkv)
+  int head_dim = 0;     // d
+
+  int GqaRatio() const { return num_q_heads / num_kv_heads; }
+};
+
+// Element strides of a [seq_len, num_heads, head_dim]-shaped tensor stored in `layout`.
+struct TensorStrides {
+  int64_t token;
+  int64_t head;
+};
+inline TensorStrides StridesFor(Layout layout, int64_t seq_len, int num_heads, int head_dim) {
+  return layout == Layout::kTokenMajor ? TensorStrides{int64_t{num_heads} * head_dim, head_dim}
+                                       : TensorStrides{head_dim, seq_len * head_dim};
+}
+
+// What one query head computed (the spec's metrics, as exact counts).
+struct HeadStats {
+  int64_t computed_entries = 0;  // sum_i |A(i)| + sum_g |S_g| * rows(g)
+  int64_t stripe_entries = 0;    // sum_g |S_g| * rows(g)
+  int64_t stripe_groups = 0;     // groups with a non-empty candidate set C_g
+  int64_t stripes_total = 0;     // sum of |S_g| over those groups
+  int64_t stripes_min = 0;       // min |S_g| over those groups (0 when there are none)
+  int64_t stripes_max = 0;
+};
+
+inline int64_t CausalEntries(int64_t seq_len) { return seq_len * (seq_len + 1) / 2; }
+
+struct StageTimes {
+  double identification_seconds = 0;  // anchor + stripe identification
+  double compute_seconds = 0;         // sparse or dense attention
+  double transfer_seconds = 0;        // host <-> device copies
+};
+
+// One sequence to attend. The caller owns every buffer; the backend fills the outputs.
+struct AttentionTask {
+  AttentionShape shape;
+  DType dtype = DType::kBf16;  // of q, k, v and out
+  Layout layout = Layout::kTokenMajor;  // of q, k, v and out
+  const void* q = nullptr;  // [N, Hq, d] or [Hq, N, d]
+  const void* k = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
+  const void* v = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
+  void* out = nullptr;      // like q
+  float* maybe_lse = nullptr;  // [Hq, N] natural-log sum of exp(s_ij) over the computed keys
+  AnchorConfig config;
+  // Set by whoever stops waiting for the result; backends skip or abandon the task.
+  const std::atomic<bool>* maybe_cancelled = nullptr;
+
+  // Outputs.
+  std::vector<HeadStats> head_stats;  // [Hq]
+  StageTimes times;
+  absl::Status status;  // per task: CANCELLED when abandoned, OK otherwise
+
+  bool Cancelled() const {
+    return maybe_cancelled != nullptr && maybe_cancelled->load(std::memory_order_relaxed);
+  }
+};
+
+// Checks shape (positive dims, Hq % Hkv, d <= kMaxHeadDim, products without overflow),
+// pointers and config; messages name the offending field.
+absl::Status ValidateTask(const AttentionTask& task);
+
+}  // namespace anchorserve

@@ -1,0 +1,30 @@
+#include "kernels/backend.h"
+#include "kernels/cpu/cpu_backend.h"
+#if ANCHOR_ENABLE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+namespace anchorserve {
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateBackend(const BackendOptions& options) {
+  switch (options.kind) {
+    case BackendKind::kCpu:
+      return CreateCpuBackend(options.cpu_threads);
+    case BackendKind::kCuda:
+#if ANCHOR_ENABLE_CUDA
+      return CreateCudaBackend(options.cuda_device);
+#else
+      return absl::FailedPreconditionError(
+          "backend 'cuda' requested but this build has no CUDA (configure with "
+          "-DANCHOR_ENABLE_CUDA=ON)");
+#endif
+    case BackendKind::kAuto:
+#if ANCHOR_ENABLE_CUDA
+      if (CudaDeviceCount() > 0) return CreateCudaBackend(options.cuda_device);
+#endif
+      return CreateCpuBackend(options.cpu_threads);
+  }
+  return absl::InvalidArgumentError("unknown backend kind");
+}
+
+}  // namespace anchorserve

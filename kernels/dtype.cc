@@ -1,0 +1,106 @@
+#include "kernels/dtype.h"
+
+#include <cmath>
+
+namespace anchorserve {
+
+std::string_view DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kBf16:
+      return "bf16";
+    case DType::kFp16:
+      return "fp16";
+    case DType::kFp32:
+      return "fp32";
+  }
+  return "unknown";
+}
+
+float Fp16ToFloat(uint16_t bits) {
+  const uint32_t sign = uint32_t{bits & 0x8000u} << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1fu;
+  const uint32_t mantissa = bits & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  uint32_t out;
+  if (exponent == 0x1f) {
+    out = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float value;
+  std::memcpy(&value, &out, sizeof(value));
+  return value;
+}
+
+uint16_t FloatToFp16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs_bits = bits & 0x7fffffffu;
+  if (abs_bits > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs_bits >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs_bits < 0x38800000u) {                        // below 2^-14: subnormal or zero
+    const float magnitude = std::fabs(value);
+    // nearbyint rounds half to even in the default rounding mode.
+    return sign | static_cast<uint16_t>(std::nearbyint(magnitude * 16777216.0f));
+  }
+  const uint32_t mantissa = abs_bits & 0x7fffffu;
+  uint32_t half = ((abs_bits >> 23) - 112) << 10 | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
+  return sign | static_cast<uint16_t>(half);
+}
+
+void ConvertToFloat(const void* src, DType dtype, size_t count, float* dst) {
+  switch (dtype) {
+    case DType::kFp32:
+      std::memcpy(dst, src, count * sizeof(float));
+      return;
+    case DType::kBf16: {
+      const auto* in = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < count; ++i) dst[i] = Bf16ToFloat(in[i]);
+      return;
+    }
+    case DType::kFp16: {
+      const auto* in = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < count; ++i) dst[i] = Fp16ToFloat(in[i]);
+      return;
+    }
+  }
+}
+
+void ConvertFromFloat(const float* src, size_t count, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::kFp32:
+      std::memcpy(dst, src, count * sizeof(float));
+      return;
+    case DType::kBf16: {
+      auto* out = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < count; ++i) out[i] = FloatToBf16(src[i]);
+      return;
+    }
+    case DType::kFp16: {
+      auto* out = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < count; ++i) out[i] = FloatToFp16(src[i]);
+      return;
+    }
+  }
+}
+
+void RoundThrough(DType dtype, float* values, size_t count) {
+  switch (dtype) {
+    case DType::kFp32:
+      return;
+    case DType::kBf16:
+      for (size_t i = 0; i < count; ++i) values[i] = Bf16ToFloat(FloatToBf16(values[i]));
+      return;
+    case DType::kFp16:
+      for (size_t i = 0; i < count; ++i) values[i] = Fp16ToFloat(FloatToFp16(values[i]));
+      return;
+  }
+}
+
+}  // namespace anchorserve
