@@ -1,0 +1,396 @@
+#include "client/attention_client.h"
+
+#include <algorithm>
+#include <array>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
+
+namespace anchorserve {
+
+void CallCanceller::Cancel() {
+  absl::MutexLock lock(&mu_);
+  cancelled_ = true;
+  if (context_ != nullptr) context_->TryCancel();
+}
+
+bool CallCanceller::cancelled() const {
+  absl::MutexLock lock(&mu_);
+  return cancelled_;
+}
+
+// Makes `canceller` reach `context` for the lifetime of one call.
+class ScopedCallRegistration {
+ public:
+  ScopedCallRegistration(CallCanceller* canceller, grpc::ClientContext* context)
+      : canceller_(canceller) {
+    if (canceller_ == nullptr) return;
+    absl::MutexLock lock(&canceller_->mu_);
+    canceller_->context_ = context;
+    if (canceller_->cancelled_) context->TryCancel();
+  }
+  ~ScopedCallRegistration() {
+    if (canceller_ == nullptr) return;
+    absl::MutexLock lock(&canceller_->mu_);
+    canceller_->context_ = nullptr;
+  }
+  ScopedCallRegistration(const ScopedCallRegistration&) = delete;
+  ScopedCallRegistration& operator=(const ScopedCallRegistration&) = delete;
+
+ private:
+  CallCanceller* canceller_;
+};
+
+namespace {
+
+// Shortens gRPC's connection errors to what a person needs to know.
+std::string DescribeUnavailable(absl::string_view message) {
+  std::string lower = absl::AsciiStrToLower(message);
+  if (absl::StrContains(lower, "connection refused")) return "connection refused";
+  if (absl::StrContains(lower, "connection reset")) return "connection reset";
+  if (absl::StrContains(lower, "dns resolution failed") ||
+      absl::StrContains(lower, "name or service not known")) {
+    return absl::StrCat("its address could not be resolved (", message, ")");
+  }
+  return std::string(message);
+}
+
+// The output must have q's dtype, layout and shape.
+absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::TensorLayout layout,
+                             absl::Span<const int64_t> shape) {
+  const bool same_shape =
+      shape.size() == 3 && std::equal(shape.begin(), shape.end(), q.shape.begin());
+  if (dtype != ToProto(q.dtype) || layout != ToProto(q.layout) || !same_shape) {
+    return absl::InternalError(absl::StrCat(
+        "server returned an output of dtype ", v1::DataType_Name(dtype), ", layout ",
+        v1::TensorLayout_Name(layout), ", shape [", absl::StrJoin(shape, ", "), "]; expected q's ",
+        v1::DataType_Name(ToProto(q.dtype)), ", ", v1::TensorLayout_Name(ToProto(q.layout)), ", [",
+        absl::StrJoin(q.shape, ", "), "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status, absl::string_view target,
+                            absl::string_view rpc) {
+  if (status.ok()) return absl::OkStatus();
+  const auto code = static_cast<absl::StatusCode>(status.error_code());
+  const std::string& message = status.error_message();
+  std::string text;
+  switch (status.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+      text = absl::StrCat("server at ", target, " is unavailable: ", DescribeUnavailable(message));
+      break;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      text =
+          absl::StrCat(rpc, " to ", target, " did not finish before its deadline (", message, ")");
+      break;
+    case grpc::StatusCode::CANCELLED:
+      text = absl::StrCat(rpc, " to ", target, " was cancelled (", message, ")");
+      break;
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      text = absl::StrCat("server at ", target, " rejected ", rpc, ": ", message);
+      break;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      if (absl::StrContains(message, "larger than max")) {
+        text = absl::StrCat(rpc, " to ", target, " hit a gRPC message size limit: ", message,
+                            " (use streaming or raise the message size limit)");
+      } else {
+        text = absl::StrCat("server at ", target, " refused ", rpc,
+                            " for lack of resources: ", message);
+      }
+      break;
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      text = absl::StrCat("server at ", target, " cannot run ", rpc, ": ", message);
+      break;
+    case grpc::StatusCode::UNIMPLEMENTED:
+      text = absl::StrCat("server at ", target, " does not implement ", rpc,
+                          " (is it an anchorserve v1 server?): ", message);
+      break;
+    default:
+      text = absl::StrCat(rpc, " to ", target, " failed with ", absl::StatusCodeToString(code),
+                          ": ", message);
+      break;
+  }
+  return absl::Status(code, text);
+}
+
+absl::StatusOr<v1::AttendRequest> BuildAttendRequest(const AttendInputs& inputs) {
+  absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
+  if (!shape.ok()) return shape.status();
+  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
+                     " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));
+  }
+  v1::AttendRequest request;
+  request.set_request_id(inputs.request_id);
+  SetTensor(inputs.q, request.mutable_q());
+  SetTensor(inputs.k, request.mutable_k());
+  SetTensor(inputs.v, request.mutable_v());
+  *request.mutable_config() = inputs.config;
+  *request.mutable_options() = inputs.options;
+  return request;
+}
+
+int64_t EstimateUnaryRequestBytes(const AttendInputs& inputs) {
+  constexpr int64_t kEnvelopeBytes = 4096;  // ids, shapes, config, field tags
+  return inputs.PayloadBytes() + kEnvelopeBytes;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::string target,
+                                                                         ClientOptions options) {
+  if (target.empty()) return absl::InvalidArgumentError("target must not be empty");
+  if (options.max_message_bytes <= 0 || options.max_message_bytes > kGrpcMessageLimitBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("max_message_bytes must be in [1, ",
+                                                   kGrpcMessageLimitBytes, "], got ",
+                                                   options.max_message_bytes));
+  }
+  if (options.stream_chunk_bytes <= 0 || options.stream_chunk_bytes > options.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream_chunk_bytes must be in [1, max_message_bytes], got ", options.stream_chunk_bytes));
+  }
+  if (options.default_deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("default_deadline must be positive");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (channel == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot create a channel to '", target, "'"));
+  }
+  return std::unique_ptr<AttentionClient>(
+      new AttentionClient(std::move(target), options, std::move(channel)));
+}
+
+AttentionClient::AttentionClient(std::string target, ClientOptions options,
+                                 std::shared_ptr<grpc::Channel> channel)
+    : target_(std::move(target)),
+      options_(options),
+      channel_(std::move(channel)),
+      stub_(v1::AttentionService::NewStub(channel_)) {}
+
+void AttentionClient::PrepareContext(const CallOptions& call, grpc::ClientContext* context) const {
+  const absl::Duration timeout = call.timeout.value_or(options_.default_deadline);
+  if (timeout != absl::InfiniteDuration()) {
+    context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  }
+  context->set_wait_for_ready(call.wait_for_ready);
+}
+
+absl::StatusOr<v1::GetServerInfoResponse> AttentionClient::GetServerInfo(const CallOptions& call) {
+  grpc::ClientContext context;
+  PrepareContext(call, &context);
+  ScopedCallRegistration registration(call.canceller, &context);
+  v1::GetServerInfoResponse response;
+  grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status, target_, "GetServerInfo");
+  return response;
+}
+
+absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,
+                                                           const CallOptions& call) {
+  grpc::ClientContext context;
+  PrepareContext(call, &context);
+  ScopedCallRegistration registration(call.canceller, &context);
+  v1::AttendResponse response;
+  grpc::Status status = stub_->Attend(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, target_, "Attend");
+  return response;
+}
+
+absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
+                                                     const CallOptions& call) {
+  absl::StatusOr<v1::AttendRequest> request = BuildAttendRequest(inputs);
+  if (!request.ok()) return request.status();
+  absl::StatusOr<v1::AttendResponse> response = Attend(*request, call);
+  if (!response.ok()) return response.status();
+
+  AttendResult result;
+  result.request_id = response->request_id();
+  if (inputs.options.metrics_only()) {
+    if (response->has_output() && !response->output().data().empty()) {
+      return absl::InternalError("server returned an output although metrics_only was set");
+    }
+  } else {
+    if (!response->has_output()) return absl::InternalError("server returned no output tensor");
+    const v1::Tensor& output = response->output();
+    absl::Status spec =
+        CheckOutputSpec(inputs.q, output.dtype(), output.layout(),
+                        absl::MakeConstSpan(output.shape().data(), output.shape().size()));
+    if (!spec.ok()) return spec;
+    absl::StatusOr<HostTensor> tensor = HostTensorFromProto("output", output);
+    if (!tensor.ok()) {
+      return absl::InternalError(
+          absl::StrCat("server returned a malformed output: ", tensor.status().message()));
+    }
+    result.output = *std::move(tensor);
+  }
+  result.metrics = std::move(*response->mutable_metrics());
+  return result;
+}
+
+absl::StatusOr<AttendResult> AttentionClient::AttendStreamed(const AttendInputs& inputs,
+                                                             const CallOptions& call) {
+  return AttendStreamedInChunks(inputs, call, options_.stream_chunk_bytes);
+}
+
+absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const AttendInputs& inputs,
+                                                                     const CallOptions& call,
+                                                                     int64_t chunk_bytes) {
+  if (chunk_bytes <= 0) return absl::InvalidArgumentError("stream chunk size must be positive");
+  absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
+  if (!shape.ok()) return shape.status();
+
+  grpc::ClientContext context;
+  PrepareContext(call, &context);
+  ScopedCallRegistration registration(call.canceller, &context);
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>
+      stream = stub_->AttendStream(&context);
+
+  // Send: header, then each tensor's chunks in increasing contiguous order. A failed write means
+  // the server has ended the call; its status (read below) says why.
+  bool writes_ok = true;
+  {
+    v1::AttendStreamRequest message;
+    v1::StreamHeader* header = message.mutable_header();
+    header->set_request_id(inputs.request_id);
+    SetSpec(inputs.q, header->mutable_q());
+    SetSpec(inputs.k, header->mutable_k());
+    SetSpec(inputs.v, header->mutable_v());
+    *header->mutable_config() = inputs.config;
+    *header->mutable_options() = inputs.options;
+    writes_ok = stream->Write(message);
+  }
+  const std::array<std::pair<v1::TensorName, const TensorView*>, 3> tensors = {
+      {{v1::TENSOR_NAME_Q, &inputs.q},
+       {v1::TENSOR_NAME_K, &inputs.k},
+       {v1::TENSOR_NAME_V, &inputs.v}}};
+  for (const auto& [name, view] : tensors) {
+    const int64_t total = static_cast<int64_t>(view->bytes.size());
+    for (int64_t offset = 0; writes_ok && offset < total; offset += chunk_bytes) {
+      const int64_t size = std::min(chunk_bytes, total - offset);
+      v1::AttendStreamRequest message;
+      v1::TensorChunk* chunk = message.mutable_chunk();
+      chunk->set_tensor(name);
+      chunk->set_offset(offset);
+      chunk->set_data(reinterpret_cast<const char*>(view->bytes.data() + offset),
+                      static_cast<size_t>(size));
+      writes_ok = stream->Write(message);
+    }
+  }
+  if (writes_ok) stream->WritesDone();
+
+  // Receive: output_spec, output chunks in order, metrics last.
+  AttendResult result;
+  result.streamed = true;
+  const bool want_output = !inputs.options.metrics_only();
+  std::optional<HostTensor> output;  // allocated at output_spec when the output is wanted
+  bool have_spec = false;
+  int64_t received = 0;
+  bool have_metrics = false;
+  std::string protocol_error;  // first violation of the stream protocol by the server
+  v1::AttendStreamResponse response;
+  while (stream->Read(&response)) {
+    if (!protocol_error.empty()) continue;  // drain after cancelling
+    if (!response.request_id().empty()) result.request_id = response.request_id();
+    if (have_metrics) {
+      protocol_error = "server sent a message after the final metrics";
+    } else if (response.has_output_spec()) {
+      const v1::TensorSpec& spec = response.output_spec();
+      absl::Status status =
+          CheckOutputSpec(inputs.q, spec.dtype(), spec.layout(),
+                          absl::MakeConstSpan(spec.shape().data(), spec.shape().size()));
+      if (have_spec) {
+        protocol_error = "server sent output_spec twice";
+      } else if (!status.ok()) {
+        protocol_error = std::string(status.message());
+      } else if (want_output) {
+        have_spec = true;
+        absl::StatusOr<HostTensor> allocated =
+            AllocateHostTensor(inputs.q.dtype, inputs.q.layout, inputs.q.shape);
+        if (!allocated.ok()) return allocated.status();
+        output = *std::move(allocated);
+      } else {
+        have_spec = true;
+      }
+    } else if (response.has_chunk()) {
+      const v1::TensorChunk& chunk = response.chunk();
+      const int64_t size = static_cast<int64_t>(chunk.data().size());
+      if (!want_output) {
+        protocol_error = "server sent output chunks although metrics_only was set";
+      } else if (!output.has_value()) {
+        protocol_error = "server sent an output chunk before output_spec";
+      } else if (chunk.tensor() != v1::TENSOR_NAME_OUTPUT) {
+        protocol_error = absl::StrCat("server sent a chunk of tensor ",
+                                      v1::TensorName_Name(chunk.tensor()), ", expected OUTPUT");
+      } else if (chunk.offset() != received) {
+        protocol_error = absl::StrCat("server sent an output chunk at offset ", chunk.offset(),
+                                      ", expected ", received);
+      } else if (size > static_cast<int64_t>(output->bytes.size()) - received) {
+        protocol_error =
+            absl::StrCat("server sent ", received + size, " output bytes, more than the ",
+                         output->bytes.size(), " its output_spec implies");
+      } else {
+        std::copy(chunk.data().begin(), chunk.data().end(), output->bytes.begin() + received);
+        received += size;
+      }
+    } else if (response.has_metrics()) {
+      if (want_output && !output.has_value()) {
+        protocol_error = "server sent metrics without output_spec";
+      } else if (want_output && received != static_cast<int64_t>(output->bytes.size())) {
+        protocol_error = absl::StrCat("server sent metrics after ", received, " of ",
+                                      output->bytes.size(), " output bytes");
+      } else {
+        result.metrics = std::move(*response.mutable_metrics());
+        have_metrics = true;
+      }
+    } else {
+      protocol_error = "server sent an empty stream message";
+    }
+    if (!protocol_error.empty()) context.TryCancel();
+  }
+  grpc::Status status = stream->Finish();
+  if (!protocol_error.empty()) {
+    return absl::InternalError(
+        absl::StrCat("AttendStream to ", target_, " broke the stream protocol: ", protocol_error));
+  }
+  if (!status.ok()) return FromGrpcStatus(status, target_, "AttendStream");
+  if (!writes_ok) {
+    return absl::InternalError(
+        absl::StrCat("AttendStream to ", target_, " stopped accepting input but ended with OK"));
+  }
+  if (!have_metrics) {
+    return absl::InternalError(
+        absl::StrCat("AttendStream to ", target_, " ended without final metrics"));
+  }
+  if (want_output) result.output = std::move(output);
+  return result;
+}
+
+absl::StatusOr<AttendResult> AttentionClient::AttendAuto(const AttendInputs& inputs,
+                                                         int64_t server_max_message_bytes,
+                                                         bool force_stream,
+                                                         const CallOptions& call) {
+  const int64_t limit = std::min(server_max_message_bytes, options_.max_message_bytes);
+  if (!force_stream && EstimateUnaryRequestBytes(inputs) <= limit) return Attend(inputs, call);
+  // A chunk message carries a few bytes of tags and offset beside its data.
+  constexpr int64_t kChunkEnvelopeBytes = 1024;
+  const int64_t chunk = std::min(options_.stream_chunk_bytes, limit - kChunkEnvelopeBytes);
+  if (chunk <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the message limit of ", limit, " bytes leaves no room for stream chunks"));
+  }
+  return AttendStreamedInChunks(inputs, call, chunk);
+}
+
+}  // namespace anchorserve

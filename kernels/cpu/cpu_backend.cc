@@ -1,0 +1,100 @@
+#include "kernels/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <fstream>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "kernels/cpu/cpu_attention.h"
+#include "kernels/cpu/thread_pool.h"
+#include "kernels/cpu/tile_kernels.h"
+#include "kernels/status_macros.h"
+
+namespace anchorserve {
+namespace {
+
+// "model name" from /proc/cpuinfo, or "unknown CPU".
+std::string CpuModelName() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    absl::string_view view(line);
+    if (!absl::ConsumePrefix(&view, "model name")) continue;
+    const size_t colon = view.find(':');
+    if (colon == absl::string_view::npos) continue;
+    view.remove_prefix(colon + 1);
+    return std::string(absl::StripAsciiWhitespace(view));
+  }
+  return "unknown CPU";
+}
+
+class CpuBackend : public AttentionBackend {
+ public:
+  explicit CpuBackend(int threads)
+      : pool_(threads), kernels_(cpu::SelectTileKernels()), model_(CpuModelName()) {}
+
+  BackendInfo Info() const override {
+    BackendInfo info;
+    info.name = "cpu";
+    info.device = absl::StrCat("CPU: ", model_, ", ", pool_.num_threads(), " threads, ",
+                               kernels_.name, " kernels (any head_dim 1..", kMaxHeadDim, ")");
+    info.dtypes = {DType::kBf16, DType::kFp16, DType::kFp32};
+    info.head_dims = {32, 64, 96, 128, 256};
+    return info;
+  }
+
+  absl::Status Supports(const AttentionTask& task) const override {
+    if (task.shape.head_dim < 1 || task.shape.head_dim > kMaxHeadDim) {
+      return absl::InvalidArgumentError(absl::StrCat("head_dim must be in [1, ", kMaxHeadDim,
+                                                     "] on the cpu backend, got ",
+                                                     task.shape.head_dim));
+    }
+    if (task.shape.seq_len > cpu::kMaxCpuSeqLen) {
+      return absl::InvalidArgumentError(absl::StrCat("seq_len must be at most ",
+                                                     cpu::kMaxCpuSeqLen,
+                                                     " on the cpu backend, got ",
+                                                     task.shape.seq_len));
+    }
+    if (task.dtype != DType::kBf16 && task.dtype != DType::kFp16 && task.dtype != DType::kFp32) {
+      return absl::InvalidArgumentError("dtype not supported by the cpu backend");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Run(absl::Span<AttentionTask* const> batch) override {
+    for (AttentionTask* task : batch) {
+      if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
+      ANCHOR_RETURN_IF_ERROR(ValidateTask(*task));
+      ANCHOR_RETURN_IF_ERROR(Supports(*task));
+    }
+    for (AttentionTask* task : batch) {
+      if (task->Cancelled()) {
+        task->status = absl::CancelledError("attention task cancelled before it started");
+        continue;
+      }
+      ANCHOR_RETURN_IF_ERROR(cpu::RunCpuAttention(task, &pool_, kernels_));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  cpu::ThreadPool pool_;
+  const cpu::TileKernels& kernels_;
+  const std::string model_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(int threads) {
+  if (threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu threads must be >= 0 (0 = all hardware threads), got ", threads));
+  }
+  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::unique_ptr<AttentionBackend>(new CpuBackend(threads));
+}
+
+}  // namespace anchorserve

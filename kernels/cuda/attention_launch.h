@@ -1,0 +1,54 @@
+// Host entry point of the attention compute kernels (dense causal and AnchorAttention sparse),
+// plain C++: include it from .cc files. The kernels themselves live in attention_kernel.cuh.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cuda/anchor_params.h"
+
+namespace anchorserve::cuda {
+
+// Query rows per CTA: QueryTile::q_len must not exceed this.
+inline constexpr int32_t kAttentionTileRows = 128;
+
+// Runs attention for every (query tile, query head) of `params` on `stream`:
+//   params.sparse == false: dense causal attention, keys [0, i] for row i;
+//   params.sparse == true:  keys A(i) (anchor region of params.geometry) plus the stripes of the
+//                           row's group (params.stripes), each key counted once.
+// Writes params.out (input dtype) and, when non-null, params.maybe_lse (natural log).
+// Supported: bf16/fp16, head_dim 64/128, Hq % Hkv == 0, compute capability 9.0 (sm_90a code).
+// Preconditions the launcher cannot check (device memory): every SeqDesc offset and stride is a
+// multiple of 8 elements (16-byte rows), stripe positions lie in [n_init*G, (g-n_loc+1)*G) of
+// their sequence, tiles never straddle a group and have 1 <= q_len <= kAttentionTileRows.
+// Returns cudaErrorInvalidValue for unsupported or inconsistent arguments, cudaErrorInvalidDevice
+// on a GPU other than sm_90, otherwise the launch's error. Asynchronous: no synchronisation.
+cudaError_t LaunchAttention(const AttentionParams& params, cudaStream_t stream);
+
+// Query tiles of at most kAttentionTileRows rows that never straddle a group of `group_size`
+// rows, for the sequences of `seq_lens` (QueryTile::seq = index in seq_lens). Listed with the
+// largest end row first: causal work grows with it, so long tiles start in the first wave.
+inline std::vector<QueryTile> BuildQueryTiles(const std::vector<int32_t>& seq_lens,
+                                              int32_t group_size) {
+  std::vector<QueryTile> tiles;
+  for (int32_t seq = 0; seq < static_cast<int32_t>(seq_lens.size()); ++seq) {
+    for (int32_t start = 0; start < seq_lens[seq];) {
+      const int32_t group = group_size > 0 ? start / group_size : 0;
+      const int64_t group_end =
+          group_size > 0 ? int64_t{group + 1} * group_size : int64_t{seq_lens[seq]};
+      const int32_t end = static_cast<int32_t>(
+          std::min<int64_t>({int64_t{start} + kAttentionTileRows, group_end, seq_lens[seq]}));
+      tiles.push_back(QueryTile{seq, start, end - start, group});
+      start = end;
+    }
+  }
+  std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) {
+    return a.q_start + a.q_len > b.q_start + b.q_len;
+  });
+  return tiles;
+}
+
+}  // namespace anchorserve::cuda

@@ -1,0 +1,297 @@
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/attention_launch.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/status_macros.h"
+
+namespace anchorserve {
+namespace {
+
+using cuda::AnchorRunner;
+using cuda::KernelChoice;
+
+// One CUDA event, destroyed with its owner.
+class Event {
+ public:
+  Event() = default;
+  ~Event() {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  absl::Status Record(cudaStream_t stream) {
+    if (event_ == nullptr) ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&event_));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream));
+    return absl::OkStatus();
+  }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+double SecondsBetween(const Event& from, const Event& to) {
+  float ms = 0.0f;
+  if (from.get() == nullptr || to.get() == nullptr ||
+      cudaEventElapsedTime(&ms, from.get(), to.get()) != cudaSuccess) {
+    cudaGetLastError();
+    return 0.0;
+  }
+  return ms * 1e-3;
+}
+
+bool SameConfig(const AnchorConfig& a, const AnchorConfig& b) {
+  const bool same_theta = a.theta == b.theta || (std::isnan(a.theta) && std::isnan(b.theta));
+  return a.mode == b.mode && same_theta && a.block_size == b.block_size && a.step == b.step &&
+         a.init_groups == b.init_groups && a.local_groups == b.local_groups &&
+         a.softmax_scale == b.softmax_scale;
+}
+
+absl::Status CheckSameBatch(const AttentionTask& first, const AttentionTask& task) {
+  if (task.dtype != first.dtype || task.layout != first.layout ||
+      task.shape.num_q_heads != first.shape.num_q_heads ||
+      task.shape.num_kv_heads != first.shape.num_kv_heads ||
+      task.shape.head_dim != first.shape.head_dim || !SameConfig(task.config, first.config)) {
+    return absl::InvalidArgumentError(
+        "tasks of one batch must share dtype, layout, head counts, head_dim and config");
+  }
+  return absl::OkStatus();
+}
+
+cuda::BatchPlanRequest RequestFor(absl::Span<const int64_t> seq_lens, const AttentionShape& shape,
+                                  Layout layout, const AnchorConfig& config) {
+  cuda::BatchPlanRequest request;
+  request.seq_lens.assign(seq_lens.begin(), seq_lens.end());
+  request.num_q_heads = shape.num_q_heads;
+  request.num_kv_heads = shape.num_kv_heads;
+  request.head_dim = shape.head_dim;
+  request.layout = layout;
+  request.config = config;
+  request.sparse = cuda::SelectKernel(config) == KernelChoice::kSparse;
+  request.attention_tile_rows = cuda::kAttentionTileRows;
+  return request;
+}
+
+}  // namespace
+
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: not an error for the caller
+    return 0;
+  }
+  return count;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device) {
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(device));
+  return std::unique_ptr<AttentionBackend>(std::move(backend));
+}
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
+  const int count = CudaDeviceCount();
+  if (device < 0 || device >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda device ", device, " requested but ", count, " device(s) are visible"));
+  }
+  cudaDeviceProp properties{};
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, device));
+  if (properties.major != 9 || properties.minor != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda device ", device, " (", properties.name, ") has compute capability ",
+                     properties.major, ".", properties.minor,
+                     "; the kernels are built for 9.0 (sm_90a: H100/H200)"));
+  }
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AnchorRunner> runner, AnchorRunner::Create(device));
+  const std::string name =
+      absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
+                   properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");
+  return std::unique_ptr<CudaBackend>(new CudaBackend(device, std::move(runner), name));
+}
+
+BackendInfo CudaBackend::Info() const {
+  BackendInfo info;
+  info.name = "cuda";
+  info.device = device_name_;
+  info.dtypes = {DType::kBf16, DType::kFp16};
+  info.head_dims = {64, 128};
+  return info;
+}
+
+absl::Status CudaBackend::Supports(const AttentionTask& task) const {
+  ANCHOR_RETURN_IF_ERROR(ValidateTask(task));
+  if (task.dtype != DType::kBf16 && task.dtype != DType::kFp16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dtype ", std::string(DTypeName(task.dtype)), " is not supported by the cuda backend (bf16, fp16)"));
+  }
+  if (task.shape.head_dim != 64 && task.shape.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head_dim ", task.shape.head_dim, " is not supported by the cuda backend (64, 128)"));
+  }
+  if (task.shape.seq_len > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("seq_len ", task.shape.seq_len, " exceeds the cuda backend's 2^31 - 1"));
+  }
+  if (task.shape.num_q_heads > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_q_heads ", task.shape.num_q_heads, " exceeds the cuda backend's 65535"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CudaBackend::WorkspaceBytes(absl::Span<const int64_t> seq_lens,
+                                                    const AttentionShape& shape, DType dtype,
+                                                    const AnchorConfig& config) {
+  if (dtype != DType::kBf16 && dtype != DType::kFp16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype ", std::string(DTypeName(dtype)), " is not supported by the cuda backend"));
+  }
+  ANCHOR_ASSIGN_OR_RETURN(cuda::BatchPlan plan,
+                          cuda::PlanBatch(RequestFor(seq_lens, shape, Layout::kTokenMajor,
+                                                     config)));
+  return cuda::LayoutWorkspace(plan, static_cast<int>(ElementSize(dtype)), false).total_bytes;
+}
+
+void CudaBackend::KeepStripesForTesting(bool keep) {
+  absl::MutexLock lock(&mu_);
+  keep_stripes_ = keep;
+}
+
+CudaBackend::StripeSnapshot CudaBackend::LastStripesForTesting() const {
+  absl::MutexLock lock(&mu_);
+  return snapshot_;
+}
+
+absl::Status CudaBackend::Run(absl::Span<AttentionTask* const> batch) {
+  absl::MutexLock lock(&mu_);
+  return RunLocked(batch);
+}
+
+absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
+  if (batch.empty()) return absl::OkStatus();
+  for (AttentionTask* task : batch) {
+    if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
+    ANCHOR_RETURN_IF_ERROR(Supports(*task));
+    ANCHOR_RETURN_IF_ERROR(CheckSameBatch(*batch[0], *task));
+  }
+  std::vector<AttentionTask*> tasks;
+  for (AttentionTask* task : batch) {
+    task->status = absl::OkStatus();
+    task->head_stats.clear();
+    task->times = StageTimes{};
+    if (task->Cancelled()) {
+      task->status = absl::CancelledError("cancelled before the cuda backend started it");
+    } else {
+      tasks.push_back(task);
+    }
+  }
+  auto all_cancelled = [&tasks](const char* stage) {
+    bool all = true;
+    for (AttentionTask* task : tasks) all = all && task->Cancelled();
+    if (all) {
+      for (AttentionTask* task : tasks) {
+        task->status = absl::CancelledError(absl::StrCat("cancelled ", stage));
+      }
+    }
+    return all;
+  };
+  if (tasks.empty()) return absl::OkStatus();
+
+  const AttentionTask& first = *tasks[0];
+  const AttentionShape& shape = first.shape;
+  const KernelChoice choice = cuda::SelectKernel(first.config);
+  const size_t element_bytes = ElementSize(first.dtype);
+  std::vector<int64_t> seq_lens;
+  for (AttentionTask* task : tasks) seq_lens.push_back(task->shape.seq_len);
+  ANCHOR_RETURN_IF_ERROR(runner_->Prepare(RequestFor(seq_lens, shape, first.layout, first.config),
+                                          first.dtype, keep_stripes_));
+  const cuda::BatchPlan& plan = runner_->plan();
+  const cudaStream_t stream = runner_->stream();
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+
+  Event start, uploaded, identified, attended, done;
+  ANCHOR_RETURN_IF_ERROR(start.Record(stream));
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const AttentionTask& task = *tasks[t];
+    const cuda::SeqDesc& seq = plan.seqs[t];
+    const int64_t q_bytes = task.shape.seq_len * shape.num_q_heads * shape.head_dim * element_bytes;
+    const int64_t kv_bytes =
+        task.shape.seq_len * shape.num_kv_heads * shape.head_dim * element_bytes;
+    char* q = static_cast<char*>(runner_->q()) + seq.q_offset * element_bytes;
+    char* k = static_cast<char*>(runner_->k()) + seq.kv_offset * element_bytes;
+    char* v = static_cast<char*>(runner_->v()) + seq.kv_offset * element_bytes;
+    ANCHOR_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(q, task.q, q_bytes, cudaMemcpyHostToDevice, stream));
+    ANCHOR_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(k, task.k, kv_bytes, cudaMemcpyHostToDevice, stream));
+    ANCHOR_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(v, task.v, kv_bytes, cudaMemcpyHostToDevice, stream));
+  }
+  ANCHOR_RETURN_IF_ERROR(uploaded.Record(stream));
+  if (choice == KernelChoice::kSparse) {
+    ANCHOR_RETURN_IF_ERROR(runner_->RunAnchorStage());
+    ANCHOR_RETURN_IF_ERROR(runner_->RunStripeStage());
+  }
+  ANCHOR_RETURN_IF_ERROR(runner_->RunHeadStats(choice == KernelChoice::kDense));
+  ANCHOR_RETURN_IF_ERROR(identified.Record(stream));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  if (all_cancelled("after stripe identification")) return absl::OkStatus();
+
+  ANCHOR_RETURN_IF_ERROR(runner_->RunAttention(choice));
+  ANCHOR_RETURN_IF_ERROR(attended.Record(stream));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  if (all_cancelled("after attention")) return absl::OkStatus();
+
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    AttentionTask& task = *tasks[t];
+    if (task.Cancelled()) continue;
+    const cuda::SeqDesc& seq = plan.seqs[t];
+    const int64_t q_bytes = task.shape.seq_len * shape.num_q_heads * shape.head_dim * element_bytes;
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        task.out, static_cast<const char*>(runner_->out()) + seq.q_offset * element_bytes,
+        q_bytes, cudaMemcpyDeviceToHost, stream));
+    if (task.maybe_lse != nullptr) {
+      ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+          task.maybe_lse, runner_->lse() + seq.lse_offset,
+          task.shape.seq_len * shape.num_q_heads * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  std::vector<HeadStats> stats;
+  ANCHOR_RETURN_IF_ERROR(runner_->CopyHeadStats(&stats));  // one copy for the batch
+  ANCHOR_RETURN_IF_ERROR(done.Record(stream));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+
+  StageTimes times;
+  times.identification_seconds = SecondsBetween(uploaded, identified);
+  times.compute_seconds = SecondsBetween(identified, attended);
+  times.transfer_seconds = SecondsBetween(start, uploaded) + SecondsBetween(attended, done);
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    AttentionTask& task = *tasks[t];
+    if (task.Cancelled()) {
+      task.status = absl::CancelledError("cancelled during the cuda batch");
+      continue;
+    }
+    // The batch ran as one launch per stage: every task reports the batch's stage times.
+    task.times = times;
+    task.head_stats.assign(stats.begin() + t * shape.num_q_heads,
+                           stats.begin() + (t + 1) * shape.num_q_heads);
+  }
+
+  if (keep_stripes_ && choice == KernelChoice::kSparse) {
+    snapshot_ = StripeSnapshot{};
+    snapshot_.plan = plan;
+    ANCHOR_RETURN_IF_ERROR(runner_->CopyStripeLists(&snapshot_.counts, &snapshot_.index));
+    ANCHOR_RETURN_IF_ERROR(runner_->CopyRowAnchor(&snapshot_.row_anchor));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace anchorserve

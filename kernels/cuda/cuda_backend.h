@@ -1,0 +1,62 @@
+// The CUDA AttentionBackend: packs a batch's host tensors into device buffers, runs stripe
+// identification and the sparse (or dense) attention kernel, and copies outputs and metrics back.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/anchor_runner.h"
+
+namespace anchorserve {
+
+// CUDA devices visible to this process; 0 when there is no driver or device (never an error).
+int CudaDeviceCount();
+
+// The backend on `device`. FAILED_PRECONDITION without such a device.
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device);
+
+class CudaBackend : public AttentionBackend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
+
+  BackendInfo Info() const override;
+  absl::Status Supports(const AttentionTask& task) const override;
+  absl::Status Run(absl::Span<AttentionTask* const> batch) override;
+
+  // Device bytes one Run of these sequences needs (packed q/k/v/out, LSE, work lists, stripe
+  // lists sized by their bound, identification scratch): the arena's peak for that batch.
+  static absl::StatusOr<int64_t> WorkspaceBytes(absl::Span<const int64_t> seq_lens,
+                                                const AttentionShape& shape, DType dtype,
+                                                const AnchorConfig& config);
+
+  // Test hook: after each sparse Run, keep the stripe lists (and x(i)) of the batch.
+  struct StripeSnapshot {
+    cuda::BatchPlan plan;
+    std::vector<int32_t> counts;  // [groups * Hq]
+    std::vector<int32_t> index;   // lists at plan.list_offset
+    std::vector<float> row_anchor;  // [Hq, N] per sequence at SeqDesc::lse_offset
+  };
+  void KeepStripesForTesting(bool keep);
+  StripeSnapshot LastStripesForTesting() const;
+
+ private:
+  CudaBackend(int device, std::unique_ptr<cuda::AnchorRunner> runner, std::string device_name)
+      : device_(device), runner_(std::move(runner)), device_name_(std::move(device_name)) {}
+  absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const int device_;
+  mutable absl::Mutex mu_;
+  std::unique_ptr<cuda::AnchorRunner> runner_ ABSL_GUARDED_BY(mu_);
+  const std::string device_name_;
+  bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
+  StripeSnapshot snapshot_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace anchorserve

@@ -1,0 +1,96 @@
+// anchorserve.v1.AttentionService on gRPC's callback API.
+//
+// Attend (unary): validate (proto_convert), queue in the batcher, answer from the worker thread.
+// The job computes straight from the request's bytes into the response's output buffer.
+//
+// AttendStream (bidi), for requests of any size up to --max_request_bytes:
+//   client: one `header` (TensorSpecs, config, options), then `chunk`s of Q, K and V in any
+//           interleaving, each tensor's chunks in order (offset == bytes of that tensor received
+//           so far). Compute starts as soon as every byte has arrived; the client may half-close
+//           then or later.
+//   server: `output_spec`, output `chunk`s of at most --stream_chunk_bytes in order, then
+//           `metrics` last, then status OK. With options.metrics_only only `metrics` is sent.
+//   Errors end the stream with a status: INVALID_ARGUMENT for a first message that is not a
+//   header, a second header, an out-of-order chunk, bytes beyond a tensor's size, or a stream
+//   that ends before all bytes arrived; RESOURCE_EXHAUSTED for sizes over limits, checked from
+//   the header before anything is allocated.
+//
+// GetServerInfo: version, backend, device, dtypes, head dims, limits, defaults.
+//
+// While draining every new RPC gets UNAVAILABLE "server is draining".
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "anchorserve/v1/anchorserve.grpc.pb.h"
+#include "grpcpp/support/server_callback.h"
+#include "kernels/backend.h"
+#include "server/batcher.h"
+#include "server/clock.h"
+#include "server/metrics.h"
+#include "server/proto_convert.h"
+#include "server/server_config.h"
+
+namespace anchorserve {
+
+inline constexpr char kAttentionServiceName[] = "anchorserve.v1.AttentionService";
+
+// The server's version (the CMake project version).
+std::string_view ServerVersion();
+
+class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
+ public:
+  // Everything passed in must outlive the service (and the gRPC server it is registered with).
+  AttentionServiceImpl(const ServerConfig& config, AttentionBackend* backend,
+                       DynamicBatcher* batcher, MetricsRegistry* metrics, Clock* clock);
+
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
+  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::GetServerInfoResponse* response) override;
+
+  // From now on new RPCs are refused with UNAVAILABLE; RPCs already started go on.
+  void StartDraining() { draining_.store(true); }
+  bool draining() const { return draining_.load(); }
+
+  // Waits until no RPC is in flight; false when `deadline` came first.
+  bool WaitUntilIdle(absl::Time deadline);
+  int64_t InflightRpcs() const;
+
+  // --- for the reactors (attention_service.cc) ---
+  const ServerConfig& config() const { return config_; }
+  const ConvertOptions& convert_options() const { return convert_options_; }
+  const BackendInfo& backend_info() const { return convert_options_.backend_info; }
+  DynamicBatcher& batcher() { return *batcher_; }
+  MetricsRegistry& metrics() { return *metrics_; }
+  Clock& clock() { return *clock_; }
+  void RpcStarted();
+  void RpcDone();
+  // `requested` when non-empty, else a new id unique within this process ("req-<hex>-<n>").
+  std::string RequestIdFor(const std::string& requested);
+
+ private:
+  const ServerConfig config_;
+  const ConvertOptions convert_options_;
+  DynamicBatcher* const batcher_;
+  MetricsRegistry* const metrics_;
+  Clock* const clock_;
+  const uint64_t request_id_prefix_;
+  std::atomic<uint64_t> next_request_id_{1};
+  std::atomic<bool> draining_{false};
+
+  mutable absl::Mutex inflight_mu_;
+  absl::CondVar idle_;
+  int64_t inflight_ ABSL_GUARDED_BY(inflight_mu_) = 0;
+};
+
+}  // namespace anchorserve

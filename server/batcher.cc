@@ -1,0 +1,210 @@
+#include "server/batcher.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace anchorserve {
+
+bool Compatible(const AttentionTask& a, const AttentionTask& b) {
+  const AnchorConfig& x = a.config;
+  const AnchorConfig& y = b.config;
+  return a.dtype == b.dtype && a.layout == b.layout &&
+         a.shape.num_q_heads == b.shape.num_q_heads &&
+         a.shape.num_kv_heads == b.shape.num_kv_heads && a.shape.head_dim == b.shape.head_dim &&
+         x.mode == y.mode && x.theta == y.theta && x.block_size == y.block_size &&
+         x.step == y.step && x.init_groups == y.init_groups &&
+         x.local_groups == y.local_groups && x.softmax_scale == y.softmax_scale;
+}
+
+BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue, absl::Time now,
+                          const BatchLimits& limits, bool flush) {
+  BatchDecision decision;
+  if (queue.empty()) return decision;
+  const AttentionJob& head = *queue.front();
+  std::vector<size_t> members = {0};
+  int64_t tokens = head.tokens();
+  bool full = members.size() >= static_cast<size_t>(limits.max_requests) ||
+              tokens >= limits.max_tokens;
+  for (size_t i = 1; i < queue.size() && !full; ++i) {
+    const AttentionJob& job = *queue[i];
+    if (!Compatible(head.task, job.task)) continue;
+    if (tokens + job.tokens() > limits.max_tokens) {
+      // FIFO among compatible requests: a later, smaller one does not overtake this one.
+      full = true;
+      break;
+    }
+    members.push_back(i);
+    tokens += job.tokens();
+    full = members.size() >= static_cast<size_t>(limits.max_requests) ||
+           tokens >= limits.max_tokens;
+  }
+  const absl::Time due = head.enqueue_time + limits.max_delay;
+  if (full || flush || now >= due) {
+    decision.members = std::move(members);
+    decision.wait = absl::ZeroDuration();
+  } else {
+    decision.wait = due - now;
+  }
+  return decision;
+}
+
+absl::Status DropReason(const AttentionJob& job, absl::Time now) {
+  if (job.deadline <= now) {
+    return absl::DeadlineExceededError("deadline passed while the request was queued");
+  }
+  if (job.cancelled.load(std::memory_order_relaxed)) {
+    return absl::CancelledError("request cancelled before compute");
+  }
+  return absl::OkStatus();
+}
+
+DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchExecutor* executor,
+                               Clock* clock, MetricsRegistry* metrics)
+    : limits_(limits),
+      max_queue_size_(max_queue_size),
+      executor_(executor),
+      clock_(clock),
+      metrics_(metrics) {
+  worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+DynamicBatcher::~DynamicBatcher() { Stop(); }
+
+absl::Status DynamicBatcher::Enqueue(std::shared_ptr<AttentionJob> job) {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("server is draining");
+  if (queue_.size() >= static_cast<size_t>(max_queue_size_)) {
+    return absl::ResourceExhaustedError(absl::StrCat("queue is full: ", queue_.size(),
+                                                     " requests waiting (--max_queue_size=",
+                                                     max_queue_size_, ")"));
+  }
+  job->task.maybe_cancelled = &job->cancelled;
+  job->enqueue_time = clock_->Now();
+  queue_.push_back(std::move(job));
+  metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+  wake_.Signal();
+  return absl::OkStatus();
+}
+
+void DynamicBatcher::Wake() {
+  absl::MutexLock lock(&mu_);
+  wake_.Signal();
+}
+
+void DynamicBatcher::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    wake_.Signal();
+  }
+  if (worker_.joinable()) worker_.join();
+}
+
+void DynamicBatcher::CancelAll() {
+  absl::MutexLock lock(&mu_);
+  for (const auto& job : queue_) job->cancelled.store(true, std::memory_order_relaxed);
+  for (const auto& job : running_) job->cancelled.store(true, std::memory_order_relaxed);
+  wake_.Signal();
+}
+
+int64_t DynamicBatcher::QueueDepth() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(queue_.size());
+}
+
+void DynamicBatcher::TakeDeadJobs(absl::Time now,
+                                  std::vector<std::shared_ptr<AttentionJob>>* dropped) {
+  size_t kept = 0;
+  for (size_t i = 0; i < queue_.size(); ++i) {
+    absl::Status reason = DropReason(*queue_[i], now);
+    if (reason.ok()) {
+      queue_[kept++] = std::move(queue_[i]);
+    } else {
+      queue_[i]->status = std::move(reason);
+      dropped->push_back(std::move(queue_[i]));
+    }
+  }
+  queue_.resize(kept);
+}
+
+void DynamicBatcher::WorkerLoop() {
+  bool exit = false;
+  while (!exit) {
+    std::vector<std::shared_ptr<AttentionJob>> dropped;
+    std::vector<std::shared_ptr<AttentionJob>> batch;
+    {
+      // Held only to move jobs in and out of the queue.
+      absl::MutexLock lock(&mu_);
+      while (true) {
+        const absl::Time now = clock_->Now();
+        TakeDeadJobs(now, &dropped);
+        if (queue_.empty()) {
+          if (stopping_) exit = true;
+          if (stopping_ || !dropped.empty()) break;
+          wake_.Wait(&mu_);
+          continue;
+        }
+        BatchDecision decision = DecideBatch(queue_, now, limits_, stopping_);
+        if (!decision.members.empty()) {
+          for (size_t index : decision.members) {
+            queue_[index]->queue_seconds = absl::ToDoubleSeconds(now - queue_[index]->enqueue_time);
+            batch.push_back(std::move(queue_[index]));
+          }
+          std::erase(queue_, nullptr);
+          running_ = batch;
+          break;
+        }
+        if (!dropped.empty()) break;  // finish those first, then decide again
+        // Also wake for the earliest deadline, so an expired job leaves the queue promptly.
+        absl::Duration wait = decision.wait;
+        for (const auto& job : queue_) wait = std::min(wait, job->deadline - now);
+        wake_.WaitWithTimeout(&mu_, std::max(wait, absl::ZeroDuration()));
+      }
+      metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+    }
+    for (const auto& job : dropped) job->on_done(*job);
+    dropped.clear();
+    if (!batch.empty()) RunBatch(std::move(batch));
+  }
+}
+
+void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch) {
+  // Last look before compute: a job may have been cancelled or expired since the decision.
+  const absl::Time now = clock_->Now();
+  std::vector<std::shared_ptr<AttentionJob>> live;
+  live.reserve(batch.size());
+  for (auto& job : batch) {
+    absl::Status reason = DropReason(*job, now);
+    if (reason.ok()) {
+      live.push_back(std::move(job));
+    } else {
+      job->status = std::move(reason);
+      job->on_done(*job);
+    }
+  }
+  batch = std::move(live);
+  if (batch.empty()) {
+    absl::MutexLock lock(&mu_);
+    running_.clear();
+    return;
+  }
+  const double compute_seconds = executor_->Run(batch);
+  {
+    absl::MutexLock lock(&mu_);
+    running_.clear();
+  }
+  metrics_->ObserveBatchSize(static_cast<int>(batch.size()));
+  metrics_->ObserveComputeDuration(compute_seconds);
+  for (const auto& job : batch) {
+    metrics_->ObserveQueueDuration(job->queue_seconds);
+    if (job->status.ok()) {
+      metrics_->AddTokens(job->tokens());
+      metrics_->ObserveDensity(job->summary.density);
+    }
+    job->on_done(*job);
+  }
+}
+
+}  // namespace anchorserve

@@ -1,0 +1,142 @@
+#include "server/metrics.h"
+
+#include <string>
+
+#include "server/status_convert.h"
+
+namespace anchorserve {
+namespace {
+
+// Latencies from sub-millisecond decode-size requests to minutes-long 256k prefills on CPU.
+const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
+  static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+      0.5,    1,     2.5,    5,     10,   30,    60,   120, 300};
+  return *buckets;
+}
+
+const prometheus::Histogram::BucketBoundaries& QueueBuckets() {
+  static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
+      0.05,   0.1,     0.25,   0.5,   1,     2.5,   5,    10};
+  return *buckets;
+}
+
+}  // namespace
+
+std::string_view RpcName(Rpc rpc) {
+  switch (rpc) {
+    case Rpc::kAttend:
+      return "Attend";
+    case Rpc::kAttendStream:
+      return "AttendStream";
+    case Rpc::kGetServerInfo:
+      return "GetServerInfo";
+  }
+  return "unknown";
+}
+
+MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Registry>()) {
+  auto& requests = prometheus::BuildCounter()
+                       .Name("anchorserve_requests_total")
+                       .Help("Finished RPCs by method and gRPC status code.")
+                       .Register(*registry_);
+  auto& request_duration = prometheus::BuildHistogram()
+                               .Name("anchorserve_request_duration_seconds")
+                               .Help("Time from receiving an RPC to finishing it.")
+                               .Register(*registry_);
+  for (int r = 0; r < kNumRpcs; ++r) {
+    const std::string rpc(RpcName(static_cast<Rpc>(r)));
+    for (int c = 0; c < kNumGrpcCodes; ++c) {
+      const std::string code(GrpcCodeName(static_cast<grpc::StatusCode>(c)));
+      requests_[r][c] = &requests.Add({{"rpc", rpc}, {"code", code}});
+    }
+    request_duration_[r] = &request_duration.Add({{"rpc", rpc}}, LatencyBuckets());
+  }
+  queue_duration_ = &prometheus::BuildHistogram()
+                         .Name("anchorserve_queue_duration_seconds")
+                         .Help("Time a request waited in the batcher queue.")
+                         .Register(*registry_)
+                         .Add({}, QueueBuckets());
+  compute_duration_ = &prometheus::BuildHistogram()
+                           .Name("anchorserve_compute_duration_seconds")
+                           .Help("Wall time of one backend run (one batch, sparse pass).")
+                           .Register(*registry_)
+                           .Add({}, LatencyBuckets());
+  batch_size_ = &prometheus::BuildHistogram()
+                     .Name("anchorserve_batch_size")
+                     .Help("Requests per backend run.")
+                     .Register(*registry_)
+                     .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16,
+                                                                      24, 32, 48, 64, 128});
+  tokens_ = &prometheus::BuildCounter()
+                 .Name("anchorserve_tokens_total")
+                 .Help("Sequence tokens computed (sum of seq_len of successful requests).")
+                 .Register(*registry_)
+                 .Add({});
+  density_ = &prometheus::BuildHistogram()
+                  .Name("anchorserve_density")
+                  .Help("Computed fraction of the causal score matrix, per request.")
+                  .Register(*registry_)
+                  .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2,
+                                                                   0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                                   0.9, 0.95, 0.99, 1.0});
+  queue_depth_ = &prometheus::BuildGauge()
+                      .Name("anchorserve_queue_depth")
+                      .Help("Requests waiting in the batcher queue.")
+                      .Register(*registry_)
+                      .Add({});
+  inflight_ = &prometheus::BuildGauge()
+                   .Name("anchorserve_inflight_requests")
+                   .Help("RPCs started and not yet finished.")
+                   .Register(*registry_)
+                   .Add({});
+  received_bytes_ = &prometheus::BuildCounter()
+                         .Name("anchorserve_received_bytes_total")
+                         .Help("Serialized bytes of request messages received.")
+                         .Register(*registry_)
+                         .Add({});
+  sent_bytes_ = &prometheus::BuildCounter()
+                     .Name("anchorserve_sent_bytes_total")
+                     .Help("Serialized bytes of response messages sent.")
+                     .Register(*registry_)
+                     .Add({});
+}
+
+void MetricsRegistry::CountRequest(Rpc rpc, grpc::StatusCode code) {
+  int c = static_cast<int>(code);
+  if (c < 0 || c >= kNumGrpcCodes) c = static_cast<int>(grpc::StatusCode::UNKNOWN);
+  requests_[static_cast<int>(rpc)][c]->Increment();
+}
+
+void MetricsRegistry::ObserveRequestDuration(Rpc rpc, double seconds) {
+  request_duration_[static_cast<int>(rpc)]->Observe(seconds);
+}
+
+void MetricsRegistry::ObserveQueueDuration(double seconds) { queue_duration_->Observe(seconds); }
+
+void MetricsRegistry::ObserveComputeDuration(double seconds) {
+  compute_duration_->Observe(seconds);
+}
+
+void MetricsRegistry::ObserveBatchSize(int requests) { batch_size_->Observe(requests); }
+
+void MetricsRegistry::AddTokens(int64_t tokens) { tokens_->Increment(static_cast<double>(tokens)); }
+
+void MetricsRegistry::ObserveDensity(double density) { density_->Observe(density); }
+
+void MetricsRegistry::SetQueueDepth(int64_t depth) { queue_depth_->Set(static_cast<double>(depth)); }
+
+void MetricsRegistry::RequestStarted() { inflight_->Increment(); }
+
+void MetricsRegistry::RequestDone() { inflight_->Decrement(); }
+
+void MetricsRegistry::AddReceivedBytes(int64_t bytes) {
+  received_bytes_->Increment(static_cast<double>(bytes));
+}
+
+void MetricsRegistry::AddSentBytes(int64_t bytes) {
+  sent_bytes_->Increment(static_cast<double>(bytes));
+}
+
+}  // namespace anchorserve

@@ -1,0 +1,73 @@
+// The server's Prometheus metrics (names prefixed anchorserve_), on one prometheus::Registry.
+// Constructed once in main and passed down; every family and label child is created here at
+// start, so the hot paths only Increment/Observe/Set.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+
+#include "grpcpp/support/status_code_enum.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace anchorserve {
+
+enum class Rpc { kAttend, kAttendStream, kGetServerInfo };
+inline constexpr int kNumRpcs = 3;
+// grpc::StatusCode values 0 (OK) .. 16 (UNAUTHENTICATED).
+inline constexpr int kNumGrpcCodes = 17;
+
+std::string_view RpcName(Rpc rpc);  // "Attend", "AttendStream", "GetServerInfo"
+
+class MetricsRegistry {
+ public:
+  MetricsRegistry();
+  MetricsRegistry(const MetricsRegistry&) = delete;
+  MetricsRegistry& operator=(const MetricsRegistry&) = delete;
+
+  // For the exposer (which keeps a weak_ptr) and for tests.
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // anchorserve_requests_total{rpc, code}: one finished RPC.
+  void CountRequest(Rpc rpc, grpc::StatusCode code);
+  // anchorserve_request_duration_seconds{rpc}: receipt to completion of one RPC.
+  void ObserveRequestDuration(Rpc rpc, double seconds);
+  // anchorserve_queue_duration_seconds: one request's wait in the batcher queue.
+  void ObserveQueueDuration(double seconds);
+  // anchorserve_compute_duration_seconds: one backend run of one batch.
+  void ObserveComputeDuration(double seconds);
+  // anchorserve_batch_size: requests per backend run.
+  void ObserveBatchSize(int requests);
+  // anchorserve_tokens_total: sequence tokens computed.
+  void AddTokens(int64_t tokens);
+  // anchorserve_density: computed fraction of the causal score matrix, per request.
+  void ObserveDensity(double density);
+  // anchorserve_queue_depth: requests waiting in the batcher queue.
+  void SetQueueDepth(int64_t depth);
+  // anchorserve_inflight_requests: RPCs started and not yet done.
+  void RequestStarted();
+  void RequestDone();
+  // anchorserve_received_bytes_total / anchorserve_sent_bytes_total: serialized message bytes.
+  void AddReceivedBytes(int64_t bytes);
+  void AddSentBytes(int64_t bytes);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  // [rpc][code]
+  std::array<std::array<prometheus::Counter*, kNumGrpcCodes>, kNumRpcs> requests_{};
+  std::array<prometheus::Histogram*, kNumRpcs> request_duration_{};
+  prometheus::Histogram* queue_duration_ = nullptr;
+  prometheus::Histogram* compute_duration_ = nullptr;
+  prometheus::Histogram* batch_size_ = nullptr;
+  prometheus::Counter* tokens_ = nullptr;
+  prometheus::Histogram* density_ = nullptr;
+  prometheus::Gauge* queue_depth_ = nullptr;
+  prometheus::Gauge* inflight_ = nullptr;
+  prometheus::Counter* received_bytes_ = nullptr;
+  prometheus::Counter* sent_bytes_ = nullptr;
+};
+
+}  // namespace anchorserve

@@ -1,0 +1,81 @@
+// Between the wire (anchorserve.v1 messages) and the core types: validation of everything a
+// client sends, and the response metrics. Every error message names the offending field, e.g.
+// "q.shape[1] (num_heads) must be positive, got 0".
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "anchorserve/v1/anchorserve.pb.h"
+#include "kernels/attention_types.h"
+#include "kernels/backend.h"
+#include "server/attention_job.h"
+#include "server/server_config.h"
+
+namespace anchorserve {
+
+// What requests are checked against. Limits give RESOURCE_EXHAUSTED naming their flag.
+struct ConvertOptions {
+  int64_t max_seq_len = 262144;
+  int max_heads = 256;
+  int64_t max_request_bytes = 4294967296;  // Q + K + V
+  int64_t max_message_bytes = 268435456;   // a unary response must fit one message
+  AnchorConfig defaults;
+  // Capabilities; when `backend` is null the backend checks are skipped.
+  const AttentionBackend* backend = nullptr;
+  BackendInfo backend_info;
+};
+
+ConvertOptions MakeConvertOptions(const ServerConfig& config, const AttentionBackend* backend);
+
+// A validated request: everything but the tensor bytes.
+struct RequestSpec {
+  AttentionShape shape;
+  DType dtype = DType::kBf16;
+  Layout layout = Layout::kTokenMajor;
+  AnchorConfig config;  // defaults applied
+  bool metrics_only = false;
+  bool compute_recall = false;
+  int64_t q_bytes = 0;  // also the output's size
+  int64_t k_bytes = 0;
+  int64_t v_bytes = 0;
+  std::vector<int64_t> q_dims;  // q.shape as sent (the output has the same)
+
+  int64_t InputBytes() const { return q_bytes + k_bytes + v_bytes; }
+};
+
+// Unary request: tensor specs, limits (including that the output fits one response message
+// unless metrics_only), data byte counts, config, backend support.
+absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
+                                                  const ConvertOptions& options);
+
+// Streaming header: the same checks without data, done before any buffer is allocated.
+absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
+                                                 const ConvertOptions& options);
+
+// Request config over the defaults; INVALID_ARGUMENT names config.<field>.
+absl::StatusOr<AnchorConfig> MergeAnchorConfig(const v1::AnchorConfig& request,
+                                               const AnchorConfig& defaults);
+
+// Shape, dtype, layout and config of `spec` into `task` (buffers are the caller's).
+void ApplySpec(const RequestSpec& spec, AttentionTask* task);
+
+v1::DataType DTypeToProto(DType dtype);
+v1::TensorLayout LayoutToProto(Layout layout);
+
+// Every field set. softmax_scale 0 means 1/sqrt(head_dim).
+v1::AnchorConfig AnchorConfigToProto(const AnchorConfig& config);
+
+// dtype, shape and layout of the output (those of q).
+v1::TensorSpec OutputSpec(const RequestSpec& spec);
+void SetOutputTensorSpec(const RequestSpec& spec, v1::Tensor* tensor);
+
+// Density, stripes (overall and per head), timings, batch size, backend, recall and the
+// effective config (softmax_scale resolved) of a finished job. total_seconds is the caller's.
+void FillAttentionMetrics(const AttentionJob& job, std::string_view backend_name,
+                          v1::AttentionMetrics* metrics);
+
+}  // namespace anchorserve

@@ -1,0 +1,208 @@
+#include "server/server_config.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC and metrics servers listen on.");
+ABSL_FLAG(int32_t, grpc_port, 50051, "gRPC port; 0 picks a free one (see --port_file).");
+ABSL_FLAG(int32_t, metrics_port, 9464,
+          "Prometheus /metrics port; 0 picks a free one (see --port_file).");
+ABSL_FLAG(std::string, port_file, "",
+          "When set, written atomically with \"grpc_port=N\\nmetrics_port=M\\n\" once serving.");
+ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
+ABSL_FLAG(int32_t, cpu_threads, 0, "Threads of the CPU backend; 0 = all hardware threads.");
+ABSL_FLAG(int32_t, cuda_device, 0, "CUDA device ordinal of the CUDA backend.");
+ABSL_FLAG(int32_t, max_batch_requests, 8, "Most requests in one batch.");
+ABSL_FLAG(int64_t, max_batch_tokens, 262144, "Most tokens (sum of seq_len) in one batch.");
+ABSL_FLAG(double, max_queue_delay_ms, 2,
+          "Longest time the oldest queued request waits for a batch to fill.");
+ABSL_FLAG(int32_t, max_queue_size, 64,
+          "Requests that may wait in the queue; more are refused with RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_message_bytes, 268435456,
+          "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
+ABSL_FLAG(int64_t, max_request_bytes, int64_t{4294967296},
+          "Largest Q + K + V byte count of one request.");
+ABSL_FLAG(int64_t, max_seq_len, 262144, "Longest sequence accepted.");
+ABSL_FLAG(int32_t, max_heads, 256, "Most query (or KV) heads accepted.");
+ABSL_FLAG(int64_t, stream_chunk_bytes, 4194304, "Bytes per output chunk of AttendStream.");
+ABSL_FLAG(double, drain_timeout_s, 30,
+          "On SIGTERM/SIGINT, how long in-flight requests may take before they are cancelled.");
+ABSL_FLAG(double, default_theta, 12,
+          "Default difference threshold (nats); inf = dense, -inf = anchor region only.");
+ABSL_FLAG(int32_t, default_block_size, 128, "Default pooling block B (query rows).");
+ABSL_FLAG(int32_t, default_step, 16, "Default step s (blocks per group).");
+ABSL_FLAG(int32_t, default_init_groups, 1, "Default sink region n_init, in groups.");
+ABSL_FLAG(int32_t, default_local_groups, 1, "Default local region n_loc, in groups.");
+
+namespace anchorserve {
+namespace {
+
+absl::Status FlagError(std::string_view flag, std::string_view requirement, std::string_view got) {
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, " ", requirement, ", got ", got));
+}
+
+template <typename T>
+absl::Status CheckRange(std::string_view flag, T value, T lo, T hi) {
+  if (value < lo || value > hi) {
+    return FlagError(flag, absl::StrCat("must be in [", lo, ", ", hi, "]"), absl::StrCat(value));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BackendKind> ParseBackendKind(std::string_view name) {
+  if (name == "auto") return BackendKind::kAuto;
+  if (name == "cpu") return BackendKind::kCpu;
+  if (name == "cuda") return BackendKind::kCuda;
+  return FlagError("backend", "must be one of auto, cpu, cuda", absl::StrCat("'", name, "'"));
+}
+
+// Longest delay or drain that still converts to absl::Duration and int milliseconds safely.
+constexpr double kMaxSecondsKnob = 24.0 * 3600.0;
+
+}  // namespace
+
+std::string_view BackendKindName(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::kAuto:
+      return "auto";
+    case BackendKind::kCpu:
+      return "cpu";
+    case BackendKind::kCuda:
+      return "cuda";
+  }
+  return "unknown";
+}
+
+std::string JoinHostPort(std::string_view host, int port) {
+  if (absl::StrContains(host, ':') && !absl::StartsWith(host, "[")) {
+    return absl::StrCat("[", host, "]:", port);
+  }
+  return absl::StrCat(host, ":", port);
+}
+
+absl::Status ServerConfig::Validate() const {
+  if (host.empty()) return FlagError("host", "must not be empty", "''");
+  if (auto s = CheckRange("grpc_port", grpc_port, 0, 65535); !s.ok()) return s;
+  if (auto s = CheckRange("metrics_port", metrics_port, 0, 65535); !s.ok()) return s;
+  if (grpc_port != 0 && grpc_port == metrics_port) {
+    return FlagError("metrics_port", "must differ from --grpc_port", absl::StrCat(metrics_port));
+  }
+  if (auto s = CheckRange("cpu_threads", backend.cpu_threads, 0, 4096); !s.ok()) return s;
+  if (auto s = CheckRange("cuda_device", backend.cuda_device, 0, 1023); !s.ok()) return s;
+
+  if (auto s = CheckRange("max_batch_requests", max_batch_requests, 1, 65536); !s.ok()) return s;
+  if (auto s = CheckRange<int64_t>("max_batch_tokens", max_batch_tokens, 1,
+                                   std::numeric_limits<int32_t>::max());
+      !s.ok()) {
+    return s;
+  }
+  if (max_queue_delay < absl::ZeroDuration() ||
+      max_queue_delay > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("max_queue_delay_ms", absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+                     absl::StrCat(absl::ToDoubleMilliseconds(max_queue_delay)));
+  }
+  if (auto s = CheckRange("max_queue_size", max_queue_size, 1, 1 << 20); !s.ok()) return s;
+
+  // The stream chunk, the header and the metrics message must each fit one message.
+  if (auto s = CheckRange<int64_t>("max_message_bytes", max_message_bytes, 4 * kMessageOverheadBytes,
+                                   kMaxGrpcMessageBytes);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange<int64_t>("max_request_bytes", max_request_bytes, 1,
+                                   std::numeric_limits<int64_t>::max() / 4);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange<int64_t>("max_seq_len", max_seq_len, 1, int64_t{1} << 32); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("max_heads", max_heads, 1, 1 << 16); !s.ok()) return s;
+  if (auto s = CheckRange<int64_t>("stream_chunk_bytes", stream_chunk_bytes, 1,
+                                   max_message_bytes - kMessageOverheadBytes);
+      !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(s.message(), " (a chunk plus its framing must fit --max_message_bytes=",
+                     max_message_bytes, ")"));
+  }
+  if (drain_timeout < absl::ZeroDuration() || drain_timeout > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(absl::ToDoubleSeconds(drain_timeout)));
+  }
+
+  // The defaults, named by their flags; ValidateAnchorConfig below stays the backstop.
+  if (std::isnan(defaults.theta)) return FlagError("default_theta", "must not be NaN", "nan");
+  if (auto s = CheckRange("default_block_size", defaults.block_size, 1, kMaxBlockSize); !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("default_step", defaults.step, 1, kMaxStep); !s.ok()) return s;
+  if (auto s = CheckRange("default_init_groups", defaults.init_groups, 0, kMaxRegionGroups);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("default_local_groups", defaults.local_groups, 1, kMaxRegionGroups);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = ValidateAnchorConfig(defaults); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--default_* flags: ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
+  ServerConfig config;
+  config.host = absl::GetFlag(FLAGS_host);
+  config.grpc_port = absl::GetFlag(FLAGS_grpc_port);
+  config.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  config.port_file = absl::GetFlag(FLAGS_port_file);
+
+  absl::StatusOr<BackendKind> kind = ParseBackendKind(absl::GetFlag(FLAGS_backend));
+  if (!kind.ok()) return kind.status();
+  config.backend.kind = *kind;
+  config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  config.backend.cuda_device = absl::GetFlag(FLAGS_cuda_device);
+
+  config.max_batch_requests = absl::GetFlag(FLAGS_max_batch_requests);
+  config.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  const double delay_ms = absl::GetFlag(FLAGS_max_queue_delay_ms);
+  if (!std::isfinite(delay_ms) || delay_ms < 0 || delay_ms > kMaxSecondsKnob * 1e3) {
+    return FlagError("max_queue_delay_ms",
+                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+                     absl::StrCat(delay_ms));
+  }
+  config.max_queue_delay = absl::Microseconds(std::llround(delay_ms * 1e3));
+  config.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+
+  config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  config.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  config.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  config.max_heads = absl::GetFlag(FLAGS_max_heads);
+  config.stream_chunk_bytes = absl::GetFlag(FLAGS_stream_chunk_bytes);
+
+  const double drain_s = absl::GetFlag(FLAGS_drain_timeout_s);
+  if (!std::isfinite(drain_s) || drain_s < 0 || drain_s > kMaxSecondsKnob) {
+    return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(drain_s));
+  }
+  config.drain_timeout = absl::Milliseconds(std::llround(drain_s * 1e3));
+
+  const double theta = absl::GetFlag(FLAGS_default_theta);
+  if (std::isnan(theta)) return FlagError("default_theta", "must not be NaN", "nan");
+  config.defaults.theta = static_cast<float>(theta);  // +-inf stay infinite
+  config.defaults.block_size = absl::GetFlag(FLAGS_default_block_size);
+  config.defaults.step = absl::GetFlag(FLAGS_default_step);
+  config.defaults.init_groups = absl::GetFlag(FLAGS_default_init_groups);
+  config.defaults.local_groups = absl::GetFlag(FLAGS_default_local_groups);
+
+  if (absl::Status status = config.Validate(); !status.ok()) return status;
+  return config;
+}
+
+}  // namespace anchorserve

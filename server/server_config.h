@@ -1,0 +1,58 @@
+// Every knob of the server, read from the command-line flags in one place and validated at start.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kernels/attention_types.h"
+#include "kernels/backend.h"
+
+namespace anchorserve {
+
+// gRPC and protobuf count message sizes in int32.
+inline constexpr int64_t kMaxGrpcMessageBytes = 2147483647;
+// Room a response needs beside tensor bytes (request id, per-head metrics of max_heads heads).
+inline constexpr int64_t kMessageOverheadBytes = 64 << 10;
+
+struct ServerConfig {
+  std::string host = "0.0.0.0";
+  int grpc_port = 50051;    // 0 = pick a free port
+  int metrics_port = 9464;  // 0 = pick a free port
+  std::string port_file;    // written with the chosen ports once serving; empty = none
+
+  BackendOptions backend;
+
+  // Batching.
+  int max_batch_requests = 8;
+  int64_t max_batch_tokens = 262144;  // sum of seq_len over a batch
+  absl::Duration max_queue_delay = absl::Milliseconds(2);
+  int max_queue_size = 64;
+
+  // Request limits.
+  int64_t max_message_bytes = 268435456;   // one gRPC message (a whole unary Attend)
+  int64_t max_request_bytes = 4294967296;  // Q + K + V of one request
+  int64_t max_seq_len = 262144;
+  int max_heads = 256;
+  int64_t stream_chunk_bytes = 4194304;  // output chunks of AttendStream
+
+  absl::Duration drain_timeout = absl::Seconds(30);
+
+  AnchorConfig defaults;  // applied to unset request config fields
+
+  // Checks every field; the message names the flag, e.g. "--grpc_port must be in [0, 65535]".
+  absl::Status Validate() const;
+};
+
+// Reads the --flags (after absl::ParseCommandLine) and validates them.
+absl::StatusOr<ServerConfig> ServerConfigFromFlags();
+
+// "cpu", "cuda" or "auto".
+std::string_view BackendKindName(BackendKind kind);
+
+// "host:port", with brackets around an IPv6 literal.
+std::string JoinHostPort(std::string_view host, int port);
+
+}  // namespace anchorserve

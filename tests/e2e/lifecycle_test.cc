@@ -1,0 +1,266 @@
+// Batching, deadlines, cancellation and SIGTERM draining of a running server.
+#include <signal.h>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "client/attention_client.h"
+#include "client/local_reference.h"
+#include "gtest/gtest.h"
+#include "tests/e2e/e2e_util.h"
+
+namespace anchorserve::e2e {
+namespace {
+
+using ServingStatus = grpc::health::v1::HealthCheckResponse;
+
+// A request that keeps the 2-core CPU backend busy for a few seconds: dense, 8k tokens.
+absl::StatusOr<QkvTensors> SlowQkv() {
+  return MakeQkv(InputKind::kRandom, 8192, 8, 8, 128, DType::kBf16, Layout::kTokenMajor, 99);
+}
+v1::AnchorConfig DenseConfig() {
+  v1::AnchorConfig config;
+  config.set_mode(v1::ATTENTION_MODE_DENSE);
+  return config;
+}
+
+// A small request of another shape, so the batcher cannot put it into the slow one's batch.
+absl::StatusOr<QkvTensors> SmallQkv(uint64_t seed) {
+  return MakeQkv(InputKind::kRandom, 128, 2, 1, 64, DType::kBf16, Layout::kTokenMajor, seed);
+}
+
+absl::StatusOr<double> ScrapeMetric(const ServerProcess& server, absl::string_view metric,
+                                    const std::vector<std::string>& labels) {
+  absl::StatusOr<std::string> page = HttpGet(server.metrics_port(), "/metrics");
+  if (!page.ok()) return page.status();
+  return FindMetricValue(*page, metric, labels);
+}
+
+// Polls /metrics until `metric{labels}` >= `at_least`; false after `timeout`.
+bool WaitForMetric(const ServerProcess& server, absl::string_view metric,
+                   const std::vector<std::string>& labels, double at_least,
+                   absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    absl::StatusOr<double> value = ScrapeMetric(server, metric, labels);
+    if (value.ok() && *value >= at_least) return true;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return false;
+}
+
+// Runs `call` on its own thread; Join() returns its result.
+class BackgroundCall {
+ public:
+  explicit BackgroundCall(std::function<absl::StatusOr<AttendResult>()> call)
+      : thread_([this, call = std::move(call)] { result_ = call(); }) {}
+  ~BackgroundCall() {
+    if (thread_.joinable()) thread_.join();
+  }
+  const absl::StatusOr<AttendResult>& Join() {
+    if (thread_.joinable()) thread_.join();
+    return result_;
+  }
+
+ private:
+  absl::StatusOr<AttendResult> result_ = absl::UnknownError("not run");
+  std::thread thread_;
+};
+
+void ExpectServesSmallRequest(AttentionClient& client, uint64_t seed) {
+  absl::StatusOr<QkvTensors> qkv = SmallQkv(seed);
+  ASSERT_TRUE(qkv.ok()) << qkv.status();
+  absl::StatusOr<AttendResult> result = client.Attend(InputsFor(*qkv));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_TRUE(result->output.has_value());
+  absl::StatusOr<AnchorConfig> effective =
+      AnchorConfigFromProto(result->metrics.effective_config());
+  ASSERT_TRUE(effective.ok()) << effective.status();
+  absl::StatusOr<LocalRun> local =
+      RunOnCpu(qkv->q.View(), qkv->k.View(), qkv->v.View(), *effective, 1);
+  ASSERT_TRUE(local.ok()) << local.status();
+  absl::StatusOr<OutputComparison> comparison =
+      CompareOutputs(*result->output, local->output, VerificationTolerance(DType::kBf16));
+  ASSERT_TRUE(comparison.ok()) << comparison.status();
+  EXPECT_EQ(comparison->over_tolerance, 0) << comparison->Describe();
+}
+
+TEST(LifecycleE2eTest, ConcurrentCompatibleRequestsAreBatched) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
+      {"--cpu_threads=2", "--max_queue_delay_ms=200", "--max_batch_requests=4"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::unique_ptr<AttentionClient> client = MakeClient(**server);
+  ASSERT_NE(client, nullptr);
+
+  // Different data per request (seeds 1..4) so a batch that mixed them up would show.
+  constexpr int kRequests = 4;
+  std::vector<QkvTensors> inputs;
+  for (int i = 0; i < kRequests; ++i) {
+    absl::StatusOr<QkvTensors> qkv =
+        MakeQkv(InputKind::kStructured, 300, 4, 2, 64, DType::kBf16, Layout::kTokenMajor, i + 1);
+    ASSERT_TRUE(qkv.ok()) << qkv.status();
+    inputs.push_back(*std::move(qkv));
+  }
+  v1::AnchorConfig config;
+  config.set_block_size(16);
+  config.set_step(2);
+  std::vector<absl::StatusOr<AttendResult>> results(kRequests, absl::UnknownError("not run"));
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (ready.load() < kRequests) std::this_thread::yield();
+      results[i] = client->Attend(InputsFor(inputs[i], config));
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+
+  int largest_batch = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i, " seed ", i + 1));
+    ASSERT_TRUE(results[i].ok()) << results[i].status();
+    largest_batch = std::max(largest_batch, results[i]->metrics.batch_size());
+    EXPECT_LE(results[i]->metrics.batch_size(), 4);
+    absl::StatusOr<AnchorConfig> effective =
+        AnchorConfigFromProto(results[i]->metrics.effective_config());
+    ASSERT_TRUE(effective.ok()) << effective.status();
+    absl::StatusOr<LocalRun> local =
+        RunOnCpu(inputs[i].q.View(), inputs[i].k.View(), inputs[i].v.View(), *effective, 1);
+    ASSERT_TRUE(local.ok()) << local.status();
+    absl::StatusOr<OutputComparison> comparison =
+        CompareOutputs(*results[i]->output, local->output, VerificationTolerance(DType::kBf16));
+    ASSERT_TRUE(comparison.ok()) << comparison.status();
+    EXPECT_EQ(comparison->over_tolerance, 0) << comparison->Describe();
+    EXPECT_DOUBLE_EQ(results[i]->metrics.density(), local->summary.density);
+  }
+  EXPECT_GT(largest_batch, 1) << "4 concurrent compatible requests within a 200 ms queue delay "
+                                 "were never batched";
+}
+
+TEST(LifecycleE2eTest, TinyDeadlineOnBusyServerIsExceededAndServerStaysHealthy) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({"--cpu_threads=2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::unique_ptr<AttentionClient> client = MakeClient(**server);
+  ASSERT_NE(client, nullptr);
+  absl::StatusOr<QkvTensors> slow = SlowQkv();
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  absl::StatusOr<QkvTensors> small = SmallQkv(5);
+  ASSERT_TRUE(small.ok()) << small.status();
+
+  BackgroundCall busy([&] { return client->Attend(InputsFor(*slow, DenseConfig(), true)); });
+  ASSERT_TRUE(WaitForMetric(**server, "anchorserve_inflight_requests", {}, 1, absl::Seconds(20)));
+
+  CallOptions tiny;
+  tiny.timeout = absl::Milliseconds(50);
+  absl::StatusOr<AttendResult> late = client->Attend(InputsFor(*small), tiny);
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded) << late.status();
+  EXPECT_NE(late.status().message().find("deadline"), absl::string_view::npos) << late.status();
+
+  const absl::StatusOr<AttendResult>& busy_result = busy.Join();
+  EXPECT_TRUE(busy_result.ok()) << busy_result.status();
+  auto health = CheckHealth(client->channel(), "anchorserve.v1.AttentionService");
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, ServingStatus::SERVING);
+  ExpectServesSmallRequest(*client, 6);
+}
+
+TEST(LifecycleE2eTest, CancelledCallsLeaveTheServerServing) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({"--cpu_threads=2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::unique_ptr<AttentionClient> client = MakeClient(**server);
+  ASSERT_NE(client, nullptr);
+  absl::StatusOr<QkvTensors> slow = SlowQkv();
+  ASSERT_TRUE(slow.ok()) << slow.status();
+
+  for (bool streamed : {false, true}) {
+    SCOPED_TRACE(streamed ? "AttendStream" : "Attend");
+    const std::string rpc = streamed ? "AttendStream" : "Attend";
+    const double cancelled_before =
+        ScrapeMetric(**server, "anchorserve_requests_total",
+                     {absl::StrCat("rpc=\"", rpc, "\""), "code=\"CANCELLED\""})
+            .value_or(0);
+    CallCanceller canceller;
+    CallOptions call;
+    call.canceller = &canceller;
+    const AttendInputs inputs = InputsFor(*slow, DenseConfig());
+    BackgroundCall slow_call([&] {
+      return streamed ? client->AttendStreamed(inputs, call) : client->Attend(inputs, call);
+    });
+    ASSERT_TRUE(WaitForMetric(**server, "anchorserve_inflight_requests", {}, 1, absl::Seconds(20)));
+    absl::SleepFor(absl::Milliseconds(300));  // let it reach the backend
+    canceller.Cancel();
+    const absl::StatusOr<AttendResult>& result = slow_call.Join();
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled) << result.status();
+
+    // The server notices: the RPC is counted as CANCELLED and nothing stays in flight.
+    EXPECT_TRUE(WaitForMetric(**server, "anchorserve_requests_total",
+                              {absl::StrCat("rpc=\"", rpc, "\""), "code=\"CANCELLED\""},
+                              cancelled_before + 1, absl::Seconds(30)))
+        << (*server)->Log();
+    ExpectServesSmallRequest(*client, streamed ? 7 : 8);
+  }
+}
+
+TEST(LifecycleE2eTest, SigtermDrainsInFlightWorkAndRefusesNewWork) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--cpu_threads=2", "--drain_timeout_s=60"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::unique_ptr<AttentionClient> client = MakeClient(**server);
+  ASSERT_NE(client, nullptr);
+  absl::StatusOr<QkvTensors> slow = SlowQkv();
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  absl::StatusOr<QkvTensors> small = SmallQkv(9);
+  ASSERT_TRUE(small.ok()) << small.status();
+
+  BackgroundCall in_flight([&] { return client->Attend(InputsFor(*slow, DenseConfig())); });
+  ASSERT_TRUE(WaitForMetric(**server, "anchorserve_inflight_requests", {}, 1, absl::Seconds(20)));
+  ASSERT_TRUE((*server)->Signal(SIGTERM).ok());
+
+  // Health turns NOT_SERVING (or the health call itself is refused) once draining starts.
+  std::optional<absl::StatusOr<ServingStatus::ServingStatus>> draining_health;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline) {
+    auto health =
+        CheckHealth(client->channel(), "anchorserve.v1.AttentionService", absl::Seconds(2));
+    if (!health.ok() || *health != ServingStatus::SERVING) {
+      draining_health = health;
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_TRUE(draining_health.has_value()) << "health stayed SERVING for 10 s after SIGTERM";
+  if (draining_health->ok()) {
+    EXPECT_EQ(**draining_health, ServingStatus::NOT_SERVING);
+  } else {
+    EXPECT_EQ(draining_health->status().code(), absl::StatusCode::kUnavailable)
+        << draining_health->status();
+  }
+
+  // New work is refused while the old one finishes.
+  CallOptions quick;
+  quick.timeout = absl::Seconds(10);
+  absl::StatusOr<AttendResult> refused = client->Attend(InputsFor(*small), quick);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  absl::StatusOr<AttendResult> refused_stream = client->AttendStreamed(InputsFor(*small), quick);
+  EXPECT_EQ(refused_stream.status().code(), absl::StatusCode::kUnavailable)
+      << refused_stream.status();
+
+  const absl::StatusOr<AttendResult>& drained = in_flight.Join();
+  ASSERT_TRUE(drained.ok()) << drained.status() << "\n" << (*server)->Log();
+  EXPECT_TRUE(drained->output.has_value());
+  EXPECT_DOUBLE_EQ(drained->metrics.density(), 1.0);
+
+  absl::StatusOr<int> exit_code = (*server)->WaitForExit(absl::Seconds(60));
+  ASSERT_TRUE(exit_code.ok()) << exit_code.status() << "\n" << (*server)->Log();
+  EXPECT_EQ(*exit_code, 0) << (*server)->Log();
+}
+
+}  // namespace
+}  // namespace anchorserve::e2e

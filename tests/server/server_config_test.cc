@@ -1,0 +1,127 @@
+#include "server/server_config.h"
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+ABSL_DECLARE_FLAG(std::string, backend);
+ABSL_DECLARE_FLAG(int32_t, grpc_port);
+ABSL_DECLARE_FLAG(double, max_queue_delay_ms);
+ABSL_DECLARE_FLAG(double, default_theta);
+ABSL_DECLARE_FLAG(int64_t, max_message_bytes);
+ABSL_DECLARE_FLAG(double, drain_timeout_s);
+
+namespace anchorserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ServerConfigTest, DefaultsAreValidAndMatchTheContract) {
+  const ServerConfig config;
+  EXPECT_TRUE(config.Validate().ok()) << config.Validate();
+  EXPECT_EQ(config.grpc_port, 50051);
+  EXPECT_EQ(config.metrics_port, 9464);
+  EXPECT_EQ(config.max_message_bytes, 268435456);
+  EXPECT_EQ(config.max_request_bytes, int64_t{4294967296});
+  EXPECT_EQ(config.stream_chunk_bytes, 4194304);
+  EXPECT_EQ(config.max_queue_delay, absl::Milliseconds(2));
+  EXPECT_TRUE(ValidateAnchorConfig(config.defaults).ok());
+}
+
+TEST(ServerConfigTest, EveryBadKnobIsNamed) {
+  const struct {
+    std::function<void(ServerConfig&)> set;
+    const char* flag;
+  } cases[] = {
+      {[](ServerConfig& c) { c.host = ""; }, "--host"},
+      {[](ServerConfig& c) { c.grpc_port = -1; }, "--grpc_port"},
+      {[](ServerConfig& c) { c.grpc_port = 65536; }, "--grpc_port"},
+      {[](ServerConfig& c) { c.metrics_port = 70000; }, "--metrics_port"},
+      {[](ServerConfig& c) { c.metrics_port = c.grpc_port; }, "--metrics_port must differ"},
+      {[](ServerConfig& c) { c.backend.cpu_threads = -2; }, "--cpu_threads"},
+      {[](ServerConfig& c) { c.backend.cuda_device = -1; }, "--cuda_device"},
+      {[](ServerConfig& c) { c.max_batch_requests = 0; }, "--max_batch_requests"},
+      {[](ServerConfig& c) { c.max_batch_tokens = 0; }, "--max_batch_tokens"},
+      {[](ServerConfig& c) { c.max_queue_delay = absl::Milliseconds(-1); },
+       "--max_queue_delay_ms"},
+      {[](ServerConfig& c) { c.max_queue_size = 0; }, "--max_queue_size"},
+      {[](ServerConfig& c) { c.max_message_bytes = int64_t{1} << 31; }, "--max_message_bytes"},
+      {[](ServerConfig& c) { c.max_message_bytes = 0; }, "--max_message_bytes"},
+      {[](ServerConfig& c) { c.max_request_bytes = 0; }, "--max_request_bytes"},
+      {[](ServerConfig& c) { c.max_seq_len = 0; }, "--max_seq_len"},
+      {[](ServerConfig& c) { c.max_heads = -4; }, "--max_heads"},
+      {[](ServerConfig& c) { c.stream_chunk_bytes = 0; }, "--stream_chunk_bytes"},
+      {[](ServerConfig& c) { c.stream_chunk_bytes = c.max_message_bytes; },
+       "--stream_chunk_bytes"},
+      {[](ServerConfig& c) { c.drain_timeout = absl::Seconds(-1); }, "--drain_timeout_s"},
+      {[](ServerConfig& c) { c.defaults.theta = std::nanf(""); }, "--default_theta"},
+      {[](ServerConfig& c) { c.defaults.block_size = 0; }, "--default_block_size"},
+      {[](ServerConfig& c) { c.defaults.block_size = kMaxBlockSize + 1; }, "--default_block_size"},
+      {[](ServerConfig& c) { c.defaults.step = 0; }, "--default_step"},
+      {[](ServerConfig& c) { c.defaults.init_groups = -1; }, "--default_init_groups"},
+      {[](ServerConfig& c) { c.defaults.local_groups = 0; }, "--default_local_groups"},
+  };
+  for (const auto& c : cases) {
+    ServerConfig config;
+    c.set(config);
+    const absl::Status status = config.Validate();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.flag;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(c.flag));
+  }
+}
+
+TEST(ServerConfigTest, EdgeValuesAreAccepted) {
+  ServerConfig config;
+  config.grpc_port = 0;
+  config.metrics_port = 0;  // both "pick a free port"
+  config.max_message_bytes = kMaxGrpcMessageBytes;
+  config.max_queue_delay = absl::ZeroDuration();
+  config.drain_timeout = absl::ZeroDuration();
+  config.defaults.theta = std::numeric_limits<float>::infinity();
+  EXPECT_TRUE(config.Validate().ok()) << config.Validate();
+  config.defaults.theta = -std::numeric_limits<float>::infinity();
+  EXPECT_TRUE(config.Validate().ok()) << config.Validate();
+}
+
+TEST(ServerConfigTest, FromFlags) {
+  absl::FlagSaver saver;  // restores the flags after the test
+  absl::SetFlag(&FLAGS_backend, "cpu");
+  absl::SetFlag(&FLAGS_grpc_port, 0);
+  absl::SetFlag(&FLAGS_max_queue_delay_ms, 0.5);
+  absl::SetFlag(&FLAGS_default_theta, std::numeric_limits<double>::infinity());
+  absl::SetFlag(&FLAGS_drain_timeout_s, 1.5);
+  absl::StatusOr<ServerConfig> config = ServerConfigFromFlags();
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->backend.kind, BackendKind::kCpu);
+  EXPECT_EQ(config->grpc_port, 0);
+  EXPECT_EQ(config->max_queue_delay, absl::Microseconds(500));
+  EXPECT_EQ(config->drain_timeout, absl::Milliseconds(1500));
+  EXPECT_TRUE(std::isinf(config->defaults.theta));
+
+  absl::SetFlag(&FLAGS_backend, "gpu");
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--backend must be one of auto, cpu, cuda, got 'gpu'"));
+  absl::SetFlag(&FLAGS_backend, "auto");
+  absl::SetFlag(&FLAGS_max_message_bytes, int64_t{3} << 30);
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--max_message_bytes"));
+  absl::SetFlag(&FLAGS_max_message_bytes, 268435456);
+  absl::SetFlag(&FLAGS_default_theta, std::nan(""));
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--default_theta"));
+}
+
+TEST(ServerConfigTest, JoinHostPort) {
+  EXPECT_EQ(JoinHostPort("127.0.0.1", 80), "127.0.0.1:80");
+  EXPECT_EQ(JoinHostPort("::1", 80), "[::1]:80");
+  EXPECT_EQ(JoinHostPort("[::]", 80), "[::]:80");
+}
+
+}  // namespace
+}  // namespace anchorserve

@@ -1,0 +1,193 @@
+#include "tests/test_util/reference.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <thread>
+
+namespace anchorserve {
+namespace {
+
+// One head's q (or one KV head's k / v) as [N, d] doubles.
+std::vector<double> LoadHead(const void* data, DType dtype, Layout layout, int64_t n,
+                             int num_heads, int d, int head) {
+  const TensorStrides strides = StridesFor(layout, n, num_heads, d);
+  std::vector<double> out(static_cast<size_t>(n) * d);
+  std::vector<float> row(d);
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t offset = t * strides.token + int64_t{head} * strides.head;
+    ConvertToFloat(bytes + offset * static_cast<int64_t>(ElementSize(dtype)), dtype, d,
+                   row.data());
+    for (int e = 0; e < d; ++e) out[t * d + e] = row[e];
+  }
+  return out;
+}
+
+double Dot(const double* a, const double* b, int d) {
+  double sum = 0;
+  for (int e = 0; e < d; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+struct Geometry {
+  int64_t row_begin, row_end, init_end, local_begin, cand_begin, cand_end;
+};
+
+Geometry GroupGeometry(const AnchorConfig& config, int64_t n, int64_t g) {
+  const int64_t group = config.GroupSize();
+  const int64_t init_keys = int64_t{config.init_groups} * group;
+  const int64_t local_start = (g - config.local_groups + 1) * group;
+  Geometry geo;
+  geo.row_begin = g * group;
+  geo.row_end = std::min(n, geo.row_begin + group);
+  geo.init_end = std::min(init_keys, n);
+  geo.local_begin = std::max(init_keys, local_start);
+  geo.cand_begin = init_keys;
+  geo.cand_end = std::max(init_keys, std::min(local_start, n));
+  return geo;
+}
+
+// The keys of A(i), in increasing order.
+void AnchorKeys(const Geometry& geo, int64_t i, std::vector<int64_t>* keys) {
+  keys->clear();
+  for (int64_t j = 0; j < std::min(geo.init_end, i + 1); ++j) keys->push_back(j);
+  for (int64_t j = geo.local_begin; j <= i; ++j) keys->push_back(j);
+}
+
+void AttendHead(const AttentionTask& task, int h,
+                const std::vector<std::vector<int64_t>>* forced_stripes, ReferenceResult* result) {
+  const AttentionShape& shape = task.shape;
+  const int64_t n = shape.seq_len;
+  const int d = shape.head_dim;
+  const int kv_head = h / shape.GqaRatio();
+  const AnchorConfig& config = task.config;
+  const double scale = config.ScaleFor(d);
+  const bool dense = config.IsDense();
+  const std::vector<double> q = LoadHead(task.q, task.dtype, task.layout, n, shape.num_q_heads, d, h);
+  const std::vector<double> k =
+      LoadHead(task.k, task.dtype, task.layout, n, shape.num_kv_heads, d, kv_head);
+  const std::vector<double> v =
+      LoadHead(task.v, task.dtype, task.layout, n, shape.num_kv_heads, d, kv_head);
+  HeadStats& stats = result->head_stats[h];
+  std::vector<int64_t> keys;
+  std::vector<double> scores;
+  std::vector<double> x;  // anchors of the group's rows
+
+  for (int64_t g = 0; g < result->num_groups; ++g) {
+    const Geometry geo = GroupGeometry(config, n, g);
+    std::vector<int64_t> selected;
+    if (!dense) {
+      // Anchors x(i) = max over A(i) of s_ij.
+      x.assign(geo.row_end - geo.row_begin, -std::numeric_limits<double>::infinity());
+      for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
+        AnchorKeys(geo, i, &keys);
+        for (int64_t j : keys) {
+          x[i - geo.row_begin] = std::max(x[i - geo.row_begin], scale * Dot(&q[i * d], &k[j * d], d));
+        }
+        stats.computed_entries += static_cast<int64_t>(keys.size());
+      }
+      std::vector<double>& margins = result->stripe_margins[h * result->num_groups + g];
+      if (geo.cand_end > geo.cand_begin) {
+        // Pooled queries and anchors of the blocks present.
+        std::vector<std::vector<double>> pooled_q;
+        std::vector<double> pooled_anchor;
+        for (int64_t b0 = geo.row_begin; b0 < geo.row_end && pooled_q.size() < static_cast<size_t>(config.step);
+             b0 += config.block_size) {
+          const int64_t b1 = std::min(geo.row_end, b0 + config.block_size);
+          std::vector<double> mean(d, 0.0);
+          double anchor = 0;
+          for (int64_t i = b0; i < b1; ++i) {
+            for (int e = 0; e < d; ++e) mean[e] += q[i * d + e];
+            anchor += x[i - geo.row_begin];
+          }
+          for (double& value : mean) value /= static_cast<double>(b1 - b0);
+          pooled_q.push_back(std::move(mean));
+          pooled_anchor.push_back(anchor / static_cast<double>(b1 - b0));
+        }
+        for (int64_t j = geo.cand_begin; j < geo.cand_end; ++j) {
+          double best = -std::numeric_limits<double>::infinity();
+          for (size_t r = 0; r < pooled_q.size(); ++r) {
+            best = std::max(best, scale * Dot(pooled_q[r].data(), &k[j * d], d) - pooled_anchor[r]);
+          }
+          const double margin = best + static_cast<double>(config.theta);
+          margins.push_back(margin);
+          if (forced_stripes == nullptr && margin >= 0) selected.push_back(j);
+        }
+        if (forced_stripes != nullptr) {
+          selected = (*forced_stripes)[h * result->num_groups + g];
+          std::sort(selected.begin(), selected.end());
+        }
+        const int64_t count = static_cast<int64_t>(selected.size());
+        stats.stripe_entries += count * (geo.row_end - geo.row_begin);
+        stats.stripes_min = stats.stripe_groups == 0 ? count : std::min(stats.stripes_min, count);
+        stats.stripes_max = std::max(stats.stripes_max, count);
+        stats.stripes_total += count;
+        ++stats.stripe_groups;
+      }
+      result->stripes[h * result->num_groups + g] = selected;
+    }
+    // Outputs over A(i) u S_g (every key in S_g precedes the group, so the union is disjoint).
+    for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
+      if (dense) {
+        keys.clear();
+        for (int64_t j = 0; j <= i; ++j) keys.push_back(j);
+      } else {
+        AnchorKeys(geo, i, &keys);
+        keys.insert(keys.end(), selected.begin(), selected.end());
+      }
+      scores.resize(keys.size());
+      double max_score = -std::numeric_limits<double>::infinity();
+      for (size_t c = 0; c < keys.size(); ++c) {
+        scores[c] = scale * Dot(&q[i * d], &k[keys[c] * d], d);
+        max_score = std::max(max_score, scores[c]);
+      }
+      double sum = 0;
+      double* out = &result->out[(int64_t{h} * n + i) * d];
+      for (size_t c = 0; c < keys.size(); ++c) {
+        const double p = std::exp(scores[c] - max_score);
+        sum += p;
+        const double* value = &v[keys[c] * d];
+        for (int e = 0; e < d; ++e) out[e] += p * value[e];
+      }
+      for (int e = 0; e < d; ++e) out[e] /= sum;
+      result->lse[int64_t{h} * n + i] = max_score + std::log(sum);
+    }
+  }
+  if (dense) stats.computed_entries = CausalEntries(n);
+  stats.computed_entries += stats.stripe_entries;
+}
+
+ReferenceResult Attend(const AttentionTask& task,
+                       const std::vector<std::vector<int64_t>>* forced_stripes) {
+  const AttentionShape& shape = task.shape;
+  ReferenceResult result;
+  const int64_t n = shape.seq_len;
+  result.num_groups = (n + task.config.GroupSize() - 1) / task.config.GroupSize();
+  result.out.assign(static_cast<size_t>(shape.num_q_heads) * n * shape.head_dim, 0.0);
+  result.lse.assign(static_cast<size_t>(shape.num_q_heads) * n, 0.0);
+  result.head_stats.assign(shape.num_q_heads, HeadStats{});
+  result.stripes.assign(static_cast<size_t>(shape.num_q_heads * result.num_groups), {});
+  result.stripe_margins.assign(result.stripes.size(), {});
+  const int threads = std::max(1, std::min<int>(shape.num_q_heads,
+                                                static_cast<int>(std::thread::hardware_concurrency())));
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      for (int h = t; h < shape.num_q_heads; h += threads) AttendHead(task, h, forced_stripes, &result);
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
+  return result;
+}
+
+}  // namespace
+
+ReferenceResult ReferenceAttend(const AttentionTask& task) { return Attend(task, nullptr); }
+
+ReferenceResult ReferenceAttendWithStripes(const AttentionTask& task,
+                                           const std::vector<std::vector<int64_t>>& stripes) {
+  return Attend(task, &stripes);
+}
+
+}  // namespace anchorserve

@@ -1,0 +1,37 @@
+// Naive fp64 evaluation of the AnchorAttention spec (../shared/spec/anchorattention.md) with the
+// exact set-union semantics: the yardstick every backend is tested against.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/attention_types.h"
+
+namespace anchorserve {
+
+struct ReferenceResult {
+  std::vector<double> out;  // [Hq, N, d] head-major, fp64
+  std::vector<double> lse;  // [Hq, N] natural log of sum_j exp(s_ij) over the computed keys
+  std::vector<HeadStats> head_stats;  // [Hq]
+  int64_t num_groups = 0;             // ceil(N / G)
+  // [Hq * num_groups] sorted selected key indices S_g (index h * num_groups + g).
+  std::vector<std::vector<int64_t>> stripes;
+  // [Hq * num_groups][|C_g|]: max_r(scale * qbar_r . k_j - abar_r) + theta for j in C_g in
+  // increasing order (>= 0 means selected). Empty lists for groups without candidates.
+  std::vector<std::vector<double>> stripe_margins;
+};
+
+// Reads q/k/v as task.dtype / task.layout says and evaluates task.config in fp64 (set union of
+// A(i) and S_g, each key once). In dense mode (config.IsDense(): mode DENSE or theta = +inf)
+// every row attends to [0, i], stripes and margins are empty and head_stats count
+// N(N+1)/2 computed entries and no stripes, as the backends report. Runs heads in parallel.
+// The task must pass ValidateTask.
+ReferenceResult ReferenceAttend(const AttentionTask& task);
+
+// The same, but with the stripe sets given ([Hq * num_groups], any order) instead of identified;
+// margins are still computed. Lets a test check a backend's output exactly even where its fp32
+// selection legitimately differs from the fp64 one at the threshold.
+ReferenceResult ReferenceAttendWithStripes(const AttentionTask& task,
+                                           const std::vector<std::vector<int64_t>>& stripes);
+
+}  // namespace anchorserve
