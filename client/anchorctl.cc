@@ -57,14 +57,18 @@ ABSL_FLAG(std::string, v, "", "V from a .npy file (with --q and --k)");
 
 // Config; unset flags take the server's defaults (see `anchorctl info`).
 ABSL_FLAG(std::string, mode, "anchor", "anchor (sparse AnchorAttention) | dense (exact)");
-ABSL_FLAG(std::optional<double>, theta, std::nullopt,
-          "difference threshold in nats; inf = dense, -inf = anchor region only");
-ABSL_FLAG(std::optional<int32_t>, block_size, std::nullopt, "B: query rows per pooled query");
-ABSL_FLAG(std::optional<int32_t>, step, std::nullopt, "s: blocks per group");
-ABSL_FLAG(std::optional<int32_t>, init_groups, std::nullopt, "n_init: sink groups");
+ABSL_FLAG(
+    std::optional<double>, theta, std::nullopt,
+    "difference threshold in nats; inf = dense, -inf = anchor region only (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, block_size, std::nullopt,
+          "B: query rows per pooled query (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, step, std::nullopt,
+          "s: blocks per group (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, init_groups, std::nullopt,
+          "n_init: sink groups (unset: server default)");
 ABSL_FLAG(std::optional<int32_t>, local_groups, std::nullopt,
-          "n_loc: local groups (own group = 1)");
-ABSL_FLAG(std::optional<double>, softmax_scale, std::nullopt, "softmax scale (1/sqrt(d))");
+          "n_loc: local groups, own group = 1 (unset: server default)");
+ABSL_FLAG(std::optional<double>, softmax_scale, std::nullopt, "softmax scale (unset: 1/sqrt(d))");
 
 // Request options and output.
 ABSL_FLAG(bool, recall, false, "ask the server for recall against dense (costs a dense pass)");

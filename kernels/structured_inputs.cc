@@ -16,7 +16,7 @@ constexpr int kStripeKinds = 4;
 constexpr int kTokensPerItem = 64;
 constexpr double kTwoPi = 6.283185307179586;
 
-enum TensorId : uint64_t { kTensorQ = 1, kTensorK = 2, kTensorV = 3 };
+enum TensorId : uint64_t { kTensorQ = 1, kTensorK = 2, kTensorV = 3, kTensorSalience = 4 };
 
 uint64_t Mix64(uint64_t x) {  // splitmix64 finalizer
   x += 0x9E3779B97F4A7C15ull;
@@ -118,6 +118,7 @@ struct HeadPlan {
   float rotary = 0;        // q amplitude of the rotary pattern
   float stripe[kStripeKinds] = {};
   float needle = 0;        // q coefficient along a needle direction
+  float salience = 0;      // q coefficient on the salience dim
   std::vector<NeedleSpan> spans;
 };
 
@@ -133,6 +134,7 @@ struct Plan {
   int rotary_pairs = 0;
   int sink_dim = -1;         // -1 when the head dim has no room
   int stripe_dim0 = -1;      // stripe kind k lives in dim stripe_dim0 + k
+  int salience_dim = -1;     // per-key salience feature
   int needle_dim0 = -1;      // needle directions span [needle_dim0, d)
   float key_amplitude = 0;   // k coefficient of every feature
   std::vector<float> frequencies;  // [rotary_pairs]
@@ -151,7 +153,8 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
   const int content0 = 2 * plan.rotary_pairs;
   if (d - content0 >= 1) plan.sink_dim = content0;
   if (d - content0 >= 1 + kStripeKinds) plan.stripe_dim0 = content0 + 1;
-  if (d - content0 >= 2 + kStripeKinds) plan.needle_dim0 = content0 + 1 + kStripeKinds;
+  if (d - content0 >= 2 + kStripeKinds) plan.salience_dim = content0 + 1 + kStripeKinds;
+  if (d - content0 >= 3 + kStripeKinds) plan.needle_dim0 = content0 + 2 + kStripeKinds;
   // Balanced feature amplitudes: q and k coefficients of a 16-nat feature are equal.
   plan.key_amplitude = std::sqrt(16.0f / scale);
   const float to_q = 1.0f / (scale * plan.key_amplitude);  // nats -> q coefficient
@@ -184,6 +187,11 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
   }
   for (HeadPlan& head : plan.heads) {
     const float sharp = 1.0f + o.sharpness_jitter * static_cast<float>(2 * rng.Uniform() - 1);
+    // Stripe heads follow key salience most; diffuse heads not at all (set below).
+    const double salience_share = head.kind == StructuredHeadKind::kStripe
+                                      ? 0.25 + 0.75 * rng.Uniform()
+                                      : 0.5 * rng.Uniform();
+    head.salience = static_cast<float>(o.salience_strength * salience_share) * to_q;
     float sink = o.sink_strength * sharp;
     float local = 0.5f * o.local_strength * sharp;
     float stripe_all = 0.25f * o.stripe_strength;
@@ -211,6 +219,7 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
         sink = 0.25f * o.sink_strength;
         local = 0.25f * o.local_strength;
         stripe_all = 0;
+        head.salience = 0;
         head.noise = o.diffuse_noise;
         break;
     }
@@ -278,7 +287,7 @@ absl::Status ValidateOptions(const StructuredInputOptions& o) {
   if (o.stripe_head_fraction + o.retrieval_head_fraction + o.diffuse_head_fraction > 1.0001f) {
     return absl::InvalidArgumentError("head fractions must sum to at most 1");
   }
-  const float values[] = {o.sink_strength,    o.local_strength,   o.stripe_strength,
+  const float values[] = {o.sink_strength,    o.local_strength,   o.stripe_strength, o.salience_strength,
                           o.needle_strength,  o.background_noise, o.diffuse_noise,
                           o.sharpness_jitter, o.value_std};
   for (float value : values) {
@@ -351,6 +360,7 @@ absl::StatusOr<HostQkv> GenerateStructuredQkv(const AttentionShape& shape, DType
         if (plan.stripe_dim0 >= 0) {
           for (int k = 0; k < kStripeKinds; ++k) row[plan.stripe_dim0 + k] += head.stripe[k];
         }
+        if (plan.salience_dim >= 0) row[plan.salience_dim] += head.salience;
         for (const NeedleSpan& span : head.spans) {
           if (t < span.row_begin || t >= span.row_end) continue;
           const std::vector<float>& direction = plan.kv[h / shape.GqaRatio()].needle_directions[span.needle];
@@ -379,6 +389,11 @@ absl::StatusOr<HostQkv> GenerateStructuredQkv(const AttentionShape& shape, DType
             const size_t s = it - kv.stripe_positions.begin();
             row[plan.stripe_dim0 + kv.stripe_kinds[s]] = plan.key_amplitude * kv.stripe_weights[s];
           }
+        }
+        if (plan.salience_dim >= 0) {
+          float salience;
+          FillNormal(RowKey(seed, kTensorSalience, kvh, t), 1.0f, 1, &salience);
+          row[plan.salience_dim] = plan.key_amplitude * salience;
         }
         for (size_t needle = 0; needle < kv.needle_positions.size(); ++needle) {
           if (kv.needle_positions[needle] != t) continue;

@@ -35,9 +35,9 @@ struct AttentionJob {
 
   // Filled by the batcher and the executor before `on_done`.
   absl::Time enqueue_time;
-  double queue_seconds = 0;  // enqueue to batch start
-  int batch_size = 0;        // requests in the batch it ran in
-  RequestSummary summary;    // density and stripe statistics, when status is OK
+  double queue_seconds = 0;           // enqueue to batch start
+  int batch_size = 0;                 // requests in the batch it ran in
+  RequestSummary summary;             // density and stripe statistics, when status is OK
   std::optional<RecallStats> recall;  // when compute_recall and status is OK
   absl::Status status;
 

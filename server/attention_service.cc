@@ -40,6 +40,24 @@ grpc::Status CancelledCallStatus(absl::Time deadline, absl::Time now) {
   return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled by the client");
 }
 
+// The status of a job that did not succeed. A cancelled job reports why it was cancelled: its
+// deadline passed (gRPC cancels the call then), or the drain gave up on it (the client may retry
+// elsewhere).
+grpc::Status FailedJobStatus(const AttentionJob& job, absl::Time now,
+                             const grpc::CallbackServerContext& context, bool draining) {
+  if (job.status.code() == absl::StatusCode::kCancelled) {
+    if (job.deadline <= now) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed during compute");
+    }
+    if (draining && !context.IsCancelled()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "server is draining and --drain_timeout_s ran out before this request "
+                          "finished");
+    }
+  }
+  return ToGrpcStatus(job.status);
+}
+
 // Heap memory without zero-filling it; null when the allocation fails.
 std::unique_ptr<char[]> AllocateBytes(int64_t bytes) {
   return std::unique_ptr<char[]>(new (std::nothrow) char[static_cast<size_t>(bytes)]);
@@ -89,7 +107,8 @@ class AttendReactor final : public TrackedUnaryReactor {
   void Start() {
     if (service_->draining()) return FinishOnce(DrainingStatus());
     service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_->ByteSizeLong()));
-    absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(*request_, service_->convert_options());
+    absl::StatusOr<RequestSpec> spec =
+        SpecFromAttendRequest(*request_, service_->convert_options());
     if (!spec.ok()) return FinishOnce(ToGrpcStatus(spec.status()));
     spec_ = *std::move(spec);
 
@@ -140,7 +159,9 @@ class AttendReactor final : public TrackedUnaryReactor {
   // On the batcher's worker thread.
   void OnJobDone(AttentionJob& job) {
     const absl::Time now = service_->clock().Now();
-    if (!job.status.ok()) return FinishOnce(ToGrpcStatus(job.status));
+    if (!job.status.ok()) {
+      return FinishOnce(FailedJobStatus(job, now, *context_, service_->draining()));
+    }
     if (context_->IsCancelled()) return FinishOnce(CancelledCallStatus(job.deadline, now));
     response_->set_request_id(service_->RequestIdFor(request_->request_id()));
     v1::AttentionMetrics* metrics = response_->mutable_metrics();
@@ -185,13 +206,12 @@ class AttendStreamReactor final
       if (phase_ == Phase::kFinished) return;
       if (!ok) {
         // Half-close (or a broken call): fine once every byte is in, an error before.
-        read_closed_ = true;
         if (phase_ == Phase::kHeader || phase_ == Phase::kReceiving) {
-          RequestFinishLocked(context_->IsCancelled()
-                                  ? grpc::Status(grpc::StatusCode::CANCELLED,
-                                                 "call cancelled by the client")
-                                  : ToGrpcStatus(absl::InvalidArgumentError(EndedEarlyMessage())),
-                              &next);
+          RequestFinishLocked(
+              context_->IsCancelled()
+                  ? grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled by the client")
+                  : ToGrpcStatus(absl::InvalidArgumentError(EndedEarlyMessage())),
+              &next);
         }
       } else {
         service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_.ByteSizeLong()));
@@ -212,9 +232,8 @@ class AttendStreamReactor final
       absl::MutexLock lock(&mu_);
       write_in_flight_ = false;
       if (!ok) {
-        RequestFinishLocked(grpc::Status(grpc::StatusCode::CANCELLED,
-                                         "client stopped reading the output"),
-                            &next);
+        RequestFinishLocked(
+            grpc::Status(grpc::StatusCode::CANCELLED, "client stopped reading the output"), &next);
       } else if (pending_finish_.has_value()) {
         RequestFinishLocked(*pending_finish_, &next);
       } else if (!pending_error_.ok()) {
@@ -261,7 +280,7 @@ class AttendStreamReactor final
 
   // One input tensor being received.
   struct Input {
-    std::string_view name;
+    absl::string_view name;
     std::unique_ptr<char[]> data;
     int64_t size = 0;
     int64_t received = 0;
@@ -347,7 +366,7 @@ class AttendStreamReactor final
     spec_ = *std::move(spec);
     request_id_ = service_->RequestIdFor(header.request_id());
     const int64_t sizes[3] = {spec_.q_bytes, spec_.k_bytes, spec_.v_bytes};
-    const std::string_view names[3] = {"q", "k", "v"};
+    const absl::string_view names[3] = {"q", "k", "v"};
     for (int i = 0; i < 3; ++i) {
       inputs_[i].name = names[i];
       inputs_[i].size = sizes[i];
@@ -362,7 +381,7 @@ class AttendStreamReactor final
     return absl::OkStatus();
   }
 
-  static std::string_view ChunkTensorName(int tensor) {
+  static absl::string_view ChunkTensorName(int tensor) {
     switch (tensor) {
       case v1::TENSOR_NAME_Q:
         return "q";
@@ -377,8 +396,7 @@ class AttendStreamReactor final
     }
   }
 
-  absl::Status HandleChunkLocked(const v1::TensorChunk& chunk)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status HandleChunkLocked(const v1::TensorChunk& chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     int index = -1;
     switch (chunk.tensor()) {
       case v1::TENSOR_NAME_Q:
@@ -391,17 +409,17 @@ class AttendStreamReactor final
         index = 2;
         break;
       default:
-        return absl::InvalidArgumentError(absl::StrCat(
-            "chunk.tensor must be TENSOR_NAME_Q, TENSOR_NAME_K or TENSOR_NAME_V, got ",
-            v1::TensorName_IsValid(chunk.tensor())
-                ? v1::TensorName_Name(chunk.tensor())
-                : absl::StrCat("unknown value ", static_cast<int>(chunk.tensor()))));
+        return absl::InvalidArgumentError(
+            absl::StrCat("chunk.tensor must be TENSOR_NAME_Q, TENSOR_NAME_K or TENSOR_NAME_V, got ",
+                         v1::TensorName_IsValid(chunk.tensor())
+                             ? v1::TensorName_Name(chunk.tensor())
+                             : absl::StrCat("unknown value ", static_cast<int>(chunk.tensor()))));
     }
     Input& input = inputs_[index];
     if (chunk.offset() != input.received) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "chunk.offset of ", input.name, " is ", chunk.offset(), ", expected ", input.received,
-          ": each tensor's chunks must arrive in order without gaps"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk.offset of ", input.name, " is ", chunk.offset(), ", expected ",
+                       input.received, ": each tensor's chunks must arrive in order without gaps"));
     }
     const int64_t bytes = static_cast<int64_t>(chunk.data().size());
     if (bytes > input.size - input.received) {
@@ -467,7 +485,7 @@ class AttendStreamReactor final
       if (!pending_error_.ok()) {
         RequestFinishLocked(ToGrpcStatus(pending_error_), &next);
       } else if (!job.status.ok()) {
-        RequestFinishLocked(ToGrpcStatus(job.status), &next);
+        RequestFinishLocked(FailedJobStatus(job, now, *context_, service_->draining()), &next);
       } else if (cancelled_ || context_->IsCancelled()) {
         RequestFinishLocked(CancelledCallStatus(job.deadline, now), &next);
       } else {
@@ -542,7 +560,6 @@ class AttendStreamReactor final
   v1::AttendStreamRequest request_;    // target of the one read in flight
   v1::AttendStreamResponse response_;  // source of the one write in flight
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  bool read_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   // An error seen while the job was queued or running: the status once it comes back.
   absl::Status pending_error_ ABSL_GUARDED_BY(mu_);
@@ -551,7 +568,7 @@ class AttendStreamReactor final
 
   RequestSpec spec_ ABSL_GUARDED_BY(mu_);
   std::string request_id_ ABSL_GUARDED_BY(mu_);
-  Input inputs_[3] ABSL_GUARDED_BY(mu_);     // q, k, v
+  Input inputs_[3] ABSL_GUARDED_BY(mu_);                 // q, k, v
   std::unique_ptr<char[]> output_ ABSL_GUARDED_BY(mu_);  // like q
   int64_t output_sent_ ABSL_GUARDED_BY(mu_) = 0;
   v1::AttendStreamResponse final_metrics_ ABSL_GUARDED_BY(mu_);
@@ -561,7 +578,7 @@ class AttendStreamReactor final
 
 }  // namespace
 
-std::string_view ServerVersion() { return ANCHOR_VERSION; }
+absl::string_view ServerVersion() { return ANCHOR_VERSION; }
 
 AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, AttentionBackend* backend,
                                            DynamicBatcher* batcher, MetricsRegistry* metrics,

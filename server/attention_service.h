@@ -25,6 +25,7 @@
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "anchorserve/v1/anchorserve.grpc.pb.h"
@@ -41,7 +42,7 @@ namespace anchorserve {
 inline constexpr char kAttentionServiceName[] = "anchorserve.v1.AttentionService";
 
 // The server's version (the CMake project version).
-std::string_view ServerVersion();
+absl::string_view ServerVersion();
 
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
  public:

@@ -10,12 +10,11 @@ namespace anchorserve {
 bool Compatible(const AttentionTask& a, const AttentionTask& b) {
   const AnchorConfig& x = a.config;
   const AnchorConfig& y = b.config;
-  return a.dtype == b.dtype && a.layout == b.layout &&
-         a.shape.num_q_heads == b.shape.num_q_heads &&
+  return a.dtype == b.dtype && a.layout == b.layout && a.shape.num_q_heads == b.shape.num_q_heads &&
          a.shape.num_kv_heads == b.shape.num_kv_heads && a.shape.head_dim == b.shape.head_dim &&
          x.mode == y.mode && x.theta == y.theta && x.block_size == y.block_size &&
-         x.step == y.step && x.init_groups == y.init_groups &&
-         x.local_groups == y.local_groups && x.softmax_scale == y.softmax_scale;
+         x.step == y.step && x.init_groups == y.init_groups && x.local_groups == y.local_groups &&
+         x.softmax_scale == y.softmax_scale;
 }
 
 BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue, absl::Time now,
@@ -25,8 +24,8 @@ BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue,
   const AttentionJob& head = *queue.front();
   std::vector<size_t> members = {0};
   int64_t tokens = head.tokens();
-  bool full = members.size() >= static_cast<size_t>(limits.max_requests) ||
-              tokens >= limits.max_tokens;
+  bool full =
+      members.size() >= static_cast<size_t>(limits.max_requests) || tokens >= limits.max_tokens;
   for (size_t i = 1; i < queue.size() && !full; ++i) {
     const AttentionJob& job = *queue[i];
     if (!Compatible(head.task, job.task)) continue;
@@ -37,8 +36,8 @@ BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue,
     }
     members.push_back(i);
     tokens += job.tokens();
-    full = members.size() >= static_cast<size_t>(limits.max_requests) ||
-           tokens >= limits.max_tokens;
+    full =
+        members.size() >= static_cast<size_t>(limits.max_requests) || tokens >= limits.max_tokens;
   }
   const absl::Time due = head.enqueue_time + limits.max_delay;
   if (full || flush || now >= due) {
@@ -76,9 +75,9 @@ absl::Status DynamicBatcher::Enqueue(std::shared_ptr<AttentionJob> job) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("server is draining");
   if (queue_.size() >= static_cast<size_t>(max_queue_size_)) {
-    return absl::ResourceExhaustedError(absl::StrCat("queue is full: ", queue_.size(),
-                                                     " requests waiting (--max_queue_size=",
-                                                     max_queue_size_, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("queue is full: ", queue_.size(),
+                     " requests waiting (--max_queue_size=", max_queue_size_, ")"));
   }
   job->task.maybe_cancelled = &job->cancelled;
   job->enqueue_time = clock_->Now();

@@ -49,9 +49,9 @@ double BatchExecutor::Run(absl::Span<const std::shared_ptr<AttentionJob>> batch)
     } else if (!job->task.status.ok()) {
       job->status = job->task.status;
     } else if (job->task.head_stats.size() != static_cast<size_t>(job->task.shape.num_q_heads)) {
-      job->status = absl::InternalError(absl::StrCat(
-          "backend returned statistics for ", job->task.head_stats.size(), " heads, expected ",
-          job->task.shape.num_q_heads));
+      job->status = absl::InternalError(
+          absl::StrCat("backend returned statistics for ", job->task.head_stats.size(),
+                       " heads, expected ", job->task.shape.num_q_heads));
     } else {
       job->status = absl::OkStatus();
       job->summary = SummarizeHeads(job->task.shape.seq_len, job->task.head_stats);
@@ -75,13 +75,12 @@ void BatchExecutor::RunRecall(absl::Span<AttentionJob* const> jobs) {
   for (AttentionJob* job : jobs) {
     if (!job->status.ok() || job->task.Cancelled()) continue;
     const AttentionTask& sparse = job->task;
-    const size_t out_bytes = static_cast<size_t>(sparse.shape.seq_len) *
-                             sparse.shape.num_q_heads * sparse.shape.head_dim *
-                             ElementSize(sparse.dtype);
+    const size_t out_bytes = static_cast<size_t>(sparse.shape.seq_len) * sparse.shape.num_q_heads *
+                             sparse.shape.head_dim * ElementSize(sparse.dtype);
     DensePass pass{job, std::unique_ptr<char[]>(new (std::nothrow) char[out_bytes]), {}, {}};
     if (pass.out == nullptr) {
-      job->status = absl::ResourceExhaustedError(
-          absl::StrCat("cannot allocate ", out_bytes, " bytes for the dense pass of compute_recall"));
+      job->status = absl::ResourceExhaustedError(absl::StrCat(
+          "cannot allocate ", out_bytes, " bytes for the dense pass of compute_recall"));
       continue;
     }
     pass.lse.assign(LseCount(sparse), 0.0f);

@@ -118,8 +118,8 @@ int Run(const ServerConfig& config) {
     // civetweb reports bind failures as exceptions; this is the one place they are caught.
     exposer = std::make_unique<prometheus::Exposer>(metrics_address);
   } catch (const std::exception& e) {
-    LogError(absl::StrCat("cannot serve metrics on ", metrics_address, " (--host/--metrics_port): ",
-                          e.what()));
+    LogError(absl::StrCat("cannot serve metrics on ", metrics_address,
+                          " (--host/--metrics_port): ", e.what()));
     return 1;
   }
   exposer->RegisterCollectable(metrics.registry());
@@ -128,9 +128,9 @@ int Run(const ServerConfig& config) {
 
   RealClock clock;
   BatchExecutor executor(backend->get());
-  DynamicBatcher batcher(BatchLimits{config.max_batch_requests, config.max_batch_tokens,
-                                     config.max_queue_delay},
-                         config.max_queue_size, &executor, &clock, &metrics);
+  DynamicBatcher batcher(
+      BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
+      config.max_queue_size, &executor, &clock, &metrics);
   AttentionServiceImpl service(config, backend->get(), &batcher, &metrics, &clock);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -176,7 +176,7 @@ int Run(const ServerConfig& config) {
   health->SetServingStatus(kAttentionServiceName, false);
   service.StartDraining();
   // Should a backend never give cancelled work back, do not hang past the pod's grace period.
-  std::thread([limit = config.drain_timeout + kShutdownGrace] {
+  std::thread([limit = config.drain_timeout + 2 * kShutdownGrace] {
     absl::SleepFor(limit);
     LogError("shutdown did not finish in time; exiting without a clean drain");
     std::_Exit(1);
@@ -185,6 +185,8 @@ int Run(const ServerConfig& config) {
     LogWarning(absl::StrCat("drain timeout: cancelling ", service.InflightRpcs(),
                             " RPCs still in flight"));
     batcher.CancelAll();
+    // Cancelled work comes back quickly; its callers get UNAVAILABLE.
+    service.WaitUntilIdle(absl::Now() + kShutdownGrace);
   }
   // Cancels what is left (e.g. uploads that stalled); returns once every call is done.
   server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));

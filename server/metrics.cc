@@ -67,8 +67,8 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                      .Name("anchorserve_batch_size")
                      .Help("Requests per backend run.")
                      .Register(*registry_)
-                     .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16,
-                                                                      24, 32, 48, 64, 128});
+                     .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16, 24,
+                                                                      32, 48, 64, 128});
   tokens_ = &prometheus::BuildCounter()
                  .Name("anchorserve_tokens_total")
                  .Help("Sequence tokens computed (sum of seq_len of successful requests).")
@@ -78,9 +78,9 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                   .Name("anchorserve_density")
                   .Help("Computed fraction of the causal score matrix, per request.")
                   .Register(*registry_)
-                  .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2,
-                                                                   0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
-                                                                   0.9, 0.95, 0.99, 1.0});
+                  .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3,
+                                                                   0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                                                                   0.95, 0.99, 1.0});
   queue_depth_ = &prometheus::BuildGauge()
                       .Name("anchorserve_queue_depth")
                       .Help("Requests waiting in the batcher queue.")
@@ -125,7 +125,9 @@ void MetricsRegistry::AddTokens(int64_t tokens) { tokens_->Increment(static_cast
 
 void MetricsRegistry::ObserveDensity(double density) { density_->Observe(density); }
 
-void MetricsRegistry::SetQueueDepth(int64_t depth) { queue_depth_->Set(static_cast<double>(depth)); }
+void MetricsRegistry::SetQueueDepth(int64_t depth) {
+  queue_depth_->Set(static_cast<double>(depth));
+}
 
 void MetricsRegistry::RequestStarted() { inflight_->Increment(); }
 

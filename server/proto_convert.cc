@@ -27,15 +27,21 @@ struct TensorGeometry {
   int64_t head_dim() const { return dims[2]; }
 };
 
+// kernels/ speaks std::string_view; absl 20220623's StrCat wants absl::string_view.
+absl::string_view DTypeText(DType dtype) {
+  const std::string_view name = DTypeName(dtype);
+  return absl::string_view(name.data(), name.size());
+}
+
 std::string DimsString(absl::Span<const int64_t> dims) {
   return absl::StrCat("[", absl::StrJoin(dims, ", "), "]");
 }
 
-std::string AxisName(std::string_view tensor, int axis, std::string_view meaning) {
+std::string AxisName(absl::string_view tensor, int axis, absl::string_view meaning) {
   return absl::StrCat(tensor, ".shape[", axis, "] (", meaning, ")");
 }
 
-absl::StatusOr<DType> DTypeFromProto(std::string_view tensor, int value) {
+absl::StatusOr<DType> DTypeFromProto(absl::string_view tensor, int value) {
   switch (value) {
     case v1::DATA_TYPE_BF16:
       return DType::kBf16;
@@ -53,7 +59,7 @@ absl::StatusOr<DType> DTypeFromProto(std::string_view tensor, int value) {
       tensor, ".dtype must be DATA_TYPE_BF16, DATA_TYPE_FP16 or DATA_TYPE_FP32, got ", got));
 }
 
-absl::StatusOr<Layout> LayoutFromProto(std::string_view tensor, int value) {
+absl::StatusOr<Layout> LayoutFromProto(absl::string_view tensor, int value) {
   switch (value) {
     case v1::TENSOR_LAYOUT_TOKEN_MAJOR:
       return Layout::kTokenMajor;
@@ -66,12 +72,11 @@ absl::StatusOr<Layout> LayoutFromProto(std::string_view tensor, int value) {
       v1::TensorLayout_IsValid(value)
           ? std::string(v1::TensorLayout_Name(static_cast<v1::TensorLayout>(value)))
           : absl::StrCat("unknown value ", value);
-  return absl::InvalidArgumentError(
-      absl::StrCat(tensor, ".layout must be TENSOR_LAYOUT_TOKEN_MAJOR or TENSOR_LAYOUT_HEAD_MAJOR, got ",
-                   got));
+  return absl::InvalidArgumentError(absl::StrCat(
+      tensor, ".layout must be TENSOR_LAYOUT_TOKEN_MAJOR or TENSOR_LAYOUT_HEAD_MAJOR, got ", got));
 }
 
-absl::StatusOr<TensorGeometry> ParseTensor(std::string_view tensor, int dtype, int layout,
+absl::StatusOr<TensorGeometry> ParseTensor(absl::string_view tensor, int dtype, int layout,
                                            absl::Span<const int64_t> shape) {
   TensorGeometry g;
   ANCHOR_ASSIGN_OR_RETURN(g.dtype, DTypeFromProto(tensor, dtype));
@@ -80,11 +85,11 @@ absl::StatusOr<TensorGeometry> ParseTensor(std::string_view tensor, int dtype, i
   g.seq_axis = token_major ? 0 : 1;
   g.heads_axis = token_major ? 1 : 0;
   if (shape.size() != 3) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        tensor, ".shape must have 3 dims ",
-        token_major ? "[seq_len, num_heads, head_dim] for TENSOR_LAYOUT_TOKEN_MAJOR"
-                    : "[num_heads, seq_len, head_dim] for TENSOR_LAYOUT_HEAD_MAJOR",
-        ", got ", shape.size(), " ", DimsString(shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(tensor, ".shape must have 3 dims ",
+                     token_major ? "[seq_len, num_heads, head_dim] for TENSOR_LAYOUT_TOKEN_MAJOR"
+                                 : "[num_heads, seq_len, head_dim] for TENSOR_LAYOUT_HEAD_MAJOR",
+                     ", got ", shape.size(), " ", DimsString(shape)));
   }
   g.dims.assign(shape.begin(), shape.end());
   const char* meaning[3] = {token_major ? "seq_len" : "num_heads",
@@ -98,48 +103,46 @@ absl::StatusOr<TensorGeometry> ParseTensor(std::string_view tensor, int dtype, i
   int64_t elements = 1;
   for (int64_t dim : g.dims) {
     if (__builtin_mul_overflow(elements, dim, &elements)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          tensor, ".shape ", DimsString(g.dims), " has more elements than int64 can count"));
+      return absl::InvalidArgumentError(absl::StrCat(tensor, ".shape ", DimsString(g.dims),
+                                                     " has more elements than int64 can count"));
     }
   }
   int64_t bytes = 0;
   if (__builtin_mul_overflow(elements, static_cast<int64_t>(ElementSize(g.dtype)), &bytes)) {
     return absl::InvalidArgumentError(absl::StrCat(tensor, ".shape ", DimsString(g.dims), " ",
-                                                   DTypeName(g.dtype),
+                                                   DTypeText(g.dtype),
                                                    " has more bytes than int64 can count"));
   }
   g.elements = elements;
   g.bytes = bytes;
   if (g.head_dim() > kMaxHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(AxisName(tensor, 2, "head_dim"),
-                                                   " must be at most ", kMaxHeadDim, ", got ",
-                                                   g.head_dim()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        AxisName(tensor, 2, "head_dim"), " must be at most ", kMaxHeadDim, ", got ", g.head_dim()));
   }
   return g;
 }
 
-absl::Status CheckTensorLimits(std::string_view tensor, const TensorGeometry& g,
+absl::Status CheckTensorLimits(absl::string_view tensor, const TensorGeometry& g,
                                const ConvertOptions& options) {
   if (g.seq_len() > options.max_seq_len) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        AxisName(tensor, g.seq_axis, "seq_len"), " = ", g.seq_len(),
-        " is over the limit --max_seq_len=", options.max_seq_len));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(AxisName(tensor, g.seq_axis, "seq_len"), " = ", g.seq_len(),
+                     " is over the limit --max_seq_len=", options.max_seq_len));
   }
   if (g.num_heads() > options.max_heads) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        AxisName(tensor, g.heads_axis, "num_heads"), " = ", g.num_heads(),
-        " is over the limit --max_heads=", options.max_heads));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(AxisName(tensor, g.heads_axis, "num_heads"), " = ", g.num_heads(),
+                     " is over the limit --max_heads=", options.max_heads));
   }
   return absl::OkStatus();
 }
 
 // k and v against q, and v against k.
-absl::Status CheckConsistent(const TensorGeometry& q, std::string_view name,
+absl::Status CheckConsistent(const TensorGeometry& q, absl::string_view name,
                              const TensorGeometry& t) {
   if (t.dtype != q.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ".dtype (", DTypeName(t.dtype),
-                                                   ") must equal q.dtype (", DTypeName(q.dtype),
-                                                   ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ".dtype (", DTypeText(t.dtype), ") must equal q.dtype (", DTypeText(q.dtype), ")"));
   }
   if (t.layout != q.layout) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -147,16 +150,15 @@ absl::Status CheckConsistent(const TensorGeometry& q, std::string_view name,
         ") must equal q.layout (", v1::TensorLayout_Name(LayoutToProto(q.layout)), ")"));
   }
   if (t.seq_len() != q.seq_len()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        AxisName(name, t.seq_axis, "seq_len"), " = ", t.seq_len(), " must equal ",
-        AxisName("q", q.seq_axis, "seq_len"), " = ", q.seq_len(),
-        " (causal prefill: kv_len == q_len)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(AxisName(name, t.seq_axis, "seq_len"), " = ", t.seq_len(), " must equal ",
+                     AxisName("q", q.seq_axis, "seq_len"), " = ", q.seq_len(),
+                     " (causal prefill: kv_len == q_len)"));
   }
   if (t.head_dim() != q.head_dim()) {
-    return absl::InvalidArgumentError(absl::StrCat(AxisName(name, 2, "head_dim"), " = ",
-                                                   t.head_dim(), " must equal ",
-                                                   AxisName("q", 2, "head_dim"), " = ",
-                                                   q.head_dim()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(AxisName(name, 2, "head_dim"), " = ", t.head_dim(), " must equal ",
+                     AxisName("q", 2, "head_dim"), " = ", q.head_dim()));
   }
   return absl::OkStatus();
 }
@@ -168,8 +170,8 @@ absl::StatusOr<RequestSpec> BuildSpec(const TensorGeometry& q, const TensorGeome
   ANCHOR_RETURN_IF_ERROR(CheckConsistent(q, "k", k));
   ANCHOR_RETURN_IF_ERROR(CheckConsistent(q, "v", v));
   if (v.dims != k.dims) {
-    return absl::InvalidArgumentError(absl::StrCat("v.shape ", DimsString(v.dims),
-                                                   " must equal k.shape ", DimsString(k.dims)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("v.shape ", DimsString(v.dims), " must equal k.shape ", DimsString(k.dims)));
   }
   if (q.num_heads() % k.num_heads() != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -182,15 +184,15 @@ absl::StatusOr<RequestSpec> BuildSpec(const TensorGeometry& q, const TensorGeome
   int64_t total = 0;
   if (__builtin_add_overflow(q.bytes, k.bytes, &total) ||
       __builtin_add_overflow(total, v.bytes, &total)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "q, k and v hold more bytes together than int64 can count, over the limit "
-        "--max_request_bytes=",
-        options.max_request_bytes));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("q, k and v hold more bytes together than int64 can count, over the limit "
+                     "--max_request_bytes=",
+                     options.max_request_bytes));
   }
   if (total > options.max_request_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("q, k and v hold ", total, " bytes together, over the limit --max_request_bytes=",
-                     options.max_request_bytes));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "q, k and v hold ", total,
+        " bytes together, over the limit --max_request_bytes=", options.max_request_bytes));
   }
 
   RequestSpec spec;
@@ -211,17 +213,11 @@ absl::StatusOr<RequestSpec> BuildSpec(const TensorGeometry& q, const TensorGeome
   if (options.backend != nullptr) {
     const BackendInfo& info = options.backend_info;
     if (std::find(info.dtypes.begin(), info.dtypes.end(), spec.dtype) == info.dtypes.end()) {
-      std::vector<std::string_view> names;
-      for (DType d : info.dtypes) names.push_back(DTypeName(d));
-      return absl::FailedPreconditionError(absl::StrCat(
-          "q.dtype ", DTypeName(spec.dtype), " is not supported by the ", info.name,
-          " backend (supported: ", absl::StrJoin(names, ", "), ")"));
-    }
-    if (!info.head_dims.empty() && std::find(info.head_dims.begin(), info.head_dims.end(),
-                                             spec.shape.head_dim) == info.head_dims.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          AxisName("q", 2, "head_dim"), " = ", spec.shape.head_dim, " is not supported by the ",
-          info.name, " backend (supported: ", absl::StrJoin(info.head_dims, ", "), ")"));
+      std::vector<absl::string_view> names;
+      for (DType d : info.dtypes) names.push_back(DTypeText(d));
+      return absl::FailedPreconditionError(
+          absl::StrCat("q.dtype ", DTypeText(spec.dtype), " is not supported by the ", info.name,
+                       " backend (supported: ", absl::StrJoin(names, ", "), ")"));
     }
     // Supports() looks at shape, dtype, layout and config only; the probe pointers are never
     // dereferenced, they only satisfy the non-null checks.
@@ -291,42 +287,39 @@ absl::StatusOr<AnchorConfig> MergeAnchorConfig(const v1::AnchorConfig& request,
 absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
                                                   const ConvertOptions& options) {
   if (!request.has_q() || !request.has_k() || !request.has_v()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "request must set q, k and v; missing ",
-        !request.has_q() ? "q" : (!request.has_k() ? "k" : "v")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("request must set q, k and v; missing ",
+                     !request.has_q() ? "q" : (!request.has_k() ? "k" : "v")));
   }
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry q,
-      ParseTensor("q", request.q().dtype(), request.q().layout(), request.q().shape()));
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry k,
-      ParseTensor("k", request.k().dtype(), request.k().layout(), request.k().shape()));
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry v,
-      ParseTensor("v", request.v().dtype(), request.v().layout(), request.v().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry q, ParseTensor("q", request.q().dtype(),
+                                                        request.q().layout(), request.q().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry k, ParseTensor("k", request.k().dtype(),
+                                                        request.k().layout(), request.k().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry v, ParseTensor("v", request.v().dtype(),
+                                                        request.v().layout(), request.v().shape()));
   ANCHOR_ASSIGN_OR_RETURN(RequestSpec spec,
                           BuildSpec(q, k, v, request.config(), request.options(), options));
   const struct {
-    std::string_view name;
+    absl::string_view name;
     const TensorGeometry& geometry;
     const std::string& data;
-  } tensors[] = {{"q", q, request.q().data()},
-                 {"k", k, request.k().data()},
-                 {"v", v, request.v().data()}};
+  } tensors[] = {
+      {"q", q, request.q().data()}, {"k", k, request.k().data()}, {"v", v, request.v().data()}};
   for (const auto& t : tensors) {
     if (static_cast<int64_t>(t.data.size()) != t.geometry.bytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(t.name, ".data has ", t.data.size(), " bytes, expected ", t.geometry.bytes,
-                       " for shape ", DimsString(t.geometry.dims), " ",
-                       DTypeName(t.geometry.dtype)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          t.name, ".data has ", t.data.size(), " bytes, expected ", t.geometry.bytes, " for shape ",
+          DimsString(t.geometry.dims), " ", DTypeText(t.geometry.dtype)));
     }
   }
   if (!spec.metrics_only && spec.q_bytes > options.max_message_bytes - kMessageOverheadBytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the output (", spec.q_bytes, " bytes) does not fit one response message (limit "
-        "--max_message_bytes=", options.max_message_bytes,
-        " with ", kMessageOverheadBytes, " bytes reserved for metrics); use AttendStream or "
-        "options.metrics_only"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the output (", spec.q_bytes,
+                     " bytes) does not fit one response message (limit "
+                     "--max_message_bytes=",
+                     options.max_message_bytes, " with ", kMessageOverheadBytes,
+                     " bytes reserved for metrics); use AttendStream or "
+                     "options.metrics_only"));
   }
   return spec;
 }
@@ -334,19 +327,16 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
                                                  const ConvertOptions& options) {
   if (!header.has_q() || !header.has_k() || !header.has_v()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "header must set q, k and v; missing header.",
-        !header.has_q() ? "q" : (!header.has_k() ? "k" : "v")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("header must set q, k and v; missing header.",
+                     !header.has_q() ? "q" : (!header.has_k() ? "k" : "v")));
   }
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry q,
-      ParseTensor("q", header.q().dtype(), header.q().layout(), header.q().shape()));
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry k,
-      ParseTensor("k", header.k().dtype(), header.k().layout(), header.k().shape()));
-  ANCHOR_ASSIGN_OR_RETURN(
-      TensorGeometry v,
-      ParseTensor("v", header.v().dtype(), header.v().layout(), header.v().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry q, ParseTensor("q", header.q().dtype(),
+                                                        header.q().layout(), header.q().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry k, ParseTensor("k", header.k().dtype(),
+                                                        header.k().layout(), header.k().shape()));
+  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry v, ParseTensor("v", header.v().dtype(),
+                                                        header.v().layout(), header.v().shape()));
   return BuildSpec(q, k, v, header.config(), header.options(), options);
 }
 
@@ -416,7 +406,7 @@ void FillStripes(const StripeSummary& summary, v1::StripeStats* stats) {
 }
 }  // namespace
 
-void FillAttentionMetrics(const AttentionJob& job, std::string_view backend_name,
+void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_name,
                           v1::AttentionMetrics* metrics) {
   const RequestSummary& summary = job.summary;
   metrics->set_density(summary.density);

@@ -4,10 +4,10 @@
 #pragma once
 
 #include <cstdint>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "kernels/attention_types.h"
@@ -75,7 +75,7 @@ void SetOutputTensorSpec(const RequestSpec& spec, v1::Tensor* tensor);
 
 // Density, stripes (overall and per head), timings, batch size, backend, recall and the
 // effective config (softmax_scale resolved) of a finished job. total_seconds is the caller's.
-void FillAttentionMetrics(const AttentionJob& job, std::string_view backend_name,
+void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_name,
                           v1::AttentionMetrics* metrics);
 
 }  // namespace anchorserve

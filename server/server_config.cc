@@ -15,7 +15,8 @@ ABSL_FLAG(int32_t, metrics_port, 9464,
           "Prometheus /metrics port; 0 picks a free one (see --port_file).");
 ABSL_FLAG(std::string, port_file, "",
           "When set, written atomically with \"grpc_port=N\\nmetrics_port=M\\n\" once serving.");
-ABSL_FLAG(std::string, backend, "auto", "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
+ABSL_FLAG(std::string, backend, "auto",
+          "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
 ABSL_FLAG(int32_t, cpu_threads, 0, "Threads of the CPU backend; 0 = all hardware threads.");
 ABSL_FLAG(int32_t, cuda_device, 0, "CUDA device ordinal of the CUDA backend.");
 ABSL_FLAG(int32_t, max_batch_requests, 8, "Most requests in one batch.");
@@ -24,8 +25,9 @@ ABSL_FLAG(double, max_queue_delay_ms, 2,
           "Longest time the oldest queued request waits for a batch to fill.");
 ABSL_FLAG(int32_t, max_queue_size, 64,
           "Requests that may wait in the queue; more are refused with RESOURCE_EXHAUSTED.");
-ABSL_FLAG(int64_t, max_message_bytes, 268435456,
-          "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
+ABSL_FLAG(
+    int64_t, max_message_bytes, 268435456,
+    "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
 ABSL_FLAG(int64_t, max_request_bytes, int64_t{4294967296},
           "Largest Q + K + V byte count of one request.");
 ABSL_FLAG(int64_t, max_seq_len, 262144, "Longest sequence accepted.");
@@ -43,19 +45,20 @@ ABSL_FLAG(int32_t, default_local_groups, 1, "Default local region n_loc, in grou
 namespace anchorserve {
 namespace {
 
-absl::Status FlagError(std::string_view flag, std::string_view requirement, std::string_view got) {
+absl::Status FlagError(absl::string_view flag, absl::string_view requirement,
+                       absl::string_view got) {
   return absl::InvalidArgumentError(absl::StrCat("--", flag, " ", requirement, ", got ", got));
 }
 
 template <typename T>
-absl::Status CheckRange(std::string_view flag, T value, T lo, T hi) {
+absl::Status CheckRange(absl::string_view flag, T value, T lo, T hi) {
   if (value < lo || value > hi) {
     return FlagError(flag, absl::StrCat("must be in [", lo, ", ", hi, "]"), absl::StrCat(value));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<BackendKind> ParseBackendKind(std::string_view name) {
+absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view name) {
   if (name == "auto") return BackendKind::kAuto;
   if (name == "cpu") return BackendKind::kCpu;
   if (name == "cuda") return BackendKind::kCuda;
@@ -67,7 +70,7 @@ constexpr double kMaxSecondsKnob = 24.0 * 3600.0;
 
 }  // namespace
 
-std::string_view BackendKindName(BackendKind kind) {
+absl::string_view BackendKindName(BackendKind kind) {
   switch (kind) {
     case BackendKind::kAuto:
       return "auto";
@@ -79,7 +82,7 @@ std::string_view BackendKindName(BackendKind kind) {
   return "unknown";
 }
 
-std::string JoinHostPort(std::string_view host, int port) {
+std::string JoinHostPort(absl::string_view host, int port) {
   if (absl::StrContains(host, ':') && !absl::StartsWith(host, "[")) {
     return absl::StrCat("[", host, "]:", port);
   }
@@ -102,16 +105,16 @@ absl::Status ServerConfig::Validate() const {
       !s.ok()) {
     return s;
   }
-  if (max_queue_delay < absl::ZeroDuration() ||
-      max_queue_delay > absl::Seconds(kMaxSecondsKnob)) {
-    return FlagError("max_queue_delay_ms", absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+  if (max_queue_delay < absl::ZeroDuration() || max_queue_delay > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("max_queue_delay_ms",
+                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
                      absl::StrCat(absl::ToDoubleMilliseconds(max_queue_delay)));
   }
   if (auto s = CheckRange("max_queue_size", max_queue_size, 1, 1 << 20); !s.ok()) return s;
 
   // The stream chunk, the header and the metrics message must each fit one message.
-  if (auto s = CheckRange<int64_t>("max_message_bytes", max_message_bytes, 4 * kMessageOverheadBytes,
-                                   kMaxGrpcMessageBytes);
+  if (auto s = CheckRange<int64_t>("max_message_bytes", max_message_bytes,
+                                   4 * kMessageOverheadBytes, kMaxGrpcMessageBytes);
       !s.ok()) {
     return s;
   }
@@ -127,9 +130,9 @@ absl::Status ServerConfig::Validate() const {
   if (auto s = CheckRange<int64_t>("stream_chunk_bytes", stream_chunk_bytes, 1,
                                    max_message_bytes - kMessageOverheadBytes);
       !s.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(s.message(), " (a chunk plus its framing must fit --max_message_bytes=",
-                     max_message_bytes, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        s.message(), " (a chunk plus its framing must fit --max_message_bytes=", max_message_bytes,
+        ")"));
   }
   if (drain_timeout < absl::ZeroDuration() || drain_timeout > absl::Seconds(kMaxSecondsKnob)) {
     return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "kernels/attention_types.h"
 #include "kernels/backend.h"
@@ -50,9 +51,9 @@ struct ServerConfig {
 absl::StatusOr<ServerConfig> ServerConfigFromFlags();
 
 // "cpu", "cuda" or "auto".
-std::string_view BackendKindName(BackendKind kind);
+absl::string_view BackendKindName(BackendKind kind);
 
 // "host:port", with brackets around an IPv6 literal.
-std::string JoinHostPort(std::string_view host, int port);
+std::string JoinHostPort(absl::string_view host, int port);
 
 }  // namespace anchorserve

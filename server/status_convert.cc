@@ -58,11 +58,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     case absl::StatusCode::kUnauthenticated:
       code = grpc::StatusCode::UNAUTHENTICATED;
       break;
-    default:
-      // A non-canonical code: keep its number visible in the message.
-      return grpc::Status(grpc::StatusCode::UNKNOWN,
-                          "status code " + std::to_string(static_cast<int>(status.code())) +
-                              ": " + std::string(status.message()));
+    default:  // absl::Status::code() already folds non-canonical codes into kUnknown
+      code = grpc::StatusCode::UNKNOWN;
+      break;
   }
   return grpc::Status(code, std::string(status.message()));
 }

@@ -10,6 +10,7 @@
 //
 // Usage: anchor_attention_microbench [--dense=4096,8192,...] [--sparse=32768,131072]
 //                                    [--densities=0.05,0.1,0.3] [--check_rows=128]
+//                                    [--all_pipelines]   (also time the other mainloop shapes)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -22,19 +23,20 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/attention_kernel.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
 namespace {
 
-#define BENCH_CHECK(expr)                                                            \
-  do {                                                                               \
-    const cudaError_t bench_error_ = (expr);                                         \
-    if (bench_error_ != cudaSuccess) {                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,             \
-                   cudaGetErrorString(bench_error_));                                \
-      std::exit(1);                                                                  \
-    }                                                                                \
+#define BENCH_CHECK(expr)                                                \
+  do {                                                                   \
+    const cudaError_t bench_error_ = (expr);                             \
+    if (bench_error_ != cudaSuccess) {                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
+                   cudaGetErrorString(bench_error_));                    \
+      std::exit(1);                                                      \
+    }                                                                    \
   } while (false)
 
 constexpr int kHq = 32;
@@ -154,8 +156,7 @@ __global__ void ReferenceRows(RefSpec spec, const int32_t* rows, const int32_t* 
   const int part = tid / kD;
   float acc = 0.0f;
   for (int64_t u = part; u < total; u += 256 / kD) {
-    acc = fmaf(scores[u], __bfloat162float(spec.v[(position(u) * kHkv + kv_head) * kD + dim]),
-               acc);
+    acc = fmaf(scores[u], __bfloat162float(spec.v[(position(u) * kHkv + kv_head) * kD + dim]), acc);
   }
   partial[part][dim] = acc;
   __syncthreads();
@@ -210,9 +211,14 @@ Problem MakeProblem(int32_t n, uint64_t seed) {
   const std::vector<QueryTile> tiles = BuildQueryTiles({n}, 2048);
   p.num_tiles = static_cast<int32_t>(tiles.size());
   BENCH_CHECK(cudaMalloc(&p.tiles, tiles.size() * sizeof(QueryTile)));
-  BENCH_CHECK(cudaMemcpy(p.tiles, tiles.data(), tiles.size() * sizeof(QueryTile),
-                         cudaMemcpyHostToDevice));
+  BENCH_CHECK(
+      cudaMemcpy(p.tiles, tiles.data(), tiles.size() * sizeof(QueryTile), cudaMemcpyHostToDevice));
   return p;
+}
+
+void Poison(const Problem& p) {
+  BENCH_CHECK(cudaMemset(p.out, 0xFF, int64_t{p.n} * kHq * kD * 2));
+  BENCH_CHECK(cudaMemset(p.lse, 0xFF, int64_t{p.n} * kHq * 4));
 }
 
 void FreeProblem(Problem* p) {
@@ -229,7 +235,7 @@ struct StripeSet {
   int64_t* list_offset = nullptr;
   int32_t* count = nullptr;
   int32_t* index = nullptr;
-  double kept_entries_per_head = 0;   // sum_i |A(i)| + sum_g |S_g| rows(g), mean over heads
+  double kept_entries_per_head = 0;  // sum_i |A(i)| + sum_g |S_g| rows(g), mean over heads
   double stripe_entries_per_head = 0;
 };
 
@@ -257,7 +263,7 @@ StripeSet MakeStripes(int32_t n, const AnchorGeometry& geo, double density, uint
         }
       }
       counts.push_back(chosen);
-      stripe_entries += double{chosen} * rows;
+      stripe_entries += static_cast<double>(chosen) * static_cast<double>(rows);
     }
   }
   if (index.empty()) index.push_back(0);
@@ -306,9 +312,24 @@ AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const Anch
   return params;
 }
 
+using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
+
+// Software-pipeline shapes to compare; "default" is the production LaunchAttention.
+template <int kStages, bool kLoadsFirst>
+cudaError_t LaunchPipeline(const AttentionParams& params, cudaStream_t stream) {
+  return attention_detail::LaunchAttentionTyped<Elem, kD,
+                                                attention_detail::Pipeline<kStages, kLoadsFirst>>(
+      params, stream);
+}
+
+struct Variant {
+  const char* name;
+  Launcher launch;
+};
+
 // Median milliseconds of `reps` launches after `warmup` launches.
-double TimeMs(const AttentionParams& params, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) BENCH_CHECK(LaunchAttention(params, nullptr));
+double TimeMs(Launcher launch, const AttentionParams& params, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) BENCH_CHECK(launch(params, nullptr));
   BENCH_CHECK(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
   BENCH_CHECK(cudaEventCreate(&start));
@@ -316,7 +337,7 @@ double TimeMs(const AttentionParams& params, int warmup, int reps) {
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
     BENCH_CHECK(cudaEventRecord(start));
-    BENCH_CHECK(LaunchAttention(params, nullptr));
+    BENCH_CHECK(launch(params, nullptr));
     BENCH_CHECK(cudaEventRecord(stop));
     BENCH_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
@@ -362,8 +383,9 @@ Accuracy CheckAccuracy(const Problem& p, const StripeSet* stripes, const AnchorG
   BENCH_CHECK(cudaMalloc(&lse_ref, count * 4));
   BENCH_CHECK(cudaMemcpy(d_rows, rows.data(), count * 4, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(d_heads, heads.data(), count * 4, cudaMemcpyHostToDevice));
-  RefSpec spec{p.q, p.k, p.v, p.n, 1.0f / std::sqrt(static_cast<float>(kD)), stripes != nullptr,
-               geo, nullptr, nullptr, nullptr};
+  RefSpec spec{
+      p.q, p.k,     p.v,     p.n,    1.0f / std::sqrt(static_cast<float>(kD)), stripes != nullptr,
+      geo, nullptr, nullptr, nullptr};
   if (stripes != nullptr) {
     spec.list_offset = stripes->list_offset;
     spec.count = stripes->count;
@@ -381,8 +403,8 @@ Accuracy CheckAccuracy(const Problem& p, const StripeSet* stripes, const AnchorG
     BENCH_CHECK(cudaMemcpy(got.data(), p.out + (int64_t{rows[i]} * kHq + heads[i]) * kD, kD * 2,
                            cudaMemcpyDeviceToHost));
     float lse = 0;
-    BENCH_CHECK(cudaMemcpy(&lse, p.lse + int64_t{heads[i]} * p.n + rows[i], 4,
-                           cudaMemcpyDeviceToHost));
+    BENCH_CHECK(
+        cudaMemcpy(&lse, p.lse + int64_t{heads[i]} * p.n + rows[i], 4, cudaMemcpyDeviceToHost));
     for (int c = 0; c < kD; ++c) {
       uint32_t wide = uint32_t{got[c]} << 16;
       float value;
@@ -423,47 +445,67 @@ int Main(int argc, char** argv) {
   std::vector<double> sparse_n = {32768, 131072};
   std::vector<double> densities = {0.05, 0.1, 0.3};
   int check_rows = 128;
+  std::vector<Variant> variants = {{"default", &LaunchAttention}};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* prefix) -> const char* {
       return arg.rfind(prefix, 0) == 0 ? argv[i] + std::strlen(prefix) : nullptr;
     };
-    if (const char* v = value("--dense=")) dense_n = ParseList(v);
-    else if (const char* v = value("--sparse=")) sparse_n = ParseList(v);
-    else if (const char* v = value("--densities=")) densities = ParseList(v);
-    else if (const char* v = value("--check_rows=")) check_rows = std::atoi(v);
-    else {
+    if (const char* v = value("--dense=")) {
+      dense_n = ParseList(v);
+    } else if (const char* v = value("--sparse=")) {
+      sparse_n = ParseList(v);
+    } else if (const char* v = value("--densities=")) {
+      densities = ParseList(v);
+    } else if (const char* v = value("--check_rows=")) {
+      check_rows = std::atoi(v);
+    } else if (arg == "--all_pipelines") {
+      variants.push_back({"2st-first", &LaunchPipeline<2, true>});
+      variants.push_back({"2st-after", &LaunchPipeline<2, false>});
+      variants.push_back({"3st-first", &LaunchPipeline<3, true>});
+      variants.push_back({"3st-after", &LaunchPipeline<3, false>});
+    } else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
     }
   }
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s, %d SMs, shape Hq=%d Hkv=%d d=%d bf16 batch 1 token-major\n",
-              prop.name, prop.multiProcessorCount, kHq, kHkv, kD);
+  std::printf("device: %s, %d SMs, shape Hq=%d Hkv=%d d=%d bf16 batch 1 token-major\n", prop.name,
+              prop.multiProcessorCount, kHq, kHkv, kD);
   const AnchorGeometry geo{2048, 128, 16, 1, 1};
   std::vector<std::string> summary;
-  char line[512];
+  char line[640];
+  auto accuracy_text = [](const Accuracy& acc) {
+    char text[256];
+    std::snprintf(text, sizeof(text),
+                  "acc: %lld elems, >0.01: %lld (%.4f%%), max|err| %.2e, max LSE err %.2e, "
+                  "non-finite %lld",
+                  static_cast<long long>(acc.elements), static_cast<long long>(acc.over_001),
+                  100.0 * acc.over_001 / acc.elements, acc.max_err, acc.max_lse_err,
+                  static_cast<long long>(acc.non_finite));
+    return std::string(text);
+  };
 
   std::printf("\n== dense causal ==\n");
-  std::vector<std::pair<int32_t, double>> dense_ms;
+  std::vector<std::pair<int32_t, double>> dense_ms;  // default variant
   for (double nd : dense_n) {
     const int32_t n = static_cast<int32_t>(nd);
     Problem p = MakeProblem(n, 1234 + n);
     const AttentionParams params = ParamsFor(p, nullptr, geo);
-    const double ms = TimeMs(params, 2, Reps(n));
-    const double flops = 4.0 * double{n} * n * kD * kHq / 2.0;
-    const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
-    dense_ms.push_back({n, ms});
-    std::snprintf(line, sizeof(line),
-                  "dense  N=%6d            ms=%9.3f  TFLOP/s=%6.1f  | acc: %lld elems, "
-                  ">0.01: %lld (%.4f%%), max|err| %.2e, max LSE err %.2e, non-finite %lld",
-                  n, ms, flops / ms * 1e-9, static_cast<long long>(acc.elements),
-                  static_cast<long long>(acc.over_001), 100.0 * acc.over_001 / acc.elements,
-                  acc.max_err, acc.max_lse_err, static_cast<long long>(acc.non_finite));
-    std::printf("%s\n", line);
-    std::fflush(stdout);
-    summary.push_back(line);
+    const double flops = 4.0 * static_cast<double>(n) * n * kD * kHq / 2.0;
+    for (const Variant& variant : variants) {
+      Poison(p);
+      const double ms = TimeMs(variant.launch, params, 2, Reps(n));
+      const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
+      if (variant.launch == &LaunchAttention) dense_ms.push_back({n, ms});
+      std::snprintf(line, sizeof(line),
+                    "dense  %-9s N=%6d            ms=%9.3f  TFLOP/s=%6.1f  | %s", variant.name, n,
+                    ms, flops / ms * 1e-9, accuracy_text(acc).c_str());
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      summary.push_back(line);
+    }
     FreeProblem(&p);
   }
 
@@ -478,26 +520,27 @@ int Main(int argc, char** argv) {
     for (double density : densities) {
       StripeSet stripes = MakeStripes(n, geo, density, 99 + n);
       const AttentionParams params = ParamsFor(p, &stripes, geo);
-      const double ms = TimeMs(params, 2, Reps(n));
       const double kept = stripes.kept_entries_per_head;
       const double flops = 4.0 * kD * kept * kHq;
-      const double causal = double{n} * (n + 1) / 2.0;
-      const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
-      std::snprintf(line, sizeof(line),
-                    "sparse N=%6d cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
-                    "stripe_density=%.4f  speedup_vs_dense=%s | acc: %lld elems, >0.01: %lld "
-                    "(%.4f%%), max|err| %.2e, max LSE err %.2e, non-finite %lld",
-                    n, density, ms, flops / ms * 1e-9, kept / causal,
-                    stripes.stripe_entries_per_head / causal,
-                    dense_reference_ms > 0
-                        ? (std::to_string(dense_reference_ms / ms).substr(0, 5) + "x").c_str()
-                        : "n/a",
-                    static_cast<long long>(acc.elements), static_cast<long long>(acc.over_001),
-                    100.0 * acc.over_001 / acc.elements, acc.max_err, acc.max_lse_err,
-                    static_cast<long long>(acc.non_finite));
-      std::printf("%s\n", line);
-      std::fflush(stdout);
-      summary.push_back(line);
+      const double causal = static_cast<double>(n) * (n + 1) / 2.0;
+      for (const Variant& variant : variants) {
+        Poison(p);
+        const double ms = TimeMs(variant.launch, params, 2, Reps(n));
+        const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
+        char speedup[32] = "n/a";
+        if (dense_reference_ms > 0) {
+          std::snprintf(speedup, sizeof(speedup), "%.2fx", dense_reference_ms / ms);
+        }
+        std::snprintf(line, sizeof(line),
+                      "sparse %-9s N=%6d cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
+                      "stripe_density=%.4f  vs_dense=%s | %s",
+                      variant.name, n, density, ms, flops / ms * 1e-9, kept / causal,
+                      stripes.stripe_entries_per_head / causal, speedup,
+                      accuracy_text(acc).c_str());
+        std::printf("%s\n", line);
+        std::fflush(stdout);
+        summary.push_back(line);
+      }
       cudaFree(stripes.list_offset);
       cudaFree(stripes.count);
       cudaFree(stripes.index);

@@ -34,6 +34,9 @@ class AnchorRunner {
   // tensor buffers below are valid (uninitialised) until the next Prepare.
   absl::Status Prepare(const BatchPlanRequest& request, DType dtype, bool keep_row_anchor = false);
 
+  // Changes theta for the next stripe stage (the plan does not depend on it).
+  void set_theta(float theta) { theta_ = theta; }
+
   const BatchPlan& plan() const { return plan_; }
   const WorkspaceLayout& layout() const { return layout_; }
   int64_t arena_bytes() const { return arena_bytes_; }

@@ -15,8 +15,8 @@
 // softmax runs over the union of all key tiles, so every key is counted exactly once.
 //
 // Pipeline per warpgroup (FA3's intra-warpgroup overlap): while the softmax of tile t runs,
-// the tensor cores finish O += P_{t-1} V_{t-1}. K_{t+1} and V_t are loaded (by all 256 threads)
-// during iteration t into the stage buffers that iteration t-1 freed.
+// the tensor cores finish O += P_{t-1} V_{t-1}. K and V go through rings of 2 or 3 stages
+// (Pipeline); all 256 threads issue the copies, a CTA barrier per key tile publishes them.
 //
 // Numerics: fp32 q.k accumulators, softmax scale applied in fp32 (folded with log2(e) into one
 // FFMA before exp2), P rounded to the input dtype for the PV product, fp32 O accumulators,
@@ -63,8 +63,9 @@ struct TileGeometry {
   static constexpr int kChunksPerRow = kHeadDim / 8;             // 16-byte pieces per row
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // rows one load pass covers
   static constexpr int kPasses = 128 / kRowsPerPass;
-  // Q, K[2], V[2], plus slack to align the base to the 1024-byte swizzle atom.
-  static constexpr int kSmemBytes = 5 * kTileBytes + 1024;
+  // Q, K[stages], V[stages], plus slack to align the base to the 1024-byte swizzle atom
+  // (d = 128, 3 stages: 225 KiB of the 227 KiB a block may have).
+  static constexpr int SmemBytes(int stages) { return (1 + 2 * stages) * kTileBytes + 1024; }
   static constexpr int kOutRegs = kHeadDim / 2;  // fp32 O accumulators per thread (m64 x d)
 };
 
@@ -188,8 +189,8 @@ __device__ __forceinline__ KeyPlan MakeKeyPlan(const AttentionParams& params, co
   }
   plan.range_tiles[0] = TilesFor(plan.range_begin[0], plan.range_end[0]);
   plan.range_tiles[1] = TilesFor(plan.range_begin[1], plan.range_end[1]);
-  plan.num_tiles = plan.range_tiles[0] + plan.range_tiles[1] +
-                   (plan.stripe_count + kTileKeys - 1) / kTileKeys;
+  plan.num_tiles =
+      plan.range_tiles[0] + plan.range_tiles[1] + (plan.stripe_count + kTileKeys - 1) / kTileKeys;
   return plan;
 }
 
@@ -201,8 +202,8 @@ __device__ __forceinline__ KeyPlan MakeKeyPlan(const AttentionParams& params, co
 template <int kHeadDim>
 struct TileLoader {
   using Geo = TileGeometry<kHeadDim>;
-  int32_t row0;         // first row this thread copies
-  int32_t chunk;        // 16-byte chunk within the row (element offset chunk * 8)
+  int32_t row0;          // first row this thread copies
+  int32_t chunk;         // 16-byte chunk within the row (element offset chunk * 8)
   uint32_t smem_offset;  // swizzled byte offset of (row0, chunk) inside a tile
 
   __device__ __forceinline__ explicit TileLoader(int tid) {
@@ -210,8 +211,8 @@ struct TileLoader {
     chunk = tid % Geo::kChunksPerRow;
     const int panel = chunk / 8;
     const int chunk_in_panel = chunk % 8;
-    smem_offset = panel * Geo::kPanelBytes + row0 * kPanelRowBytes +
-                  ((chunk_in_panel ^ (row0 % 8)) << 4);
+    smem_offset =
+        panel * Geo::kPanelBytes + row0 * kPanelRowBytes + ((chunk_in_panel ^ (row0 % 8)) << 4);
   }
 
   // Rows first + r, r < n_valid, of a [rows, head_dim] matrix with `token_stride` elements
@@ -337,7 +338,17 @@ __device__ __forceinline__ void RescaleO(float (&o)[kOutRegs], const float (&alp
 // The kernel. Grid [num_tiles, Hq] (linearised tile-major so that the query heads of one KV
 // head run side by side and share K/V in L2, and longer tiles listed first start first).
 
-template <typename Elem, int kHeadDim, bool kSparse>
+// Software-pipeline shape of the mainloop: K/V ring depth (copies run kStages - 1 key tiles
+// ahead) and whether an iteration issues its copies before or after its wgmmas.
+template <int kStagesValue, bool kLoadsFirstValue>
+struct Pipeline {
+  static_assert(kStagesValue == 2 || kStagesValue == 3, "2 or 3 stages");
+  static constexpr int kStages = kStagesValue;
+  static constexpr bool kLoadsFirst = kLoadsFirstValue;
+};
+using DefaultPipeline = Pipeline<3, false>;
+
+template <typename Elem, int kHeadDim, bool kSparse, typename Pipe>
 __global__ void __launch_bounds__(kThreads, 1)
     AttentionKernel(const __grid_constant__ AttentionParams params) {
 #if ANCHOR_ATTENTION_HAS_WGMMA
@@ -346,8 +357,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem_base = (SharedAddress(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_smem = smem_base;
-  auto k_smem = [&](int stage) { return smem_base + (1 + stage) * Geo::kTileBytes; };
-  auto v_smem = [&](int stage) { return smem_base + (3 + stage) * Geo::kTileBytes; };
+  // Key tile t lives in stage t % kStages of the K ring and of the V ring.
+  constexpr int kStages = Pipe::kStages;
+  constexpr int kAhead = kStages - 1;  // key tiles the copies run ahead of the compute
+  auto k_smem = [&](int t) { return smem_base + (1 + t % kStages) * Geo::kTileBytes; };
+  auto v_smem = [&](int t) { return smem_base + (1 + kStages + t % kStages) * Geo::kTileBytes; };
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -416,24 +430,49 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  // Prologue: Q and K_0.
+  // Copies run kAhead key tiles ahead: iteration t (S_t = Q K_t^T, O += P_{t-1} V_{t-1})
+  // issues K_{t+kAhead} and V_{t+kAhead-1}, one cp.async group per iteration, before or after
+  // its wgmmas (Pipe::kLoadsFirst). At the top of iteration t all but the newest kAhead - 1
+  // groups have landed, which covers K_t and V_{t-1}. A stage is rewritten only after the wgmma
+  // that read it was waited for by every thread (the barrier at the top of the iteration):
+  // K_{t+kAhead} reuses K_{t-1}'s stage, V_{t+kAhead-1} reuses V_{t-2}'s.
+  auto load_k = [&](int t) {
+    if (t < num_key_tiles) {
+      loader.Keys(k_smem(t), k_base, seq.kv_token_stride, plan.Tile(t, q_start));
+    }
+  };
+  auto load_v = [&](int t) {
+    if (t < num_key_tiles) {
+      loader.Keys(v_smem(t), v_base, seq.kv_token_stride, plan.Tile(t, q_start));
+    }
+  };
+  auto load_ahead = [&](int t) {
+    load_k(t + kAhead);
+    load_v(t + kAhead - 1);
+    CpAsyncCommit();
+  };
+
+  // Prologue groups: {Q, K_0}, then {K_j, V_{j-1}} for 0 < j < kAhead.
   loader.Contiguous(q_smem, q_base, seq.q_token_stride, q_start, qt.q_len);
-  if (num_key_tiles > 0) loader.Keys(k_smem(0), k_base, seq.kv_token_stride, plan.Tile(0, q_start));
+  load_k(0);
   CpAsyncCommit();
+#pragma unroll
+  for (int j = 1; j < kAhead; ++j) {
+    load_k(j);
+    load_v(j - 1);
+    CpAsyncCommit();
+  }
 
   if (num_key_tiles > 0) {
-    // Tile 0: S_0 = Q K_0^T and its softmax; meanwhile K_1 and V_0 arrive.
-    CpAsyncWaitAll();
+    // Tile 0: S_0 = Q K_0^T and its softmax.
+    CpAsyncWaitPrior<kAhead - 1>();
     FenceProxyAsync();
     __syncthreads();
-    if (num_key_tiles > 1) {
-      loader.Keys(k_smem(1), k_base, seq.kv_token_stride, plan.Tile(1, q_start));
-    }
-    loader.Keys(v_smem(0), v_base, seq.kv_token_stride, plan.Tile(0, q_start));
-    CpAsyncCommit();
+    if constexpr (Pipe::kLoadsFirst) load_ahead(0);
     WgmmaFence();
     issue_qk(k_smem(0));
     WgmmaCommit();
+    if constexpr (!Pipe::kLoadsFirst) load_ahead(0);
     WgmmaWait<0>();
     PinRegisters(s);
     softmax(plan.Tile(0, q_start));
@@ -442,23 +481,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together; the softmax of
     // tile t overlaps the PV product.
     for (int t = 1; t < num_key_tiles; ++t) {
-      CpAsyncWaitAll();
+      CpAsyncWaitPrior<kAhead - 1>();
       FenceProxyAsync();
       __syncthreads();
-      const KeyTile tile = plan.Tile(t, q_start);
-      if (t + 1 < num_key_tiles) {
-        loader.Keys(k_smem((t + 1) & 1), k_base, seq.kv_token_stride, plan.Tile(t + 1, q_start));
-      }
-      loader.Keys(v_smem(t & 1), v_base, seq.kv_token_stride, tile);
-      CpAsyncCommit();
+      if constexpr (Pipe::kLoadsFirst) load_ahead(t);
       WgmmaFence();
-      issue_qk(k_smem(t & 1));
+      issue_qk(k_smem(t));
       WgmmaCommit();
-      issue_pv(v_smem((t - 1) & 1));
+      issue_pv(v_smem(t - 1));
       WgmmaCommit();
+      if constexpr (!Pipe::kLoadsFirst) load_ahead(t);
       WgmmaWait<1>();
       PinRegisters(s);
-      softmax(tile);
+      softmax(plan.Tile(t, q_start));
       WgmmaWait<0>();
       PinRegisters(o);
       PinRegisters(p);
@@ -471,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     FenceProxyAsync();
     __syncthreads();
     WgmmaFence();
-    issue_pv(v_smem((num_key_tiles - 1) & 1));
+    issue_pv(v_smem(num_key_tiles - 1));
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(o);
@@ -488,8 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     inv_sum[h] = total > 0.0f ? 1.0f / total : 0.0f;
     const int row = row0 + 8 * h;
     if (params.maybe_lse != nullptr && lane % 4 == 0 && row < q_start + qt.q_len) {
-      const float lse =
-          total > 0.0f ? row_max[h] * params.softmax_scale + logf(total) : -INFINITY;
+      const float lse = total > 0.0f ? row_max[h] * params.softmax_scale + logf(total) : -INFINITY;
       params.maybe_lse[seq.lse_offset + static_cast<int64_t>(head) * seq.seq_len + row] = lse;
     }
   }
@@ -530,19 +564,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Host side: launch one instantiation. Defined here, instantiated once per (dtype, head_dim) in
-// attention_<dtype>_d<head_dim>.cu.
-template <typename Elem, int kHeadDim>
+// attention_<dtype>_d<head_dim>.cu; the tests and the microbenchmark also instantiate other
+// Pipeline shapes to compare them.
+template <typename Elem, int kHeadDim, typename Pipe = DefaultPipeline>
 cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
-  using Geo = TileGeometry<kHeadDim>;
+  constexpr int kSmemBytes = TileGeometry<kHeadDim>::SmemBytes(Pipe::kStages);
   if (params.num_tiles == 0) return cudaSuccess;
-  auto* kernel = params.sparse ? AttentionKernel<Elem, kHeadDim, true>
-                               : AttentionKernel<Elem, kHeadDim, false>;
-  cudaError_t error = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo::kSmemBytes);
+  auto* kernel = params.sparse ? AttentionKernel<Elem, kHeadDim, true, Pipe>
+                               : AttentionKernel<Elem, kHeadDim, false, Pipe>;
+  cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(static_cast<unsigned>(params.num_tiles),
                   static_cast<unsigned>(params.num_q_heads));
-  kernel<<<grid, kThreads, Geo::kSmemBytes, stream>>>(params);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }
 

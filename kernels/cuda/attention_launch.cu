@@ -1,10 +1,9 @@
 // LaunchAttention: argument checks and the flat (dtype, head_dim) dispatch.
-#include "kernels/cuda/attention_launch.h"
-
 #include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/attention_instances.h"
+#include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
 namespace {

@@ -25,6 +25,11 @@ __device__ __forceinline__ void CpAsyncCommit() {
 __device__ __forceinline__ void CpAsyncWaitAll() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
+// Waits until at most kPending of this thread's newest cp.async groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWaitPrior() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 // Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to the
 // tensor cores' async proxy only after this fence (then a barrier).
 __device__ __forceinline__ void FenceProxyAsync() {

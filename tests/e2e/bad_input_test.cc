@@ -342,24 +342,29 @@ TEST_F(BadInputE2eTest, MalformedStreamsAreRejected) {
   };
   std::vector<StreamCase> cases;
   {
-    StreamCase c{"chunk before header", {}, absl::StatusCode::kInvalidArgument, {"header"}};
+    StreamCase c{
+        "chunk before header", {}, absl::StatusCode::kInvalidArgument, {"must be a header"}};
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_Q, q, 0, 1024));
     cases.push_back(c);
   }
   {
-    StreamCase c{"empty stream", {}, absl::StatusCode::kInvalidArgument, {"header"}};
+    StreamCase c{"empty stream", {}, absl::StatusCode::kInvalidArgument, {"before a header"}};
     cases.push_back(c);
   }
   {
-    StreamCase c{
-        "chunk out of order", {HeaderOf(good_)}, absl::StatusCode::kInvalidArgument, {"offset"}};
+    StreamCase c{"chunk out of order",
+                 {HeaderOf(good_)},
+                 absl::StatusCode::kInvalidArgument,
+                 {"chunk.offset of q"}};
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_Q, q, 0, 1024));
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_Q, q, 2048, 1024));
     cases.push_back(c);
   }
   {
-    StreamCase c{
-        "chunk repeated", {HeaderOf(good_)}, absl::StatusCode::kInvalidArgument, {"offset"}};
+    StreamCase c{"chunk repeated",
+                 {HeaderOf(good_)},
+                 absl::StatusCode::kInvalidArgument,
+                 {"chunk.offset of k"}};
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_K, k, 0, 1024));
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_K, k, 0, 1024));
     cases.push_back(c);
@@ -368,15 +373,17 @@ TEST_F(BadInputE2eTest, MalformedStreamsAreRejected) {
     StreamCase c{"stream half-closed before all bytes",
                  {HeaderOf(good_)},
                  absl::StatusCode::kInvalidArgument,
-                 {"v"}};
+                 {"v is missing"}};
     AppendChunks(v1::TENSOR_NAME_Q, q, 4096, &c.messages);
     AppendChunks(v1::TENSOR_NAME_K, k, 4096, &c.messages);
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_V, v, 0, 1000));  // v incomplete
     cases.push_back(c);
   }
   {
-    StreamCase c{
-        "bytes beyond the tensor", {HeaderOf(good_)}, absl::StatusCode::kInvalidArgument, {"k"}};
+    StreamCase c{"bytes beyond the tensor",
+                 {HeaderOf(good_)},
+                 absl::StatusCode::kInvalidArgument,
+                 {"k at chunk.offset", "beyond"}};
     AppendChunks(v1::TENSOR_NAME_K, k, 4096, &c.messages);
     v1::AttendStreamRequest extra = ChunkOf(v1::TENSOR_NAME_K, k, 0, 16);
     extra.mutable_chunk()->set_offset(static_cast<int64_t>(k.size()));
@@ -387,14 +394,14 @@ TEST_F(BadInputE2eTest, MalformedStreamsAreRejected) {
     StreamCase c{"second header",
                  {HeaderOf(good_), HeaderOf(good_)},
                  absl::StatusCode::kInvalidArgument,
-                 {"header"}};
+                 {"second header"}};
     cases.push_back(c);
   }
   {
     StreamCase c{"chunk of the output tensor",
                  {HeaderOf(good_)},
                  absl::StatusCode::kInvalidArgument,
-                 {"tensor"}};
+                 {"chunk.tensor"}};
     c.messages.push_back(ChunkOf(v1::TENSOR_NAME_OUTPUT, q, 0, 64));
     cases.push_back(c);
   }

@@ -17,8 +17,8 @@ using ::testing::HasSubstr;
 class CliE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    absl::StatusOr<std::unique_ptr<ServerProcess>> server =
-        ServerProcess::Start({"--cpu_threads=2", "--max_message_bytes=1048576"});
+    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
+        {"--cpu_threads=2", "--max_message_bytes=1048576", "--stream_chunk_bytes=262144"});
     if (!server.ok()) {
       start_error_ = new std::string(server.status().ToString());
       return;

@@ -106,7 +106,7 @@ TEST(NpyTest, RejectsMalformedFilesWithClearErrors) {
     std::string file;
     std::string fragment;
   };
-  auto replace = [&](absl::string_view from, absl::string_view to) {
+  auto replace = [&](const std::string& from, const std::string& to) {
     std::string file = good;
     file.replace(file.find(from), from.size(), to);
     return file;

@@ -107,7 +107,7 @@ absl::StatusOr<ProcessResult> RunProcess(const std::vector<std::string>& argv,
   if (!status.ok()) {
     ::kill(*pid, SIGKILL);
     (void)WaitPid(*pid, absl::Seconds(10));
-    return absl::DeadlineExceededError(absl::StrCat(argv[0], " did not finish within ", timeout,
+    return absl::DeadlineExceededError(absl::StrCat(argv[0], " did not finish within ", absl::FormatDuration(timeout),
                                                     "; output:\n", ReadWholeFile(log_path)));
   }
   ProcessResult result;
@@ -166,7 +166,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat("anchorserve wrote no port file within ",
-                                                      startup_timeout, "; its output:\n",
+                                                      absl::FormatDuration(startup_timeout), "; its output:\n",
                                                       server->Log()));
     }
     absl::SleepFor(absl::Milliseconds(20));

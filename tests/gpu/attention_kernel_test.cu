@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/attention_kernel.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -58,6 +59,23 @@ float FromBits(uint16_t bits, ElemType type) {
 }
 
 constexpr uint16_t kNanBits = 0xFFFF;  // NaN in both bf16 and fp16
+
+using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
+
+// The kernels with a non-default software-pipeline shape (the production launcher uses
+// attention_detail::DefaultPipeline); same argument handling as LaunchAttention's dispatch.
+template <int kStages, bool kLoadsFirst>
+cudaError_t LaunchPipeline(const AttentionParams& p, cudaStream_t stream) {
+  using attention_detail::LaunchAttentionTyped;
+  using Pipe = attention_detail::Pipeline<kStages, kLoadsFirst>;
+  const bool bf16 = p.elem_type == ElemType::kBf16;
+  if (p.head_dim == 64) {
+    return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 64, Pipe>(p, stream)
+                : LaunchAttentionTyped<__half, 64, Pipe>(p, stream);
+  }
+  return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 128, Pipe>(p, stream)
+              : LaunchAttentionTyped<__half, 128, Pipe>(p, stream);
+}
 
 // Device buffer that frees itself.
 class DeviceBuffer {
@@ -310,7 +328,7 @@ struct DeviceOutputs {
 };
 
 // Uploads, launches (outputs poisoned first), downloads.
-void RunOnDevice(const Batch& b, DeviceOutputs* result) {
+void RunOnDevice(const Batch& b, DeviceOutputs* result, Launcher launch = &LaunchAttention) {
   const Case& c = b.c;
   DeviceBuffer q, k, v, out, lse, seqs, tiles, offsets, counts, index;
   ASSERT_EQ(q.Upload(b.q_bits), cudaSuccess);
@@ -348,7 +366,7 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result) {
     params.stripes.count = counts.get<int32_t>();
     params.stripes.index = index.get<int32_t>();
   }
-  ASSERT_EQ(LaunchAttention(params, nullptr), cudaSuccess);
+  ASSERT_EQ(launch(params, nullptr), cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   result->out.assign(b.q_elems, 0);
   result->lse.assign(b.lse_elems, 0.0f);
@@ -356,12 +374,12 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result) {
   ASSERT_EQ(lse.Download(&result->lse), cudaSuccess);
 }
 
-void CheckCase(const Case& c) {
+void CheckCase(const Case& c, Launcher launch = &LaunchAttention) {
   if (!HasGpu()) GTEST_SKIP() << "no CUDA device";
   SCOPED_TRACE(Describe(c));
   const Batch b = MakeBatch(c);
   DeviceOutputs dev;
-  RunOnDevice(b, &dev);
+  RunOnDevice(b, &dev, launch);
   if (::testing::Test::HasFatalFailure()) return;
 
   // 1. Every output element written and finite; padding untouched.
@@ -430,8 +448,8 @@ void CheckCase(const Case& c) {
               if (tally.bad++ == 0) {
                 tally.first_bad = "seq " + std::to_string(work[w].seq) + " head " +
                                   std::to_string(h) + " row " + std::to_string(i) + " col " +
-                                  std::to_string(e) + ": got " + std::to_string(got) +
-                                  " want " + std::to_string(ref.out[e]);
+                                  std::to_string(e) + ": got " + std::to_string(got) + " want " +
+                                  std::to_string(ref.out[e]);
               }
             }
           }
@@ -543,12 +561,12 @@ TEST(AttentionKernelSparse, FewStripes) {
                    kSmallGroups, 0.05));
 }
 TEST(AttentionKernelSparse, ManyStripesFp16D64HeadMajorGqa8) {
-  CheckCase(Sparse(Dense(ElemType::kFp16, 64, 8, 1, true, {256, 999, 2500}, 23), kSmallGroups,
-                   0.3));
+  CheckCase(
+      Sparse(Dense(ElemType::kFp16, 64, 8, 1, true, {256, 999, 2500}, 23), kSmallGroups, 0.3));
 }
 TEST(AttentionKernelSparse, AllCandidatesIsDense) {
-  CheckCase(Sparse(Dense(ElemType::kBf16, 64, 4, 4, false, {1, 129, 1500, 2048}, 24),
-                   kSmallGroups, 1.0));
+  CheckCase(
+      Sparse(Dense(ElemType::kBf16, 64, 4, 4, false, {1, 129, 1500, 2048}, 24), kSmallGroups, 1.0));
 }
 TEST(AttentionKernelSparse, WideRegionsFp16D128) {
   // n_init = 2, n_loc = 2: two initial groups and one previous group in the anchor region.
@@ -570,6 +588,39 @@ TEST(AttentionKernelSparse, DefaultGeometryLong) {
   c.sampled_rows = 40;
   CheckCase(c);
 }
+
+// --- other pipeline shapes (benchmarked against the default) -------------------------------
+
+struct PipelineShape {
+  const char* name;
+  Launcher launch;
+};
+
+class AttentionKernelPipelines : public ::testing::TestWithParam<PipelineShape> {};
+
+TEST_P(AttentionKernelPipelines, DenseEveryType) {
+  CheckCase(Dense(ElemType::kBf16, 128, 8, 2, false, kMixedLens, 31), GetParam().launch);
+  CheckCase(Dense(ElemType::kBf16, 64, 8, 1, true, kMixedLens, 32), GetParam().launch);
+  CheckCase(Dense(ElemType::kFp16, 128, 4, 4, true, kMixedLens, 33), GetParam().launch);
+  CheckCase(Dense(ElemType::kFp16, 64, 8, 2, false, kMixedLens, 34), GetParam().launch);
+}
+TEST_P(AttentionKernelPipelines, Sparse) {
+  CheckCase(Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {100, 257, 1000, 3001}, 35),
+                   kSmallGroups, 0.05),
+            GetParam().launch);
+  CheckCase(Sparse(Dense(ElemType::kFp16, 64, 8, 1, true, {256, 999, 2500}, 36), kSmallGroups, 0.3),
+            GetParam().launch);
+  CheckCase(Sparse(Dense(ElemType::kBf16, 128, 4, 1, true, {191, 1000, 1500}, 37),
+                   AnchorGeometry{192, 64, 3, 1, 1}, 0.15),
+            GetParam().launch);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionKernelPipelines,
+    ::testing::Values(PipelineShape{"TwoStagesLoadsFirst", &LaunchPipeline<2, true>},
+                      PipelineShape{"TwoStagesLoadsAfter", &LaunchPipeline<2, false>},
+                      PipelineShape{"ThreeStagesLoadsFirst", &LaunchPipeline<3, true>}),
+    [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
 
 // --- arguments -------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,8 @@ struct Case {
                         structured ? "_structured" : "_random", "_seed", seed);
   }
 };
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
 
 // Inputs plus an output buffer poisoned with NaN and a bound task.
 struct Problem {
@@ -209,7 +212,7 @@ INSTANTIATE_TEST_SUITE_P(SmallGroups, CpuVsReferenceTest, ::testing::ValuesIn(Sm
 std::vector<Case> DefaultGroupCases() {
   std::vector<Case> cases;
   for (int64_t n : {2000, 2048, 2100}) {
-    Case c{n, 4, 1, 128, DType::kBf16, Layout::kTokenMajor};
+    Case c{n, 2, 1, 128, DType::kBf16, Layout::kTokenMajor};
     c.block_size = 128;
     c.step = 16;
     c.theta = 12.0f;

@@ -14,10 +14,10 @@
 namespace anchorserve {
 namespace {
 
+using fakes::FakeBackend;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
-using fakes::FakeBackend;
 
 // A job with its own small buffers: seq_len tokens, 2 query heads, 1 KV head, head_dim 4, bf16.
 struct TestJob {
@@ -99,8 +99,7 @@ TEST(DecideBatchTest, DispatchesAtOnceWhenMaxTokensReached) {
   TestJob a(100), b(100), c(100);
   const BatchLimits limits{8, 250, absl::Hours(1)};
   // a + b = 200 and c does not fit: full.
-  EXPECT_THAT(DecideBatch(QueueOf({&a, &b, &c}, t0), t0, limits, false).members,
-              ElementsAre(0, 1));
+  EXPECT_THAT(DecideBatch(QueueOf({&a, &b, &c}, t0), t0, limits, false).members, ElementsAre(0, 1));
   // Exactly max_tokens is full too.
   const BatchLimits exact{8, 200, absl::Hours(1)};
   EXPECT_THAT(DecideBatch(QueueOf({&a, &b}, t0), t0, exact, false).members, ElementsAre(0, 1));
@@ -112,20 +111,19 @@ TEST(DecideBatchTest, OversizedRequestRunsAlone) {
   FakeClock clock;
   const absl::Time t0 = clock.Now();
   TestJob big(1000), small(10);
-  EXPECT_THAT(DecideBatch(QueueOf({&big, &small}, t0), t0, BatchLimits{8, 500, absl::Hours(1)},
-                          false)
-                  .members,
-              ElementsAre(0));
+  EXPECT_THAT(
+      DecideBatch(QueueOf({&big, &small}, t0), t0, BatchLimits{8, 500, absl::Hours(1)}, false)
+          .members,
+      ElementsAre(0));
 }
 
 TEST(DecideBatchTest, LaterSmallerRequestDoesNotOvertake) {
   FakeClock clock;
   const absl::Time t0 = clock.Now();
   TestJob a(100), b(300), c(50);
-  EXPECT_THAT(
-      DecideBatch(QueueOf({&a, &b, &c}, t0), t0, BatchLimits{8, 350, absl::Hours(1)}, false)
-          .members,
-      ElementsAre(0));
+  EXPECT_THAT(DecideBatch(QueueOf({&a, &b, &c}, t0), t0, BatchLimits{8, 350, absl::Hours(1)}, false)
+                  .members,
+              ElementsAre(0));
 }
 
 TEST(DecideBatchTest, IncompatibleRequestsAreNotMixed) {
@@ -174,8 +172,8 @@ TEST(DropReasonTest, DeadlineThenCancellation) {
 class BatcherTest : public ::testing::Test {
  protected:
   void MakeBatcher(BatchLimits limits, int max_queue_size) {
-    batcher_ = std::make_unique<DynamicBatcher>(limits, max_queue_size, &executor_, &clock_,
-                                                &metrics_);
+    batcher_ =
+        std::make_unique<DynamicBatcher>(limits, max_queue_size, &executor_, &clock_, &metrics_);
   }
 
   FakeClock clock_;

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "absl/types/span.h"
 #include "kernels/backend.h"
 
@@ -83,6 +84,19 @@ class FakeBackend final : public AttentionBackend {
     mu_.Await(absl::Condition(&enough));
   }
 
+  // Blocks until a task of the run held at the gate has been cancelled.
+  void WaitForCancelledTask() {
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        for (const AttentionTask* task : gated_tasks_) {
+          if (task->Cancelled()) return;
+        }
+      }
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+
   std::vector<RunRecord> runs() const {
     absl::MutexLock lock(&mu_);
     return runs_;
@@ -109,7 +123,9 @@ class FakeBackend final : public AttentionBackend {
         record.mode = task->config.mode;
       }
       runs_.push_back(std::move(record));
+      gated_tasks_.assign(batch.begin(), batch.end());
       mu_.Await(absl::Condition(&gate_open_));
+      gated_tasks_.clear();
       run_status = run_status_;
     }
     if (!run_status.ok()) return run_status;
@@ -151,6 +167,7 @@ class FakeBackend final : public AttentionBackend {
   absl::Status run_status_ ABSL_GUARDED_BY(mu_);
   bool gate_open_ ABSL_GUARDED_BY(mu_) = true;
   std::vector<RunRecord> runs_ ABSL_GUARDED_BY(mu_);
+  std::vector<const AttentionTask*> gated_tasks_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace anchorserve::fakes

@@ -55,8 +55,9 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   metrics.AddSentBytes(500);
   const std::string text = Render(metrics);
   EXPECT_THAT(text, HasSubstr("anchorserve_requests_total{code=\"OK\",rpc=\"Attend\"} 2"));
-  EXPECT_THAT(text, HasSubstr(
-                        "anchorserve_requests_total{code=\"INVALID_ARGUMENT\",rpc=\"AttendStream\"} 1"));
+  EXPECT_THAT(
+      text,
+      HasSubstr("anchorserve_requests_total{code=\"INVALID_ARGUMENT\",rpc=\"AttendStream\"} 1"));
   EXPECT_THAT(text,
               HasSubstr("anchorserve_request_duration_seconds_count{rpc=\"GetServerInfo\"} 1"));
   EXPECT_THAT(text, HasSubstr("anchorserve_batch_size_sum 3"));

@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/reflection.h"
 #include "gmock/gmock.h"
@@ -48,8 +49,7 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.backend.cuda_device = -1; }, "--cuda_device"},
       {[](ServerConfig& c) { c.max_batch_requests = 0; }, "--max_batch_requests"},
       {[](ServerConfig& c) { c.max_batch_tokens = 0; }, "--max_batch_tokens"},
-      {[](ServerConfig& c) { c.max_queue_delay = absl::Milliseconds(-1); },
-       "--max_queue_delay_ms"},
+      {[](ServerConfig& c) { c.max_queue_delay = absl::Milliseconds(-1); }, "--max_queue_delay_ms"},
       {[](ServerConfig& c) { c.max_queue_size = 0; }, "--max_queue_size"},
       {[](ServerConfig& c) { c.max_message_bytes = int64_t{1} << 31; }, "--max_message_bytes"},
       {[](ServerConfig& c) { c.max_message_bytes = 0; }, "--max_message_bytes"},
@@ -57,8 +57,7 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.max_seq_len = 0; }, "--max_seq_len"},
       {[](ServerConfig& c) { c.max_heads = -4; }, "--max_heads"},
       {[](ServerConfig& c) { c.stream_chunk_bytes = 0; }, "--stream_chunk_bytes"},
-      {[](ServerConfig& c) { c.stream_chunk_bytes = c.max_message_bytes; },
-       "--stream_chunk_bytes"},
+      {[](ServerConfig& c) { c.stream_chunk_bytes = c.max_message_bytes; }, "--stream_chunk_bytes"},
       {[](ServerConfig& c) { c.drain_timeout = absl::Seconds(-1); }, "--drain_timeout_s"},
       {[](ServerConfig& c) { c.defaults.theta = std::nanf(""); }, "--default_theta"},
       {[](ServerConfig& c) { c.defaults.block_size = 0; }, "--default_block_size"},

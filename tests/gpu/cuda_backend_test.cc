@@ -1,0 +1,653 @@
+// The CUDA backend end to end (stripe identification + attention kernels) against the fp64
+// reference of the spec (tests/test_util/reference.h) and, at long N, against the CPU backend
+// with fp64 margins for the disputed keys. Every test skips itself without a CUDA device.
+//
+// Stripe sets must equal the reference's except for keys whose fp64 margin
+// max_r(scale*qbar_r.k_j - abar_r) + theta lies within fp32 rounding of 0; outputs are then
+// checked against the reference evaluated with the GPU's own stripe sets.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention_types.h"
+#include "kernels/cpu/cpu_attention.h"
+#include "kernels/cpu/thread_pool.h"
+#include "kernels/cpu/tile_kernels.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/structured_inputs.h"
+#include "tests/test_util/compare.h"
+#include "tests/test_util/reference.h"
+
+namespace anchorserve {
+namespace {
+
+#define SKIP_WITHOUT_CUDA_DEVICE()                                           \
+  do {                                                                       \
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible"; \
+  } while (false)
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+enum class InputKind { kStructured, kRandom };
+
+struct CaseSpec {
+  std::string name;
+  std::vector<int64_t> seq_lens;  // one Run over all of them
+  int hq = 4;
+  int hkv = 1;
+  int d = 128;
+  DType dtype = DType::kBf16;
+  Layout layout = Layout::kTokenMajor;
+  InputKind kind = InputKind::kStructured;
+  AnchorConfig config;
+  uint64_t seed = 1;
+};
+
+// One task with its own inputs and poisoned outputs.
+struct TaskData {
+  HostQkv qkv;
+  std::vector<uint8_t> out;
+  std::vector<float> lse;
+  AttentionTask task;
+};
+
+std::unique_ptr<TaskData> MakeTask(const CaseSpec& spec, int64_t n, uint64_t seed) {
+  auto data = std::make_unique<TaskData>();
+  const AttentionShape shape{n, spec.hq, spec.hkv, spec.d};
+  absl::StatusOr<HostQkv> qkv;
+  if (spec.kind == InputKind::kStructured) {
+    StructuredInputOptions options;
+    options.seed = seed;
+    qkv = GenerateStructuredQkv(shape, spec.dtype, spec.layout, options);
+  } else {
+    qkv = GenerateRandomQkv(shape, spec.dtype, spec.layout, seed);
+  }
+  EXPECT_TRUE(qkv.ok()) << qkv.status();
+  data->qkv = *std::move(qkv);
+  BindInputs(data->qkv, &data->task);
+  data->task.config = spec.config;
+  const size_t elements = static_cast<size_t>(n) * spec.hq * spec.d;
+  data->out.resize(elements * ElementSize(spec.dtype));
+  FillWithNaN(data->out.data(), spec.dtype, elements);
+  data->lse.assign(static_cast<size_t>(n) * spec.hq, std::numeric_limits<float>::quiet_NaN());
+  data->task.out = data->out.data();
+  data->task.maybe_lse = data->lse.data();
+  return data;
+}
+
+// Rows of one head as doubles, [N, d].
+std::vector<double> HeadRows(const void* data, DType dtype, Layout layout, int64_t n,
+                             int num_heads, int d, int head) {
+  const TensorStrides strides = StridesFor(layout, n, num_heads, d);
+  std::vector<double> rows(static_cast<size_t>(n) * d);
+  std::vector<float> row(d);
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  for (int64_t t = 0; t < n; ++t) {
+    ConvertToFloat(bytes + (t * strides.token + int64_t{head} * strides.head) *
+                               static_cast<int64_t>(ElementSize(dtype)),
+                   dtype, d, row.data());
+    for (int e = 0; e < d; ++e) rows[t * d + e] = row[e];
+  }
+  return rows;
+}
+
+double MaxRowNorm(const std::vector<double>& rows, int d) {
+  double best = 0;
+  for (size_t t = 0; t * d < rows.size(); ++t) {
+    double sum = 0;
+    for (int e = 0; e < d; ++e) sum += rows[t * d + e] * rows[t * d + e];
+    best = std::max(best, std::sqrt(sum));
+  }
+  return best;
+}
+
+struct Geometry {
+  int64_t row_begin, row_end, init_end, local_begin, cand_begin, cand_end;
+};
+
+Geometry GroupGeometry(const AnchorConfig& config, int64_t n, int64_t g) {
+  const int64_t group = config.GroupSize();
+  const int64_t init_keys = int64_t{config.init_groups} * group;
+  const int64_t local_start = (g - config.local_groups + 1) * group;
+  Geometry geo;
+  geo.row_begin = g * group;
+  geo.row_end = std::min(n, geo.row_begin + group);
+  geo.init_end = std::min(init_keys, n);
+  geo.local_begin = std::max(init_keys, local_start);
+  geo.cand_begin = init_keys;
+  geo.cand_end = std::max(init_keys, std::min(local_start, n));
+  return geo;
+}
+
+int64_t NumGroups(const AnchorConfig& config, int64_t n) {
+  return (n + config.GroupSize() - 1) / config.GroupSize();
+}
+
+// Per-head tolerance of a stripe margin: fp32 rounding of length-d dot products of operands up
+// to these norms (qbar, the anchors and the scores) plus theta itself.
+double MarginTolerance(const AttentionTask& task, int h) {
+  const AttentionShape& s = task.shape;
+  const std::vector<double> q =
+      HeadRows(task.q, task.dtype, task.layout, s.seq_len, s.num_q_heads, s.head_dim, h);
+  const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, s.seq_len,
+                                         s.num_kv_heads, s.head_dim, h / s.GqaRatio());
+  const double scale = task.config.ScaleFor(s.head_dim);
+  const double magnitude = 2 * scale * MaxRowNorm(q, s.head_dim) * MaxRowNorm(k, s.head_dim) +
+                           (std::isfinite(task.config.theta) ? std::fabs(task.config.theta) : 0);
+  return 2e-5 * magnitude + 1e-6;
+}
+
+// fp64 margins of chosen keys, computed on demand per (head, group) (for long N where the full
+// reference is too slow).
+class LazyMargins {
+ public:
+  explicit LazyMargins(const AttentionTask& task) : task_(task) {}
+
+  double Margin(int h, int64_t g, int64_t key) {
+    auto [it, inserted] = groups_.try_emplace({h, g});
+    if (inserted) Prepare(h, g, &it->second);
+    const Pooled& pooled = it->second;
+    const AttentionShape& s = task_.shape;
+    const std::vector<double>& k = KvHead(h / s.GqaRatio());
+    const double scale = task_.config.ScaleFor(s.head_dim);
+    double best = -kInf;
+    for (size_t r = 0; r < pooled.anchor.size(); ++r) {
+      double dot = 0;
+      for (int e = 0; e < s.head_dim; ++e) dot += pooled.q[r][e] * k[key * s.head_dim + e];
+      best = std::max(best, scale * dot - pooled.anchor[r]);
+    }
+    return best + task_.config.theta;
+  }
+
+ private:
+  struct Pooled {
+    std::vector<std::vector<double>> q;
+    std::vector<double> anchor;
+  };
+
+  const std::vector<double>& KvHead(int kv) {
+    auto [it, inserted] = kv_.try_emplace(kv);
+    if (inserted) {
+      const AttentionShape& s = task_.shape;
+      it->second = HeadRows(task_.k, task_.dtype, task_.layout, s.seq_len, s.num_kv_heads,
+                            s.head_dim, kv);
+    }
+    return it->second;
+  }
+
+  void Prepare(int h, int64_t g, Pooled* pooled) {
+    const AttentionShape& s = task_.shape;
+    const int d = s.head_dim;
+    const std::vector<double> q =
+        HeadRows(task_.q, task_.dtype, task_.layout, s.seq_len, s.num_q_heads, d, h);
+    const std::vector<double>& k = KvHead(h / s.GqaRatio());
+    const double scale = task_.config.ScaleFor(d);
+    const Geometry geo = GroupGeometry(task_.config, s.seq_len, g);
+    const int block = task_.config.block_size;
+    for (int64_t b0 = geo.row_begin;
+         b0 < geo.row_end && pooled->anchor.size() < static_cast<size_t>(task_.config.step);
+         b0 += block) {
+      const int64_t b1 = std::min(geo.row_end, b0 + block);
+      std::vector<double> mean(d, 0.0);
+      double anchor_sum = 0;
+      for (int64_t i = b0; i < b1; ++i) {
+        for (int e = 0; e < d; ++e) mean[e] += q[i * d + e];
+        double x = -kInf;
+        auto visit = [&](int64_t j) {
+          double dot = 0;
+          for (int e = 0; e < d; ++e) dot += q[i * d + e] * k[j * d + e];
+          x = std::max(x, scale * dot);
+        };
+        for (int64_t j = 0; j < std::min(geo.init_end, i + 1); ++j) visit(j);
+        for (int64_t j = geo.local_begin; j <= i; ++j) visit(j);
+        anchor_sum += x;
+      }
+      for (double& value : mean) value /= static_cast<double>(b1 - b0);
+      pooled->q.push_back(std::move(mean));
+      pooled->anchor.push_back(anchor_sum / static_cast<double>(b1 - b0));
+    }
+  }
+
+  const AttentionTask& task_;
+  std::map<std::pair<int, int64_t>, Pooled> groups_;
+  std::map<int, std::vector<double>> kv_;
+};
+
+// The GPU's stripe sets of task `t` of the last Run, [Hq * num_groups] (index h * ng + g), after
+// checking that each list is sorted, unique, inside C_g and within its capacity.
+std::vector<std::vector<int64_t>> GpuStripes(const CudaBackend::StripeSnapshot& snapshot,
+                                             int t, const AttentionTask& task) {
+  const cuda::BatchPlan& plan = snapshot.plan;
+  const int hq = task.shape.num_q_heads;
+  const int64_t ng = NumGroups(task.config, task.shape.seq_len);
+  std::vector<std::vector<int64_t>> stripes(hq * ng);
+  const int64_t group_begin = plan.seqs[t].group_begin;
+  for (int64_t g = 0; g < ng; ++g) {
+    const cuda::IdGroup& group = plan.groups[group_begin + g];
+    const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+    EXPECT_EQ(group.cand_end > group.cand_begin ? group.cand_end - group.cand_begin : 0,
+              geo.cand_end - geo.cand_begin)
+        << "group " << g;
+    for (int h = 0; h < hq; ++h) {
+      const int64_t list = (group_begin + g) * hq + h;
+      const int32_t count = snapshot.counts[list];
+      const int64_t offset = plan.list_offset[list];
+      EXPECT_GE(count, 0);
+      EXPECT_LE(count, geo.cand_end - geo.cand_begin) << "head " << h << " group " << g;
+      std::vector<int64_t>& keys = stripes[h * ng + g];
+      for (int32_t c = 0; c < count; ++c) keys.push_back(snapshot.index[offset + c]);
+      for (size_t c = 0; c < keys.size(); ++c) {
+        EXPECT_TRUE(keys[c] >= geo.cand_begin && keys[c] < geo.cand_end)
+            << "head " << h << " group " << g << " key " << keys[c];
+        if (c > 0) EXPECT_LT(keys[c - 1], keys[c]) << "head " << h << " group " << g;
+      }
+    }
+  }
+  return stripes;
+}
+
+struct StripeComparison {
+  int64_t candidates = 0;
+  int64_t selected = 0;
+  int64_t disputed = 0;  // in one set only, margin within tolerance
+  int64_t wrong = 0;     // in one set only, margin beyond tolerance
+  std::string first_wrong;
+  std::vector<bool> group_disputed;  // [Hq * ng]
+};
+
+// `expected` vs `got`; `margin(h, g, key)` gives the fp64 margin of a key in one set only.
+template <typename MarginFn>
+StripeComparison CompareStripes(const AttentionTask& task,
+                                const std::vector<std::vector<int64_t>>& expected,
+                                const std::vector<std::vector<int64_t>>& got, MarginFn margin) {
+  StripeComparison result;
+  const int hq = task.shape.num_q_heads;
+  const int64_t ng = NumGroups(task.config, task.shape.seq_len);
+  result.group_disputed.assign(hq * ng, false);
+  std::vector<double> tolerance(hq);
+  for (int h = 0; h < hq; ++h) tolerance[h] = MarginTolerance(task, h);
+  for (int h = 0; h < hq; ++h) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+      result.candidates += geo.cand_end - geo.cand_begin;
+      const std::vector<int64_t>& a = expected[h * ng + g];
+      const std::vector<int64_t>& b = got[h * ng + g];
+      result.selected += static_cast<int64_t>(b.size());
+      std::vector<int64_t> differ;
+      std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(),
+                                    std::back_inserter(differ));
+      for (int64_t key : differ) {
+        const double m = margin(h, g, key);
+        if (std::fabs(m) <= tolerance[h]) {
+          ++result.disputed;
+          result.group_disputed[h * ng + g] = true;
+        } else {
+          if (result.wrong == 0) {
+            const bool in_gpu = std::binary_search(b.begin(), b.end(), key);
+            result.first_wrong = absl::StrCat("head ", h, " group ", g, " key ", key,
+                                              in_gpu ? " selected by the GPU only" : " missed by the GPU",
+                                              ", fp64 margin ", m, ", tolerance ", tolerance[h]);
+          }
+          ++result.wrong;
+        }
+      }
+    }
+  }
+  return result;
+}
+
+// HeadStats that the spec gives for these stripe sets.
+std::vector<HeadStats> StatsForStripes(const AttentionTask& task,
+                                       const std::vector<std::vector<int64_t>>& stripes) {
+  const int hq = task.shape.num_q_heads;
+  const int64_t n = task.shape.seq_len;
+  std::vector<HeadStats> stats(hq);
+  if (task.config.IsDense()) {
+    for (HeadStats& s : stats) s.computed_entries = CausalEntries(n);
+    return stats;
+  }
+  const int64_t ng = NumGroups(task.config, n);
+  int64_t anchor_entries = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    const Geometry geo = GroupGeometry(task.config, n, g);
+    for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
+      anchor_entries += std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
+    }
+  }
+  for (int h = 0; h < hq; ++h) {
+    HeadStats& s = stats[h];
+    for (int64_t g = 0; g < ng; ++g) {
+      const Geometry geo = GroupGeometry(task.config, n, g);
+      if (geo.cand_end <= geo.cand_begin) continue;
+      const int64_t count = static_cast<int64_t>(stripes[h * ng + g].size());
+      s.stripe_entries += count * (geo.row_end - geo.row_begin);
+      s.stripes_min = s.stripe_groups == 0 ? count : std::min(s.stripes_min, count);
+      s.stripes_max = std::max(s.stripes_max, count);
+      s.stripes_total += count;
+      ++s.stripe_groups;
+    }
+    s.computed_entries = anchor_entries + s.stripe_entries;
+  }
+  return stats;
+}
+
+void ExpectStatsEqual(const std::vector<HeadStats>& got, const std::vector<HeadStats>& expected,
+                      const std::string& what) {
+  ASSERT_EQ(got.size(), expected.size()) << what;
+  for (size_t h = 0; h < got.size(); ++h) {
+    EXPECT_EQ(got[h].computed_entries, expected[h].computed_entries) << what << " head " << h;
+    EXPECT_EQ(got[h].stripe_entries, expected[h].stripe_entries) << what << " head " << h;
+    EXPECT_EQ(got[h].stripe_groups, expected[h].stripe_groups) << what << " head " << h;
+    EXPECT_EQ(got[h].stripes_total, expected[h].stripes_total) << what << " head " << h;
+    EXPECT_EQ(got[h].stripes_min, expected[h].stripes_min) << what << " head " << h;
+    EXPECT_EQ(got[h].stripes_max, expected[h].stripes_max) << what << " head " << h;
+  }
+}
+
+// x(i) of sampled rows against fp64.
+void CheckRowAnchors(const CudaBackend::StripeSnapshot& snapshot, int t, const AttentionTask& task,
+                     const std::string& what) {
+  if (snapshot.row_anchor.empty()) return;
+  const AttentionShape& s = task.shape;
+  const int d = s.head_dim;
+  const double scale = task.config.ScaleFor(d);
+  const int64_t lse_offset = snapshot.plan.seqs[t].lse_offset;
+  int checked = 0, bad = 0;
+  std::string first_bad;
+  for (int h = 0; h < s.num_q_heads; ++h) {
+    const std::vector<double> q = HeadRows(task.q, task.dtype, task.layout, s.seq_len,
+                                           s.num_q_heads, d, h);
+    const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, s.seq_len,
+                                           s.num_kv_heads, d, h / s.GqaRatio());
+    const double tolerance = 2e-5 * scale * MaxRowNorm(q, d) * MaxRowNorm(k, d) + 1e-6;
+    const int64_t step = std::max<int64_t>(1, s.seq_len / 24);
+    for (int64_t i = 0; i < s.seq_len; i += step) {
+      const Geometry geo = GroupGeometry(task.config, s.seq_len, i / task.config.GroupSize());
+      double x = -kInf;
+      auto visit = [&](int64_t j) {
+        double dot = 0;
+        for (int e = 0; e < d; ++e) dot += q[i * d + e] * k[j * d + e];
+        x = std::max(x, scale * dot);
+      };
+      for (int64_t j = 0; j < std::min(geo.init_end, i + 1); ++j) visit(j);
+      for (int64_t j = geo.local_begin; j <= i; ++j) visit(j);
+      const double got = snapshot.row_anchor[lse_offset + int64_t{h} * s.seq_len + i];
+      ++checked;
+      if (!(std::fabs(got - x) <= tolerance)) {
+        if (bad++ == 0) {
+          first_bad = absl::StrCat("head ", h, " row ", i, ": got ", got, " expected ", x);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << checked << " anchors off; " << first_bad;
+}
+
+std::string Describe(const CaseSpec& spec, int64_t n, uint64_t seed) {
+  return absl::StrCat(spec.name, " N=", n, " Hq=", spec.hq, " Hkv=", spec.hkv, " d=", spec.d, " ",
+                      std::string(DTypeName(spec.dtype)),
+                      spec.layout == Layout::kTokenMajor ? " token-major" : " head-major",
+                      spec.kind == InputKind::kStructured ? " structured" : " random",
+                      " theta=", spec.config.theta, " B=", spec.config.block_size,
+                      " s=", spec.config.step, " n_init=", spec.config.init_groups,
+                      " n_loc=", spec.config.local_groups, " seed=", seed);
+}
+
+// Runs every sequence of `spec` in one batch and checks each against the fp64 reference.
+void RunAgainstReference(const CaseSpec& spec) {
+  absl::StatusOr<std::unique_ptr<CudaBackend>> backend = CudaBackend::Create(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  (*backend)->KeepStripesForTesting(true);
+  std::vector<std::unique_ptr<TaskData>> tasks;
+  std::vector<AttentionTask*> batch;
+  for (size_t t = 0; t < spec.seq_lens.size(); ++t) {
+    tasks.push_back(MakeTask(spec, spec.seq_lens[t], spec.seed + 1000 * t));
+    batch.push_back(&tasks.back()->task);
+  }
+  const absl::Status status = (*backend)->Run(batch);
+  ASSERT_TRUE(status.ok()) << status;
+  const CudaBackend::StripeSnapshot snapshot = (*backend)->LastStripesForTesting();
+  const bool dense = spec.config.IsDense();
+
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const AttentionTask& task = tasks[t]->task;
+    const std::string what = Describe(spec, task.shape.seq_len, spec.seed + 1000 * t);
+    ASSERT_TRUE(task.status.ok()) << what << ": " << task.status;
+    ReferenceResult ref = ReferenceAttend(task);
+    if (!dense) {
+      const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, t, task);
+      const int64_t ng = ref.num_groups;
+      const StripeComparison cmp =
+          CompareStripes(task, ref.stripes, gpu, [&](int h, int64_t g, int64_t key) {
+            const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+            return ref.stripe_margins[h * ng + g][key - geo.cand_begin];
+          });
+      EXPECT_EQ(cmp.wrong, 0) << what << ": " << cmp.wrong << " stripe decisions wrong of "
+                              << cmp.candidates << " candidates; first: " << cmp.first_wrong;
+      testing::Test::RecordProperty(absl::StrCat("stripes_", t), absl::StrCat(cmp.selected, "/", cmp.candidates,
+                                                              " disputed ", cmp.disputed));
+      ExpectStatsEqual(task.head_stats, StatsForStripes(task, gpu), what + " (own stripes)");
+      if (cmp.disputed + cmp.wrong > 0) {
+        ref = ReferenceAttendWithStripes(task, gpu);
+      } else {
+        ExpectStatsEqual(task.head_stats, ref.head_stats, what + " (reference)");
+      }
+      CheckRowAnchors(snapshot, t, task, what);
+    } else {
+      ExpectStatsEqual(task.head_stats, ref.head_stats, what + " (dense)");
+    }
+    const ErrorStats out_error = CompareToReference(task, ref);
+    EXPECT_TRUE(out_error.ok()) << what << " output: " << out_error.ToString();
+    const ErrorStats lse_error = CompareLseToReference(task.maybe_lse, ref);
+    EXPECT_TRUE(lse_error.ok()) << what << " lse: " << lse_error.ToString();
+  }
+}
+
+AnchorConfig Config(float theta, int block = 128, int step = 16, int init = 1, int local = 1) {
+  AnchorConfig config;
+  config.theta = theta;
+  config.block_size = block;
+  config.step = step;
+  config.init_groups = init;
+  config.local_groups = local;
+  return config;
+}
+
+class CudaBackendReferenceTest : public testing::TestWithParam<CaseSpec> {};
+
+TEST_P(CudaBackendReferenceTest, MatchesFp64Reference) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  RunAgainstReference(GetParam());
+}
+
+CaseSpec Spec(std::string name, std::vector<int64_t> lens, int hq, int hkv, int d, DType dtype,
+              Layout layout, InputKind kind, AnchorConfig config, uint64_t seed) {
+  CaseSpec spec;
+  spec.name = std::move(name);
+  spec.seq_lens = std::move(lens);
+  spec.hq = hq;
+  spec.hkv = hkv;
+  spec.d = d;
+  spec.dtype = dtype;
+  spec.layout = layout;
+  spec.kind = kind;
+  spec.config = config;
+  spec.seed = seed;
+  return spec;
+}
+
+constexpr Layout kTok = Layout::kTokenMajor;
+constexpr Layout kHead = Layout::kHeadMajor;
+constexpr InputKind kStruct = InputKind::kStructured;
+constexpr InputKind kRand = InputKind::kRandom;
+constexpr DType kBf = DType::kBf16;
+constexpr DType kFp = DType::kFp16;
+
+// Random N(0,1) q/k: theta ~ 3.5 selects about half of the candidates, so many keys sit near
+// the threshold; structured inputs use the spec's theta = 12.
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaBackendReferenceTest,
+    testing::Values(
+        Spec("single_row", {1}, 4, 1, 64, kBf, kTok, kStruct, Config(12), 11),
+        Spec("short_mha_head_major", {300}, 2, 2, 128, kFp, kHead, kRand, Config(3.5f), 12),
+        Spec("one_group_gqa8", {2048}, 8, 1, 64, kBf, kTok, kStruct, Config(12), 13),
+        Spec("first_candidates", {4097}, 4, 1, 128, kBf, kTok, kStruct, Config(12), 14),
+        Spec("random_fp16_d64", {6000}, 4, 1, 64, kFp, kTok, kRand, Config(3.6f), 15),
+        Spec("gqa4_head_major", {8269}, 4, 1, 128, kBf, kHead, kStruct, Config(12), 16),
+        Spec("small_groups_n_init2_n_loc2", {3001}, 4, 2, 128, kBf, kTok, kRand,
+             Config(3.0f, 64, 4, 2, 2), 17),
+        Spec("block100_step20", {7000}, 2, 1, 64, kBf, kTok, kStruct, Config(12, 100, 20), 18),
+        Spec("block256_step8_fp16", {5555}, 2, 2, 128, kFp, kHead, kRand,
+             Config(3.5f, 256, 8), 19),
+        Spec("no_init_group", {5000}, 4, 4, 64, kBf, kTok, kRand, Config(3.4f, 128, 8, 0, 1),
+             20),
+        Spec("anchor_only", {5000}, 4, 1, 128, kFp, kTok, kStruct, Config(-INFINITY), 21),
+        Spec("all_selected_sparse_path", {4500}, 4, 2, 64, kBf, kTok, kRand, Config(1e30f), 22),
+        Spec("dense_theta_inf", {3000}, 4, 1, 128, kBf, kTok, kStruct, Config(INFINITY), 23),
+        Spec("mixed_lengths_one_run", {777, 4096, 5001, 1, 2049}, 4, 1, 64, kFp, kTok, kRand,
+             Config(3.5f), 24)),
+    [](const testing::TestParamInfo<CaseSpec>& info) { return info.param.name; });
+
+TEST(CudaBackendTest, DenseModeMatchesReference) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  AnchorConfig config = Config(12);
+  config.mode = AttentionMode::kDense;
+  RunAgainstReference(Spec("dense_mode", {2500, 1200}, 2, 1, 64, kFp, kHead, kRand, config, 31));
+}
+
+// Long N: the CPU backend (fp32) gives outputs and stripes; keys the two backends decide
+// differently must have an fp64 margin within rounding of zero. Rows of disputed groups are
+// skipped in the output comparison (their key sets differ legitimately).
+TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (const CaseSpec& spec :
+       {Spec("long_16k_gqa4", {16384 + 200}, 4, 1, 128, kBf, kTok, kStruct, Config(12), 41),
+        Spec("long_16k_fp16_d64", {16384}, 2, 2, 64, kFp, kHead, kStruct, Config(15), 42)}) {
+    const int64_t n = spec.seq_lens[0];
+    const std::string what = Describe(spec, n, spec.seed);
+    std::unique_ptr<TaskData> gpu_task = MakeTask(spec, n, spec.seed);
+    std::unique_ptr<TaskData> cpu_task = MakeTask(spec, n, spec.seed);
+
+    absl::StatusOr<std::unique_ptr<CudaBackend>> backend = CudaBackend::Create(0);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    (*backend)->KeepStripesForTesting(true);
+    AttentionTask* batch[] = {&gpu_task->task};
+    ASSERT_TRUE((*backend)->Run(batch).ok());
+    const CudaBackend::StripeSnapshot snapshot = (*backend)->LastStripesForTesting();
+
+    cpu::ThreadPool pool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    std::vector<std::vector<int64_t>> cpu_stripes;
+    ASSERT_TRUE(cpu::RunCpuAttention(&cpu_task->task, &pool, cpu::SelectTileKernels(), &cpu_stripes)
+                    .ok());
+
+    const AttentionTask& task = gpu_task->task;
+    const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, 0, task);
+    LazyMargins margins(task);
+    const StripeComparison cmp =
+        CompareStripes(task, cpu_stripes, gpu,
+                       [&](int h, int64_t g, int64_t key) { return margins.Margin(h, g, key); });
+    EXPECT_EQ(cmp.wrong, 0) << what << ": " << cmp.wrong << " wrong of " << cmp.candidates
+                            << "; first: " << cmp.first_wrong;
+    ExpectStatsEqual(task.head_stats, StatsForStripes(task, gpu), what);
+    CheckRowAnchors(snapshot, 0, task, what);
+
+    // Outputs and LSE of rows whose (head, group) stripe sets agree.
+    const int hq = spec.hq, d = spec.d;
+    const int64_t ng = NumGroups(spec.config, n);
+    const std::vector<float> got = ToFloats(gpu_task->out.data(), spec.dtype, gpu_task->out.size() / 2);
+    const std::vector<float> want = ToFloats(cpu_task->out.data(), spec.dtype, cpu_task->out.size() / 2);
+    const TensorStrides strides = StridesFor(spec.layout, n, hq, d);
+    int64_t compared = 0, bad = 0;
+    std::string first_bad;
+    for (int h = 0; h < hq; ++h) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (cmp.group_disputed[h * ng + i / spec.config.GroupSize()]) continue;
+        for (int e = 0; e < d; ++e) {
+          const int64_t at = i * strides.token + int64_t{h} * strides.head + e;
+          const double tolerance = 2 * OutputTolerance(spec.dtype, want[at]);
+          ++compared;
+          if (!(std::fabs(got[at] - want[at]) <= tolerance) && bad++ == 0) {
+            first_bad = absl::StrCat("head ", h, " row ", i, " dim ", e, ": gpu ", got[at],
+                                     " cpu ", want[at]);
+          }
+        }
+        const float lse_gpu = gpu_task->lse[int64_t{h} * n + i];
+        const float lse_cpu = cpu_task->lse[int64_t{h} * n + i];
+        ++compared;
+        if (!(std::fabs(lse_gpu - lse_cpu) <= 2 * LseTolerance(lse_cpu)) && bad++ == 0) {
+          first_bad = absl::StrCat("lse head ", h, " row ", i, ": gpu ", lse_gpu, " cpu ", lse_cpu);
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << compared << " values off; "
+                      << first_bad;
+    EXPECT_GT(compared, 0);
+    RecordProperty(spec.name, absl::StrCat("selected ", cmp.selected, "/", cmp.candidates,
+                                           " disputed ", cmp.disputed));
+  }
+}
+
+TEST(CudaBackendTest, InfoAndSupports) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const BackendInfo info = (*backend)->Info();
+  EXPECT_EQ(info.name, "cuda");
+  EXPECT_FALSE(info.device.empty());
+
+  CaseSpec spec = Spec("fp32", {64}, 2, 1, 64, kBf, kTok, kRand, Config(12), 51);
+  std::unique_ptr<TaskData> data = MakeTask(spec, 64, 51);
+  EXPECT_TRUE((*backend)->Supports(data->task).ok());
+  data->task.dtype = DType::kFp32;
+  const absl::Status fp32 = (*backend)->Supports(data->task);
+  EXPECT_EQ(fp32.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(fp32.message().find("dtype"), std::string::npos) << fp32;
+  data->task.dtype = DType::kBf16;
+  data->task.shape.head_dim = 96;
+  EXPECT_EQ((*backend)->Supports(data->task).code(), absl::StatusCode::kInvalidArgument);
+
+  EXPECT_FALSE(CreateCudaBackend(CudaDeviceCount()).ok());
+}
+
+TEST(CudaBackendTest, CancelledTaskIsSkipped) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  CaseSpec spec = Spec("cancel", {512}, 2, 1, 64, kBf, kTok, kRand, Config(3.5f), 61);
+  std::unique_ptr<TaskData> kept = MakeTask(spec, 512, 61);
+  std::unique_ptr<TaskData> dropped = MakeTask(spec, 300, 62);
+  std::atomic<bool> cancelled{true};
+  dropped->task.maybe_cancelled = &cancelled;
+  AttentionTask* batch[] = {&kept->task, &dropped->task};
+  ASSERT_TRUE((*backend)->Run(batch).ok());
+  EXPECT_EQ(dropped->task.status.code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(kept->task.status.ok());
+  const ReferenceResult ref = ReferenceAttend(kept->task);
+  EXPECT_TRUE(CompareToReference(kept->task, ref).ok());
+}
+
+TEST(CudaBackendTest, MismatchedBatchIsRejected) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  CaseSpec spec = Spec("mismatch", {128}, 2, 1, 64, kBf, kTok, kRand, Config(12), 71);
+  std::unique_ptr<TaskData> a = MakeTask(spec, 128, 71);
+  std::unique_ptr<TaskData> b = MakeTask(spec, 128, 72);
+  b->task.config.theta = 5;
+  AttentionTask* batch[] = {&a->task, &b->task};
+  EXPECT_EQ((*backend)->Run(batch).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace anchorserve
