@@ -16,9 +16,12 @@
 #include <thread>
 #include <vector>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -80,6 +83,28 @@ class SignalWaiter {
   absl::Notification received_;
   std::thread thread_;
 };
+
+// absl::ParseCommandLine exits with 1 on an unknown flag or an unparsable value; the contract asks
+// for 2 and a message naming the flag, so "--name=value" arguments are checked here first. (The
+// "--name value" form is left to absl.)
+absl::Status PrecheckFlags(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--") break;  // the rest are positional
+    if (!absl::ConsumePrefix(&arg, "-")) continue;
+    absl::ConsumePrefix(&arg, "-");
+    const size_t eq = arg.find('=');
+    if (eq == absl::string_view::npos) continue;
+    const absl::string_view name = arg.substr(0, eq);
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    std::string error;
+    if (!flag->ParseFrom(arg.substr(eq + 1), &error)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": ", error));
+    }
+  }
+  return absl::OkStatus();
+}
 
 // Writes "grpc_port=N\nmetrics_port=M\n" to a temporary file and renames it into place.
 absl::Status WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
@@ -185,11 +210,10 @@ int Run(const ServerConfig& config) {
     LogWarning(absl::StrCat("drain timeout: cancelling ", service.InflightRpcs(),
                             " RPCs still in flight"));
     batcher.CancelAll();
-    // Cancelled work comes back quickly; its callers get UNAVAILABLE.
-    service.WaitUntilIdle(absl::Now() + kShutdownGrace);
   }
-  // Cancels what is left (e.g. uploads that stalled); returns once every call is done.
-  server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+  // Waits for what is left (cancelled jobs come back with UNAVAILABLE), then cancels the rest
+  // (e.g. uploads that stalled); returns once every call is done.
+  server->Shutdown(absl::ToChronoTime(absl::Now() + kShutdownGrace));
   batcher.Stop();
   LogInfo("drained; exiting");
   return 0;
@@ -202,6 +226,10 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "AnchorAttention prefill as a gRPC service.\n"
       "  anchorserve --grpc_port=50051 --metrics_port=9464 --backend=auto");
+  if (absl::Status status = anchorserve::PrecheckFlags(argc, argv); !status.ok()) {
+    anchorserve::LogError(absl::StrCat("invalid flags: ", status.message()));
+    return 2;
+  }
   absl::ParseCommandLine(argc, argv);
   absl::StatusOr<anchorserve::ServerConfig> config = anchorserve::ServerConfigFromFlags();
   if (!config.ok()) {

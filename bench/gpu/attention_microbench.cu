@@ -317,9 +317,8 @@ using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
 // Software-pipeline shapes to compare; "default" is the production LaunchAttention.
 template <int kStages, bool kLoadsFirst>
 cudaError_t LaunchPipeline(const AttentionParams& params, cudaStream_t stream) {
-  return attention_detail::LaunchAttentionTyped<Elem, kD,
-                                                attention_detail::Pipeline<kStages, kLoadsFirst>>(
-      params, stream);
+  using Pipe = attention_detail::Pipeline<kStages, kLoadsFirst>;
+  return attention_detail::LaunchAttentionTyped<Elem, kD, Pipe, Pipe>(params, stream);
 }
 
 struct Variant {

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -110,6 +111,9 @@ IdentificationParams AnchorRunner::identification_params() const {
   p.k = k();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
+  for (const SeqDesc& seq : plan_.seqs) p.max_seq_len = std::max(p.max_seq_len, seq.seq_len);
+  p.anchor_m_tiles = variants_.anchor_m_tiles;
+  p.stripe_exact_only = variants_.stripe_exact_only ? 1 : 0;
   p.groups = static_cast<const IdGroup*>(At(layout_.groups));
   p.num_groups = static_cast<int32_t>(plan_.groups.size());
   p.head_stats = static_cast<DeviceHeadStats*>(At(layout_.head_stats));
@@ -127,6 +131,8 @@ IdentificationParams AnchorRunner::identification_params() const {
     p.pooled_split = At(layout_.pooled_split);
     p.pooled_unscale = static_cast<float*>(At(layout_.pooled_unscale));
     p.pooled_anchor = static_cast<float*>(At(layout_.pooled_anchor));
+    p.pooled_band = static_cast<float*>(At(layout_.pooled_band));
+    p.key_norm = static_cast<float*>(At(layout_.key_norm));
     p.bitmask = static_cast<uint32_t*>(At(layout_.bitmask));
     p.bitmask_words = layout_.bitmask_words;
     p.maybe_row_anchor =

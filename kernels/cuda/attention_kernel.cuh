@@ -346,7 +346,11 @@ struct Pipeline {
   static constexpr int kStages = kStagesValue;
   static constexpr bool kLoadsFirst = kLoadsFirstValue;
 };
-using DefaultPipeline = Pipeline<3, false>;
+// Chosen by measurement (H100, bench/RESULTS.md): dense is 5-9% faster with 2 stages and the
+// copies issued before the wgmmas; sparse (random stripe gathers) is within noise of that and
+// slightly ahead with 3 stages and the copies after the wgmmas at 128k.
+using DenseDefaultPipeline = Pipeline<2, true>;
+using SparseDefaultPipeline = Pipeline<3, false>;
 
 template <typename Elem, int kHeadDim, bool kSparse, typename Pipe>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -563,22 +567,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // ANCHOR_ATTENTION_HAS_WGMMA
 }
 
-// Host side: launch one instantiation. Defined here, instantiated once per (dtype, head_dim) in
-// attention_<dtype>_d<head_dim>.cu; the tests and the microbenchmark also instantiate other
-// Pipeline shapes to compare them.
-template <typename Elem, int kHeadDim, typename Pipe = DefaultPipeline>
-cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
-  constexpr int kSmemBytes = TileGeometry<kHeadDim>::SmemBytes(Pipe::kStages);
-  if (params.num_tiles == 0) return cudaSuccess;
-  auto* kernel = params.sparse ? AttentionKernel<Elem, kHeadDim, true, Pipe>
-                               : AttentionKernel<Elem, kHeadDim, false, Pipe>;
+template <typename Kernel>
+cudaError_t LaunchKernel(Kernel* kernel, int smem_bytes, const AttentionParams& params,
+                         cudaStream_t stream) {
   cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(static_cast<unsigned>(params.num_tiles),
                   static_cast<unsigned>(params.num_q_heads));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(params);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(params);
   return cudaGetLastError();
+}
+
+// Host side: launch one instantiation. Defined here, instantiated once per (dtype, head_dim) in
+// attention_<dtype>_d<head_dim>.cu; the tests and the microbenchmark also instantiate other
+// Pipeline shapes to compare them.
+template <typename Elem, int kHeadDim, typename DensePipe = DenseDefaultPipeline,
+          typename SparsePipe = SparseDefaultPipeline>
+cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
+  using Geo = TileGeometry<kHeadDim>;
+  if (params.num_tiles == 0) return cudaSuccess;
+  if (params.sparse) {
+    return LaunchKernel(AttentionKernel<Elem, kHeadDim, true, SparsePipe>,
+                        Geo::SmemBytes(SparsePipe::kStages), params, stream);
+  }
+  return LaunchKernel(AttentionKernel<Elem, kHeadDim, false, DensePipe>,
+                      Geo::SmemBytes(DensePipe::kStages), params, stream);
 }
 
 }  // namespace anchorserve::cuda::attention_detail

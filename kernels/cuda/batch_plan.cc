@@ -184,6 +184,8 @@ WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool k
     layout.pooled_split = take(pooled * 3 * d * element_bytes);
     layout.pooled_unscale = take(pooled * sizeof(float));
     layout.pooled_anchor = take(pooled * sizeof(float));
+    layout.pooled_band = take(pooled * sizeof(float));
+    layout.key_norm = take(plan.kv_elements / d * sizeof(float));
     if (keep_row_anchor) layout.row_anchor = take(plan.lse_elements * sizeof(float));
   }
   layout.total_bytes = cursor;

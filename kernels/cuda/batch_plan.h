@@ -57,6 +57,7 @@ struct WorkspaceLayout {
   int64_t seqs = 0, attention_tiles = 0, anchor_tiles = 0, groups = 0, blocks = 0;
   int64_t list_offset = 0, stripe_items = 0, counts = 0, index = 0, bitmask = 0;
   int64_t tile_qsum = 0, tile_xsum = 0, pooled_split = 0, pooled_unscale = 0, pooled_anchor = 0;
+  int64_t pooled_band = 0, key_norm = 0;
   int64_t row_anchor = 0, head_stats = 0;
   int64_t bitmask_words = 0;
   int64_t total_bytes = 0;

@@ -35,26 +35,35 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------------
 // Anchor kernel. CTA = one anchor tile (<= 128 query rows of one pooling block) x kHeads query
-// heads of one KV head; 4 warps per head, 32 rows per warp (two m16 tiles); K in 64-key tiles
-// through a 3-stage cp.async ring.
+// heads of one KV head; kMTiles m16 row tiles per warp (each K fragment loaded from shared
+// memory feeds 2 * kMTiles MMAs: more tiles per warp, less ldmatrix traffic per MMA, more
+// registers); K in 64-key tiles through a 3-stage cp.async ring.
 constexpr int kAnchorKeys = 64;
 constexpr int kAnchorStages = 3;
+
+constexpr int kDefaultAnchorMTiles = 4;
+
+template <int kMTiles>
+inline constexpr int kAnchorWarpsPerHead = kAnchorTileRows / (16 * kMTiles);
 
 template <int kDim, int kHeads>
 constexpr int AnchorSmemBytes() {
   return (kHeads * kAnchorTileRows + kAnchorStages * kAnchorKeys) * kDim * 2;
 }
 
-template <typename T, int kDim, int kHeads>
-__global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const IdentificationParams p) {
+template <typename T, int kDim, int kHeads, int kMTiles>
+__global__ void __launch_bounds__(32 * kAnchorWarpsPerHead<kMTiles> * kHeads, 2)
+    AnchorKernel(const IdentificationParams p) {
   constexpr int kRows = kAnchorTileRows;
   constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
   constexpr int kKSteps = kDim / 16;
-  constexpr int kThreads = 128 * kHeads;
+  constexpr int kWarpsPerHead = kAnchorWarpsPerHead<kMTiles>;
+  constexpr int kWarpRows = 16 * kMTiles;
+  constexpr int kThreads = 32 * kWarpsPerHead * kHeads;
   extern __shared__ __align__(128) uint4 smem[];
   uint4* q_smem = smem;                                 // [kHeads][kRows][kChunks]
   uint4* k_smem = smem + kHeads * kRows * kChunks;      // [kAnchorStages][kAnchorKeys][kChunks]
-  __shared__ double warp_xsum[kHeads * 4];
+  __shared__ double warp_xsum[kHeads * kWarpsPerHead];
 
   const QueryTile tile = p.anchor_tiles[blockIdx.x];
   const SeqDesc seq = p.seqs[tile.seq];
@@ -129,14 +138,14 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int head = warp / 4;
-  const int warp_row = (warp % 4) * 32;  // first row of the warp within the tile
+  const int head = warp / kWarpsPerHead;
+  const int warp_row = (warp % kWarpsPerHead) * kWarpRows;  // within the tile
 
-  uint32_t a_frag[2][kKSteps][4];
+  uint32_t a_frag[kMTiles][kKSteps][4];
   {
     const uint4* head_tile = q_smem + head * kRows * kChunks;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         const int row = warp_row + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
@@ -146,13 +155,13 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
     }
   }
 
-  float row_max[2][2];
+  float row_max[kMTiles][2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) row_max[mi][0] = row_max[mi][1] = -INFINITY;
+  for (int mi = 0; mi < kMTiles; ++mi) row_max[mi][0] = row_max[mi][1] = -INFINITY;
 
   const bool warp_has_rows = warp_row < rows;
   const int warp_first_row = row_begin + warp_row;
-  const int warp_last_row = min(warp_first_row + 31, row_end - 1);
+  const int warp_last_row = min(warp_first_row + kWarpRows - 1, row_end - 1);
 
   for (int t = 0; t < num_key_tiles; ++t) {
     CpAsyncWait<kAnchorStages - 2>();
@@ -169,40 +178,38 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
     const bool need_mask = key_begin < range_lo || key_begin + kAnchorKeys > range_hi ||
                            key_begin + kAnchorKeys - 1 > warp_first_row;
     const uint4* stage = k_smem + (t % kAnchorStages) * kAnchorKeys * kChunks;
+    // 16 keys (two n8 tiles, one ldmatrix.x4 per k-step) at a time keeps the accumulators small
+    // next to the A fragments of four m16 tiles.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float acc[2][4][4];
+    for (int part = 0; part < kAnchorKeys / 16; ++part) {
+      float acc[kMTiles][2][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < 2; ++ni)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t b[2][4];
+        uint32_t b[4];
+        const int key = part * 16 + (lane & 7) + (lane >> 4) * 8;
+        const int chunk = ks * 2 + ((lane >> 3) & 1);
+        LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int key = half * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
-          const int chunk = ks * 2 + ((lane >> 3) & 1);
-          LdMatrixX4(b[np], SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
+        for (int mi = 0; mi < kMTiles; ++mi) {
+          Elem<T>::Mma(acc[mi][0], a_frag[mi][ks], b[0], b[1]);
+          Elem<T>::Mma(acc[mi][1], a_frag[mi][ks], b[2], b[3]);
         }
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-            Elem<T>::Mma(acc[mi][ni], a_frag[mi][ks], b[ni / 2][(ni % 2) * 2],
-                         b[ni / 2][(ni % 2) * 2 + 1]);
       }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
+      for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
+        for (int ni = 0; ni < 2; ++ni) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float score = acc[mi][ni][e];
             if (need_mask) {
-              const int key = key_begin + half * 32 + ni * 8 + 2 * (lane & 3) + (e & 1);
+              const int key = key_begin + part * 16 + ni * 8 + 2 * (lane & 3) + (e & 1);
               const int row = warp_first_row + mi * 16 + (lane >> 2) + (e >> 1) * 8;
               if (key < range_lo || key >= range_hi || key > row) score = -INFINITY;
             }
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
   // Rows are spread over the 4 lanes of a quad.
   double xsum = 0.0;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
+  for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float m = row_max[mi][hr];
@@ -241,9 +248,10 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
   if (lane == 0) warp_xsum[warp] = xsum;
   __syncthreads();
   if (threadIdx.x < kHeads) {
-    const double* w = warp_xsum + threadIdx.x * 4;
-    p.tile_xsum[int64_t{blockIdx.x} * num_q_heads + head0 + threadIdx.x] =
-        ((w[0] + w[1]) + w[2]) + w[3];
+    const double* w = warp_xsum + threadIdx.x * kWarpsPerHead;
+    double sum = w[0];
+    for (int i = 1; i < kWarpsPerHead; ++i) sum += w[i];
+    p.tile_xsum[int64_t{blockIdx.x} * num_q_heads + head0 + threadIdx.x] = sum;
   }
 }
 
@@ -252,6 +260,7 @@ __global__ void __launch_bounds__(128 * kHeads, 2) AnchorKernel(const Identifica
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p) {
   __shared__ float warp_max[kDim / 32];
+  __shared__ float warp_sumsq[kDim / 32];
   const int pooled_rows = p.pooled_rows;
   const int row = blockIdx.x % pooled_rows;
   const int64_t batch_group = blockIdx.x / pooled_rows;
@@ -276,15 +285,24 @@ __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p)
   }
 
   float magnitude = fabsf(qbar);
+  float sumsq = qbar * qbar;
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     magnitude = fmaxf(magnitude, __shfl_xor_sync(kFullMask, magnitude, offset));
+    sumsq += __shfl_xor_sync(kFullMask, sumsq, offset);
   }
-  if (col % 32 == 0) warp_max[col / 32] = magnitude;
+  if (col % 32 == 0) {
+    warp_max[col / 32] = magnitude;
+    warp_sumsq[col / 32] = sumsq;
+  }
   __syncthreads();
   magnitude = warp_max[0];
+  sumsq = warp_sumsq[0];
 #pragma unroll
-  for (int w = 1; w < kDim / 32; ++w) magnitude = fmaxf(magnitude, warp_max[w]);
+  for (int w = 1; w < kDim / 32; ++w) {
+    magnitude = fmaxf(magnitude, warp_max[w]);
+    sumsq += warp_sumsq[w];
+  }
 
   // 2^e * max|qbar| in [2^14, 2^15): every piece stays normal and finite in fp16 and bf16.
   int exponent = 0;
@@ -308,14 +326,56 @@ __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p)
   if (col == 0) {
     p.pooled_unscale[pooled_row] = ldexpf(1.0f, -exponent);
     p.pooled_anchor[pooled_row] = abar;
+    // |qbar - hi * 2^-e| <= u |qbar| per component (round to nearest), so scoring with `hi` alone
+    // is off by at most scale * u * |qbar| * |k| (Cauchy-Schwarz); 2u leaves room for the fp32
+    // accumulation of both products and the norm's own rounding.
+    p.pooled_band[pooled_row] =
+        p.softmax_scale * sqrtf(sumsq) * Elem<T>::kTwoUnitRoundoff * 1.001f;
+  }
+}
+
+// |k_j| per KV head and key, for the screening bound of the stripe kernel. One warp reads
+// 32 / kChunks keys per step, kChunks lanes per key (16-byte loads).
+template <typename T, int kDim>
+__global__ void __launch_bounds__(256) KeyNormKernel(const IdentificationParams p) {
+  constexpr int kChunks = kDim / 8;
+  constexpr int kKeysPerBlock = 256 / kChunks;
+  const SeqDesc seq = p.seqs[blockIdx.y];
+  const int kv_head = blockIdx.z;
+  const int key = blockIdx.x * kKeysPerBlock + threadIdx.x / kChunks;
+  const int chunk = threadIdx.x % kChunks;
+  float sumsq = 0.0f;
+  if (key < seq.seq_len) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(
+        static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride +
+        int64_t{key} * seq.kv_token_stride + chunk * 8);
+    const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float v = Elem<T>::ToFloat(values[e]);
+      sumsq += v * v;
+    }
+  }
+#pragma unroll
+  for (int offset = kChunks / 2; offset > 0; offset >>= 1) {
+    sumsq += __shfl_xor_sync(kFullMask, sumsq, offset);
+  }
+  if (chunk == 0 && key < seq.seq_len) {
+    p.key_norm[seq.kv_offset / kDim + int64_t{kv_head} * seq.seq_len + key] = sqrtf(sumsq);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Stripe scoring. CTA = one StripeItem (<= 2048 candidate keys of one group) x one KV head x one
 // pass over <= 4 "units" (unit = 16 pooled rows of one query head). A warp keeps its unit's
-// split pooled queries (hi, mid, lo) in registers and multiplies them with each 64-key K tile:
-// 3 MMAs per B fragment, all accumulated in the same fp32 registers.
+// split pooled queries (hi, mid, lo) in registers and multiplies them with each 64-key K tile,
+// all pieces accumulated in the same fp32 registers.
+//
+// kScreen: score with `hi` alone first. A key is decided when some row's margin is at least the
+// bound on the hi-only error (scale * |qbar_r| * |k_j| * 2u, plus fp32 slack) above 0
+// (selected) or every row's margin is at least that far below 0 (not selected); only when some
+// key of the warp's tile is undecided are the mid and lo products added, so every decision equals
+// the one the full three-piece product makes.
 constexpr int kStripeKeys = 64;
 constexpr int kStripeStages = 4;
 
@@ -324,7 +384,19 @@ constexpr int StripeSmemBytes() {
   return kStripeStages * kStripeKeys * kDim * 2;
 }
 
-template <typename T, int kDim>
+// Column (key) c of an n8 tile: OR over the 16 rows = over lanes with lane % 4 == c / 2, from the
+// ballots of the even and odd columns.
+__device__ __forceinline__ uint32_t ColumnByte(uint32_t ballot_even, uint32_t ballot_odd) {
+  uint32_t byte = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (ballot_even & (0x11111111u << q)) byte |= 1u << (2 * q);
+    if (ballot_odd & (0x11111111u << q)) byte |= 1u << (2 * q + 1);
+  }
+  return byte;
+}
+
+template <typename T, int kDim, bool kScreen>
 __global__ void __launch_bounds__(128, 3)
     StripeScoreKernel(const IdentificationParams p, int passes, int row_tiles) {
   constexpr int kChunks = kDim / 8;
@@ -374,14 +446,22 @@ __global__ void __launch_bounds__(128, 3)
       }
     }
   }
-  const float unscale[2] = {p.pooled_unscale[pooled_row0 + quad_row],
-                            p.pooled_unscale[pooled_row0 + quad_row + 8]};
-  const float pooled_anchor[2] = {p.pooled_anchor[pooled_row0 + quad_row],
-                                  p.pooled_anchor[pooled_row0 + quad_row + 8]};
+  float unscale[2], pooled_anchor[2], band[2], slack[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = pooled_row0 + quad_row + 8 * r;
+    unscale[r] = p.pooled_unscale[row];
+    pooled_anchor[r] = p.pooled_anchor[row];
+    band[r] = kScreen ? p.pooled_band[row] : 0.0f;
+    // fp32 rounding of the epilogue (products, the anchor subtraction, + theta).
+    slack[r] = isfinite(pooled_anchor[r]) ? 1e-5f * (1.0f + fabsf(pooled_anchor[r])) : 0.0f;
+  }
   const float scale = p.softmax_scale;
-  const float neg_theta = -p.theta;
+  const float theta = p.theta;
   uint32_t* bitmask = p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads +
                                                      head] / 32;
+  const float* key_norm =
+      kScreen ? p.key_norm + seq.kv_offset / kDim + int64_t{kv_head} * seq.seq_len : nullptr;
 
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
   const int num_key_tiles = (item.key_end - item.key_begin + kStripeKeys - 1) / kStripeKeys;
@@ -412,57 +492,89 @@ __global__ void __launch_bounds__(128, 3)
     }
     if (!active) continue;
     const uint4* stage = k_smem + (t % kStripeStages) * kStripeKeys * kChunks;
+    const int key_begin = item.key_begin + t * kStripeKeys;
     float acc[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+    // acc += pieces [first, last) x this tile's keys.
+    auto multiply = [&](int first, int last) {
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
+      for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (2 * np < ntile_begin || 2 * np >= ntile_begin + ntiles_per_warp) continue;
-        uint32_t b[4];
-        const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
-        const int chunk = ks * 2 + ((lane >> 3) & 1);
-        LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
+        for (int np = 0; np < 4; ++np) {
+          if (2 * np < ntile_begin || 2 * np >= ntile_begin + ntiles_per_warp) continue;
+          uint32_t b[4];
+          const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int chunk = ks * 2 + ((lane >> 3) & 1);
+          LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
 #pragma unroll
-        for (int piece = 0; piece < 3; ++piece) {
-          Elem<T>::Mma(acc[2 * np], a_frag[piece][ks], b[0], b[1]);
-          Elem<T>::Mma(acc[2 * np + 1], a_frag[piece][ks], b[2], b[3]);
+          for (int piece = 0; piece < 3; ++piece) {
+            if (piece < first || piece >= last) continue;
+            Elem<T>::Mma(acc[2 * np], a_frag[piece][ks], b[0], b[1]);
+            Elem<T>::Mma(acc[2 * np + 1], a_frag[piece][ks], b[2], b[3]);
+          }
         }
       }
-    }
-    // Key (8n + 2q + c) is selected when any of the 16 rows passes; row pairs live in lanes
-    // with lane % 4 == q, so OR the ballot over those lanes.
-    uint32_t words[2] = {0u, 0u};
+    };
+    // Selection words of the tile from acc; with `screen`, also whether some key is undecided.
+    uint32_t words[2];
+    auto classify = [&](bool screen) {
+      bool undecided = false;
+      words[0] = words[1] = 0u;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      if (n < ntile_begin || n >= ntile_begin + ntiles_per_warp) continue;
-      bool pass_even = false;
-      bool pass_odd = false;
+      for (int n = 0; n < 8; ++n) {
+        if (n < ntile_begin || n >= ntile_begin + ntiles_per_warp) continue;
+        bool pass_even = false, pass_odd = false, sure_even = false, sure_odd = false;
+        bool near_even = false, near_odd = false;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float dot = acc[n][e] * unscale[e >> 1];  // exact: power of two
-        const float margin = dot * scale - pooled_anchor[e >> 1];
-        const bool selected = margin >= neg_theta;
-        if (e & 1) {
-          pass_odd |= selected;
-        } else {
-          pass_even |= selected;
+        for (int e = 0; e < 4; ++e) {
+          const float dot = acc[n][e] * unscale[e >> 1];  // exact: power of two
+          const float margin = dot * scale - pooled_anchor[e >> 1];
+          const bool selected = margin >= -theta;
+          bool sure = selected, near = false;
+          if (screen) {
+            const int key = key_begin + n * 8 + 2 * (lane & 3) + (e & 1);
+            const float bound =
+                band[e >> 1] * __ldg(key_norm + min(key, item.key_end - 1)) + slack[e >> 1];
+            const float distance = margin + theta;
+            sure = distance >= bound;
+            near = fabsf(distance) < bound;
+          }
+          if (e & 1) {
+            pass_odd |= selected;
+            sure_odd |= sure;
+            near_odd |= near;
+          } else {
+            pass_even |= selected;
+            sure_even |= sure;
+            near_even |= near;
+          }
+        }
+        const uint32_t byte =
+            ColumnByte(__ballot_sync(kFullMask, pass_even), __ballot_sync(kFullMask, pass_odd));
+        words[n / 4] |= byte << ((n % 4) * 8);
+        if (screen) {
+          const uint32_t sure_byte = ColumnByte(__ballot_sync(kFullMask, sure_even),
+                                                __ballot_sync(kFullMask, sure_odd));
+          const uint32_t near_byte = ColumnByte(__ballot_sync(kFullMask, near_even),
+                                                __ballot_sync(kFullMask, near_odd));
+          undecided |= (near_byte & ~sure_byte) != 0u;
         }
       }
-      const uint32_t ballot_even = __ballot_sync(kFullMask, pass_even);
-      const uint32_t ballot_odd = __ballot_sync(kFullMask, pass_odd);
-      uint32_t byte = 0;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (ballot_even & (0x11111111u << q)) byte |= 1u << (2 * q);
-        if (ballot_odd & (0x11111111u << q)) byte |= 1u << (2 * q + 1);
+      return undecided;
+    };
+    if (kScreen) {
+      multiply(0, 1);
+      if (classify(true)) {  // warp-uniform: from ballots
+        multiply(1, 3);
+        classify(false);
       }
-      words[n / 4] |= byte << ((n % 4) * 8);
+    } else {
+      multiply(0, 3);
+      classify(false);
     }
-    const int key_begin = item.key_begin + t * kStripeKeys;
     const int valid_keys = item.key_end - key_begin;
     if (valid_keys < 32) words[0] &= (1u << valid_keys) - 1u;
     if (valid_keys < 64) words[1] &= valid_keys <= 32 ? 0u : (1u << (valid_keys - 32)) - 1u;
@@ -594,16 +706,25 @@ __global__ void __launch_bounds__(kStatsThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kDim, int kHeads>
-cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
+template <typename T, int kDim, int kHeads, int kMTiles>
+cudaError_t LaunchAnchorKernel(const IdentificationParams& p, cudaStream_t stream) {
   constexpr int kSmem = AnchorSmemBytes<kDim, kHeads>();
-  cudaError_t error = cudaFuncSetAttribute(AnchorKernel<T, kDim, kHeads>,
+  cudaError_t error = cudaFuncSetAttribute(AnchorKernel<T, kDim, kHeads, kMTiles>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
+  const dim3 grid(p.num_anchor_tiles, p.num_q_heads / kHeads);
+  constexpr int kThreads = 32 * kAnchorWarpsPerHead<kMTiles> * kHeads;
+  AnchorKernel<T, kDim, kHeads, kMTiles><<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kDim, int kHeads>
+cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
+  cudaError_t error = cudaSuccess;
   if (p.num_anchor_tiles > 0) {
-    const dim3 grid(p.num_anchor_tiles, p.num_q_heads / kHeads);
-    AnchorKernel<T, kDim, kHeads><<<grid, 128 * kHeads, kSmem, stream>>>(p);
-    error = cudaGetLastError();
+    error = p.anchor_m_tiles == 2 ? LaunchAnchorKernel<T, kDim, kHeads, 2>(p, stream)
+                                  : LaunchAnchorKernel<T, kDim, kHeads, kDefaultAnchorMTiles>(
+                                        p, stream);
     if (error != cudaSuccess) return error;
   }
   if (p.num_groups > 0) {
@@ -614,18 +735,30 @@ cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream
   return error;
 }
 
-template <typename T, int kDim>
-cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
+template <typename T, int kDim, bool kScreen>
+cudaError_t LaunchStripeScore(const IdentificationParams& p, cudaStream_t stream) {
   const int row_tiles = p.pooled_rows / kPooledRowTile;
   const int gqa = p.num_q_heads / p.num_kv_heads;
   const int passes = (gqa * row_tiles + 3) / 4;
   constexpr int kSmem = StripeSmemBytes<kDim>();
-  cudaError_t error = cudaFuncSetAttribute(StripeScoreKernel<T, kDim>,
+  cudaError_t error = cudaFuncSetAttribute(StripeScoreKernel<T, kDim, kScreen>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const dim3 grid(p.num_items * passes, p.num_kv_heads);
-  StripeScoreKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
+  StripeScoreKernel<T, kDim, kScreen><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
   return cudaGetLastError();
+}
+
+template <typename T, int kDim>
+cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
+  if (p.stripe_exact_only) return LaunchStripeScore<T, kDim, false>(p, stream);
+  constexpr int kKeysPerBlock = 256 / (kDim / 8);
+  const dim3 grid((p.max_seq_len + kKeysPerBlock - 1) / kKeysPerBlock, p.num_seqs,
+                  p.num_kv_heads);
+  KeyNormKernel<T, kDim><<<grid, 256, 0, stream>>>(p);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  return LaunchStripeScore<T, kDim, true>(p, stream);
 }
 
 bool ValidShape(const IdentificationParams& p) {

@@ -79,6 +79,7 @@ struct IdentificationParams {
 
   const SeqDesc* seqs;  // [num_seqs]
   int32_t num_seqs;
+  int32_t max_seq_len;
   const QueryTile* anchor_tiles;  // [num_anchor_tiles]
   int32_t num_anchor_tiles;
   const IdGroup* groups;  // [num_groups]
@@ -95,9 +96,17 @@ struct IdentificationParams {
   void* pooled_split;     // [num_groups, Hq, pooled_rows, 3, d] elem_type: 2^e*qbar = hi+mid+lo
   float* pooled_unscale;  // [num_groups, Hq, pooled_rows] 2^-e
   float* pooled_anchor;   // [num_groups, Hq, pooled_rows] abar_r; +inf for rows without queries
+  // [num_groups, Hq, pooled_rows] scale * |qbar_r| * 2u (u: unit roundoff of the dtype): with
+  // |k_j| it bounds the error of scoring with the `hi` piece alone.
+  float* pooled_band;
+  float* key_norm;        // [kv elements / d]: |k_j| of KV head h at kv_offset / d + h * N + j
   uint32_t* bitmask;      // [list capacity / 32] one bit per candidate key, at list_offset / 32
   int64_t bitmask_words;
   float* maybe_row_anchor;  // [Hq, N] per sequence at SeqDesc::lse_offset: x(i); may be null
+
+  // Kernel variants (0 = default), for benchmarking alternatives in one binary.
+  int32_t anchor_m_tiles;  // m16 row tiles per warp of the anchor kernel: 2 or 4
+  int32_t stripe_exact_only;  // 1: always score with all three pieces (no hi-only screening)
   DeviceHeadStats* head_stats;  // [num_seqs, Hq]
 };
 

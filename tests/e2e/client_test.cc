@@ -14,6 +14,9 @@
 #include "client/local_reference.h"
 #include "client/npy.h"
 #include "gmock/gmock.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 
 namespace anchorserve {
@@ -252,6 +255,135 @@ TEST(BuildAttendRequestTest, CopiesTensorsAndConfig) {
 
   inputs.v = q.View();  // v must match k
   EXPECT_EQ(BuildAttendRequest(inputs).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---- stream protocol checks against a fake server ----------------------------------------------
+
+// Answers AttendStream with a scripted sequence of responses after reading the whole request.
+class ScriptedStreamService final : public v1::AttentionService::Service {
+ public:
+  explicit ScriptedStreamService(std::vector<v1::AttendStreamResponse> script)
+      : script_(std::move(script)) {}
+
+  grpc::Status AttendStream(grpc::ServerContext* context,
+                            grpc::ServerReaderWriter<v1::AttendStreamResponse,
+                                                     v1::AttendStreamRequest>* stream) override {
+    v1::AttendStreamRequest request;
+    while (stream->Read(&request)) {
+    }
+    for (const v1::AttendStreamResponse& response : script_) {
+      if (!stream->Write(response)) break;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::vector<v1::AttendStreamResponse> script_;
+};
+
+class StreamProtocolTest : public ::testing::Test {
+ protected:
+  // q = k = v: fp32 [3, 1, 2] (24 bytes).
+  void SetUp() override {
+    tensor_ = RandomTensor(DType::kFp32, {3, 1, 2}, 9);
+    inputs_.q = tensor_.View();
+    inputs_.k = tensor_.View();
+    inputs_.v = tensor_.View();
+  }
+
+  absl::StatusOr<AttendResult> RunAgainst(std::vector<v1::AttendStreamResponse> script) {
+    ScriptedStreamService service(std::move(script));
+    int port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    if (server == nullptr || port == 0) return absl::InternalError("fake server did not start");
+    ClientOptions options;
+    options.default_deadline = absl::Seconds(30);
+    options.stream_chunk_bytes = 7;  // several chunks per tensor
+    absl::StatusOr<std::unique_ptr<AttentionClient>> client =
+        AttentionClient::Create(absl::StrCat("127.0.0.1:", port), options);
+    if (!client.ok()) return client.status();
+    absl::StatusOr<AttendResult> result = (*client)->AttendStreamed(inputs_);
+    server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    return result;
+  }
+
+  v1::AttendStreamResponse Spec(std::vector<int64_t> shape) const {
+    v1::AttendStreamResponse response;
+    response.mutable_output_spec()->set_dtype(v1::DATA_TYPE_FP32);
+    response.mutable_output_spec()->set_layout(v1::TENSOR_LAYOUT_TOKEN_MAJOR);
+    for (int64_t dim : shape) response.mutable_output_spec()->add_shape(dim);
+    return response;
+  }
+  v1::AttendStreamResponse Chunk(int64_t offset, int64_t size) const {
+    v1::AttendStreamResponse response;
+    response.mutable_chunk()->set_tensor(v1::TENSOR_NAME_OUTPUT);
+    response.mutable_chunk()->set_offset(offset);
+    response.mutable_chunk()->set_data(
+        std::string(reinterpret_cast<const char*>(tensor_.bytes.data()) + offset, size));
+    return response;
+  }
+  static v1::AttendStreamResponse Metrics() {
+    v1::AttendStreamResponse response;
+    response.set_request_id("fake-1");
+    response.mutable_metrics()->set_density(0.5);
+    return response;
+  }
+
+  HostTensor tensor_;
+  AttendInputs inputs_;
+};
+
+TEST_F(StreamProtocolTest, ReassemblesAWellFormedStream) {
+  absl::StatusOr<AttendResult> result =
+      RunAgainst({Spec({3, 1, 2}), Chunk(0, 10), Chunk(10, 14), Metrics()});
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->request_id, "fake-1");
+  EXPECT_EQ(result->metrics.density(), 0.5);
+  ASSERT_TRUE(result->output.has_value());
+  EXPECT_TRUE(result->output->bytes == tensor_.bytes);
+}
+
+TEST_F(StreamProtocolTest, RejectsProtocolViolations) {
+  struct Case {
+    std::string name;
+    std::vector<v1::AttendStreamResponse> script;
+    std::string fragment;
+  };
+  v1::AttendStreamResponse wrong_tensor = Chunk(0, 24);
+  wrong_tensor.mutable_chunk()->set_tensor(v1::TENSOR_NAME_Q);
+  v1::AttendStreamResponse one_extra_byte = Chunk(0, 1);
+  one_extra_byte.mutable_chunk()->set_offset(24);
+  const std::vector<Case> cases = {
+      {"wrong output shape", {Spec({3, 2, 1}), Chunk(0, 24), Metrics()}, "shape [3, 2, 1]"},
+      {"chunk before spec", {Chunk(0, 24), Spec({3, 1, 2}), Metrics()}, "before output_spec"},
+      {"chunk out of order",
+       {Spec({3, 1, 2}), Chunk(10, 14), Chunk(0, 10), Metrics()},
+       "offset 10, expected 0"},
+      {"too many bytes",
+       {Spec({3, 1, 2}), Chunk(0, 24), one_extra_byte, Metrics()},
+       "more than the 24"},
+      {"metrics before all output",
+       {Spec({3, 1, 2}), Chunk(0, 10), Metrics()},
+       "after 10 of 24 output bytes"},
+      {"message after metrics",
+       {Spec({3, 1, 2}), Chunk(0, 24), Metrics(), Metrics()},
+       "after the final metrics"},
+      {"chunk of another tensor", {Spec({3, 1, 2}), wrong_tensor, Metrics()}, "TENSOR_NAME_Q"},
+      {"no metrics", {Spec({3, 1, 2}), Chunk(0, 24)}, "without final metrics"},
+      {"two specs",
+       {Spec({3, 1, 2}), Spec({3, 1, 2}), Chunk(0, 24), Metrics()},
+       "output_spec twice"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    absl::StatusOr<AttendResult> result = RunAgainst(c.script);
+    ASSERT_FALSE(result.ok());
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
+    EXPECT_THAT(result.status().message(), HasSubstr(c.fragment)) << result.status();
+  }
 }
 
 }  // namespace

@@ -107,8 +107,9 @@ absl::StatusOr<ProcessResult> RunProcess(const std::vector<std::string>& argv,
   if (!status.ok()) {
     ::kill(*pid, SIGKILL);
     (void)WaitPid(*pid, absl::Seconds(10));
-    return absl::DeadlineExceededError(absl::StrCat(argv[0], " did not finish within ", absl::FormatDuration(timeout),
-                                                    "; output:\n", ReadWholeFile(log_path)));
+    return absl::DeadlineExceededError(absl::StrCat(argv[0], " did not finish within ",
+                                                    absl::FormatDuration(timeout), "; output:\n",
+                                                    ReadWholeFile(log_path)));
   }
   ProcessResult result;
   result.output = ReadWholeFile(log_path);
@@ -166,8 +167,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat("anchorserve wrote no port file within ",
-                                                      absl::FormatDuration(startup_timeout), "; its output:\n",
-                                                      server->Log()));
+                                                      absl::FormatDuration(startup_timeout),
+                                                      "; its output:\n", server->Log()));
     }
     absl::SleepFor(absl::Milliseconds(20));
   }

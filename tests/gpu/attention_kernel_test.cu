@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ostream>
 #include <random>
 #include <set>
 #include <string>
@@ -62,19 +63,20 @@ constexpr uint16_t kNanBits = 0xFFFF;  // NaN in both bf16 and fp16
 
 using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
 
-// The kernels with a non-default software-pipeline shape (the production launcher uses
-// attention_detail::DefaultPipeline); same argument handling as LaunchAttention's dispatch.
+// The kernels with one software-pipeline shape for both modes (the production launcher uses
+// attention_detail::DenseDefaultPipeline / SparseDefaultPipeline); same dispatch as
+// LaunchAttention's.
 template <int kStages, bool kLoadsFirst>
 cudaError_t LaunchPipeline(const AttentionParams& p, cudaStream_t stream) {
   using attention_detail::LaunchAttentionTyped;
   using Pipe = attention_detail::Pipeline<kStages, kLoadsFirst>;
   const bool bf16 = p.elem_type == ElemType::kBf16;
   if (p.head_dim == 64) {
-    return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 64, Pipe>(p, stream)
-                : LaunchAttentionTyped<__half, 64, Pipe>(p, stream);
+    return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 64, Pipe, Pipe>(p, stream)
+                : LaunchAttentionTyped<__half, 64, Pipe, Pipe>(p, stream);
   }
-  return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 128, Pipe>(p, stream)
-              : LaunchAttentionTyped<__half, 128, Pipe>(p, stream);
+  return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 128, Pipe, Pipe>(p, stream)
+              : LaunchAttentionTyped<__half, 128, Pipe, Pipe>(p, stream);
 }
 
 // Device buffer that frees itself.
@@ -589,12 +591,15 @@ TEST(AttentionKernelSparse, DefaultGeometryLong) {
   CheckCase(c);
 }
 
-// --- other pipeline shapes (benchmarked against the default) -------------------------------
+// --- every pipeline shape in both modes (the defaults pick one per mode)
+// -------------------------------
 
 struct PipelineShape {
   const char* name;
   Launcher launch;
 };
+
+void PrintTo(const PipelineShape& shape, std::ostream* os) { *os << shape.name; }
 
 class AttentionKernelPipelines : public ::testing::TestWithParam<PipelineShape> {};
 
@@ -619,7 +624,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionKernelPipelines,
     ::testing::Values(PipelineShape{"TwoStagesLoadsFirst", &LaunchPipeline<2, true>},
                       PipelineShape{"TwoStagesLoadsAfter", &LaunchPipeline<2, false>},
-                      PipelineShape{"ThreeStagesLoadsFirst", &LaunchPipeline<3, true>}),
+                      PipelineShape{"ThreeStagesLoadsFirst", &LaunchPipeline<3, true>},
+                      PipelineShape{"ThreeStagesLoadsAfter", &LaunchPipeline<3, false>}),
     [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
 
 // --- arguments -------------------------------------------------------------------------------

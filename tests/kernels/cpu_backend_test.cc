@@ -221,6 +221,15 @@ std::vector<Case> DefaultGroupCases() {
   }
   cases[1].layout = Layout::kHeadMajor;
   cases[2].dtype = DType::kFp16;
+  // Three groups: group 2 has candidates [2048, 4096); structured inputs make the selection a
+  // proper subset at theta = 12.
+  Case stripes{4500, 4, 1, 128, DType::kBf16, Layout::kTokenMajor};
+  stripes.block_size = 128;
+  stripes.step = 16;
+  stripes.theta = 12.0f;
+  stripes.structured = true;
+  stripes.seed = 4500;
+  cases.push_back(stripes);
   return cases;
 }
 
