@@ -81,8 +81,7 @@ RecallStats ComputeRecall(const AttentionTask& sparse, const void* dense_out,
     within_0_005 += diff < 0.005;
   }
   stats.output_recall_tau_0_01 = static_cast<double>(within_0_01) / static_cast<double>(elements);
-  stats.output_recall_tau_0_005 =
-      static_cast<double>(within_0_005) / static_cast<double>(elements);
+  stats.output_recall_tau_0_005 = static_cast<double>(within_0_005) / static_cast<double>(elements);
 
   if (sparse.maybe_lse == nullptr || dense_lse == nullptr) {
     stats.attention_mass_mean = std::numeric_limits<double>::quiet_NaN();
@@ -93,8 +92,8 @@ RecallStats ComputeRecall(const AttentionTask& sparse, const void* dense_out,
   double mass_sum = 0;
   double mass_min = std::numeric_limits<double>::infinity();
   for (int64_t row = 0; row < rows; ++row) {
-    double mass = std::exp(static_cast<double>(sparse.maybe_lse[row]) -
-                           static_cast<double>(dense_lse[row]));
+    double mass =
+        std::exp(static_cast<double>(sparse.maybe_lse[row]) - static_cast<double>(dense_lse[row]));
     // Rounding can push a row that kept every key slightly above 1; NaN stays NaN.
     if (mass > 1.0) mass = 1.0;
     mass_sum += mass;

@@ -32,7 +32,7 @@ class PlanRng {
   explicit PlanRng(uint64_t seed) : state_(Mix64(seed ^ 0x5EED5EED5EED5EEDull)) {}
   uint64_t Next() { return Mix64(state_ += 0x9E3779B97F4A7C15ull); }
   double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  int64_t UniformInt(int64_t lo, int64_t hi) {  // [lo, hi), hi > lo
+  int64_t UniformInt(int64_t lo, int64_t hi) {                                // [lo, hi), hi > lo
     return lo + static_cast<int64_t>(Uniform() * static_cast<double>(hi - lo));
   }
   // Gaussian via Box-Muller (one of the pair).
@@ -81,8 +81,7 @@ HostQkv AllocateQkv(const AttentionShape& shape, DType dtype, Layout layout) {
   qkv.layout = layout;
   const size_t element = ElementSize(dtype);
   qkv.q.resize(static_cast<size_t>(shape.seq_len) * shape.num_q_heads * shape.head_dim * element);
-  qkv.k.resize(static_cast<size_t>(shape.seq_len) * shape.num_kv_heads * shape.head_dim *
-               element);
+  qkv.k.resize(static_cast<size_t>(shape.seq_len) * shape.num_kv_heads * shape.head_dim * element);
   qkv.v.resize(qkv.k.size());
   return qkv;
 }
@@ -113,12 +112,12 @@ struct NeedleSpan {
 
 struct HeadPlan {
   StructuredHeadKind kind = StructuredHeadKind::kSinkLocal;
-  float noise = 1;         // q noise std (k noise has std 1: score noise std in nats)
-  float sink = 0;          // q coefficient on the sink dim
-  float rotary = 0;        // q amplitude of the rotary pattern
+  float noise = 1;   // q noise std (k noise has std 1: score noise std in nats)
+  float sink = 0;    // q coefficient on the sink dim
+  float rotary = 0;  // q amplitude of the rotary pattern
   float stripe[kStripeKinds] = {};
-  float needle = 0;        // q coefficient along a needle direction
-  float salience = 0;      // q coefficient on the salience dim
+  float needle = 0;    // q coefficient along a needle direction
+  float salience = 0;  // q coefficient on the salience dim
   std::vector<NeedleSpan> spans;
 };
 
@@ -132,11 +131,11 @@ struct KvPlan {
 
 struct Plan {
   int rotary_pairs = 0;
-  int sink_dim = -1;         // -1 when the head dim has no room
-  int stripe_dim0 = -1;      // stripe kind k lives in dim stripe_dim0 + k
-  int salience_dim = -1;     // per-key salience feature
-  int needle_dim0 = -1;      // needle directions span [needle_dim0, d)
-  float key_amplitude = 0;   // k coefficient of every feature
+  int sink_dim = -1;               // -1 when the head dim has no room
+  int stripe_dim0 = -1;            // stripe kind k lives in dim stripe_dim0 + k
+  int salience_dim = -1;           // per-key salience feature
+  int needle_dim0 = -1;            // needle directions span [needle_dim0, d)
+  float key_amplitude = 0;         // k coefficient of every feature
   std::vector<float> frequencies;  // [rotary_pairs]
   std::vector<HeadPlan> heads;     // [Hq]
   std::vector<KvPlan> kv;          // [Hkv]
@@ -169,8 +168,8 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
   std::iota(order.begin(), order.end(), 0);
   for (int i = hq - 1; i > 0; --i) std::swap(order[i], order[rng.UniformInt(0, i + 1)]);
   const int retrieval = static_cast<int>(std::lround(o.retrieval_head_fraction * hq));
-  const int diffuse = std::min(hq - retrieval,
-                               static_cast<int>(std::lround(o.diffuse_head_fraction * hq)));
+  const int diffuse =
+      std::min(hq - retrieval, static_cast<int>(std::lround(o.diffuse_head_fraction * hq)));
   const int stripe = std::min(hq - retrieval - diffuse,
                               static_cast<int>(std::lround(o.stripe_head_fraction * hq)));
   plan.heads.resize(hq);
@@ -240,9 +239,8 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
       const int64_t count = std::max<int64_t>(1, std::llround(o.stripe_rate * n));
       for (int64_t s = 0; s < count; ++s) kv.stripe_positions.push_back(rng.UniformInt(first, n));
       std::sort(kv.stripe_positions.begin(), kv.stripe_positions.end());
-      kv.stripe_positions.erase(
-          std::unique(kv.stripe_positions.begin(), kv.stripe_positions.end()),
-          kv.stripe_positions.end());
+      kv.stripe_positions.erase(std::unique(kv.stripe_positions.begin(), kv.stripe_positions.end()),
+                                kv.stripe_positions.end());
       for (size_t s = 0; s < kv.stripe_positions.size(); ++s) {
         kv.stripe_kinds.push_back(static_cast<int>(rng.UniformInt(0, kStripeKinds)));
         kv.stripe_weights.push_back(static_cast<float>(0.6 + 0.4 * rng.Uniform()));
@@ -287,9 +285,9 @@ absl::Status ValidateOptions(const StructuredInputOptions& o) {
   if (o.stripe_head_fraction + o.retrieval_head_fraction + o.diffuse_head_fraction > 1.0001f) {
     return absl::InvalidArgumentError("head fractions must sum to at most 1");
   }
-  const float values[] = {o.sink_strength,    o.local_strength,   o.stripe_strength, o.salience_strength,
-                          o.needle_strength,  o.background_noise, o.diffuse_noise,
-                          o.sharpness_jitter, o.value_std};
+  const float values[] = {o.sink_strength,     o.local_strength,   o.stripe_strength,
+                          o.salience_strength, o.needle_strength,  o.background_noise,
+                          o.diffuse_noise,     o.sharpness_jitter, o.value_std};
   for (float value : values) {
     if (!std::isfinite(value) || value < 0.0f) {
       return absl::InvalidArgumentError("strengths, noise levels and jitter must be finite, >= 0");
@@ -363,7 +361,8 @@ absl::StatusOr<HostQkv> GenerateStructuredQkv(const AttentionShape& shape, DType
         if (plan.salience_dim >= 0) row[plan.salience_dim] += head.salience;
         for (const NeedleSpan& span : head.spans) {
           if (t < span.row_begin || t >= span.row_end) continue;
-          const std::vector<float>& direction = plan.kv[h / shape.GqaRatio()].needle_directions[span.needle];
+          const std::vector<float>& direction =
+              plan.kv[h / shape.GqaRatio()].needle_directions[span.needle];
           for (size_t e = 0; e < direction.size(); ++e) {
             row[plan.needle_dim0 + e] += head.needle * direction[e];
           }

@@ -48,20 +48,21 @@ struct StructuredInputOptions {
   float retrieval_head_fraction = 0.125f;
   float diffuse_head_fraction = 0.0625f;
 
-  int sink_tokens = 4;           // leading keys that act as attention sinks
-  float sink_strength = 16.0f;   // sink score of sink/local, stripe and retrieval heads (nats)
-  float local_strength = 8.0f;   // rotary score at distance 0 of sink/local heads (nats)
-  int local_window = 512;        // distance (tokens) at which the rotary score has decayed to ~0
+  int sink_tokens = 4;             // leading keys that act as attention sinks
+  float sink_strength = 16.0f;     // sink score of sink/local, stripe and retrieval heads (nats)
+  float local_strength = 8.0f;     // rotary score at distance 0 of sink/local heads (nats)
+  int local_window = 512;          // distance (tokens) at which the rotary score has decayed to ~0
   double stripe_rate = 1.0 / 512;  // fraction of key positions that are stripes, per KV head
   float stripe_strength = 11.0f;   // stripe score of stripe heads (nats; scaled per key by 0.6-1)
-  float salience_strength = 3.0f;  // score std of per-key salience for the most salience-driven heads
-  int needles = 8;                 // needle keys per KV head (retrieval heads look them up)
-  int needle_query_rows = 128;     // consecutive query rows that look up one needle
-  float needle_strength = 18.0f;   // needle score of the looking-up rows (nats)
-  float background_noise = 1.0f;   // score std of the i.i.d. noise (nats)
-  float diffuse_noise = 1.5f;      // the same for diffuse heads
-  float sharpness_jitter = 0.3f;   // per-head strength multiplier range, see above
-  float value_std = 1.0f;          // V ~ N(0, value_std^2)
+  float salience_strength =
+      3.0f;                     // score std of per-key salience for the most salience-driven heads
+  int needles = 8;              // needle keys per KV head (retrieval heads look them up)
+  int needle_query_rows = 128;  // consecutive query rows that look up one needle
+  float needle_strength = 18.0f;  // needle score of the looking-up rows (nats)
+  float background_noise = 1.0f;  // score std of the i.i.d. noise (nats)
+  float diffuse_noise = 1.5f;     // the same for diffuse heads
+  float sharpness_jitter = 0.3f;  // per-head strength multiplier range, see above
+  float value_std = 1.0f;         // V ~ N(0, value_std^2)
 };
 
 // Q/K/V bytes in `dtype` and `layout`: q [N, Hq, d] or [Hq, N, d], k and v likewise with Hkv.
@@ -76,8 +77,7 @@ struct HostQkv {
 // INVALID_ARGUMENT for bad shapes (as ValidateTask) or options (negative counts, fractions
 // outside [0, 1] or summing above 1, non-finite strengths, local_window < 1).
 absl::StatusOr<HostQkv> GenerateStructuredQkv(const AttentionShape& shape, DType dtype,
-                                              Layout layout,
-                                              const StructuredInputOptions& options);
+                                              Layout layout, const StructuredInputOptions& options);
 
 // I.i.d. N(0, 1) q, k and v, rounded to `dtype`.
 absl::StatusOr<HostQkv> GenerateRandomQkv(const AttentionShape& shape, DType dtype, Layout layout,

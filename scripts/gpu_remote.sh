@@ -27,7 +27,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 240 "$bundle/run" anchor_gpu_tests --gtest_color=no \
     --gtest_filter="${TEST_FILTER:-*}" > "$out/tests.log" 2>&1
   echo "gpu tests exit: $?"
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|^\[       OK \]|Failure|error|Expected|Which is|wrong|off;" \
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|Failure|error|Expected|Which is|wrong|off;|selected" \
     "$out/tests.log" | cut -c1-400 | head -80
 fi
 

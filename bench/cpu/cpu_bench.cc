@@ -147,8 +147,9 @@ int Main(int argc, char** argv) {
     return 1;
   }
   AttentionBackend& backend = **backend_or;
-  const int threads =
-      o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = o.threads > 0
+                          ? o.threads
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::printf("# %s\n", backend.Info().device.c_str());
   std::printf("# Hq=%d Hkv=%d d=%d dtype=%s inputs=%s seed=%llu theta=%g threads=%d repeats=%d\n",
               o.hq, o.hkv, o.d, std::string(DTypeName(o.dtype)).c_str(), o.inputs.c_str(),
@@ -158,6 +159,7 @@ int Main(int argc, char** argv) {
   for (const int64_t n : o.lengths) {
     const AttentionShape shape{n, o.hq, o.hkv, o.d};
     absl::StatusOr<HostQkv> qkv;
+    const auto generate_start = std::chrono::steady_clock::now();
     if (o.inputs == "structured") {
       StructuredInputOptions options = o.structured;
       options.seed = o.seed;
@@ -169,6 +171,9 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "%s\n", qkv.status().ToString().c_str());
       return 1;
     }
+    std::printf(
+        "#   N=%lld: %s inputs generated in %.2f s\n", static_cast<long long>(n), o.inputs.c_str(),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - generate_start).count());
     std::map<std::string, std::vector<uint8_t>> outs;
     std::map<std::string, std::vector<float>> lses;
     std::vector<std::string> modes;
@@ -213,9 +218,10 @@ int Main(int argc, char** argv) {
       summaries[mode] = summary;
       if (mode == "anchor" && outs.count("dense")) {
         const RecallStats recall = ComputeRecall(task, outs["dense"].data(), lses["dense"].data());
-        std::printf("#   recall vs dense: output(0.01) %.4f output(0.005) %.4f mass mean %.5f min %.5f\n",
-                    recall.output_recall_tau_0_01, recall.output_recall_tau_0_005,
-                    recall.attention_mass_mean, recall.attention_mass_min);
+        std::printf(
+            "#   recall vs dense: output(0.01) %.4f output(0.005) %.4f mass mean %.5f min %.5f\n",
+            recall.output_recall_tau_0_01, recall.output_recall_tau_0_005,
+            recall.attention_mass_mean, recall.attention_mass_min);
       }
     }
     if (summaries.count("anchor") && !qkv->head_kinds.empty()) {

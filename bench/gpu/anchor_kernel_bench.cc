@@ -277,6 +277,24 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
   }
 }
 
+// Identification kernel variants at one length and the default theta.
+struct VariantRow {
+  int64_t n = 0;
+  std::string name;
+  double anchor_ms = 0, stripes_ms = 0;
+  int64_t stripes_total = 0;  // over heads and groups
+};
+
+void PrintVariants(const std::vector<VariantRow>& rows, FILE* out) {
+  std::fprintf(out, "\n| N | identification variant | anchor ms | stripes ms | stripes selected |\n");
+  std::fprintf(out, "|---|---|---|---|---|\n");
+  for (const VariantRow& r : rows) {
+    std::fprintf(out, "| %lld | %s | %.3f | %.3f | %lld |\n", static_cast<long long>(r.n),
+                 r.name.c_str(), r.anchor_ms, r.stripes_ms,
+                 static_cast<long long>(r.stripes_total));
+  }
+}
+
 void PrintTable(const std::vector<Row>& rows, FILE* out) {
   std::fprintf(out,
                "| N | theta | anchor ms | stripes ms | ident. ms | sparse ms | sparse TFLOP/s | "
@@ -356,6 +374,7 @@ int Main(int argc, char** argv) {
   cuda::AnchorRunner& runner = **runner_or;
   const cudaStream_t stream = runner.stream();
   std::vector<Row> rows;
+  std::vector<VariantRow> variant_rows;
   void* dense_out = nullptr;
   float* dense_lse = nullptr;
   int64_t dense_capacity = 0;
@@ -405,9 +424,52 @@ int Main(int argc, char** argv) {
     }
     const double dense_ms = Median(dense_times);
 
+    const bool sweep = std::find(options.sweep_lengths.begin(), options.sweep_lengths.end(), n) !=
+                       options.sweep_lengths.end();
+    if (sweep) {
+      struct Variant {
+        cuda::AnchorRunner::Variants variants;
+        const char* name;
+      };
+      const Variant variants[] = {
+          {{4, false}, "default (anchor 4 m-tiles/warp, screened stripes)"},
+          {{2, false}, "anchor 2 m-tiles/warp"},
+          {{4, true}, "stripes: all three pieces for every tile (no screening)"}};
+      runner.set_theta(options.theta);
+      for (const Variant& variant : variants) {
+        runner.set_variants(variant.variants);
+        BENCH_OK(runner.RunAnchorStage());
+        BENCH_OK(runner.RunStripeStage());
+        std::vector<double> anchor_times, stripe_times;
+        for (int r = 0; r < options.reps; ++r) {
+          timer.Record(0, stream);
+          BENCH_OK(runner.RunAnchorStage());
+          timer.Record(1, stream);
+          BENCH_OK(runner.RunStripeStage());
+          timer.Record(2, stream);
+          BENCH_CUDA(cudaStreamSynchronize(stream));
+          anchor_times.push_back(timer.Ms(0, 1));
+          stripe_times.push_back(timer.Ms(1, 2));
+        }
+        BENCH_OK(runner.RunHeadStats(false));
+        std::vector<HeadStats> stats;
+        BENCH_OK(runner.CopyHeadStats(&stats));
+        VariantRow row;
+        row.n = n;
+        row.name = variant.name;
+        row.anchor_ms = Median(anchor_times);
+        row.stripes_ms = Median(stripe_times);
+        for (const HeadStats& s : stats) row.stripes_total += s.stripes_total;
+        std::printf("N=%lld variant %s: anchor %.3f ms, stripes %.3f ms, selected %lld\n",
+                    static_cast<long long>(n), variant.name, row.anchor_ms, row.stripes_ms,
+                    static_cast<long long>(row.stripes_total));
+        variant_rows.push_back(row);
+      }
+      runner.set_variants({});
+    }
+
     std::vector<float> thetas = {options.theta};
-    if (std::find(options.sweep_lengths.begin(), options.sweep_lengths.end(), n) !=
-        options.sweep_lengths.end()) {
+    if (sweep) {
       for (float theta : options.sweep_thetas) {
         if (theta != options.theta) thetas.push_back(theta);
       }
@@ -495,7 +557,16 @@ int Main(int argc, char** argv) {
 
   std::printf("\n== summary ==\n");
   PrintTable(rows, stdout);
+  PrintVariants(variant_rows, stdout);
   WriteOutputs(rows, options.out_dir);
+  {
+    std::ofstream csv(options.out_dir + "/anchor_kernel_bench_variants.csv");
+    csv << "n,variant,anchor_ms,stripes_ms,stripes_total\n";
+    for (const VariantRow& r : variant_rows) {
+      csv << r.n << ",\"" << r.name << "\"," << r.anchor_ms << ',' << r.stripes_ms << ','
+          << r.stripes_total << '\n';
+    }
+  }
   return 0;
 }
 

@@ -66,8 +66,8 @@ struct Problem {
 
 struct GroupGeometry {
   int64_t row_begin = 0, row_end = 0;
-  int64_t init_end = 0;     // initial keys [0, init_end)
-  int64_t local_begin = 0;  // local keys [local_begin, i]
+  int64_t init_end = 0;                  // initial keys [0, init_end)
+  int64_t local_begin = 0;               // local keys [local_begin, i]
   int64_t cand_begin = 0, cand_end = 0;  // candidates C_g; empty when equal
   bool HasCandidates() const { return cand_end > cand_begin; }
 };
@@ -89,8 +89,8 @@ bool Identifies(const Problem& p, const GroupGeometry& geo) {
   return geo.HasCandidates() && p.theta != kNegInf;
 }
 
-const uint8_t* ElementAt(const void* base, const Problem& p, TensorStrides strides,
-                         int64_t token, int head) {
+const uint8_t* ElementAt(const void* base, const Problem& p, TensorStrides strides, int64_t token,
+                         int head) {
   return static_cast<const uint8_t*>(base) +
          (token * strides.token + head * strides.head) * static_cast<int64_t>(p.element_size);
 }
@@ -122,8 +122,8 @@ void ResetState(const Problem& p, int rows, float* m, float* l, float* acc) {
 }
 
 // Writes out = acc / l (and the natural-log LSE) for rows [row0, row0 + rows) of head h.
-void FinalizeRows(const Problem& p, int h, int64_t row0, int rows, const float* m,
-                  const float* l, const float* acc, float* row_scratch) {
+void FinalizeRows(const Problem& p, int h, int64_t row0, int rows, const float* m, const float* l,
+                  const float* acc, float* row_scratch) {
   AttentionTask& task = *p.task;
   for (int r = 0; r < rows; ++r) {
     const float inverse = 1.0f / l[r];
@@ -168,8 +168,8 @@ void ConvertKvTile(const Problem& p, int kv_head, int64_t tile, const ConvertedK
 // Online softmax of a query tile (rows [row0, row0 + rows)) over keys [key_begin, key_end),
 // causally masked.
 void AttendKeyRange(const TileKernels& kernels, const Problem& p, const ConvertedKv& kv,
-                    const float* q_tile, int64_t row0, int rows, int64_t key_begin,
-                    int64_t key_end, float* m, float* l, float* acc, float* scores) {
+                    const float* q_tile, int64_t row0, int rows, int64_t key_begin, int64_t key_end,
+                    float* m, float* l, float* acc, float* scores) {
   key_end = std::min(key_end, row0 + rows);
   if (key_begin >= key_end) return;
   AttendTileArgs args;
@@ -194,14 +194,14 @@ void AttendKeyRange(const TileKernels& kernels, const Problem& p, const Converte
 }
 
 struct WorkerScratch {
-  FloatBuffer q_tiles;    // [kQueryTilesPerItem * kTileRows, d_pad]
-  FloatBuffer scores;     // [kTileRows, kTileKeys]
-  FloatBuffer acc;        // [kTileRows, d_pad]
-  FloatBuffer m, l;       // [kTileRows]
-  FloatBuffer row;        // [d_pad]
-  FloatBuffer gather_kt;  // [kGatherTiles, d_pad, kTileKeys]
-  FloatBuffer gather_v;   // [kGatherTiles * kTileKeys, d_pad]
-  FloatBuffer pooled;     // [round_up(ratio * step, kRowAlign), d_pad]: scale * pooled queries
+  FloatBuffer q_tiles;        // [kQueryTilesPerItem * kTileRows, d_pad]
+  FloatBuffer scores;         // [kTileRows, kTileKeys]
+  FloatBuffer acc;            // [kTileRows, d_pad]
+  FloatBuffer m, l;           // [kTileRows]
+  FloatBuffer row;            // [d_pad]
+  FloatBuffer gather_kt;      // [kGatherTiles, d_pad, kTileKeys]
+  FloatBuffer gather_v;       // [kGatherTiles * kTileKeys, d_pad]
+  FloatBuffer pooled;         // [round_up(ratio * step, kRowAlign), d_pad]: scale * pooled queries
   FloatBuffer pooled_anchor;  // [ratio * step]
   FloatBuffer margins;        // [ratio, kTileKeys]
 
@@ -218,10 +218,8 @@ struct WorkerScratch {
               margins.Allocate(int64_t{p.ratio} * kTileKeys);
     if (!ok) return false;
     // Gathered tiles and pooled rows are only ever partly written; the rest must stay finite.
-    std::fill(gather_kt.get(), gather_kt.get() + int64_t{kGatherTiles} * p.d_pad * kTileKeys,
-              0.0f);
-    std::fill(gather_v.get(), gather_v.get() + int64_t{kGatherTiles} * kTileKeys * p.d_pad,
-              0.0f);
+    std::fill(gather_kt.get(), gather_kt.get() + int64_t{kGatherTiles} * p.d_pad * kTileKeys, 0.0f);
+    std::fill(gather_v.get(), gather_v.get() + int64_t{kGatherTiles} * kTileKeys * p.d_pad, 0.0f);
     std::fill(pooled.get(), pooled.get() + pooled_rows * p.d_pad, 0.0f);
     return true;
   }
@@ -308,9 +306,9 @@ class CpuAttention {
         const int64_t rows = int64_t{p.ratio} * p.num_groups * p.group_slots;
         if (!state_m_.Allocate(rows) || !state_l_.Allocate(rows) ||
             !state_acc_.Allocate(rows * p.d_pad)) {
-          return absl::ResourceExhaustedError(absl::StrCat(
-              "cpu backend: cannot allocate ", rows * (p.d_pad + 2) * 4,
-              " bytes of softmax state"));
+          return absl::ResourceExhaustedError(absl::StrCat("cpu backend: cannot allocate ",
+                                                           rows * (p.d_pad + 2) * 4,
+                                                           " bytes of softmax state"));
         }
       }
       stripes_.assign(static_cast<size_t>(p.ratio * p.num_groups), {});
@@ -343,8 +341,8 @@ class CpuAttention {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, p.n - row0));
       LoadQueryTile(p, h, row0, rows, w.q_tiles.get());
       ResetState(p, rows, w.m.get(), w.l.get(), w.acc.get());
-      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), row0, rows, 0, p.n, w.m.get(),
-                     w.l.get(), w.acc.get(), w.scores.get());
+      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), row0, rows, 0, p.n, w.m.get(), w.l.get(),
+                     w.acc.get(), w.scores.get());
       FinalizeRows(p, h, row0, rows, w.m.get(), w.l.get(), w.acc.get(), w.row.get());
     });
   }
@@ -402,7 +400,8 @@ class CpuAttention {
     for (int64_t g = p.num_groups - 1; g >= 0; --g) {
       const GroupGeometry geo = Group(p, g);
       for (int64_t row0 = geo.row_begin; row0 < geo.row_end; row0 += kTileRows) {
-        tiles.push_back({g, row0, static_cast<int>(std::min<int64_t>(kTileRows, geo.row_end - row0))});
+        tiles.push_back(
+            {g, row0, static_cast<int>(std::min<int64_t>(kTileRows, geo.row_end - row0))});
       }
     }
     pool_.ParallelFor(static_cast<int64_t>(tiles.size()) * p.ratio, [&](int64_t item, int worker) {
@@ -424,10 +423,10 @@ class CpuAttention {
       }
       LoadQueryTile(p, h, tile.row0, tile.rows, w.q_tiles.get());
       ResetState(p, tile.rows, m, l, acc);
-      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), tile.row0, tile.rows, 0, geo.init_end, m,
-                     l, acc, w.scores.get());
-      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), tile.row0, tile.rows, geo.local_begin,
-                     p.n, m, l, acc, w.scores.get());
+      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), tile.row0, tile.rows, 0, geo.init_end, m, l,
+                     acc, w.scores.get());
+      AttendKeyRange(kernels_, p, kv_, w.q_tiles.get(), tile.row0, tile.rows, geo.local_begin, p.n,
+                     m, l, acc, w.scores.get());
       if (!keep_state) FinalizeRows(p, h, tile.row0, tile.rows, m, l, acc, w.row.get());
     });
   }
@@ -437,8 +436,8 @@ class CpuAttention {
   void IdentifyStripes(int kv_head, int64_t g, WorkerScratch& w) {
     const Problem& p = problem_;
     const GroupGeometry geo = Group(p, g);
-    const int blocks = static_cast<int>(std::min<int64_t>(
-        p.step, (geo.row_end - geo.row_begin + p.block_size - 1) / p.block_size));
+    const int blocks = static_cast<int>(
+        std::min<int64_t>(p.step, (geo.row_end - geo.row_begin + p.block_size - 1) / p.block_size));
     const int pooled_rows = p.ratio * blocks;
     float* row = w.row.get();
     for (int hl = 0; hl < p.ratio; ++hl) {
@@ -506,7 +505,8 @@ class CpuAttention {
       const GroupGeometry geo = Group(p, g);
       for (int hl = 0; hl < p.ratio; ++hl) {
         for (int64_t row0 = geo.row_begin; row0 < geo.row_end; row0 += kItemRows) {
-          items.push_back({g, row0, static_cast<int>(std::min<int64_t>(kItemRows, geo.row_end - row0)), hl});
+          items.push_back(
+              {g, row0, static_cast<int>(std::min<int64_t>(kItemRows, geo.row_end - row0)), hl});
         }
       }
     }
@@ -572,8 +572,8 @@ class CpuAttention {
       const int64_t tile = key / kTileKeys;
       const int column = static_cast<int>(key - tile * kTileKeys);
       const float* src_kt = kv_.KeyTile(p, tile) + column;
-      float* dst_kt = w.gather_kt.get() + int64_t{k / kTileKeys} * p.d_pad * kTileKeys +
-                      (k % kTileKeys);
+      float* dst_kt =
+          w.gather_kt.get() + int64_t{k / kTileKeys} * p.d_pad * kTileKeys + (k % kTileKeys);
       for (int e = 0; e < p.d; ++e) dst_kt[e * kTileKeys] = src_kt[e * kTileKeys];
       std::memcpy(w.gather_v.get() + int64_t{k} * p.d_pad, kv_.v + key * p.d_pad,
                   sizeof(float) * p.d_pad);
@@ -593,7 +593,8 @@ class CpuAttention {
     for (int64_t g = 0; g < p.num_groups; ++g) {
       const GroupGeometry geo = Group(p, g);
       for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
-        anchor_entries += std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
+        anchor_entries +=
+            std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
       }
     }
     for (int h = 0; h < p.hq; ++h) {
@@ -622,7 +623,7 @@ class CpuAttention {
   std::vector<WorkerScratch> workers_;
   FloatBuffer state_m_, state_l_, state_acc_;
   std::vector<std::vector<int32_t>> stripes_;  // [ratio * num_groups] of the current KV head
-  std::vector<int64_t> stripe_counts_;        // [Hq * num_groups]
+  std::vector<int64_t> stripe_counts_;         // [Hq * num_groups]
 };
 
 }  // namespace

@@ -53,8 +53,7 @@ class CpuBackend : public AttentionBackend {
                                                      task.shape.head_dim));
     }
     if (task.shape.seq_len > cpu::kMaxCpuSeqLen) {
-      return absl::InvalidArgumentError(absl::StrCat("seq_len must be at most ",
-                                                     cpu::kMaxCpuSeqLen,
+      return absl::InvalidArgumentError(absl::StrCat("seq_len must be at most ", cpu::kMaxCpuSeqLen,
                                                      " on the cpu backend, got ",
                                                      task.shape.seq_len));
     }

@@ -17,9 +17,7 @@ extern const TileKernels kTileKernels;
 namespace {
 
 #if defined(__x86_64__)
-bool CpuHasAvx2Fma() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+bool CpuHasAvx2Fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 bool CpuHasAvx512() {
   return CpuHasAvx2Fma() && __builtin_cpu_supports("avx512f") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

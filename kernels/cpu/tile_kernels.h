@@ -15,7 +15,9 @@ inline constexpr int kTileKeys = 128;  // keys per tile
 inline constexpr int kDimAlign = 32;   // head dims are zero-padded to a multiple of this
 inline constexpr int kRowAlign = 8;    // score_tile row counts must be a multiple of this
 
-inline int PaddedHeadDim(int head_dim) { return (head_dim + kDimAlign - 1) / kDimAlign * kDimAlign; }
+inline int PaddedHeadDim(int head_dim) {
+  return (head_dim + kDimAlign - 1) / kDimAlign * kDimAlign;
+}
 
 // One online-softmax step: row r of the query tile (absolute row row0 + r) against column c of the
 // key tile (absolute key key0 + c). Column c is used by row r when key0 + c lies in

@@ -326,9 +326,10 @@ __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p)
   if (col == 0) {
     p.pooled_unscale[pooled_row] = ldexpf(1.0f, -exponent);
     p.pooled_anchor[pooled_row] = abar;
-    // |qbar - hi * 2^-e| <= u |qbar| per component (round to nearest), so scoring with `hi` alone
-    // is off by at most scale * u * |qbar| * |k| (Cauchy-Schwarz); 2u leaves room for the fp32
-    // accumulation of both products and the norm's own rounding.
+    // |qbar - hi * 2^-e| <= u |qbar| per component (round to nearest, u = 2^-8 for bf16, 2^-11
+    // for fp16), so scoring with `hi` alone is off by at most scale * u * |qbar| * |k|
+    // (Cauchy-Schwarz); 2u leaves room for the fp32 accumulation of both products and the
+    // norms' own rounding.
     p.pooled_band[pooled_row] =
         p.softmax_scale * sqrtf(sumsq) * Elem<T>::kTwoUnitRoundoff * 1.001f;
   }

@@ -14,7 +14,7 @@ struct Elem;
 
 template <>
 struct Elem<__nv_bfloat16> {
-  static constexpr float kTwoUnitRoundoff = 0x1p-8f;  // 8-bit significand
+  static constexpr float kTwoUnitRoundoff = 0x1p-7f;  // 8-bit significand: u = 2^-8
   static __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 FromFloat(float x) {
     return __float2bfloat16_rn(x);
@@ -31,7 +31,7 @@ struct Elem<__nv_bfloat16> {
 
 template <>
 struct Elem<__half> {
-  static constexpr float kTwoUnitRoundoff = 0x1p-11f;  // 11-bit significand
+  static constexpr float kTwoUnitRoundoff = 0x1p-10f;  // 11-bit significand: u = 2^-11
   static __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half FromFloat(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,

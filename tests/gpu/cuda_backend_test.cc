@@ -5,6 +5,7 @@
 // Stripe sets must equal the reference's except for keys whose fp64 margin
 // max_r(scale*qbar_r.k_j - abar_r) + theta lies within fp32 rounding of 0; outputs are then
 // checked against the reference evaluated with the GPU's own stripe sets.
+#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -25,6 +26,7 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/tile_kernels.h"
+#include "kernels/cuda/anchor_runner.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
@@ -709,6 +711,69 @@ TEST(CudaBackendTest, MismatchedBatchIsRejected) {
   b->task.config.theta = 5;
   AttentionTask* batch[] = {&a->task, &b->task};
   EXPECT_EQ((*backend)->Run(batch).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Kernel variants on the same inputs (anchor kernel with 2 or 4 m16 row tiles per warp; stripe
+// scoring with or without the hi-only screening): bitwise identical anchors x(i) (same MMAs in the
+// same order), and stripe sets that each match the fp64 reference up to rounding at the threshold.
+TEST(IdentificationVariantsTest, EveryVariantMatchesReference) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (const CaseSpec& spec :
+       {Spec("variants_random_bf16", {6100}, 4, 1, 128, kBf, kTok, kRand, Config(3.5f), 81),
+        Spec("variants_structured_fp16", {7000}, 4, 2, 64, kFp, kHead, kStruct, Config(12), 82)}) {
+    const int64_t n = spec.seq_lens[0];
+    std::unique_ptr<TaskData> data = MakeTask(spec, n, spec.seed);
+    const AttentionTask& task = data->task;
+    const std::string what = Describe(spec, n, spec.seed);
+    absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner = cuda::AnchorRunner::Create(0);
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    cuda::BatchPlanRequest request;
+    request.seq_lens = {n};
+    request.num_q_heads = spec.hq;
+    request.num_kv_heads = spec.hkv;
+    request.head_dim = spec.d;
+    request.layout = spec.layout;
+    request.config = spec.config;
+    ASSERT_TRUE((*runner)->Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok());
+    ASSERT_EQ(cudaMemcpy((*runner)->q(), data->qkv.q.data(), data->qkv.q.size(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy((*runner)->k(), data->qkv.k.data(), data->qkv.k.size(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    const ReferenceResult ref = ReferenceAttend(task);
+    std::vector<float> first_anchors;
+    for (int m_tiles : {2, 4}) {
+      for (bool exact_only : {false, true}) {
+        const std::string variant =
+            absl::StrCat(what, " m_tiles=", m_tiles, " exact_only=", exact_only);
+        (*runner)->set_variants({m_tiles, exact_only});
+        ASSERT_TRUE((*runner)->RunAnchorStage().ok());
+        ASSERT_TRUE((*runner)->RunStripeStage().ok());
+        CudaBackend::StripeSnapshot snapshot;
+        snapshot.plan = (*runner)->plan();
+        ASSERT_TRUE((*runner)->CopyStripeLists(&snapshot.counts, &snapshot.index).ok());
+        ASSERT_TRUE((*runner)->CopyRowAnchor(&snapshot.row_anchor).ok());
+        if (first_anchors.empty()) {
+          first_anchors = snapshot.row_anchor;
+          CheckRowAnchors(snapshot, 0, task, variant);
+        } else {
+          EXPECT_TRUE(first_anchors == snapshot.row_anchor) << variant << ": anchors differ";
+        }
+        const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, 0, task);
+        const StripeComparison cmp =
+            CompareStripes(task, ref.stripes, gpu, [&](int h, int64_t g, int64_t key) {
+              const Geometry geo = GroupGeometry(task.config, n, g);
+              return ref.stripe_margins[h * ref.num_groups + g][key - geo.cand_begin];
+            });
+        EXPECT_EQ(cmp.wrong, 0) << variant << ": " << cmp.wrong << " wrong of "
+                                << cmp.candidates << "; first: " << cmp.first_wrong;
+        std::printf("  %s: selected %lld of %lld, %lld disputed\n", variant.c_str(),
+                    static_cast<long long>(cmp.selected), static_cast<long long>(cmp.candidates),
+                    static_cast<long long>(cmp.disputed));
+      }
+    }
+  }
 }
 
 }  // namespace

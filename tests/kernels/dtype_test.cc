@@ -1,4 +1,6 @@
 // bf16 / fp16 <-> fp32 conversions of kernels/dtype.h, checked exhaustively where possible.
+#include "kernels/dtype.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -6,7 +8,6 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/dtype.h"
 
 namespace anchorserve {
 namespace {

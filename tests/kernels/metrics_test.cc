@@ -1,11 +1,12 @@
 // SummarizeHeads and ComputeRecall on cases worked out by hand.
+#include "kernels/metrics.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kernels/dtype.h"
-#include "kernels/metrics.h"
 
 namespace anchorserve {
 namespace {

@@ -103,10 +103,9 @@ TEST(StructuredInputsTest, RejectsBadArguments) {
   EXPECT_EQ(GenerateRandomQkv({16, 4, 3, 64}, DType::kBf16, Layout::kTokenMajor, 0).status().code(),
             absl::StatusCode::kInvalidArgument);
   options.diffuse_head_fraction = 0.9f;  // with the other fractions the sum exceeds 1
-  EXPECT_EQ(GenerateStructuredQkv(kShape, DType::kBf16, Layout::kTokenMajor, options)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      GenerateStructuredQkv(kShape, DType::kBf16, Layout::kTokenMajor, options).status().code(),
+      absl::StatusCode::kInvalidArgument);
   options = StructuredInputOptions{};
   options.local_window = 0;
   EXPECT_FALSE(GenerateStructuredQkv(kShape, DType::kBf16, Layout::kTokenMajor, options).ok());

@@ -31,10 +31,10 @@ void Accumulate(double got, double expected, double tolerance, int64_t index, Er
     s->max_abs = std::max(s->max_abs, error);
     s->mean_abs += error;
   }
-  const double worst = s->worst_index < 0
-                           ? -1.0
-                           : std::fabs(s->worst_got - s->worst_expected) / s->worst_tolerance;
-  const double ratio = std::isfinite(error) ? error / tolerance : std::numeric_limits<double>::infinity();
+  const double worst =
+      s->worst_index < 0 ? -1.0 : std::fabs(s->worst_got - s->worst_expected) / s->worst_tolerance;
+  const double ratio =
+      std::isfinite(error) ? error / tolerance : std::numeric_limits<double>::infinity();
   if (s->worst_index < 0 || ratio > worst) {
     s->worst_index = index;
     s->worst_got = got;

@@ -9,25 +9,28 @@ namespace anchorserve {
 namespace {
 
 // One head's q (or one KV head's k / v) as [N, d] doubles.
-std::vector<double> LoadHead(const void* data, DType dtype, Layout layout, int64_t n,
-                             int num_heads, int d, int head) {
+std::vector<double> LoadHead(const void* data, DType dtype, Layout layout, int64_t n, int num_heads,
+                             int d, int head) {
   const TensorStrides strides = StridesFor(layout, n, num_heads, d);
   std::vector<double> out(static_cast<size_t>(n) * d);
   std::vector<float> row(d);
   const auto* bytes = static_cast<const uint8_t*>(data);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t offset = t * strides.token + int64_t{head} * strides.head;
-    ConvertToFloat(bytes + offset * static_cast<int64_t>(ElementSize(dtype)), dtype, d,
-                   row.data());
+    ConvertToFloat(bytes + offset * static_cast<int64_t>(ElementSize(dtype)), dtype, d, row.data());
     for (int e = 0; e < d; ++e) out[t * d + e] = row[e];
   }
   return out;
 }
 
 double Dot(const double* a, const double* b, int d) {
-  double sum = 0;
-  for (int e = 0; e < d; ++e) sum += a[e] * b[e];
-  return sum;
+  double sums[4] = {0, 0, 0, 0};  // independent chains: several times faster than one
+  int e = 0;
+  for (; e + 4 <= d; e += 4) {
+    for (int lane = 0; lane < 4; ++lane) sums[lane] += a[e + lane] * b[e + lane];
+  }
+  for (; e < d; ++e) sums[0] += a[e] * b[e];
+  return (sums[0] + sums[1]) + (sums[2] + sums[3]);
 }
 
 struct Geometry {
@@ -64,7 +67,8 @@ void AttendHead(const AttentionTask& task, int h,
   const AnchorConfig& config = task.config;
   const double scale = config.ScaleFor(d);
   const bool dense = config.IsDense();
-  const std::vector<double> q = LoadHead(task.q, task.dtype, task.layout, n, shape.num_q_heads, d, h);
+  const std::vector<double> q =
+      LoadHead(task.q, task.dtype, task.layout, n, shape.num_q_heads, d, h);
   const std::vector<double> k =
       LoadHead(task.k, task.dtype, task.layout, n, shape.num_kv_heads, d, kv_head);
   const std::vector<double> v =
@@ -78,21 +82,23 @@ void AttendHead(const AttentionTask& task, int h,
     const Geometry geo = GroupGeometry(config, n, g);
     std::vector<int64_t> selected;
     if (!dense) {
-      // Anchors x(i) = max over A(i) of s_ij.
+      // Anchors x(i) = max over A(i) of s_ij (only needed when the group has candidates).
+      const bool has_candidates = geo.cand_end > geo.cand_begin;
       x.assign(geo.row_end - geo.row_begin, -std::numeric_limits<double>::infinity());
       for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
         AnchorKeys(geo, i, &keys);
-        for (int64_t j : keys) {
-          x[i - geo.row_begin] = std::max(x[i - geo.row_begin], scale * Dot(&q[i * d], &k[j * d], d));
-        }
         stats.computed_entries += static_cast<int64_t>(keys.size());
+        if (!has_candidates) continue;
+        double& anchor = x[i - geo.row_begin];
+        for (int64_t j : keys) anchor = std::max(anchor, scale * Dot(&q[i * d], &k[j * d], d));
       }
       std::vector<double>& margins = result->stripe_margins[h * result->num_groups + g];
-      if (geo.cand_end > geo.cand_begin) {
+      if (has_candidates) {
         // Pooled queries and anchors of the blocks present.
         std::vector<std::vector<double>> pooled_q;
         std::vector<double> pooled_anchor;
-        for (int64_t b0 = geo.row_begin; b0 < geo.row_end && pooled_q.size() < static_cast<size_t>(config.step);
+        for (int64_t b0 = geo.row_begin;
+             b0 < geo.row_end && pooled_q.size() < static_cast<size_t>(config.step);
              b0 += config.block_size) {
           const int64_t b1 = std::min(geo.row_end, b0 + config.block_size);
           std::vector<double> mean(d, 0.0);
@@ -169,12 +175,13 @@ ReferenceResult Attend(const AttentionTask& task,
   result.head_stats.assign(shape.num_q_heads, HeadStats{});
   result.stripes.assign(static_cast<size_t>(shape.num_q_heads * result.num_groups), {});
   result.stripe_margins.assign(result.stripes.size(), {});
-  const int threads = std::max(1, std::min<int>(shape.num_q_heads,
-                                                static_cast<int>(std::thread::hardware_concurrency())));
+  const int threads = std::max(
+      1, std::min<int>(shape.num_q_heads, static_cast<int>(std::thread::hardware_concurrency())));
   std::vector<std::thread> workers;
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
-      for (int h = t; h < shape.num_q_heads; h += threads) AttendHead(task, h, forced_stripes, &result);
+      for (int h = t; h < shape.num_q_heads; h += threads)
+        AttendHead(task, h, forced_stripes, &result);
     });
   }
   for (std::thread& worker : workers) worker.join();
