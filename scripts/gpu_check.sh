@@ -25,5 +25,6 @@ Device call (one run: tests, then sdpa baseline + benchmark):
   run(command="scripts/gpu_remote.sh .gpu/bundle", carry=[".gpu/bundle"], timeout_s=540)
 Optional benchmark arguments follow the bundle, e.g.
   scripts/gpu_remote.sh .gpu/bundle --lengths=4096,131072 --reps=3
+NCU=1 in front adds an Nsight Compute profile of the identification kernels at N = 32k.
 Results come back under files_at: tests.log, sdpa.log, bench.log, anchor_kernel_bench.{csv,json}.
 MSG

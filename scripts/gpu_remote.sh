@@ -6,7 +6,8 @@
 #
 #   scripts/gpu_remote.sh BUNDLE_DIR [anchor_kernel_bench args...]
 # Environment: OUT (default ./gpu_out), SKIP_TESTS=1, SKIP_BENCH=1, TEST_FILTER (gtest filter),
-# LENGTHS (for the sdpa baseline; default the benchmark's).
+# LENGTHS (for the sdpa baseline; default the benchmark's), NCU=1 (profile the anchor and stripe
+# kernels once at N = 32k with Nsight Compute, when it is installed).
 set -uo pipefail
 bundle=${1:?usage: gpu_remote.sh BUNDLE_DIR [bench args...]}
 shift
@@ -42,4 +43,19 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "bench exit: $?"
   grep -v "^|" "$out/bench.log" | tail -40
   sed -n '/== summary ==/,$p' "$out/bench.log"
+fi
+
+if [ "${NCU:-0}" = 1 ]; then
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$ncu" ]; then
+    LD_LIBRARY_PATH="$bundle/lib" timeout 150 "$ncu" --kernel-name regex:"AnchorKernel|StripeScoreKernel" --launch-count 2 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+      "$bundle/anchor_kernel_bench" --lengths=32768 --reps=1 --sweep_lengths= \
+      --sample_rows=0 --out=/tmp > "$out/ncu.txt" 2>&1
+    echo "ncu exit: $?"
+    grep -E "Kernel|AnchorKernel|StripeScoreKernel|Throughput|Pipe|Occupancy|Registers|Duration|Block Limit" \
+      "$out/ncu.txt" | head -60
+  else
+    echo "ncu not found"
+  fi
 fi

@@ -3,7 +3,8 @@
 //
 //   anchor_cpu_bench [--n=4096,8192,16384] [--hq=8] [--hkv=2] [--d=128] [--dtype=fp32]
 //                    [--layout=token|head] [--mode=both|dense|anchor] [--theta=12]
-//                    [--threads=0] [--inputs=structured|random] [--seed=0] [--repeats=2]
+//                    [--threads=0] [--kernels=avx512|avx2|portable] [--inputs=structured|random]
+//                    [--seed=0] [--repeats=2]
 //                    [--gen.<StructuredInputOptions field>=value ...]
 //
 // GFLOP/s count kept work only: 4 * d * computed entries (2 for QK^T, 2 for PV per entry), the
@@ -35,6 +36,7 @@ struct Options {
   std::string mode = "both";
   float theta = 12.0f;
   int threads = 0;
+  std::string kernels;  // empty: the fastest this CPU runs
   std::string inputs = "structured";
   uint64_t seed = 0;
   int repeats = 2;
@@ -116,6 +118,8 @@ bool ParseArgs(int argc, char** argv, Options* o) {
       o->mode = value;
     } else if (name == "theta") {
       ok = absl::SimpleAtof(value, &o->theta);
+    } else if (name == "kernels") {
+      o->kernels = value;
     } else if (name == "threads") {
       ok = absl::SimpleAtoi(value, &o->threads);
     } else if (name == "inputs") {
@@ -141,7 +145,7 @@ bool ParseArgs(int argc, char** argv, Options* o) {
 int Main(int argc, char** argv) {
   Options o;
   if (!ParseArgs(argc, argv, &o)) return 2;
-  auto backend_or = CreateCpuBackend(o.threads);
+  auto backend_or = CreateCpuBackendWithKernels(o.threads, o.kernels);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "%s\n", backend_or.status().ToString().c_str());
     return 1;

@@ -46,24 +46,23 @@ constexpr int kHq = 32;
 constexpr int kHkv = 8;
 constexpr int kD = 128;
 
-#define BENCH_CUDA(expr)                                                            \
-  do {                                                                              \
-    const cudaError_t bench_error_ = (expr);                                        \
-    if (bench_error_ != cudaSuccess) {                                              \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,            \
-                   cudaGetErrorString(bench_error_));                               \
-      std::exit(1);                                                                 \
-    }                                                                               \
+#define BENCH_CUDA(expr)                                                 \
+  do {                                                                   \
+    const cudaError_t bench_error_ = (expr);                             \
+    if (bench_error_ != cudaSuccess) {                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
+                   cudaGetErrorString(bench_error_));                    \
+      std::exit(1);                                                      \
+    }                                                                    \
   } while (false)
 
-#define BENCH_OK(expr)                                                                 \
-  do {                                                                                 \
-    const absl::Status bench_status_ = (expr);                                         \
-    if (!bench_status_.ok()) {                                                         \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,                          \
-                   bench_status_.ToString().c_str());                                  \
-      std::exit(1);                                                                    \
-    }                                                                                  \
+#define BENCH_OK(expr)                                                                           \
+  do {                                                                                           \
+    const absl::Status bench_status_ = (expr);                                                   \
+    if (!bench_status_.ok()) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, bench_status_.ToString().c_str()); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (false)
 
 struct Options {
@@ -208,10 +207,10 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
                             count * sizeof(int32_t), cudaMemcpyDeviceToHost));
     }
     sample.gpu_out.resize(kD);
-    BENCH_CUDA(cudaMemcpy(sample.gpu_out.data(),
-                          static_cast<const uint16_t*>(runner.out()) +
-                              (sample.row * kHq + sample.head) * kD,
-                          kD * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    BENCH_CUDA(cudaMemcpy(
+        sample.gpu_out.data(),
+        static_cast<const uint16_t*>(runner.out()) + (sample.row * kHq + sample.head) * kD,
+        kD * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     samples.push_back(std::move(sample));
   }
   const uint16_t* q = reinterpret_cast<const uint16_t*>(qkv.q.data());
@@ -235,8 +234,8 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
         const int kv = sample.head / (kHq / kHkv);
         const int64_t g = i / group_size;
         const int64_t init_end = std::min<int64_t>(int64_t{config.init_groups} * group_size, n);
-        const int64_t local_begin = std::max<int64_t>(
-            int64_t{config.init_groups} * group_size, (g - config.local_groups + 1) * group_size);
+        const int64_t local_begin = std::max<int64_t>(int64_t{config.init_groups} * group_size,
+                                                      (g - config.local_groups + 1) * group_size);
         keys.clear();
         for (int64_t j = 0; j < std::min(init_end, i + 1); ++j) keys.push_back(j);
         for (int32_t j : sample.stripes) keys.push_back(j);
@@ -277,31 +276,12 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
   }
 }
 
-// Identification kernel variants at one length and the default theta.
-struct VariantRow {
-  int64_t n = 0;
-  std::string name;
-  double anchor_ms = 0, stripes_ms = 0;
-  int64_t stripes_total = 0;  // over heads and groups
-};
-
-void PrintVariants(const std::vector<VariantRow>& rows, FILE* out) {
-  std::fprintf(out, "\n| N | identification variant | anchor ms | stripes ms | stripes selected |\n");
-  std::fprintf(out, "|---|---|---|---|---|\n");
-  for (const VariantRow& r : rows) {
-    std::fprintf(out, "| %lld | %s | %.3f | %.3f | %lld |\n", static_cast<long long>(r.n),
-                 r.name.c_str(), r.anchor_ms, r.stripes_ms,
-                 static_cast<long long>(r.stripes_total));
-  }
-}
-
 void PrintTable(const std::vector<Row>& rows, FILE* out) {
   std::fprintf(out,
                "| N | theta | anchor ms | stripes ms | ident. ms | sparse ms | sparse TFLOP/s | "
                "density | recall(0.01) | mass recall (mean/min) | ours dense ms (TFLOP/s) | "
                "cuDNN ms (TFLOP/s) | speedup vs cuDNN | acc. off>0.01 |\n");
-  std::fprintf(out,
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::fprintf(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
     const double total = r.anchor_ms + r.stripes_ms + r.sparse_ms;
     std::string cudnn = "n/a", speedup = "n/a";
@@ -318,9 +298,9 @@ void PrintTable(const std::vector<Row>& rows, FILE* out) {
                  "| %lld | %g | %.3f | %.3f | %.3f | %.3f | %.0f | %.3f | %.4f | %.5f / %.4f | "
                  "%.3f (%.0f) | %s | %s | %s |\n",
                  static_cast<long long>(r.n), r.theta, r.anchor_ms, r.stripes_ms,
-                 r.anchor_ms + r.stripes_ms, r.sparse_ms, r.sparse_tflops, r.density,
-                 r.recall_0_01, r.mass_mean, r.mass_min, r.dense_ms, r.dense_tflops,
-                 cudnn.c_str(), speedup.c_str(), accuracy.c_str());
+                 r.anchor_ms + r.stripes_ms, r.sparse_ms, r.sparse_tflops, r.density, r.recall_0_01,
+                 r.mass_mean, r.mass_min, r.dense_ms, r.dense_tflops, cudnn.c_str(),
+                 speedup.c_str(), accuracy.c_str());
   }
 }
 
@@ -333,12 +313,12 @@ void WriteOutputs(const std::vector<Row>& rows, const std::string& dir) {
            "accuracy_off_0_01,accuracy_max_err,workspace_bytes\n";
     for (const Row& r : rows) {
       csv << r.n << ',' << r.theta << ',' << r.anchor_ms << ',' << r.stripes_ms << ','
-          << r.sparse_ms << ',' << r.dense_ms << ',' << r.cudnn_ms << ',' << r.anchor_tflops
-          << ',' << r.stripe_tflops << ',' << r.sparse_tflops << ',' << r.dense_tflops << ','
-          << r.cudnn_tflops << ',' << r.density << ',' << r.stripe_density << ','
-          << r.stripes_mean << ',' << r.recall_0_01 << ',' << r.recall_0_005 << ','
-          << r.mass_mean << ',' << r.mass_min << ',' << r.accuracy_elements << ','
-          << r.accuracy_off << ',' << r.accuracy_max_err << ',' << r.workspace_bytes << '\n';
+          << r.sparse_ms << ',' << r.dense_ms << ',' << r.cudnn_ms << ',' << r.anchor_tflops << ','
+          << r.stripe_tflops << ',' << r.sparse_tflops << ',' << r.dense_tflops << ','
+          << r.cudnn_tflops << ',' << r.density << ',' << r.stripe_density << ',' << r.stripes_mean
+          << ',' << r.recall_0_01 << ',' << r.recall_0_005 << ',' << r.mass_mean << ','
+          << r.mass_min << ',' << r.accuracy_elements << ',' << r.accuracy_off << ','
+          << r.accuracy_max_err << ',' << r.workspace_bytes << '\n';
     }
   }
   std::ofstream json(dir + "/anchor_kernel_bench.json");
@@ -374,7 +354,6 @@ int Main(int argc, char** argv) {
   cuda::AnchorRunner& runner = **runner_or;
   const cudaStream_t stream = runner.stream();
   std::vector<Row> rows;
-  std::vector<VariantRow> variant_rows;
   void* dense_out = nullptr;
   float* dense_lse = nullptr;
   int64_t dense_capacity = 0;
@@ -426,48 +405,6 @@ int Main(int argc, char** argv) {
 
     const bool sweep = std::find(options.sweep_lengths.begin(), options.sweep_lengths.end(), n) !=
                        options.sweep_lengths.end();
-    if (sweep) {
-      struct Variant {
-        cuda::AnchorRunner::Variants variants;
-        const char* name;
-      };
-      const Variant variants[] = {
-          {{4, false}, "default (anchor 4 m-tiles/warp, screened stripes)"},
-          {{2, false}, "anchor 2 m-tiles/warp"},
-          {{4, true}, "stripes: all three pieces for every tile (no screening)"}};
-      runner.set_theta(options.theta);
-      for (const Variant& variant : variants) {
-        runner.set_variants(variant.variants);
-        BENCH_OK(runner.RunAnchorStage());
-        BENCH_OK(runner.RunStripeStage());
-        std::vector<double> anchor_times, stripe_times;
-        for (int r = 0; r < options.reps; ++r) {
-          timer.Record(0, stream);
-          BENCH_OK(runner.RunAnchorStage());
-          timer.Record(1, stream);
-          BENCH_OK(runner.RunStripeStage());
-          timer.Record(2, stream);
-          BENCH_CUDA(cudaStreamSynchronize(stream));
-          anchor_times.push_back(timer.Ms(0, 1));
-          stripe_times.push_back(timer.Ms(1, 2));
-        }
-        BENCH_OK(runner.RunHeadStats(false));
-        std::vector<HeadStats> stats;
-        BENCH_OK(runner.CopyHeadStats(&stats));
-        VariantRow row;
-        row.n = n;
-        row.name = variant.name;
-        row.anchor_ms = Median(anchor_times);
-        row.stripes_ms = Median(stripe_times);
-        for (const HeadStats& s : stats) row.stripes_total += s.stripes_total;
-        std::printf("N=%lld variant %s: anchor %.3f ms, stripes %.3f ms, selected %lld\n",
-                    static_cast<long long>(n), variant.name, row.anchor_ms, row.stripes_ms,
-                    static_cast<long long>(row.stripes_total));
-        variant_rows.push_back(row);
-      }
-      runner.set_variants({});
-    }
-
     std::vector<float> thetas = {options.theta};
     if (sweep) {
       for (float theta : options.sweep_thetas) {
@@ -545,9 +482,9 @@ int Main(int argc, char** argv) {
           "recall %.4f, mass %.5f, accuracy off %lld/%lld (max %.3g), workspace %.1f MiB\n",
           static_cast<long long>(n), theta, row.anchor_ms, row.anchor_tflops, row.stripes_ms,
           row.stripe_tflops, row.sparse_ms, row.sparse_tflops, dense_ms, row.dense_tflops,
-          row.density, row.recall_0_01, row.mass_mean,
-          static_cast<long long>(row.accuracy_off), static_cast<long long>(row.accuracy_elements),
-          row.accuracy_max_err, row.workspace_bytes / 1048576.0);
+          row.density, row.recall_0_01, row.mass_mean, static_cast<long long>(row.accuracy_off),
+          static_cast<long long>(row.accuracy_elements), row.accuracy_max_err,
+          row.workspace_bytes / 1048576.0);
       std::fflush(stdout);
       rows.push_back(row);
     }
@@ -557,16 +494,7 @@ int Main(int argc, char** argv) {
 
   std::printf("\n== summary ==\n");
   PrintTable(rows, stdout);
-  PrintVariants(variant_rows, stdout);
   WriteOutputs(rows, options.out_dir);
-  {
-    std::ofstream csv(options.out_dir + "/anchor_kernel_bench_variants.csv");
-    csv << "n,variant,anchor_ms,stripes_ms,stripes_total\n";
-    for (const VariantRow& r : variant_rows) {
-      csv << r.n << ",\"" << r.name << "\"," << r.anchor_ms << ',' << r.stripes_ms << ','
-          << r.stripes_total << '\n';
-    }
-  }
   return 0;
 }
 

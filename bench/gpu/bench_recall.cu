@@ -21,7 +21,7 @@ __global__ void OutputRecallKernel(const __nv_bfloat16* sparse, const __nv_bfloa
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < elements;
        i += int64_t{gridDim.x} * blockDim.x) {
     const float diff = fabsf(__bfloat162float(sparse[i]) - __bfloat162float(dense[i]));
-    loose += diff < 0.01f;   // NaN counts as a miss
+    loose += diff < 0.01f;  // NaN counts as a miss
     tight += diff < 0.005f;
   }
   for (int offset = 16; offset > 0; offset >>= 1) {

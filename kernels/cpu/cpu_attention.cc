@@ -11,6 +11,25 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 
+// How a task runs. KV heads are processed one after the other, each with all threads:
+//  1. K and V of the KV head are converted once to fp32 (K as transposed key tiles
+//     [d_pad, kTileKeys], V as rows [N, d_pad]); every query head of the KV head reads these, so
+//     K/V are never copied per query head and the conversion cost is shared.
+//  2. Dense mode: one work item per (query head, 64-row query tile), longest rows first; online
+//     softmax over key tiles [0, last row], causal mask only where a tile crosses the diagonal.
+//  3. Anchor mode, three passes:
+//     a. Anchor: per (query head, query tile inside one group), online softmax over A(i), the
+//        initial and the block-aligned local key ranges. Groups that identify no stripes
+//        (C_g empty, theta = -inf) are final here; the others keep (m, l, acc) in a state buffer
+//        [ratio, groups, G rounded up to 8, d_pad] (storing costs one write and one read of
+//        acc; recomputing the anchor region would cost about 40% more work).
+//     b. Identification: per group, for every query head of the KV head at once (the candidate
+//        key tiles are shared): pooled queries and anchors, score tiles, fp32 comparison.
+//     c. Sparse: per (query head, group, 256 rows): the selected keys are gathered into fp32
+//        tiles of up to 512 keys and continue the online softmax from the state (no causal mask:
+//        every stripe precedes the group); then the rows are written.
+// Scores are kept in base 2 (q is pre-multiplied by scale * log2 e, in fp32); the identification
+// works in natural units as the spec states it.
 namespace anchorserve::cpu {
 namespace {
 

@@ -33,8 +33,8 @@ std::string CpuModelName() {
 
 class CpuBackend : public AttentionBackend {
  public:
-  explicit CpuBackend(int threads)
-      : pool_(threads), kernels_(cpu::SelectTileKernels()), model_(CpuModelName()) {}
+  CpuBackend(int threads, const cpu::TileKernels& kernels)
+      : pool_(threads), kernels_(kernels), model_(CpuModelName()) {}
 
   BackendInfo Info() const override {
     BackendInfo info;
@@ -87,13 +87,24 @@ class CpuBackend : public AttentionBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(int threads) {
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackendWithKernels(
+    int threads, std::string_view kernels) {
   if (threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("cpu threads must be >= 0 (0 = all hardware threads), got ", threads));
   }
   if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return std::unique_ptr<AttentionBackend>(new CpuBackend(threads));
+  for (const cpu::TileKernels* candidate : cpu::SupportedTileKernels()) {
+    if (kernels.empty() || kernels == candidate->name) {
+      return std::unique_ptr<AttentionBackend>(new CpuBackend(threads, *candidate));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("cpu kernels '", std::string(kernels),
+                                                 "' unknown or not supported by this CPU"));
+}
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(int threads) {
+  return CreateCpuBackendWithKernels(threads, "");
 }
 
 }  // namespace anchorserve

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
@@ -12,5 +13,10 @@ namespace anchorserve {
 
 // `threads` workers (0 = std::thread::hardware_concurrency()). INVALID_ARGUMENT when negative.
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(int threads);
+
+// The same with the inner kernels forced to one variant ("avx512", "avx2" or "portable") instead
+// of the fastest this CPU runs; INVALID_ARGUMENT when the CPU cannot run it. For benchmarks.
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackendWithKernels(
+    int threads, std::string_view kernels);
 
 }  // namespace anchorserve

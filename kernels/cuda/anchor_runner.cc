@@ -2,7 +2,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -21,8 +20,7 @@ static_assert(sizeof(DeviceHeadStats) == sizeof(HeadStats) &&
               "DeviceHeadStats mirrors HeadStats");
 
 template <typename T>
-absl::Status Upload(void* base, int64_t offset, const std::vector<T>& values,
-                    cudaStream_t stream) {
+absl::Status Upload(void* base, int64_t offset, const std::vector<T>& values, cudaStream_t stream) {
   if (values.empty()) return absl::OkStatus();
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(base) + offset, values.data(),
                                               values.size() * sizeof(T), cudaMemcpyHostToDevice,
@@ -53,8 +51,8 @@ absl::Status AnchorRunner::Prepare(const BatchPlanRequest& request, DType dtype,
                                    bool keep_row_anchor) {
   prepared_ = false;
   if (dtype != DType::kBf16 && dtype != DType::kFp16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dtype ", std::string(DTypeName(dtype)), " is not supported by the cuda backend"));
+    return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(DTypeName(dtype)),
+                                                   " is not supported by the cuda backend"));
   }
   ANCHOR_ASSIGN_OR_RETURN(plan_, PlanBatch(request));
   elem_type_ = dtype == DType::kBf16 ? ElemType::kBf16 : ElemType::kFp16;
@@ -75,9 +73,8 @@ absl::Status AnchorRunner::Prepare(const BatchPlanRequest& request, DType dtype,
     const cudaError_t error = cudaMalloc(&memory, layout_.total_bytes);
     if (error != cudaSuccess) {
       cudaGetLastError();  // clear the sticky-free allocation error
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cuda workspace of ", layout_.total_bytes, " bytes: ",
-                       cudaGetErrorString(error)));
+      return absl::ResourceExhaustedError(absl::StrCat("cuda workspace of ", layout_.total_bytes,
+                                                       " bytes: ", cudaGetErrorString(error)));
     }
     arena_ = memory;
     arena_bytes_ = layout_.total_bytes;
@@ -111,9 +108,6 @@ IdentificationParams AnchorRunner::identification_params() const {
   p.k = k();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
-  for (const SeqDesc& seq : plan_.seqs) p.max_seq_len = std::max(p.max_seq_len, seq.seq_len);
-  p.anchor_m_tiles = variants_.anchor_m_tiles;
-  p.stripe_exact_only = variants_.stripe_exact_only ? 1 : 0;
   p.groups = static_cast<const IdGroup*>(At(layout_.groups));
   p.num_groups = static_cast<int32_t>(plan_.groups.size());
   p.head_stats = static_cast<DeviceHeadStats*>(At(layout_.head_stats));
@@ -131,8 +125,6 @@ IdentificationParams AnchorRunner::identification_params() const {
     p.pooled_split = At(layout_.pooled_split);
     p.pooled_unscale = static_cast<float*>(At(layout_.pooled_unscale));
     p.pooled_anchor = static_cast<float*>(At(layout_.pooled_anchor));
-    p.pooled_band = static_cast<float*>(At(layout_.pooled_band));
-    p.key_norm = static_cast<float*>(At(layout_.key_norm));
     p.bitmask = static_cast<uint32_t*>(At(layout_.bitmask));
     p.bitmask_words = layout_.bitmask_words;
     p.maybe_row_anchor =

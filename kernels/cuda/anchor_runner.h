@@ -37,13 +37,6 @@ class AnchorRunner {
   // Changes theta for the next stripe stage (the plan does not depend on it).
   void set_theta(float theta) { theta_ = theta; }
 
-  // Kernel variants for benchmarking (the defaults are the measured best).
-  struct Variants {
-    int anchor_m_tiles = 0;          // 0: default; 2 or 4 m16 row tiles per warp
-    bool stripe_exact_only = false;  // skip the hi-only screening of the stripe kernel
-  };
-  void set_variants(const Variants& variants) { variants_ = variants; }
-
   const BatchPlan& plan() const { return plan_; }
   const WorkspaceLayout& layout() const { return layout_; }
   int64_t arena_bytes() const { return arena_bytes_; }
@@ -91,7 +84,6 @@ class AnchorRunner {
   ElemType elem_type_ = ElemType::kBf16;
   float softmax_scale_ = 0;
   float theta_ = 0;
-  Variants variants_;
   bool prepared_ = false;
 };
 

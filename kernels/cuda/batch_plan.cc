@@ -20,18 +20,18 @@ absl::StatusOr<BatchPlan> PlanBatch(const BatchPlanRequest& request) {
   if (request.seq_lens.empty()) return absl::InvalidArgumentError("empty batch");
   if (request.num_q_heads <= 0 || request.num_kv_heads <= 0 ||
       request.num_q_heads % request.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("num_q_heads (", request.num_q_heads,
-                                                   ") must be a positive multiple of num_kv_heads (",
-                                                   request.num_kv_heads, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_q_heads (", request.num_q_heads,
+                     ") must be a positive multiple of num_kv_heads (", request.num_kv_heads, ")"));
   }
   if (request.head_dim <= 0 || request.head_dim % 8 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("head_dim must be a positive multiple of 8, got ", request.head_dim));
   }
   if (request.attention_tile_rows != kAttentionTileRows) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("attention_tile_rows must be ", kAttentionTileRows, " (the kernel's), got ",
-                     request.attention_tile_rows));
+    return absl::InvalidArgumentError(absl::StrCat("attention_tile_rows must be ",
+                                                   kAttentionTileRows, " (the kernel's), got ",
+                                                   request.attention_tile_rows));
   }
   if (absl::Status status = ValidateAnchorConfig(request.config); !status.ok()) return status;
   for (int64_t n : request.seq_lens) {
@@ -128,16 +128,15 @@ absl::StatusOr<BatchPlan> PlanBatch(const BatchPlanRequest& request) {
         tile.group = group.group;
         plan.anchor_tiles.push_back(tile);
       }
-      id_block.num_tiles =
-          static_cast<int32_t>(plan.anchor_tiles.size()) - id_block.first_tile;
+      id_block.num_tiles = static_cast<int32_t>(plan.anchor_tiles.size()) - id_block.first_tile;
       plan.blocks.push_back(id_block);
     }
     for (int64_t key = group.cand_begin; key < group.cand_end; key += kStripeChunkKeys) {
       StripeItem item{};
       item.batch_group = gg;
       item.key_begin = static_cast<int32_t>(key);
-      item.key_end = static_cast<int32_t>(std::min<int64_t>(key + kStripeChunkKeys,
-                                                            group.cand_end));
+      item.key_end =
+          static_cast<int32_t>(std::min<int64_t>(key + kStripeChunkKeys, group.cand_end));
       plan.stripe_items.push_back(item);
     }
   }
@@ -179,13 +178,12 @@ WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool k
     layout.index = take(plan.list_entries * sizeof(int32_t));
     layout.bitmask_words = plan.list_entries / 32;
     layout.bitmask = take(layout.bitmask_words * sizeof(uint32_t));
-    layout.tile_qsum = take(static_cast<int64_t>(plan.anchor_tiles.size()) * hq * d * sizeof(double));
+    layout.tile_qsum =
+        take(static_cast<int64_t>(plan.anchor_tiles.size()) * hq * d * sizeof(double));
     layout.tile_xsum = take(static_cast<int64_t>(plan.anchor_tiles.size()) * hq * sizeof(double));
     layout.pooled_split = take(pooled * 3 * d * element_bytes);
     layout.pooled_unscale = take(pooled * sizeof(float));
     layout.pooled_anchor = take(pooled * sizeof(float));
-    layout.pooled_band = take(pooled * sizeof(float));
-    layout.key_norm = take(plan.kv_elements / d * sizeof(float));
     if (keep_row_anchor) layout.row_anchor = take(plan.lse_elements * sizeof(float));
   }
   layout.total_bytes = cursor;

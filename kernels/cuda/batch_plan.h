@@ -22,7 +22,7 @@ struct BatchPlanRequest {
   int head_dim = 0;
   Layout layout = Layout::kTokenMajor;
   AnchorConfig config;
-  bool sparse = true;  // false: dense attention; no identification work lists
+  bool sparse = true;             // false: dense attention; no identification work lists
   int attention_tile_rows = 128;  // the attention kernel's tile height
 };
 
@@ -40,9 +40,9 @@ struct BatchPlan {
   std::vector<IdBlock> blocks;             // sparse: [groups.size() * step]
   std::vector<int64_t> list_offset;        // [groups.size() * Hq], multiples of kListAlign
   std::vector<StripeItem> stripe_items;    // sparse: chunks of kStripeChunkKeys candidates
-  int64_t q_elements = 0;    // packed q (and out) elements over the batch
-  int64_t kv_elements = 0;   // packed k (and v) elements
-  int64_t lse_elements = 0;  // Hq * sum of seq_len
+  int64_t q_elements = 0;                  // packed q (and out) elements over the batch
+  int64_t kv_elements = 0;                 // packed k (and v) elements
+  int64_t lse_elements = 0;                // Hq * sum of seq_len
   int64_t list_entries = 0;  // int32 stripe index capacity: sum over lists of list_capacity
 };
 
@@ -57,7 +57,6 @@ struct WorkspaceLayout {
   int64_t seqs = 0, attention_tiles = 0, anchor_tiles = 0, groups = 0, blocks = 0;
   int64_t list_offset = 0, stripe_items = 0, counts = 0, index = 0, bitmask = 0;
   int64_t tile_qsum = 0, tile_xsum = 0, pooled_split = 0, pooled_unscale = 0, pooled_anchor = 0;
-  int64_t pooled_band = 0, key_norm = 0;
   int64_t row_anchor = 0, head_stats = 0;
   int64_t bitmask_words = 0;
   int64_t total_bytes = 0;

@@ -129,8 +129,9 @@ BackendInfo CudaBackend::Info() const {
 absl::Status CudaBackend::Supports(const AttentionTask& task) const {
   ANCHOR_RETURN_IF_ERROR(ValidateTask(task));
   if (task.dtype != DType::kBf16 && task.dtype != DType::kFp16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dtype ", std::string(DTypeName(task.dtype)), " is not supported by the cuda backend (bf16, fp16)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype ", std::string(DTypeName(task.dtype)),
+                     " is not supported by the cuda backend (bf16, fp16)"));
   }
   if (task.shape.head_dim != 64 && task.shape.head_dim != 128) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -141,8 +142,8 @@ absl::Status CudaBackend::Supports(const AttentionTask& task) const {
         absl::StrCat("seq_len ", task.shape.seq_len, " exceeds the cuda backend's 2^31 - 1"));
   }
   if (task.shape.num_q_heads > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "num_q_heads ", task.shape.num_q_heads, " exceeds the cuda backend's 65535"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_q_heads ", task.shape.num_q_heads, " exceeds the cuda backend's 65535"));
   }
   return absl::OkStatus();
 }
@@ -151,12 +152,11 @@ absl::StatusOr<int64_t> CudaBackend::WorkspaceBytes(absl::Span<const int64_t> se
                                                     const AttentionShape& shape, DType dtype,
                                                     const AnchorConfig& config) {
   if (dtype != DType::kBf16 && dtype != DType::kFp16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dtype ", std::string(DTypeName(dtype)), " is not supported by the cuda backend"));
+    return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(DTypeName(dtype)),
+                                                   " is not supported by the cuda backend"));
   }
-  ANCHOR_ASSIGN_OR_RETURN(cuda::BatchPlan plan,
-                          cuda::PlanBatch(RequestFor(seq_lens, shape, Layout::kTokenMajor,
-                                                     config)));
+  ANCHOR_ASSIGN_OR_RETURN(cuda::BatchPlan plan, cuda::PlanBatch(RequestFor(
+                                                    seq_lens, shape, Layout::kTokenMajor, config)));
   return cuda::LayoutWorkspace(plan, static_cast<int>(ElementSize(dtype)), false).total_bytes;
 }
 
@@ -256,8 +256,8 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     const cuda::SeqDesc& seq = plan.seqs[t];
     const int64_t q_bytes = task.shape.seq_len * shape.num_q_heads * shape.head_dim * element_bytes;
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-        task.out, static_cast<const char*>(runner_->out()) + seq.q_offset * element_bytes,
-        q_bytes, cudaMemcpyDeviceToHost, stream));
+        task.out, static_cast<const char*>(runner_->out()) + seq.q_offset * element_bytes, q_bytes,
+        cudaMemcpyDeviceToHost, stream));
     if (task.maybe_lse != nullptr) {
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
           task.maybe_lse, runner_->lse() + seq.lse_offset,

@@ -39,8 +39,8 @@ class CudaBackend : public AttentionBackend {
   // Test hook: after each sparse Run, keep the stripe lists (and x(i)) of the batch.
   struct StripeSnapshot {
     cuda::BatchPlan plan;
-    std::vector<int32_t> counts;  // [groups * Hq]
-    std::vector<int32_t> index;   // lists at plan.list_offset
+    std::vector<int32_t> counts;    // [groups * Hq]
+    std::vector<int32_t> index;     // lists at plan.list_offset
     std::vector<float> row_anchor;  // [Hq, N] per sequence at SeqDesc::lse_offset
   };
   void KeepStripesForTesting(bool keep);

@@ -19,11 +19,11 @@ inline absl::Status CudaErrorToStatus(cudaError_t error, const char* expression,
 
 // Evaluates `expr` (a cudaError_t) and returns absl::InternalError with file:line and the CUDA
 // error string from the enclosing function when it is not cudaSuccess.
-#define ANCHOR_CUDA_RETURN_IF_ERROR(expr)                                                  \
-  do {                                                                                    \
-    const cudaError_t anchor_cuda_error_ = (expr);                                        \
-    if (anchor_cuda_error_ != cudaSuccess) {                                              \
-      return ::anchorserve::cuda::CudaErrorToStatus(anchor_cuda_error_, #expr, __FILE__,  \
-                                                    __LINE__);                            \
-    }                                                                                     \
+#define ANCHOR_CUDA_RETURN_IF_ERROR(expr)                                                \
+  do {                                                                                   \
+    const cudaError_t anchor_cuda_error_ = (expr);                                       \
+    if (anchor_cuda_error_ != cudaSuccess) {                                             \
+      return ::anchorserve::cuda::CudaErrorToStatus(anchor_cuda_error_, #expr, __FILE__, \
+                                                    __LINE__);                           \
+    }                                                                                    \
   } while (false)

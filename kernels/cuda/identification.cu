@@ -36,12 +36,13 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // ---------------------------------------------------------------------------------------------
 // Anchor kernel. CTA = one anchor tile (<= 128 query rows of one pooling block) x kHeads query
 // heads of one KV head; kMTiles m16 row tiles per warp (each K fragment loaded from shared
-// memory feeds 2 * kMTiles MMAs: more tiles per warp, less ldmatrix traffic per MMA, more
-// registers); K in 64-key tiles through a 3-stage cp.async ring.
+// memory feeds 2 * kMTiles MMAs); K in 64-key tiles through a 3-stage cp.async ring.
 constexpr int kAnchorKeys = 64;
 constexpr int kAnchorStages = 3;
 
-constexpr int kDefaultAnchorMTiles = 4;
+// Measured on H100 at N = 128k (bf16, d = 128, 32 heads): 2 m16 tiles per warp (4 warps per
+// head) 9.7 ms, 4 tiles per warp (255 registers, 2 warps per head) 10.2 ms.
+constexpr int kAnchorMTiles = 2;
 
 template <int kMTiles>
 inline constexpr int kAnchorWarpsPerHead = kAnchorTileRows / (16 * kMTiles);
@@ -61,8 +62,8 @@ __global__ void __launch_bounds__(32 * kAnchorWarpsPerHead<kMTiles> * kHeads, 2)
   constexpr int kWarpRows = 16 * kMTiles;
   constexpr int kThreads = 32 * kWarpsPerHead * kHeads;
   extern __shared__ __align__(128) uint4 smem[];
-  uint4* q_smem = smem;                                 // [kHeads][kRows][kChunks]
-  uint4* k_smem = smem + kHeads * kRows * kChunks;      // [kAnchorStages][kAnchorKeys][kChunks]
+  uint4* q_smem = smem;                             // [kHeads][kRows][kChunks]
+  uint4* k_smem = smem + kHeads * kRows * kChunks;  // [kAnchorStages][kAnchorKeys][kChunks]
   __shared__ double warp_xsum[kHeads * kWarpsPerHead];
 
   const QueryTile tile = p.anchor_tiles[blockIdx.x];
@@ -260,7 +261,6 @@ __global__ void __launch_bounds__(32 * kAnchorWarpsPerHead<kMTiles> * kHeads, 2)
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p) {
   __shared__ float warp_max[kDim / 32];
-  __shared__ float warp_sumsq[kDim / 32];
   const int pooled_rows = p.pooled_rows;
   const int row = blockIdx.x % pooled_rows;
   const int64_t batch_group = blockIdx.x / pooled_rows;
@@ -285,24 +285,15 @@ __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p)
   }
 
   float magnitude = fabsf(qbar);
-  float sumsq = qbar * qbar;
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     magnitude = fmaxf(magnitude, __shfl_xor_sync(kFullMask, magnitude, offset));
-    sumsq += __shfl_xor_sync(kFullMask, sumsq, offset);
   }
-  if (col % 32 == 0) {
-    warp_max[col / 32] = magnitude;
-    warp_sumsq[col / 32] = sumsq;
-  }
+  if (col % 32 == 0) warp_max[col / 32] = magnitude;
   __syncthreads();
   magnitude = warp_max[0];
-  sumsq = warp_sumsq[0];
 #pragma unroll
-  for (int w = 1; w < kDim / 32; ++w) {
-    magnitude = fmaxf(magnitude, warp_max[w]);
-    sumsq += warp_sumsq[w];
-  }
+  for (int w = 1; w < kDim / 32; ++w) magnitude = fmaxf(magnitude, warp_max[w]);
 
   // 2^e * max|qbar| in [2^14, 2^15): every piece stays normal and finite in fp16 and bf16.
   int exponent = 0;
@@ -326,43 +317,6 @@ __global__ void __launch_bounds__(kDim) PoolKernel(const IdentificationParams p)
   if (col == 0) {
     p.pooled_unscale[pooled_row] = ldexpf(1.0f, -exponent);
     p.pooled_anchor[pooled_row] = abar;
-    // |qbar - hi * 2^-e| <= u |qbar| per component (round to nearest, u = 2^-8 for bf16, 2^-11
-    // for fp16), so scoring with `hi` alone is off by at most scale * u * |qbar| * |k|
-    // (Cauchy-Schwarz); 2u leaves room for the fp32 accumulation of both products and the
-    // norms' own rounding.
-    p.pooled_band[pooled_row] =
-        p.softmax_scale * sqrtf(sumsq) * Elem<T>::kTwoUnitRoundoff * 1.001f;
-  }
-}
-
-// |k_j| per KV head and key, for the screening bound of the stripe kernel. One warp reads
-// 32 / kChunks keys per step, kChunks lanes per key (16-byte loads).
-template <typename T, int kDim>
-__global__ void __launch_bounds__(256) KeyNormKernel(const IdentificationParams p) {
-  constexpr int kChunks = kDim / 8;
-  constexpr int kKeysPerBlock = 256 / kChunks;
-  const SeqDesc seq = p.seqs[blockIdx.y];
-  const int kv_head = blockIdx.z;
-  const int key = blockIdx.x * kKeysPerBlock + threadIdx.x / kChunks;
-  const int chunk = threadIdx.x % kChunks;
-  float sumsq = 0.0f;
-  if (key < seq.seq_len) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(
-        static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride +
-        int64_t{key} * seq.kv_token_stride + chunk * 8);
-    const T* values = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float v = Elem<T>::ToFloat(values[e]);
-      sumsq += v * v;
-    }
-  }
-#pragma unroll
-  for (int offset = kChunks / 2; offset > 0; offset >>= 1) {
-    sumsq += __shfl_xor_sync(kFullMask, sumsq, offset);
-  }
-  if (chunk == 0 && key < seq.seq_len) {
-    p.key_norm[seq.kv_offset / kDim + int64_t{kv_head} * seq.seq_len + key] = sqrtf(sumsq);
   }
 }
 
@@ -370,13 +324,12 @@ __global__ void __launch_bounds__(256) KeyNormKernel(const IdentificationParams 
 // Stripe scoring. CTA = one StripeItem (<= 2048 candidate keys of one group) x one KV head x one
 // pass over <= 4 "units" (unit = 16 pooled rows of one query head). A warp keeps its unit's
 // split pooled queries (hi, mid, lo) in registers and multiplies them with each 64-key K tile,
-// all pieces accumulated in the same fp32 registers.
+// all pieces accumulated in the same fp32 registers (3 MMAs per B fragment).
 //
-// kScreen: score with `hi` alone first. A key is decided when some row's margin is at least the
-// bound on the hi-only error (scale * |qbar_r| * |k_j| * 2u, plus fp32 slack) above 0
-// (selected) or every row's margin is at least that far below 0 (not selected); only when some
-// key of the warp's tile is undecided are the mid and lo products added, so every decision equals
-// the one the full three-piece product makes.
+// Tried and dropped (H100, N = 128k): scoring with `hi` alone first and adding mid and lo only for
+// tiles with a key within the hi-only error bound of the threshold took 12.7 ms against 6.5 ms
+// for always using all three pieces (the per-key bound and extra ballots cost more than the MMAs
+// they save).
 constexpr int kStripeKeys = 64;
 constexpr int kStripeStages = 4;
 
@@ -397,7 +350,7 @@ __device__ __forceinline__ uint32_t ColumnByte(uint32_t ballot_even, uint32_t ba
   return byte;
 }
 
-template <typename T, int kDim, bool kScreen>
+template <typename T, int kDim>
 __global__ void __launch_bounds__(128, 3)
     StripeScoreKernel(const IdentificationParams p, int passes, int row_tiles) {
   constexpr int kChunks = kDim / 8;
@@ -447,22 +400,17 @@ __global__ void __launch_bounds__(128, 3)
       }
     }
   }
-  float unscale[2], pooled_anchor[2], band[2], slack[2];
+  float unscale[2], pooled_anchor[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = pooled_row0 + quad_row + 8 * r;
     unscale[r] = p.pooled_unscale[row];
     pooled_anchor[r] = p.pooled_anchor[row];
-    band[r] = kScreen ? p.pooled_band[row] : 0.0f;
-    // fp32 rounding of the epilogue (products, the anchor subtraction, + theta).
-    slack[r] = isfinite(pooled_anchor[r]) ? 1e-5f * (1.0f + fabsf(pooled_anchor[r])) : 0.0f;
   }
   const float scale = p.softmax_scale;
-  const float theta = p.theta;
-  uint32_t* bitmask = p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads +
-                                                     head] / 32;
-  const float* key_norm =
-      kScreen ? p.key_norm + seq.kv_offset / kDim + int64_t{kv_head} * seq.seq_len : nullptr;
+  const float neg_theta = -p.theta;
+  uint32_t* bitmask =
+      p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads + head] / 32;
 
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
   const int num_key_tiles = (item.key_end - item.key_begin + kStripeKeys - 1) / kStripeKeys;
@@ -499,82 +447,43 @@ __global__ void __launch_bounds__(128, 3)
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
-    // acc += pieces [first, last) x this tile's keys.
-    auto multiply = [&](int first, int last) {
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
+    for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          if (2 * np < ntile_begin || 2 * np >= ntile_begin + ntiles_per_warp) continue;
-          uint32_t b[4];
-          const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
-          const int chunk = ks * 2 + ((lane >> 3) & 1);
-          LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
+      for (int np = 0; np < 4; ++np) {
+        if (2 * np < ntile_begin || 2 * np >= ntile_begin + ntiles_per_warp) continue;
+        uint32_t b[4];
+        const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
+        const int chunk = ks * 2 + ((lane >> 3) & 1);
+        LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
 #pragma unroll
-          for (int piece = 0; piece < 3; ++piece) {
-            if (piece < first || piece >= last) continue;
-            Elem<T>::Mma(acc[2 * np], a_frag[piece][ks], b[0], b[1]);
-            Elem<T>::Mma(acc[2 * np + 1], a_frag[piece][ks], b[2], b[3]);
-          }
+        for (int piece = 0; piece < 3; ++piece) {
+          Elem<T>::Mma(acc[2 * np], a_frag[piece][ks], b[0], b[1]);
+          Elem<T>::Mma(acc[2 * np + 1], a_frag[piece][ks], b[2], b[3]);
         }
       }
-    };
-    // Selection words of the tile from acc; with `screen`, also whether some key is undecided.
-    uint32_t words[2];
-    auto classify = [&](bool screen) {
-      bool undecided = false;
-      words[0] = words[1] = 0u;
+    }
+    // Key (8n + c) is selected when any of the 16 rows passes.
+    uint32_t words[2] = {0u, 0u};
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        if (n < ntile_begin || n >= ntile_begin + ntiles_per_warp) continue;
-        bool pass_even = false, pass_odd = false, sure_even = false, sure_odd = false;
-        bool near_even = false, near_odd = false;
+    for (int n = 0; n < 8; ++n) {
+      if (n < ntile_begin || n >= ntile_begin + ntiles_per_warp) continue;
+      bool pass_even = false;
+      bool pass_odd = false;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float dot = acc[n][e] * unscale[e >> 1];  // exact: power of two
-          const float margin = dot * scale - pooled_anchor[e >> 1];
-          const bool selected = margin >= -theta;
-          bool sure = selected, near = false;
-          if (screen) {
-            const int key = key_begin + n * 8 + 2 * (lane & 3) + (e & 1);
-            const float bound =
-                band[e >> 1] * __ldg(key_norm + min(key, item.key_end - 1)) + slack[e >> 1];
-            const float distance = margin + theta;
-            sure = distance >= bound;
-            near = fabsf(distance) < bound;
-          }
-          if (e & 1) {
-            pass_odd |= selected;
-            sure_odd |= sure;
-            near_odd |= near;
-          } else {
-            pass_even |= selected;
-            sure_even |= sure;
-            near_even |= near;
-          }
-        }
-        const uint32_t byte =
-            ColumnByte(__ballot_sync(kFullMask, pass_even), __ballot_sync(kFullMask, pass_odd));
-        words[n / 4] |= byte << ((n % 4) * 8);
-        if (screen) {
-          const uint32_t sure_byte = ColumnByte(__ballot_sync(kFullMask, sure_even),
-                                                __ballot_sync(kFullMask, sure_odd));
-          const uint32_t near_byte = ColumnByte(__ballot_sync(kFullMask, near_even),
-                                                __ballot_sync(kFullMask, near_odd));
-          undecided |= (near_byte & ~sure_byte) != 0u;
+      for (int e = 0; e < 4; ++e) {
+        const float dot = acc[n][e] * unscale[e >> 1];  // exact: power of two
+        const float margin = dot * scale - pooled_anchor[e >> 1];
+        const bool selected = margin >= neg_theta;
+        if (e & 1) {
+          pass_odd |= selected;
+        } else {
+          pass_even |= selected;
         }
       }
-      return undecided;
-    };
-    if (kScreen) {
-      multiply(0, 1);
-      if (classify(true)) {  // warp-uniform: from ballots
-        multiply(1, 3);
-        classify(false);
-      }
-    } else {
-      multiply(0, 3);
-      classify(false);
+      const uint32_t byte =
+          ColumnByte(__ballot_sync(kFullMask, pass_even), __ballot_sync(kFullMask, pass_odd));
+      words[n / 4] |= byte << ((n % 4) * 8);
     }
     const int valid_keys = item.key_end - key_begin;
     if (valid_keys < 32) words[0] &= (1u << valid_keys) - 1u;
@@ -723,9 +632,7 @@ template <typename T, int kDim, int kHeads>
 cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
   cudaError_t error = cudaSuccess;
   if (p.num_anchor_tiles > 0) {
-    error = p.anchor_m_tiles == 2 ? LaunchAnchorKernel<T, kDim, kHeads, 2>(p, stream)
-                                  : LaunchAnchorKernel<T, kDim, kHeads, kDefaultAnchorMTiles>(
-                                        p, stream);
+    error = LaunchAnchorKernel<T, kDim, kHeads, kAnchorMTiles>(p, stream);
     if (error != cudaSuccess) return error;
   }
   if (p.num_groups > 0) {
@@ -736,30 +643,18 @@ cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream
   return error;
 }
 
-template <typename T, int kDim, bool kScreen>
-cudaError_t LaunchStripeScore(const IdentificationParams& p, cudaStream_t stream) {
+template <typename T, int kDim>
+cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
   const int row_tiles = p.pooled_rows / kPooledRowTile;
   const int gqa = p.num_q_heads / p.num_kv_heads;
   const int passes = (gqa * row_tiles + 3) / 4;
   constexpr int kSmem = StripeSmemBytes<kDim>();
-  cudaError_t error = cudaFuncSetAttribute(StripeScoreKernel<T, kDim, kScreen>,
+  cudaError_t error = cudaFuncSetAttribute(StripeScoreKernel<T, kDim>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const dim3 grid(p.num_items * passes, p.num_kv_heads);
-  StripeScoreKernel<T, kDim, kScreen><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
+  StripeScoreKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
   return cudaGetLastError();
-}
-
-template <typename T, int kDim>
-cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
-  if (p.stripe_exact_only) return LaunchStripeScore<T, kDim, false>(p, stream);
-  constexpr int kKeysPerBlock = 256 / (kDim / 8);
-  const dim3 grid((p.max_seq_len + kKeysPerBlock - 1) / kKeysPerBlock, p.num_seqs,
-                  p.num_kv_heads);
-  KeyNormKernel<T, kDim><<<grid, 256, 0, stream>>>(p);
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  return LaunchStripeScore<T, kDim, true>(p, stream);
 }
 
 bool ValidShape(const IdentificationParams& p) {

@@ -14,7 +14,6 @@ struct Elem;
 
 template <>
 struct Elem<__nv_bfloat16> {
-  static constexpr float kTwoUnitRoundoff = 0x1p-7f;  // 8-bit significand: u = 2^-8
   static __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 FromFloat(float x) {
     return __float2bfloat16_rn(x);
@@ -31,7 +30,6 @@ struct Elem<__nv_bfloat16> {
 
 template <>
 struct Elem<__half> {
-  static constexpr float kTwoUnitRoundoff = 0x1p-10f;  // 11-bit significand: u = 2^-11
   static __device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half FromFloat(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -57,8 +55,8 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t address) {
 // 16-byte global -> shared copy; zero-fills the destination when !valid (nothing is read).
 __device__ __forceinline__ void CpAsync16(uint32_t smem_address, const void* global, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address),
-               "l"(global), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address), "l"(global),
+               "r"(src_bytes));
 }
 
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -27,12 +27,12 @@ inline constexpr int kListAlign = 32;
 
 // One group of one sequence ("batch group"; index = position in IdentificationParams::groups).
 struct IdGroup {
-  int32_t seq;         // index into seqs
-  int32_t group;       // g within the sequence
-  int32_t row_begin;   // g * G
-  int32_t rows;        // rows(g): G, or fewer for a last partial group
-  int32_t cand_begin;  // C_g = [cand_begin, cand_end)
-  int32_t cand_end;    // cand_end <= cand_begin means no candidates
+  int32_t seq;            // index into seqs
+  int32_t group;          // g within the sequence
+  int32_t row_begin;      // g * G
+  int32_t rows;           // rows(g): G, or fewer for a last partial group
+  int32_t cand_begin;     // C_g = [cand_begin, cand_end)
+  int32_t cand_end;       // cand_end <= cand_begin means no candidates
   int32_t list_capacity;  // |C_g| rounded up to kListAlign (0 without candidates)
   int32_t reserved;
 };
@@ -68,23 +68,22 @@ struct IdentificationParams {
   ElemType elem_type;
   int32_t num_q_heads;
   int32_t num_kv_heads;
-  int32_t head_dim;      // 64 or 128
-  float softmax_scale;   // applied in fp32 to the fp32 dot products
-  float theta;           // finite, or -inf (nothing selected)
+  int32_t head_dim;     // 64 or 128
+  float softmax_scale;  // applied in fp32 to the fp32 dot products
+  float theta;          // finite, or -inf (nothing selected)
   AnchorGeometry geometry;
-  int32_t pooled_rows;   // step rounded up to kPooledRowTile (rows per head in pooled arrays)
+  int32_t pooled_rows;  // step rounded up to kPooledRowTile (rows per head in pooled arrays)
 
   const void* q;  // per SeqDesc
   const void* k;
 
   const SeqDesc* seqs;  // [num_seqs]
   int32_t num_seqs;
-  int32_t max_seq_len;
   const QueryTile* anchor_tiles;  // [num_anchor_tiles]
   int32_t num_anchor_tiles;
   const IdGroup* groups;  // [num_groups]
   int32_t num_groups;
-  const IdBlock* blocks;  // [num_groups * step]
+  const IdBlock* blocks;    // [num_groups * step]
   const StripeItem* items;  // [num_items]
   int32_t num_items;
 
@@ -96,17 +95,9 @@ struct IdentificationParams {
   void* pooled_split;     // [num_groups, Hq, pooled_rows, 3, d] elem_type: 2^e*qbar = hi+mid+lo
   float* pooled_unscale;  // [num_groups, Hq, pooled_rows] 2^-e
   float* pooled_anchor;   // [num_groups, Hq, pooled_rows] abar_r; +inf for rows without queries
-  // [num_groups, Hq, pooled_rows] scale * |qbar_r| * 2u (u: unit roundoff of the dtype): with
-  // |k_j| it bounds the error of scoring with the `hi` piece alone.
-  float* pooled_band;
-  float* key_norm;        // [kv elements / d]: |k_j| of KV head h at kv_offset / d + h * N + j
   uint32_t* bitmask;      // [list capacity / 32] one bit per candidate key, at list_offset / 32
   int64_t bitmask_words;
-  float* maybe_row_anchor;  // [Hq, N] per sequence at SeqDesc::lse_offset: x(i); may be null
-
-  // Kernel variants (0 = default), for benchmarking alternatives in one binary.
-  int32_t anchor_m_tiles;  // m16 row tiles per warp of the anchor kernel: 2 or 4
-  int32_t stripe_exact_only;  // 1: always score with all three pieces (no hi-only screening)
+  float* maybe_row_anchor;      // [Hq, N] per sequence at SeqDesc::lse_offset: x(i); may be null
   DeviceHeadStats* head_stats;  // [num_seqs, Hq]
 };
 
@@ -122,7 +113,7 @@ ANCHOR_HOST_DEVICE inline int64_t SumOfMin(int64_t first, int64_t last, int64_t 
 // A(i) = [0, min(init_end, i + 1)) U [local_begin, i + 1) and local_begin >= init_end:
 // init_end = n_init * G, local_begin = max(init_end, (g - n_loc + 1) * G, 0).
 ANCHOR_HOST_DEVICE inline int64_t AnchorEntriesOfGroup(int64_t row_begin, int64_t rows,
-                                                      int64_t init_end, int64_t local_begin) {
+                                                       int64_t init_end, int64_t local_begin) {
   const int64_t first = row_begin + 1;  // i + 1 over the group's rows
   const int64_t last = row_begin + rows;
   int64_t total = SumOfMin(first, last, init_end);

@@ -28,8 +28,7 @@ BatchPlanRequest Request(std::vector<int64_t> lens, int hq = 4, int hkv = 2, int
   return request;
 }
 
-int64_t BruteAnchorEntries(int64_t row_begin, int64_t rows, int64_t init_end,
-                           int64_t local_begin) {
+int64_t BruteAnchorEntries(int64_t row_begin, int64_t rows, int64_t init_end, int64_t local_begin) {
   int64_t total = 0;
   for (int64_t i = row_begin; i < row_begin + rows; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
@@ -48,8 +47,8 @@ TEST(AnchorEntriesTest, MatchesBruteForce) {
     const int64_t local_begin = init_end + rng() % 400;
     EXPECT_EQ(AnchorEntriesOfGroup(row_begin, rows, init_end, local_begin),
               BruteAnchorEntries(row_begin, rows, init_end, local_begin))
-        << "trial " << trial << " rows [" << row_begin << ", " << row_begin + rows
-        << ") init_end " << init_end << " local_begin " << local_begin;
+        << "trial " << trial << " rows [" << row_begin << ", " << row_begin + rows << ") init_end "
+        << init_end << " local_begin " << local_begin;
   }
 }
 
@@ -116,8 +115,8 @@ TEST(BatchPlanTest, TilesCoverRowsWithoutCrossingGroupsOrBlocks) {
   struct Geometry {
     int block, step;
   };
-  for (Geometry geometry : {Geometry{128, 16}, Geometry{100, 20}, Geometry{256, 8},
-                            Geometry{64, 4}, Geometry{1, 3}}) {
+  for (Geometry geometry :
+       {Geometry{128, 16}, Geometry{100, 20}, Geometry{256, 8}, Geometry{64, 4}, Geometry{1, 3}}) {
     BatchPlanRequest request = Request({1, 127, 2048, 4097, 9000});
     request.config.block_size = geometry.block;
     request.config.step = geometry.step;

@@ -5,14 +5,15 @@
 // Stripe sets must equal the reference's except for keys whose fp64 margin
 // max_r(scale*qbar_r.k_j - abar_r) + theta lies within fp32 rounding of 0; outputs are then
 // checked against the reference evaluated with the GPU's own stripe sets.
-#include <cuda_runtime_api.h>
+#include "kernels/cuda/cuda_backend.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <map>
 #include <memory>
@@ -26,8 +27,6 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/tile_kernels.h"
-#include "kernels/cuda/anchor_runner.h"
-#include "kernels/cuda/cuda_backend.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
 #include "tests/test_util/reference.h"
@@ -35,8 +34,8 @@
 namespace anchorserve {
 namespace {
 
-#define SKIP_WITHOUT_CUDA_DEVICE()                                           \
-  do {                                                                       \
+#define SKIP_WITHOUT_CUDA_DEVICE()                                        \
+  do {                                                                    \
     if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible"; \
   } while (false)
 
@@ -90,8 +89,8 @@ std::unique_ptr<TaskData> MakeTask(const CaseSpec& spec, int64_t n, uint64_t see
 }
 
 // Rows of one head as doubles, [N, d].
-std::vector<double> HeadRows(const void* data, DType dtype, Layout layout, int64_t n,
-                             int num_heads, int d, int head) {
+std::vector<double> HeadRows(const void* data, DType dtype, Layout layout, int64_t n, int num_heads,
+                             int d, int head) {
   const TensorStrides strides = StridesFor(layout, n, num_heads, d);
   std::vector<double> rows(static_cast<size_t>(n) * d);
   std::vector<float> row(d);
@@ -143,8 +142,8 @@ double MarginTolerance(const AttentionTask& task, int h) {
   const AttentionShape& s = task.shape;
   const std::vector<double> q =
       HeadRows(task.q, task.dtype, task.layout, s.seq_len, s.num_q_heads, s.head_dim, h);
-  const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, s.seq_len,
-                                         s.num_kv_heads, s.head_dim, h / s.GqaRatio());
+  const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, s.seq_len, s.num_kv_heads,
+                                         s.head_dim, h / s.GqaRatio());
   const double scale = task.config.ScaleFor(s.head_dim);
   const double magnitude = 2 * scale * MaxRowNorm(q, s.head_dim) * MaxRowNorm(k, s.head_dim) +
                            (std::isfinite(task.config.theta) ? std::fabs(task.config.theta) : 0);
@@ -183,8 +182,8 @@ class LazyMargins {
     auto [it, inserted] = kv_.try_emplace(kv);
     if (inserted) {
       const AttentionShape& s = task_.shape;
-      it->second = HeadRows(task_.k, task_.dtype, task_.layout, s.seq_len, s.num_kv_heads,
-                            s.head_dim, kv);
+      it->second =
+          HeadRows(task_.k, task_.dtype, task_.layout, s.seq_len, s.num_kv_heads, s.head_dim, kv);
     }
     return it->second;
   }
@@ -229,8 +228,8 @@ class LazyMargins {
 
 // The GPU's stripe sets of task `t` of the last Run, [Hq * num_groups] (index h * ng + g), after
 // checking that each list is sorted, unique, inside C_g and within its capacity.
-std::vector<std::vector<int64_t>> GpuStripes(const CudaBackend::StripeSnapshot& snapshot,
-                                             int t, const AttentionTask& task) {
+std::vector<std::vector<int64_t>> GpuStripes(const CudaBackend::StripeSnapshot& snapshot, int t,
+                                             const AttentionTask& task) {
   const cuda::BatchPlan& plan = snapshot.plan;
   const int hq = task.shape.num_q_heads;
   const int64_t ng = NumGroups(task.config, task.shape.seq_len);
@@ -298,9 +297,10 @@ StripeComparison CompareStripes(const AttentionTask& task,
         } else {
           if (result.wrong == 0) {
             const bool in_gpu = std::binary_search(b.begin(), b.end(), key);
-            result.first_wrong = absl::StrCat("head ", h, " group ", g, " key ", key,
-                                              in_gpu ? " selected by the GPU only" : " missed by the GPU",
-                                              ", fp64 margin ", m, ", tolerance ", tolerance[h]);
+            result.first_wrong =
+                absl::StrCat("head ", h, " group ", g, " key ", key,
+                             in_gpu ? " selected by the GPU only" : " missed by the GPU",
+                             ", fp64 margin ", m, ", tolerance ", tolerance[h]);
           }
           ++result.wrong;
         }
@@ -325,7 +325,8 @@ std::vector<HeadStats> StatsForStripes(const AttentionTask& task,
   for (int64_t g = 0; g < ng; ++g) {
     const Geometry geo = GroupGeometry(task.config, n, g);
     for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
-      anchor_entries += std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
+      anchor_entries +=
+          std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
     }
   }
   for (int h = 0; h < hq; ++h) {
@@ -369,10 +370,10 @@ void CheckRowAnchors(const CudaBackend::StripeSnapshot& snapshot, int t, const A
   int checked = 0, bad = 0;
   std::string first_bad;
   for (int h = 0; h < s.num_q_heads; ++h) {
-    const std::vector<double> q = HeadRows(task.q, task.dtype, task.layout, s.seq_len,
-                                           s.num_q_heads, d, h);
-    const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, s.seq_len,
-                                           s.num_kv_heads, d, h / s.GqaRatio());
+    const std::vector<double> q =
+        HeadRows(task.q, task.dtype, task.layout, s.seq_len, s.num_q_heads, d, h);
+    const std::vector<double> k =
+        HeadRows(task.k, task.dtype, task.layout, s.seq_len, s.num_kv_heads, d, h / s.GqaRatio());
     const double tolerance = 2e-5 * scale * MaxRowNorm(q, d) * MaxRowNorm(k, d) + 1e-6;
     const int64_t step = std::max<int64_t>(1, s.seq_len / 24);
     for (int64_t i = 0; i < s.seq_len; i += step) {
@@ -492,10 +493,11 @@ void RunAgainstReference(const CaseSpec& spec) {
           });
       EXPECT_EQ(cmp.wrong, 0) << what << ": " << cmp.wrong << " stripe decisions wrong of "
                               << cmp.candidates << " candidates; first: " << cmp.first_wrong;
-      std::printf("  %s: selected %lld of %lld candidates, %lld disputed (fp64 margin within "
-                  "rounding)\n",
-                  what.c_str(), static_cast<long long>(cmp.selected),
-                  static_cast<long long>(cmp.candidates), static_cast<long long>(cmp.disputed));
+      std::printf(
+          "  %s: selected %lld of %lld candidates, %lld disputed (fp64 margin within "
+          "rounding)\n",
+          what.c_str(), static_cast<long long>(cmp.selected),
+          static_cast<long long>(cmp.candidates), static_cast<long long>(cmp.disputed));
       ExpectStatsEqual(task.head_stats, StatsForStripes(task, gpu), what + " (own stripes)");
       if (cmp.disputed + cmp.wrong > 0) {
         ref = ReferenceAttendWithStripes(task, gpu);
@@ -567,10 +569,8 @@ INSTANTIATE_TEST_SUITE_P(
         Spec("small_groups_n_init2_n_loc2", {3001}, 4, 2, 128, kBf, kTok, kRand,
              Config(3.0f, 64, 4, 2, 2), 17),
         Spec("block100_step20", {7000}, 2, 1, 64, kBf, kTok, kStruct, Config(12, 100, 20), 18),
-        Spec("block256_step8_fp16", {5555}, 2, 2, 128, kFp, kHead, kRand,
-             Config(3.5f, 256, 8), 19),
-        Spec("no_init_group", {5000}, 4, 4, 64, kBf, kTok, kRand, Config(3.4f, 128, 8, 0, 1),
-             20),
+        Spec("block256_step8_fp16", {5555}, 2, 2, 128, kFp, kHead, kRand, Config(3.5f, 256, 8), 19),
+        Spec("no_init_group", {5000}, 4, 4, 64, kBf, kTok, kRand, Config(3.4f, 128, 8, 0, 1), 20),
         Spec("anchor_only", {5000}, 4, 1, 128, kFp, kTok, kStruct, Config(-INFINITY), 21),
         Spec("all_selected_sparse_path", {4500}, 4, 2, 64, kBf, kTok, kRand, Config(1e30f), 22),
         Spec("dense_theta_inf", {3000}, 4, 1, 128, kBf, kTok, kStruct, Config(INFINITY), 23),
@@ -607,8 +607,8 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
 
     cpu::ThreadPool pool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     std::vector<std::vector<int64_t>> cpu_stripes;
-    ASSERT_TRUE(cpu::RunCpuAttention(&cpu_task->task, &pool, cpu::SelectTileKernels(), &cpu_stripes)
-                    .ok());
+    ASSERT_TRUE(
+        cpu::RunCpuAttention(&cpu_task->task, &pool, cpu::SelectTileKernels(), &cpu_stripes).ok());
 
     const AttentionTask& task = gpu_task->task;
     const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, 0, task);
@@ -624,11 +624,13 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
     // Outputs and LSE of rows whose (head, group) stripe sets agree.
     const int hq = spec.hq, d = spec.d;
     const int64_t ng = NumGroups(spec.config, n);
-    const std::vector<float> got = ToFloats(gpu_task->out.data(), spec.dtype, gpu_task->out.size() / 2);
-    const std::vector<float> want = ToFloats(cpu_task->out.data(), spec.dtype, cpu_task->out.size() / 2);
+    const std::vector<float> got =
+        ToFloats(gpu_task->out.data(), spec.dtype, gpu_task->out.size() / 2);
+    const std::vector<float> want =
+        ToFloats(cpu_task->out.data(), spec.dtype, cpu_task->out.size() / 2);
     const TensorStrides strides = StridesFor(spec.layout, n, hq, d);
-    const double max_v = MaxAbs(gpu_task->qkv.v.data(), spec.dtype,
-                                static_cast<size_t>(n) * spec.hkv * d);
+    const double max_v =
+        MaxAbs(gpu_task->qkv.v.data(), spec.dtype, static_cast<size_t>(n) * spec.hkv * d);
     int64_t compared = 0, bad = 0;
     std::string first_bad;
     for (int h = 0; h < hq; ++h) {
@@ -636,12 +638,12 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
         if (cmp.group_disputed[h * ng + i / spec.config.GroupSize()]) continue;
         for (int e = 0; e < d; ++e) {
           const int64_t at = i * strides.token + int64_t{h} * strides.head + e;
-          const double tolerance =
-              KernelOutputTolerance(spec.dtype, want[at], max_v) + OutputTolerance(spec.dtype, want[at]);
+          const double tolerance = KernelOutputTolerance(spec.dtype, want[at], max_v) +
+                                   OutputTolerance(spec.dtype, want[at]);
           ++compared;
           if (!(std::fabs(got[at] - want[at]) <= tolerance) && bad++ == 0) {
-            first_bad = absl::StrCat("head ", h, " row ", i, " dim ", e, ": gpu ", got[at],
-                                     " cpu ", want[at]);
+            first_bad = absl::StrCat("head ", h, " row ", i, " dim ", e, ": gpu ", got[at], " cpu ",
+                                     want[at]);
           }
         }
         const float lse_gpu = gpu_task->lse[int64_t{h} * n + i];
@@ -652,8 +654,7 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
         }
       }
     }
-    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << compared << " values off; "
-                      << first_bad;
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << compared << " values off; " << first_bad;
     EXPECT_GT(compared, 0);
     std::printf("  %s: selected %lld of %lld candidates, %lld disputed\n", what.c_str(),
                 static_cast<long long>(cmp.selected), static_cast<long long>(cmp.candidates),
@@ -711,69 +712,6 @@ TEST(CudaBackendTest, MismatchedBatchIsRejected) {
   b->task.config.theta = 5;
   AttentionTask* batch[] = {&a->task, &b->task};
   EXPECT_EQ((*backend)->Run(batch).code(), absl::StatusCode::kInvalidArgument);
-}
-
-// Kernel variants on the same inputs (anchor kernel with 2 or 4 m16 row tiles per warp; stripe
-// scoring with or without the hi-only screening): bitwise identical anchors x(i) (same MMAs in the
-// same order), and stripe sets that each match the fp64 reference up to rounding at the threshold.
-TEST(IdentificationVariantsTest, EveryVariantMatchesReference) {
-  SKIP_WITHOUT_CUDA_DEVICE();
-  for (const CaseSpec& spec :
-       {Spec("variants_random_bf16", {6100}, 4, 1, 128, kBf, kTok, kRand, Config(3.5f), 81),
-        Spec("variants_structured_fp16", {7000}, 4, 2, 64, kFp, kHead, kStruct, Config(12), 82)}) {
-    const int64_t n = spec.seq_lens[0];
-    std::unique_ptr<TaskData> data = MakeTask(spec, n, spec.seed);
-    const AttentionTask& task = data->task;
-    const std::string what = Describe(spec, n, spec.seed);
-    absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner = cuda::AnchorRunner::Create(0);
-    ASSERT_TRUE(runner.ok()) << runner.status();
-    cuda::BatchPlanRequest request;
-    request.seq_lens = {n};
-    request.num_q_heads = spec.hq;
-    request.num_kv_heads = spec.hkv;
-    request.head_dim = spec.d;
-    request.layout = spec.layout;
-    request.config = spec.config;
-    ASSERT_TRUE((*runner)->Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok());
-    ASSERT_EQ(cudaMemcpy((*runner)->q(), data->qkv.q.data(), data->qkv.q.size(),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
-    ASSERT_EQ(cudaMemcpy((*runner)->k(), data->qkv.k.data(), data->qkv.k.size(),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
-    const ReferenceResult ref = ReferenceAttend(task);
-    std::vector<float> first_anchors;
-    for (int m_tiles : {2, 4}) {
-      for (bool exact_only : {false, true}) {
-        const std::string variant =
-            absl::StrCat(what, " m_tiles=", m_tiles, " exact_only=", exact_only);
-        (*runner)->set_variants({m_tiles, exact_only});
-        ASSERT_TRUE((*runner)->RunAnchorStage().ok());
-        ASSERT_TRUE((*runner)->RunStripeStage().ok());
-        CudaBackend::StripeSnapshot snapshot;
-        snapshot.plan = (*runner)->plan();
-        ASSERT_TRUE((*runner)->CopyStripeLists(&snapshot.counts, &snapshot.index).ok());
-        ASSERT_TRUE((*runner)->CopyRowAnchor(&snapshot.row_anchor).ok());
-        if (first_anchors.empty()) {
-          first_anchors = snapshot.row_anchor;
-          CheckRowAnchors(snapshot, 0, task, variant);
-        } else {
-          EXPECT_TRUE(first_anchors == snapshot.row_anchor) << variant << ": anchors differ";
-        }
-        const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, 0, task);
-        const StripeComparison cmp =
-            CompareStripes(task, ref.stripes, gpu, [&](int h, int64_t g, int64_t key) {
-              const Geometry geo = GroupGeometry(task.config, n, g);
-              return ref.stripe_margins[h * ref.num_groups + g][key - geo.cand_begin];
-            });
-        EXPECT_EQ(cmp.wrong, 0) << variant << ": " << cmp.wrong << " wrong of "
-                                << cmp.candidates << "; first: " << cmp.first_wrong;
-        std::printf("  %s: selected %lld of %lld, %lld disputed\n", variant.c_str(),
-                    static_cast<long long>(cmp.selected), static_cast<long long>(cmp.candidates),
-                    static_cast<long long>(cmp.disputed));
-      }
-    }
-  }
 }
 
 }  // namespace

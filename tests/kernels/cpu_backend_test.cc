@@ -482,6 +482,17 @@ TEST(CpuBackendTest, InfoDescribesTheBackend) {
   EXPECT_TRUE((*backend)->Supports(p.task).ok());
 }
 
+TEST(CpuBackendTest, KernelVariantsCanBeForced) {
+  for (const cpu::TileKernels* kernels : cpu::SupportedTileKernels()) {
+    auto backend = CreateCpuBackendWithKernels(1, kernels->name);
+    ASSERT_TRUE(backend.ok()) << kernels->name;
+    EXPECT_NE((*backend)->Info().device.find(kernels->name), std::string::npos);
+  }
+  EXPECT_TRUE(CreateCpuBackendWithKernels(1, "portable").ok());
+  EXPECT_EQ(CreateCpuBackendWithKernels(1, "sse9").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(CpuBackendTest, TimesAreFilled) {
   Case c{333, 4, 1, 64, DType::kBf16, Layout::kTokenMajor};
   Problem p;
