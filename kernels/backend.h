@@ -40,6 +40,9 @@ struct BackendOptions {
   BackendKind kind = BackendKind::kAuto;  // kAuto: CUDA when a device is present, else CPU
   int cpu_threads = 0;                    // 0 = all hardware threads
   int cuda_device = 0;
+  // kAuto only: set to why a present GPU was not used (e.g. not an sm_90 part) when the CPU
+  // backend was chosen instead; left empty otherwise.
+  std::string* maybe_fallback_reason = nullptr;
 };
 
 // The one place that decides which backend runs.

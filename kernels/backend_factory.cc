@@ -1,4 +1,7 @@
 #include "kernels/backend.h"
+
+#include <string>
+
 #include "kernels/cpu/cpu_backend.h"
 #if ANCHOR_ENABLE_CUDA
 #include "kernels/cuda/cuda_backend.h"
@@ -20,7 +23,17 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateBackend(const BackendOpt
 #endif
     case BackendKind::kAuto:
 #if ANCHOR_ENABLE_CUDA
-      if (CudaDeviceCount() > 0) return CreateCudaBackend(options.cuda_device);
+      if (CudaDeviceCount() > 0) {
+        absl::StatusOr<std::unique_ptr<AttentionBackend>> cuda =
+            CreateCudaBackend(options.cuda_device);
+        // A GPU the kernels cannot run on (not sm_90) is no reason to refuse service.
+        if (cuda.ok() || cuda.status().code() != absl::StatusCode::kFailedPrecondition) {
+          return cuda;
+        }
+        if (options.maybe_fallback_reason != nullptr) {
+          *options.maybe_fallback_reason = std::string(cuda.status().message());
+        }
+      }
 #endif
       return CreateCpuBackend(options.cpu_threads);
   }

@@ -26,6 +26,20 @@ const grpc::Status& DrainingStatus() {
   return *status;
 }
 
+// Before SetReady: the port listens while the backend is being created.
+const grpc::Status& StartingStatus() {
+  static const auto* status = new grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is starting");
+  return *status;
+}
+
+// Why an RPC that just arrived is refused (draining first: a server stopped during its startup
+// never becomes ready); OK when it may go on. `serving` is the reactor's snapshot.
+grpc::Status RefusalStatus(const AttentionServiceImpl& service, const ServingState* serving) {
+  if (service.draining()) return DrainingStatus();
+  if (serving == nullptr) return StartingStatus();
+  return grpc::Status::OK;
+}
+
 absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
@@ -67,9 +81,14 @@ std::unique_ptr<char[]> AllocateBytes(int64_t bytes) {
 class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
  public:
   TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)
-      : service_(service), rpc_(rpc), start_(service->clock().Now()) {
+      : service_(service),
+        serving_(service->serving_state()),
+        rpc_(rpc),
+        start_(service->clock().Now()) {
     service_->RpcStarted();
   }
+
+  const ServingState* serving() const { return serving_; }
 
   // Only the first call finishes the RPC.
   void FinishOnce(const grpc::Status& status) {
@@ -88,6 +107,7 @@ class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
 
  protected:
   AttentionServiceImpl* const service_;
+  const ServingState* const serving_;  // null while starting; then fixed for the call
   const Rpc rpc_;
   const absl::Time start_;
 
@@ -105,10 +125,11 @@ class AttendReactor final : public TrackedUnaryReactor {
         response_(response) {}
 
   void Start() {
-    if (service_->draining()) return FinishOnce(DrainingStatus());
+    if (grpc::Status refused = RefusalStatus(*service_, serving_); !refused.ok()) {
+      return FinishOnce(refused);
+    }
     service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_->ByteSizeLong()));
-    absl::StatusOr<RequestSpec> spec =
-        SpecFromAttendRequest(*request_, service_->convert_options());
+    absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(*request_, serving_->convert_options);
     if (!spec.ok()) return FinishOnce(ToGrpcStatus(spec.status()));
     spec_ = *std::move(spec);
 
@@ -143,16 +164,16 @@ class AttendReactor final : public TrackedUnaryReactor {
       absl::MutexLock lock(&mu_);
       job_ = job;
     }
-    if (absl::Status status = service_->batcher().Enqueue(std::move(job)); !status.ok()) {
+    if (absl::Status status = serving_->batcher->Enqueue(std::move(job)); !status.ok()) {
       FinishOnce(ToGrpcStatus(status));
     }
   }
 
   void OnCancel() override {
     absl::MutexLock lock(&mu_);
-    if (job_ == nullptr) return;
+    if (job_ == nullptr) return;  // never queued (refused, or not yet)
     job_->cancelled.store(true);
-    service_->batcher().Wake();
+    serving_->batcher->Wake();
   }
 
  private:
@@ -165,7 +186,7 @@ class AttendReactor final : public TrackedUnaryReactor {
     if (context_->IsCancelled()) return FinishOnce(CancelledCallStatus(job.deadline, now));
     response_->set_request_id(service_->RequestIdFor(request_->request_id()));
     v1::AttentionMetrics* metrics = response_->mutable_metrics();
-    FillAttentionMetrics(job, service_->backend_info().name, metrics);
+    FillAttentionMetrics(job, serving_->convert_options.backend_info.name, metrics);
     metrics->set_total_seconds(absl::ToDoubleSeconds(now - start_));
     service_->metrics().AddSentBytes(static_cast<int64_t>(response_->ByteSizeLong()));
     FinishOnce(grpc::Status::OK);
@@ -184,17 +205,20 @@ class AttendStreamReactor final
     : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
  public:
   AttendStreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
-      : service_(service), context_(context), start_(service->clock().Now()) {
+      : service_(service),
+        serving_(service->serving_state()),
+        context_(context),
+        start_(service->clock().Now()) {
     service_->RpcStarted();
   }
 
   void Start() {
-    if (service_->draining()) {
+    if (grpc::Status refused = RefusalStatus(*service_, serving_); !refused.ok()) {
       {
         absl::MutexLock lock(&mu_);
         phase_ = Phase::kFinished;
       }
-      return FinishNow(DrainingStatus());
+      return FinishNow(refused);
     }
     StartRead(&request_);
   }
@@ -253,7 +277,7 @@ class AttendStreamReactor final
       if (phase_ == Phase::kComputing) {
         // The job comes back (dropped or abandoned) and finishes the call.
         if (job_ != nullptr) job_->cancelled.store(true);
-        service_->batcher().Wake();
+        serving_->batcher->Wake();
       } else if (phase_ != Phase::kFinished) {
         RequestFinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"), &next);
       }
@@ -323,7 +347,7 @@ class AttendStreamReactor final
     if (phase_ == Phase::kComputing) {
       if (pending_error_.ok()) pending_error_ = status;
       if (job_ != nullptr) job_->cancelled.store(true);
-      service_->batcher().Wake();
+      serving_->batcher->Wake();
       return;
     }
     RequestFinishLocked(ToGrpcStatus(status), next);
@@ -361,7 +385,7 @@ class AttendStreamReactor final
 
   absl::Status HandleHeaderLocked(const v1::StreamHeader& header)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    absl::StatusOr<RequestSpec> spec = SpecFromStreamHeader(header, service_->convert_options());
+    absl::StatusOr<RequestSpec> spec = SpecFromStreamHeader(header, serving_->convert_options);
     if (!spec.ok()) return spec.status();
     spec_ = *std::move(spec);
     request_id_ = service_->RequestIdFor(header.request_id());
@@ -467,7 +491,7 @@ class AttendStreamReactor final
     job->compute_recall = spec_.compute_recall;
     job->on_done = [this](AttentionJob& done) { OnJobDone(done); };
     // Lock order: this reactor's mu_, then the batcher's (the worker calls on_done unlocked).
-    absl::Status status = service_->batcher().Enqueue(job);
+    absl::Status status = serving_->batcher->Enqueue(job);
     if (!status.ok()) return status;
     job_ = std::move(job);
     phase_ = Phase::kComputing;
@@ -492,7 +516,7 @@ class AttendStreamReactor final
         phase_ = Phase::kSending;
         final_metrics_.set_request_id(request_id_);
         v1::AttentionMetrics* metrics = final_metrics_.mutable_metrics();
-        FillAttentionMetrics(job, service_->backend_info().name, metrics);
+        FillAttentionMetrics(job, serving_->convert_options.backend_info.name, metrics);
         metrics->set_total_seconds(absl::ToDoubleSeconds(now - start_));
         if (spec_.metrics_only) {
           output_.reset();
@@ -552,6 +576,8 @@ class AttendStreamReactor final
   }
 
   AttentionServiceImpl* const service_;
+  // Null while starting (Start refuses the call then, so nothing below runs); then fixed.
+  const ServingState* const serving_;
   grpc::CallbackServerContext* const context_;
   const absl::Time start_;
 
@@ -580,15 +606,28 @@ class AttendStreamReactor final
 
 absl::string_view ServerVersion() { return ANCHOR_VERSION; }
 
-AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, AttentionBackend* backend,
-                                           DynamicBatcher* batcher, MetricsRegistry* metrics,
+AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics,
                                            Clock* clock)
     : config_(config),
-      convert_options_(MakeConvertOptions(config, backend)),
-      batcher_(batcher),
       metrics_(metrics),
       clock_(clock),
       request_id_prefix_(std::random_device{}()) {}
+
+absl::Status AttentionServiceImpl::SetReady(AttentionBackend* backend, DynamicBatcher* batcher) {
+  if (backend == nullptr || batcher == nullptr) {
+    return absl::InvalidArgumentError("SetReady needs a backend and a batcher");
+  }
+  absl::MutexLock lock(&ready_mu_);
+  if (owned_serving_ != nullptr) return absl::FailedPreconditionError("SetReady called twice");
+  auto state = std::make_unique<ServingState>();
+  state->backend = backend;
+  state->batcher = batcher;
+  state->convert_options = MakeConvertOptions(config_, backend);
+  owned_serving_ = std::move(state);
+  // Release: a reactor that sees the pointer (acquire) sees the fully built state.
+  serving_.store(owned_serving_.get(), std::memory_order_release);
+  return absl::OkStatus();
+}
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
                                                        const v1::AttendRequest* request,
@@ -609,11 +648,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
     v1::GetServerInfoResponse* response) {
   auto* reactor = new TrackedUnaryReactor(this, Rpc::kGetServerInfo);
-  if (draining()) {
-    reactor->FinishOnce(DrainingStatus());
+  if (grpc::Status refused = RefusalStatus(*this, reactor->serving()); !refused.ok()) {
+    reactor->FinishOnce(refused);
     return reactor;
   }
-  const BackendInfo& info = backend_info();
+  const BackendInfo& info = reactor->serving()->convert_options.backend_info;
   response->set_version(std::string(ServerVersion()));
   response->set_backend(info.name);
   response->set_device(info.device);

@@ -17,14 +17,18 @@
 //
 // GetServerInfo: version, backend, device, dtypes, head dims, limits, defaults.
 //
-// While draining every new RPC gets UNAVAILABLE "server is draining".
+// The service exists (and the port listens) before the backend does: until SetReady every RPC
+// gets UNAVAILABLE "server is starting" (clients may retry). While draining every new RPC gets
+// UNAVAILABLE "server is draining".
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -44,11 +48,23 @@ inline constexpr char kAttentionServiceName[] = "anchorserve.v1.AttentionService
 // The server's version (the CMake project version).
 absl::string_view ServerVersion();
 
+// What serving needs from the backend; published once by SetReady and never changed after.
+struct ServingState {
+  AttentionBackend* backend = nullptr;
+  DynamicBatcher* batcher = nullptr;
+  ConvertOptions convert_options;  // limits, defaults and the backend's capabilities
+};
+
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
  public:
   // Everything passed in must outlive the service (and the gRPC server it is registered with).
-  AttentionServiceImpl(const ServerConfig& config, AttentionBackend* backend,
-                       DynamicBatcher* batcher, MetricsRegistry* metrics, Clock* clock);
+  AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics, Clock* clock);
+
+  // The backend exists and the batcher runs: RPCs that start from now on are served. Both must
+  // outlive the service. FAILED_PRECONDITION when called again.
+  absl::Status SetReady(AttentionBackend* backend, DynamicBatcher* batcher);
+  // Null until SetReady; the pointee never changes once published.
+  const ServingState* serving_state() const { return serving_.load(std::memory_order_acquire); }
 
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
                                    const v1::AttendRequest* request,
@@ -69,9 +85,6 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
   // --- for the reactors (attention_service.cc) ---
   const ServerConfig& config() const { return config_; }
-  const ConvertOptions& convert_options() const { return convert_options_; }
-  const BackendInfo& backend_info() const { return convert_options_.backend_info; }
-  DynamicBatcher& batcher() { return *batcher_; }
   MetricsRegistry& metrics() { return *metrics_; }
   Clock& clock() { return *clock_; }
   void RpcStarted();
@@ -81,13 +94,15 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
  private:
   const ServerConfig config_;
-  const ConvertOptions convert_options_;
-  DynamicBatcher* const batcher_;
   MetricsRegistry* const metrics_;
   Clock* const clock_;
   const uint64_t request_id_prefix_;
   std::atomic<uint64_t> next_request_id_{1};
   std::atomic<bool> draining_{false};
+
+  absl::Mutex ready_mu_;  // serializes SetReady
+  std::unique_ptr<const ServingState> owned_serving_ ABSL_GUARDED_BY(ready_mu_);
+  std::atomic<const ServingState*> serving_{nullptr};  // owned_serving_, once published
 
   mutable absl::Mutex inflight_mu_;
   absl::CondVar idle_;

@@ -11,6 +11,7 @@
 // Usage: anchor_attention_microbench [--dense=4096,8192,...] [--sparse=32768,131072]
 //                                    [--densities=0.05,0.1,0.3] [--check_rows=128]
 //                                    [--all_pipelines]   (also time the other mainloop shapes)
+//                                    [--variants=baseline,ws,ws-order0,ws-chunk32,ws-d3s2]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "kernels/cuda/attention_kernel.cuh"
+#include "kernels/cuda/attention_kernel_ws.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -321,9 +323,33 @@ cudaError_t LaunchPipeline(const AttentionParams& params, cudaStream_t stream) {
   return attention_detail::LaunchAttentionTyped<Elem, kD, Pipe, Pipe>(params, stream);
 }
 
+// The two mainloops by name (production dispatch), and the warp-specialized kernel with other
+// ring depths / block orders.
+template <AttentionKernelVariant kVariant, int32_t kTilesPerChunk = -1>
+cudaError_t LaunchVariant(const AttentionParams& params, cudaStream_t stream) {
+  AttentionLaunchOptions options;
+  options.variant = kVariant;
+  options.tiles_per_chunk = kTilesPerChunk;
+  return LaunchAttentionWithOptions(params, options, stream);
+}
+template <int kDenseStages, int kSparseStages, int32_t kTilesPerChunk>
+cudaError_t LaunchWsStages(const AttentionParams& params, cudaStream_t stream) {
+  return attention_detail::LaunchAttentionWsTyped<Elem, kD, kDenseStages, kSparseStages>(
+      params, kTilesPerChunk, stream);
+}
+
 struct Variant {
   const char* name;
   Launcher launch;
+};
+
+// --variants=NAME,... (besides "default", the production LaunchAttention).
+const Variant kNamedVariants[] = {
+    {"baseline", &LaunchVariant<AttentionKernelVariant::kBaseline>},
+    {"ws", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>},
+    {"ws-order0", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
+    {"ws-chunk32", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 32>},
+    {"ws-d3s2", &LaunchWsStages<3, 2, 16>},
 };
 
 // Median milliseconds of `reps` launches after `warmup` launches.
@@ -458,6 +484,26 @@ int Main(int argc, char** argv) {
       densities = ParseList(v);
     } else if (const char* v = value("--check_rows=")) {
       check_rows = std::atoi(v);
+    } else if (const char* v = value("--variants=")) {
+      std::string names(v);
+      size_t at = 0;
+      while (at < names.size()) {
+        size_t comma = names.find(',', at);
+        if (comma == std::string::npos) comma = names.size();
+        const std::string name = names.substr(at, comma - at);
+        bool found = false;
+        for (const Variant& named : kNamedVariants) {
+          if (name == named.name) {
+            variants.push_back(named);
+            found = true;
+          }
+        }
+        if (!found) {
+          std::fprintf(stderr, "unknown variant %s\n", name.c_str());
+          return 2;
+        }
+        at = comma + 1;
+      }
     } else if (arg == "--all_pipelines") {
       variants.push_back({"2st-first", &LaunchPipeline<2, true>});
       variants.push_back({"2st-after", &LaunchPipeline<2, false>});

@@ -1,6 +1,7 @@
 // Inline-PTX wrappers for the sm_90a instructions the attention kernels use: cp.async row
-// pieces, proxy fences, and the warpgroup MMAs (wgmma) with their shared-memory descriptors.
-// Only attention_kernel.cuh includes this.
+// pieces, proxy fences, named barriers, mbarriers, register reallocation, and the warpgroup MMAs
+// (wgmma) with their shared-memory descriptors.
+// Only attention_kernel.cuh and attention_kernel_ws.cuh include this.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,64 @@ __device__ __forceinline__ void WarpgroupBarrier(int warpgroup) {
   } else {
     asm volatile("bar.sync 2, 128;\n" ::: "memory");
   }
+}
+
+// Barrier over `count` threads that only signals (never waits): the other side of a bar.sync
+// with the same id and count.
+__device__ __forceinline__ void NamedBarrierArrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierSync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// mbarrier (shared-memory transaction barrier) primitives. A barrier completes a phase when
+// `count` arrivals have been made; waiters name the phase by its parity.
+__device__ __forceinline__ void MbarrierInit(uint32_t barrier, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(count) : "memory");
+}
+// Makes initialised barriers visible to the other threads (and the async proxy) of the CTA.
+__device__ __forceinline__ void FenceMbarrierInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarrierArrive(uint32_t barrier) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(barrier)
+      : "memory");
+}
+// True once the phase with parity `parity` has completed. A freshly initialised barrier counts
+// its (never run) phase before phase 0 as completed: waiting for parity 1 passes at once.
+__device__ __forceinline__ bool MbarrierTryWait(uint32_t barrier, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(barrier), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void MbarrierWait(uint32_t barrier, uint32_t parity) {
+  while (!MbarrierTryWait(barrier, parity)) {
+  }
+}
+// One arrival on `barrier` when every cp.async this thread issued so far has landed (the
+// barrier's expected count includes this arrival: .noinc).
+__device__ __forceinline__ void CpAsyncMbarrierArrive(uint32_t barrier) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(barrier) : "memory");
+}
+__device__ __forceinline__ void CpAsyncWaitAllUngrouped() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// Register reallocation between warpgroups (sm_90a). Every warp of a warpgroup executes it.
+template <int kRegisters>
+__device__ __forceinline__ void SetMaxRegistersIncrease() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void SetMaxRegistersDecrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
 __device__ __forceinline__ float Exp2(float x) {

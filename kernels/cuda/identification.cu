@@ -1,12 +1,15 @@
 // Stripe identification on the GPU (spec: ../shared/spec/anchorattention.md):
-//   1. AnchorKernel: x(i) = max over A(i) of scale * q_i.k_j on tensor cores (QK^T only), plus
-//      per-tile fp64 sums of the q rows and of x(i) for pooling.
+//   1. Anchor: x(i) = max over A(i) of scale * q_i.k_j on tensor cores (QK^T only), plus
+//      per-tile fp64 sums of the q rows and of x(i) for pooling. Production kernel: the wgmma
+//      version (identification_wgmma.cu); AnchorKernel below (mma.sync) is kept for comparison.
 //   2. PoolKernel: qbar_r and abar_r per pooling block, and qbar_r written as 2^e*qbar_r =
 //      hi + mid + lo in the input dtype, an exact split, so that three tensor-core products
 //      with fp32 accumulation give scale * qbar_r.k_j without rounding qbar_r to 16 bits.
-//   3. StripeScoreKernel: one CTA per (chunk of candidate keys of a group, KV head) scores the
+//   3. Stripe scoring: one CTA per (chunk of candidate keys of a group, KV head) scores the
 //      chunk against the pooled queries of every query head of that KV head (one K tile load
-//      serves them all) and sets one bit per selected key.
+//      serves them all) and sets one bit per selected key. The wgmma version
+//      (identification_wgmma.cu) serves shapes with (Hq/Hkv) * (pooled_rows / 16) a multiple of
+//      4; StripeScoreKernel (mma.sync) serves every other shape.
 //   4. CompactKernel: bits -> sorted index lists (block prefix sums; deterministic), counts.
 //   5. HeadStatsKernel: the spec's per-head counts, for one device->host copy per batch.
 #include <cuda_bf16.h>
@@ -496,7 +499,8 @@ __global__ void __launch_bounds__(128, 3)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Compaction. CTA = (batch group, query head); 256 words (8192 keys) per round.
+// Compaction. CTA = (batch group, query head); 256 words (8192 keys) per round. A warp writes
+// the indices of its 32 words one word at a time, so each store is a contiguous run.
 constexpr int kCompactThreads = 256;
 
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const IdentificationParams p) {
@@ -510,10 +514,11 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const Identific
   int32_t* index = p.lists.index + offset;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const uint32_t lanes_below = (1u << lane) - 1u;
   int running = 0;
   for (int base = 0; base < words; base += kCompactThreads) {
     const int w = base + threadIdx.x;
-    uint32_t word = w < words ? bits[w] : 0u;
+    const uint32_t word = w < words ? bits[w] : 0u;
     const int count = __popc(word);
     int inclusive = count;
 #pragma unroll
@@ -530,11 +535,14 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const Identific
       if (i < warp) before += warp_total[i];
       round_total += warp_total[i];
     }
-    int32_t* out = index + running + before + inclusive - count;
-    const int key0 = group.cand_begin + 32 * w;
-    while (word != 0u) {
-      *out++ = key0 + __ffs(word) - 1;
-      word &= word - 1u;
+    const int first_out = running + before + inclusive - count;  // of this lane's word
+    const int warp_key0 = group.cand_begin + 32 * (base + 32 * warp);
+    for (int i = 0; i < 32; ++i) {
+      const uint32_t word_i = __shfl_sync(kFullMask, word, i);
+      const int out_i = __shfl_sync(kFullMask, first_out, i);
+      if ((word_i >> lane) & 1u) {
+        index[out_i + __popc(word_i & lanes_below)] = warp_key0 + 32 * i + lane;
+      }
     }
     running += round_total;
     __syncthreads();  // warp_total is reused
@@ -629,18 +637,36 @@ cudaError_t LaunchAnchorKernel(const IdentificationParams& p, cudaStream_t strea
 }
 
 template <typename T, int kDim, int kHeads>
-cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
-  cudaError_t error = cudaSuccess;
-  if (p.num_anchor_tiles > 0) {
-    error = LaunchAnchorKernel<T, kDim, kHeads, kAnchorMTiles>(p, stream);
-    if (error != cudaSuccess) return error;
+cudaError_t LaunchMmaSyncAnchor(const IdentificationParams& p, cudaStream_t stream) {
+  if (p.num_anchor_tiles == 0) return cudaSuccess;
+  return LaunchAnchorKernel<T, kDim, kHeads, kAnchorMTiles>(p, stream);
+}
+
+cudaError_t LaunchMmaSyncAnchorStage(const IdentificationParams& p, bool pair,
+                                     cudaStream_t stream) {
+  const bool bf16 = p.elem_type == ElemType::kBf16;
+  if (p.head_dim == 128) {
+    if (bf16) {
+      return pair ? LaunchMmaSyncAnchor<__nv_bfloat16, 128, 2>(p, stream)
+                  : LaunchMmaSyncAnchor<__nv_bfloat16, 128, 1>(p, stream);
+    }
+    return pair ? LaunchMmaSyncAnchor<__half, 128, 2>(p, stream)
+                : LaunchMmaSyncAnchor<__half, 128, 1>(p, stream);
   }
-  if (p.num_groups > 0) {
-    const dim3 grid(p.num_groups * p.pooled_rows, p.num_q_heads);
-    PoolKernel<T, kDim><<<grid, kDim, 0, stream>>>(p);
-    error = cudaGetLastError();
+  if (bf16) {
+    return pair ? LaunchMmaSyncAnchor<__nv_bfloat16, 64, 2>(p, stream)
+                : LaunchMmaSyncAnchor<__nv_bfloat16, 64, 1>(p, stream);
   }
-  return error;
+  return pair ? LaunchMmaSyncAnchor<__half, 64, 2>(p, stream)
+              : LaunchMmaSyncAnchor<__half, 64, 1>(p, stream);
+}
+
+template <typename T, int kDim>
+cudaError_t LaunchPool(const IdentificationParams& p, cudaStream_t stream) {
+  if (p.num_groups == 0) return cudaSuccess;
+  const dim3 grid(p.num_groups * p.pooled_rows, p.num_q_heads);
+  PoolKernel<T, kDim><<<grid, kDim, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename T, int kDim>
@@ -657,6 +683,9 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
   return cudaGetLastError();
 }
 
+// Production anchor kernel (bench/RESULTS.md has the comparison).
+constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaOneHead;
+
 bool ValidShape(const IdentificationParams& p) {
   return (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
          p.num_q_heads % p.num_kv_heads == 0 && p.pooled_rows % kPooledRowTile == 0 &&
@@ -672,21 +701,21 @@ int AnchorHeadsPerCta(int num_q_heads, int num_kv_heads) {
 cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream) {
   if (!ValidShape(p)) return cudaErrorInvalidValue;
   const bool pair = AnchorHeadsPerCta(p.num_q_heads, p.num_kv_heads) == 2;
+  AnchorKernelChoice choice = p.anchor_kernel;
+  if (choice == AnchorKernelChoice::kDefault) choice = kDefaultAnchorKernel;
+  cudaError_t error = cudaSuccess;
+  if (choice == AnchorKernelChoice::kMmaSync) {
+    error = LaunchMmaSyncAnchorStage(p, pair, stream);
+  } else {
+    const bool two_heads = choice == AnchorKernelChoice::kWgmmaTwoHeads && pair;
+    error = LaunchWgmmaAnchorKernel(p, two_heads ? 2 : 1, stream);
+  }
+  if (error != cudaSuccess) return error;
   const bool bf16 = p.elem_type == ElemType::kBf16;
   if (p.head_dim == 128) {
-    if (bf16) {
-      return pair ? LaunchAnchorTyped<__nv_bfloat16, 128, 2>(p, stream)
-                  : LaunchAnchorTyped<__nv_bfloat16, 128, 1>(p, stream);
-    }
-    return pair ? LaunchAnchorTyped<__half, 128, 2>(p, stream)
-                : LaunchAnchorTyped<__half, 128, 1>(p, stream);
+    return bf16 ? LaunchPool<__nv_bfloat16, 128>(p, stream) : LaunchPool<__half, 128>(p, stream);
   }
-  if (bf16) {
-    return pair ? LaunchAnchorTyped<__nv_bfloat16, 64, 2>(p, stream)
-                : LaunchAnchorTyped<__nv_bfloat16, 64, 1>(p, stream);
-  }
-  return pair ? LaunchAnchorTyped<__half, 64, 2>(p, stream)
-              : LaunchAnchorTyped<__half, 64, 1>(p, stream);
+  return bf16 ? LaunchPool<__nv_bfloat16, 64>(p, stream) : LaunchPool<__half, 64>(p, stream);
 }
 
 cudaError_t LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream) {
@@ -699,16 +728,35 @@ cudaError_t LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream
   }
   // theta = -inf selects nothing: the cleared bitmask compacts to empty lists.
   if (p.num_items > 0 && !(std::isinf(p.theta) && p.theta < 0)) {
-    const bool bf16 = p.elem_type == ElemType::kBf16;
-    if (p.head_dim == 128) {
-      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 128>(p, stream)
-                   : LaunchStripeTyped<__half, 128>(p, stream);
+    const int units = p.num_q_heads / p.num_kv_heads * (p.pooled_rows / kPooledRowTile);
+    StripeKernelChoice choice = p.stripe_kernel;
+    if (choice == StripeKernelChoice::kDefault) choice = StripeKernelChoice::kWgmma;
+    if (units % 4 != 0) choice = StripeKernelChoice::kMmaSync;  // wgmma needs 64-row passes
+    if (choice == StripeKernelChoice::kWgmmaTwoPieces &&
+        !(p.elem_type == ElemType::kBf16 && p.head_dim == 128)) {
+      choice = StripeKernelChoice::kWgmma;
+    }
+    if (choice == StripeKernelChoice::kMmaSync) {
+      const bool bf16 = p.elem_type == ElemType::kBf16;
+      if (p.head_dim == 128) {
+        error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 128>(p, stream)
+                     : LaunchStripeTyped<__half, 128>(p, stream);
+      } else {
+        error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 64>(p, stream)
+                     : LaunchStripeTyped<__half, 64>(p, stream);
+      }
     } else {
-      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 64>(p, stream)
-                   : LaunchStripeTyped<__half, 64>(p, stream);
+      error = LaunchWgmmaStripeKernel(
+          p, choice == StripeKernelChoice::kWgmmaTwoPieces ? 2 : 3, stream);
     }
     if (error != cudaSuccess) return error;
   }
+  return LaunchStripeCompaction(p, stream);
+}
+
+cudaError_t LaunchStripeCompaction(const IdentificationParams& p, cudaStream_t stream) {
+  if (!ValidShape(p)) return cudaErrorInvalidValue;
+  if (p.num_groups == 0) return cudaSuccess;
   CompactKernel<<<dim3(p.num_groups, p.num_q_heads), kCompactThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -11,7 +11,8 @@ namespace anchorserve::cuda {
 
 // Anchor x(i) = max over A(i) of scale * q_i.k_j (tensor cores, fp32 accumulation), then the
 // pooled queries qbar_r and pooled anchors abar_r of every block (written as the 3-way split
-// operand of the stripe kernel).
+// operand of the stripe kernel). params.anchor_kernel / stripe_kernel pick the kernels
+// (kDefault: the production ones).
 cudaError_t LaunchAnchorStage(const IdentificationParams& params, cudaStream_t stream);
 
 // Scores every candidate key of every group against the pooled queries of each head
@@ -19,6 +20,10 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& params, cudaStream_t s
 // then compacts the selections into sorted per-(group, head) index lists and writes the counts.
 // Needs the anchor stage's outputs.
 cudaError_t LaunchStripeStage(const IdentificationParams& params, cudaStream_t stream);
+
+// Only the compaction part of LaunchStripeStage (bitmask -> lists and counts), e.g. to time it
+// alone; the bitmask must hold a stripe stage's bits.
+cudaError_t LaunchStripeCompaction(const IdentificationParams& params, cudaStream_t stream);
 
 // Per-(sequence, head) metrics (HeadStats) from the group table and the stripe counts. With
 // `dense` (the dense kernel ran): N(N+1)/2 computed entries and no stripes, as the reference

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kernels/cuda/attention_kernel.cuh"
+#include "kernels/cuda/attention_kernel_ws.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -77,6 +78,32 @@ cudaError_t LaunchPipeline(const AttentionParams& p, cudaStream_t stream) {
   }
   return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 128, Pipe, Pipe>(p, stream)
               : LaunchAttentionTyped<__half, 128, Pipe, Pipe>(p, stream);
+}
+
+// The mainloops by name, through the production launcher (argument checks and dispatch).
+template <AttentionKernelVariant kVariant, int32_t kTilesPerChunk = -1>
+cudaError_t LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
+  AttentionLaunchOptions options;
+  options.variant = kVariant;
+  options.tiles_per_chunk = kTilesPerChunk;
+  return LaunchAttentionWithOptions(p, options, stream);
+}
+
+// The warp-specialized kernel with ring depths other than the production ones.
+template <int kDenseStages, int kSparseStages, int32_t kTilesPerChunk>
+cudaError_t LaunchWsStages(const AttentionParams& p, cudaStream_t stream) {
+  using attention_detail::LaunchAttentionWsTyped;
+  const bool bf16 = p.elem_type == ElemType::kBf16;
+  if (p.head_dim == 64) {
+    return bf16 ? LaunchAttentionWsTyped<__nv_bfloat16, 64, kDenseStages, kSparseStages>(
+                      p, kTilesPerChunk, stream)
+                : LaunchAttentionWsTyped<__half, 64, kDenseStages, kSparseStages>(p, kTilesPerChunk,
+                                                                                  stream);
+  }
+  return bf16 ? LaunchAttentionWsTyped<__nv_bfloat16, 128, kDenseStages, kSparseStages>(
+                    p, kTilesPerChunk, stream)
+              : LaunchAttentionWsTyped<__half, 128, kDenseStages, kSparseStages>(p, kTilesPerChunk,
+                                                                                 stream);
 }
 
 // Device buffer that frees itself.
@@ -539,14 +566,19 @@ TEST(AttentionKernelDense, LongFp16D64HeadMajor) {
 }
 
 // Same inputs twice: identical bits (a race would show here first).
-TEST(AttentionKernelDense, Deterministic) {
+void CheckDeterministic(const Case& c, Launcher launch) {
   if (!HasGpu()) GTEST_SKIP() << "no CUDA device";
-  const Batch b = MakeBatch(Dense(ElemType::kBf16, 128, 8, 2, false, {3000, 700}, 18));
+  SCOPED_TRACE(Describe(c));
+  const Batch b = MakeBatch(c);
   DeviceOutputs first, second;
-  RunOnDevice(b, &first);
-  RunOnDevice(b, &second);
+  RunOnDevice(b, &first, launch);
+  RunOnDevice(b, &second, launch);
   EXPECT_TRUE(first.out == second.out);
   EXPECT_EQ(std::memcmp(first.lse.data(), second.lse.data(), first.lse.size() * 4), 0);
+}
+
+TEST(AttentionKernelDense, Deterministic) {
+  CheckDeterministic(Dense(ElemType::kBf16, 128, 8, 2, false, {3000, 700}, 18), &LaunchAttention);
 }
 
 // --- sparse ----------------------------------------------------------------------------------
@@ -625,8 +657,44 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(PipelineShape{"TwoStagesLoadsFirst", &LaunchPipeline<2, true>},
                       PipelineShape{"TwoStagesLoadsAfter", &LaunchPipeline<2, false>},
                       PipelineShape{"ThreeStagesLoadsFirst", &LaunchPipeline<3, true>},
-                      PipelineShape{"ThreeStagesLoadsAfter", &LaunchPipeline<3, false>}),
+                      PipelineShape{"ThreeStagesLoadsAfter", &LaunchPipeline<3, false>},
+                      PipelineShape{"Baseline", &LaunchVariant<AttentionKernelVariant::kBaseline>}),
     [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
+
+// The warp-specialized mainloop (producer warpgroup, mbarrier ring, ping-pong consumers): its
+// production ring depths with every block order (the default, the baseline's, and chunks of 3
+// tiles, which leave a short last chunk), and the other ring depths.
+INSTANTIATE_TEST_SUITE_P(
+    WarpSpecialized, AttentionKernelPipelines,
+    ::testing::Values(
+        PipelineShape{"Production", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>},
+        PipelineShape{"TileMajorOrder",
+                      &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
+        PipelineShape{"ChunksOfThree", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 3>},
+        PipelineShape{"DenseThreeStagesSparseTwo", &LaunchWsStages<3, 2, 5>}),
+    [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
+
+TEST(AttentionKernelWarpSpecialized, DeterministicSparse) {
+  CheckDeterministic(
+      Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {3001, 1000}, 41), kSmallGroups, 0.2),
+      &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
+}
+TEST(AttentionKernelWarpSpecialized, DeterministicDense) {
+  CheckDeterministic(Dense(ElemType::kFp16, 64, 8, 1, true, {3000, 700}, 42),
+                     &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
+}
+TEST(AttentionKernelWarpSpecialized, LongSparseDefaultGeometry) {
+  Case c = Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {16384, 5000}, 43),
+                  AnchorGeometry{2048, 128, 16, 1, 1}, 0.1);
+  c.sampled_rows = 40;
+  CheckCase(c, &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
+}
+TEST(AttentionKernelBaseline, LongSparseDefaultGeometry) {
+  Case c = Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {16384, 5000}, 44),
+                  AnchorGeometry{2048, 128, 16, 1, 1}, 0.1);
+  c.sampled_rows = 40;
+  CheckCase(c, &LaunchVariant<AttentionKernelVariant::kBaseline>);
+}
 
 // --- arguments -------------------------------------------------------------------------------
 
@@ -658,6 +726,32 @@ TEST(AttentionKernelArgs, RejectsUnsupported) {
   EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);
   p.num_tiles = 0;  // nothing to do
   EXPECT_EQ(LaunchAttention(p, nullptr), cudaSuccess);
+  AttentionLaunchOptions options;
+  options.variant = static_cast<AttentionKernelVariant>(7);
+  p.num_tiles = 1;
+  p.sparse = false;
+  if (HasGpu()) EXPECT_EQ(LaunchAttentionWithOptions(p, options, nullptr), cudaErrorInvalidValue);
+}
+
+// The warp-specialized block order visits every (tile, head) exactly once.
+TEST(AttentionKernelArgs, WarpSpecializedOrderIsAPermutation) {
+  for (int32_t num_tiles : {1, 5, 16, 17, 50}) {
+    for (int32_t heads : {1, 4, 32}) {
+      for (int32_t chunk : {0, 1, 3, 16, 64}) {
+        std::vector<int> seen(static_cast<size_t>(num_tiles) * heads, 0);
+        for (int64_t linear = 0; linear < int64_t{num_tiles} * heads; ++linear) {
+          const attention_detail::WsWorkItem item =
+              attention_detail::DecodeWorkItem(linear, num_tiles, heads, chunk);
+          ASSERT_GE(item.tile_index, 0);
+          ASSERT_LT(item.tile_index, num_tiles);
+          ASSERT_GE(item.head, 0);
+          ASSERT_LT(item.head, heads);
+          ++seen[static_cast<size_t>(item.tile_index) * heads + item.head];
+        }
+        for (int hits : seen) EXPECT_EQ(hits, 1) << num_tiles << " " << heads << " " << chunk;
+      }
+    }
+  }
 }
 
 TEST(AttentionKernelArgs, QueryTilesStayInsideGroups) {

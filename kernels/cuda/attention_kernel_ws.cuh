@@ -1,0 +1,402 @@
+// Warp-specialized variant of the attention kernels (sm_90a): same key plans, numerics, tiles
+// and shared-memory layouts as attention_kernel.cuh, different schedule.
+//
+// One CTA = one query tile (up to 128 rows) x one query head, 384 threads:
+//   - warpgroup 0, the producer: issues every copy (Q once, then K and V key tiles, contiguous
+//     ranges and gathered stripe rows alike) as cp.async 16-byte row pieces into a ring of
+//     kStages K stages and kStages V stages. Each stage has a "full" mbarrier that completes
+//     when all 128 producer threads' copies have landed (cp.async.mbarrier.arrive.noinc) and an
+//     "empty" mbarrier that completes when all 8 consumer warps have finished the wgmmas that
+//     read it. No CTA-wide barrier in the mainloop. It gives most of its registers away
+//     (setmaxnreg).
+//   - warpgroups 1 and 2, the consumers: 64 query rows each, S = Q K^T and O += P V by wgmma
+//     with FA3's two overlaps: within a warpgroup the softmax of tile t runs while the tensor
+//     cores finish P_{t-1} V_{t-1}; between the warpgroups a pair of named barriers makes them
+//     issue their wgmmas in turns ("ping-pong"), so one warpgroup's softmax (MUFU/ALU) runs while
+//     the other's GEMMs occupy the tensor cores.
+//
+// The block order can be changed at run time: with tiles_per_chunk > 0, consecutive blocks walk
+// `tiles_per_chunk` query tiles of one head before the next head (chunks of the largest-first
+// tile list), so the CTAs that run together share stripe lists and K/V rows in L2; with 0 the
+// order is the baseline's (all heads of a tile, then the next tile).
+#pragma once
+
+#include "kernels/cuda/attention_kernel.cuh"
+
+namespace anchorserve::cuda::attention_detail {
+
+inline constexpr int kWsProducerThreads = 128;
+inline constexpr int kWsThreads = 3 * 128;
+// Register split: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 (launch cap: 168 each).
+inline constexpr int kWsProducerRegisters = 40;
+inline constexpr int kWsConsumerRegisters = 232;
+// Named barriers: 0 = __syncthreads, 1 and 2 = per-consumer-warpgroup epilogue barriers
+// (WarpgroupBarrier), 3 and 4 = "consumer warpgroup w may issue its wgmmas" (ping-pong).
+inline constexpr int kWsSchedulerBarrier = 3;
+// Consumer warps that release a stage (one arrival each).
+inline constexpr int kWsConsumerWarps = 8;
+
+template <int kHeadDim>
+struct WsGeometry {
+  using Geo = TileGeometry<kHeadDim>;
+  static constexpr int kBarrierBytes = 256;
+  // Q, K[stages], V[stages], barriers, plus slack to align the base to the 1024-byte swizzle
+  // atom (d = 128, 3 stages: 225.25 KiB of the 227 KiB a block may have).
+  static constexpr int SmemBytes(int stages) {
+    return (1 + 2 * stages) * Geo::kTileBytes + kBarrierBytes + 1024;
+  }
+};
+
+// Producer copies: 128 threads, each copying one 16-byte chunk column of kPasses rows of a
+// 128-row tile. Row sources (token position, or -1 for a zero-filled row) are looked up once per
+// tile, one row per lane, and handed to the copying threads by warp shuffles: the 32 lanes of a
+// warp hold exactly the 32 rows that warp copies.
+template <int kHeadDim>
+struct ProducerLoader {
+  static constexpr int kChunksPerRow = kHeadDim / 8;                       // 16 or 8
+  static constexpr int kRowsPerPass = kWsProducerThreads / kChunksPerRow;  // 8 or 16
+  static constexpr int kPasses = kTileKeys / kRowsPerPass;                 // 16 or 8
+  static constexpr int kWarpRowsPerPass = 32 / kChunksPerRow;              // 2 or 4
+  static_assert(kRowsPerPass % 8 == 0, "the swizzle phase must repeat every pass");
+
+  int32_t lane;
+  int32_t chunk;
+  int32_t my_row;        // tile row whose source this lane looks up
+  uint32_t smem_offset;  // swizzled byte offset of (first row, chunk) inside a tile
+
+  __device__ __forceinline__ explicit ProducerLoader(int producer_tid) {
+    using Geo = TileGeometry<kHeadDim>;
+    lane = producer_tid % 32;
+    const int warp = producer_tid / 32;
+    const int row0 = producer_tid / kChunksPerRow;
+    chunk = producer_tid % kChunksPerRow;
+    my_row = (lane / kWarpRowsPerPass) * kRowsPerPass + warp * kWarpRowsPerPass +
+             lane % kWarpRowsPerPass;
+    const int panel = chunk / 8;
+    const int chunk_in_panel = chunk % 8;
+    smem_offset =
+        panel * Geo::kPanelBytes + row0 * kPanelRowBytes + ((chunk_in_panel ^ (row0 % 8)) << 4);
+  }
+
+  // Source token of my_row in a contiguous run [first, first + n_valid).
+  __device__ __forceinline__ int32_t ContiguousSource(int32_t first, int32_t n_valid) const {
+    return my_row < n_valid ? first + my_row : -1;
+  }
+  __device__ __forceinline__ int32_t Source(const KeyTile& tile) const {
+    if (my_row >= tile.n_valid) return -1;
+    return tile.positions != nullptr ? __ldg(tile.positions + my_row) : tile.first + my_row;
+  }
+
+  // Copies the rows whose sources the warp's lanes hold (`my_source`) into a tile.
+  template <typename Elem>
+  __device__ __forceinline__ void Copy(uint32_t tile, const Elem* base, int64_t token_stride,
+                                       int32_t my_source) const {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int32_t source =
+          __shfl_sync(0xffffffffu, my_source, pass * kWarpRowsPerPass + lane / kChunksPerRow);
+      const bool valid = source >= 0;
+      const Elem* src = base + (valid ? source * token_stride : 0) + chunk * 8;
+      CpAsync16(tile + smem_offset + pass * kRowsPerPass * kPanelRowBytes, src, valid);
+    }
+  }
+};
+
+// (query tile, head) of a block; see the file comment for the two orders.
+struct WsWorkItem {
+  int32_t tile_index;
+  int32_t head;
+};
+
+__host__ __device__ __forceinline__ WsWorkItem DecodeWorkItem(int64_t linear, int32_t num_tiles,
+                                                              int32_t num_q_heads,
+                                                              int32_t tiles_per_chunk) {
+  WsWorkItem item;
+  if (tiles_per_chunk <= 0) {
+    item.tile_index = static_cast<int32_t>(linear / num_q_heads);
+    item.head = static_cast<int32_t>(linear % num_q_heads);
+    return item;
+  }
+  const int64_t chunk_blocks = static_cast<int64_t>(tiles_per_chunk) * num_q_heads;
+  const int64_t chunk = linear / chunk_blocks;
+  const int32_t in_chunk = static_cast<int32_t>(linear - chunk * chunk_blocks);
+  const int32_t first_tile = static_cast<int32_t>(chunk * tiles_per_chunk);
+  const int32_t left = num_tiles - first_tile;
+  const int32_t chunk_tiles = left < tiles_per_chunk ? left : tiles_per_chunk;  // last: short
+  item.head = in_chunk / chunk_tiles;
+  item.tile_index = first_tile + in_chunk % chunk_tiles;
+  return item;
+}
+
+template <typename Elem, int kHeadDim, bool kSparse, int kStages>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    AttentionKernelWs(const __grid_constant__ AttentionParams params,
+                      const int32_t tiles_per_chunk) {
+#if ANCHOR_ATTENTION_HAS_WGMMA
+  static_assert(kStages >= 2 && kStages <= 3, "2 or 3 stages");
+  using Geo = TileGeometry<kHeadDim>;
+  constexpr int kOutRegs = Geo::kOutRegs;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem_base = (SharedAddress(smem_raw) + 1023u) & ~1023u;
+  const uint32_t q_smem = smem_base;
+  auto k_smem = [&](int stage) { return smem_base + (1 + stage) * Geo::kTileBytes; };
+  auto v_smem = [&](int stage) { return smem_base + (1 + kStages + stage) * Geo::kTileBytes; };
+  const uint32_t barriers = smem_base + (1 + 2 * kStages) * Geo::kTileBytes;
+  const uint32_t q_full = barriers;
+  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    MbarrierInit(q_full, kWsProducerThreads);
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      MbarrierInit(k_full(stage), kWsProducerThreads);
+      MbarrierInit(v_full(stage), kWsProducerThreads);
+      MbarrierInit(k_empty(stage), kWsConsumerWarps);
+      MbarrierInit(v_empty(stage), kWsConsumerWarps);
+    }
+    FenceMbarrierInit();
+  }
+  __syncthreads();
+
+  const WsWorkItem work = DecodeWorkItem(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x,
+                                         params.num_tiles, params.num_q_heads, tiles_per_chunk);
+  const int head = work.head;
+  const QueryTile qt = params.tiles[work.tile_index];
+  const SeqDesc seq = params.seqs[qt.seq];
+  const int q_start = qt.q_start;
+  const KeyPlan plan = MakeKeyPlan<kSparse>(params, qt, seq, head);
+  const int num_key_tiles = plan.num_tiles;
+
+  if (tid < kWsProducerThreads) {
+    // ------------------------------------------------------------------ producer warpgroup
+    SetMaxRegistersDecrease<kWsProducerRegisters>();
+    const int kv_head = head / (params.num_q_heads / params.num_kv_heads);
+    const Elem* q_base =
+        static_cast<const Elem*>(params.q) + seq.q_offset + head * seq.q_head_stride;
+    const Elem* k_base =
+        static_cast<const Elem*>(params.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    const Elem* v_base =
+        static_cast<const Elem*>(params.v) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    const ProducerLoader<kHeadDim> loader(tid);
+
+    loader.Copy(q_smem, q_base, seq.q_token_stride, loader.ContiguousSource(q_start, qt.q_len));
+    CpAsyncMbarrierArrive(q_full);
+    // Order: K_0, then K_t and V_{t-1} (what consumer iteration t needs), then V_last. A stage
+    // is refilled once both consumer warpgroups released the tile kStages earlier.
+    int32_t previous_source = -1;  // my_row's source in tile t - 1 (for V_{t-1})
+    for (int t = 0; t <= num_key_tiles; ++t) {
+      int32_t source = -1;
+      if (t < num_key_tiles) {
+        source = loader.Source(plan.Tile(t, q_start));  // look up before waiting
+        const int stage = t % kStages;
+        if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
+        loader.Copy(k_smem(stage), k_base, seq.kv_token_stride, source);
+        CpAsyncMbarrierArrive(k_full(stage));
+      }
+      if (t > 0) {
+        const int u = t - 1;
+        const int stage = u % kStages;
+        if (u >= kStages) MbarrierWait(v_empty(stage), ((u / kStages) - 1) & 1);
+        loader.Copy(v_smem(stage), v_base, seq.kv_token_stride, previous_source);
+        CpAsyncMbarrierArrive(v_full(stage));
+      }
+      previous_source = source;
+    }
+    CpAsyncWaitAllUngrouped();
+  } else {
+    // ------------------------------------------------------------------ consumer warpgroups
+    SetMaxRegistersIncrease<kWsConsumerRegisters>();
+    const int warpgroup = tid / 128 - 1;  // 0 or 1: query rows 64 * warpgroup ..
+    const int thread_in_group = tid % 128;
+    const int lane = tid % 32;
+    const int warp_in_group = thread_in_group / 32;
+    const float scale_log2 = params.softmax_scale * 1.4426950408889634f;
+    const int row_local = 16 * warp_in_group + lane / 4;
+    const int row0 = q_start + 64 * warpgroup + row_local;
+
+    float o[kOutRegs];
+#pragma unroll
+    for (int i = 0; i < kOutRegs; ++i) o[i] = 0.0f;
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    uint32_t p[32];
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    float alpha[2];
+
+    auto issue_qk = [&](uint32_t k_tile) {
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t k_offset = (kk / 4) * Geo::kPanelBytes + (kk % 4) * 32;
+        const uint64_t desc_q =
+            MakeSmemDescriptor(q_smem + warpgroup * 64 * kPanelRowBytes + k_offset, 16, 1024);
+        const uint64_t desc_k = MakeSmemDescriptor(k_tile + k_offset, 16, 1024);
+        MmaQk<Elem>(s, desc_q, desc_k, kk > 0 ? 1 : 0);
+      }
+    };
+    auto issue_pv = [&](uint32_t v_tile) {
+#pragma unroll
+      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+        const uint64_t desc_v =
+            MakeSmemDescriptor(v_tile + kk * 16 * kPanelRowBytes, Geo::kPanelBytes, 1024);
+        MmaPv<Elem, kOutRegs>(o, &p[4 * kk], desc_v);
+      }
+    };
+    auto softmax = [&](const KeyTile& tile) {
+      if (tile.needs_mask) {
+        SoftmaxTile<true>(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
+      } else {
+        SoftmaxTile<false>(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
+      }
+    };
+    // Waits until the use-th fill of a stage has landed. The copies wrote through the generic
+    // proxy and the wgmmas read through the async proxy: each wait is followed by a proxy fence.
+    auto wait_full = [&](uint32_t barrier, int use) { MbarrierWait(barrier, use & 1); };
+    // One arrival per warp once its part of the wgmmas that read the stage has completed.
+    auto release = [&](uint32_t barrier) {
+      if (lane == 0) MbarrierArrive(barrier);
+    };
+    const int my_turn = kWsSchedulerBarrier + warpgroup;
+    const int other_turn = kWsSchedulerBarrier + 1 - warpgroup;
+
+    MbarrierWait(q_full, 0);
+    if (num_key_tiles > 0) {
+      // Tile 0: S_0 = Q K_0^T and its softmax (both warpgroups at once, as in FA3).
+      wait_full(k_full(0), 0);
+      FenceProxyAsync();
+      WgmmaFence();
+      issue_qk(k_smem(0));
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(s);
+      release(k_empty(0));
+      softmax(plan.Tile(0, q_start));
+      ConvertP<Elem>(s, p);
+      // Warpgroup 0 issues first. Each warpgroup waits for its turn before issuing an
+      // iteration's wgmmas and passes the turn on after issuing; the counts match exactly
+      // (warpgroup 1 skips the pass after its last iteration).
+      if (warpgroup == 1 && num_key_tiles > 1) NamedBarrierArrive(kWsSchedulerBarrier, 256);
+
+      // Steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together; the softmax
+      // of tile t overlaps the PV product and the other warpgroup's wgmmas.
+      for (int t = 1; t < num_key_tiles; ++t) {
+        const int k_stage = t % kStages;
+        const int v_stage = (t - 1) % kStages;
+        wait_full(k_full(k_stage), t / kStages);
+        wait_full(v_full(v_stage), (t - 1) / kStages);
+        FenceProxyAsync();
+        NamedBarrierSync(my_turn, 256);
+        WgmmaFence();
+        issue_qk(k_smem(k_stage));
+        WgmmaCommit();
+        issue_pv(v_smem(v_stage));
+        WgmmaCommit();
+        if (warpgroup == 0 || t + 1 < num_key_tiles) NamedBarrierArrive(other_turn, 256);
+        WgmmaWait<1>();
+        PinRegisters(s);
+        release(k_empty(k_stage));
+        softmax(plan.Tile(t, q_start));
+        WgmmaWait<0>();
+        PinRegisters(o);
+        PinRegisters(p);
+        release(v_empty(v_stage));
+        RescaleO(o, alpha);
+        ConvertP<Elem>(s, p);
+      }
+
+      // Last PV product.
+      const int v_stage = (num_key_tiles - 1) % kStages;
+      wait_full(v_full(v_stage), (num_key_tiles - 1) / kStages);
+      FenceProxyAsync();
+      WgmmaFence();
+      issue_pv(v_smem(v_stage));
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(o);
+      release(v_empty(v_stage));
+    }
+
+    // Epilogue (as in AttentionKernel): normalise, LSE, stage O through this warpgroup's Q rows
+    // (only its own wgmmas read them, all complete), 16-byte stores.
+    float inv_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float total = row_sum[h];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      inv_sum[h] = total > 0.0f ? 1.0f / total : 0.0f;
+      const int row = row0 + 8 * h;
+      if (params.maybe_lse != nullptr && lane % 4 == 0 && row < q_start + qt.q_len) {
+        const float lse =
+            total > 0.0f ? row_max[h] * params.softmax_scale + logf(total) : -INFINITY;
+        params.maybe_lse[seq.lse_offset + static_cast<int64_t>(head) * seq.seq_len + row] = lse;
+      }
+    }
+    const int tile_row_base = 64 * warpgroup;
+#pragma unroll
+    for (int j = 0; j < kOutRegs / 4; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int tile_row = tile_row_base + row_local + 8 * h;
+        const uint32_t addr = q_smem + (j / 8) * Geo::kPanelBytes + tile_row * kPanelRowBytes +
+                              (((j % 8) ^ (tile_row % 8)) << 4) + (lane % 4) * 4;
+        const uint32_t packed =
+            PackPair<Elem>(o[4 * j + 2 * h] * inv_sum[h], o[4 * j + 2 * h + 1] * inv_sum[h]);
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed) : "memory");
+      }
+    }
+    WarpgroupBarrier(warpgroup);
+    {
+      constexpr int kRowsPerStep = 128 / Geo::kChunksPerRow;
+      const int chunk = thread_in_group % Geo::kChunksPerRow;
+      Elem* out_base = static_cast<Elem*>(params.out) + seq.q_offset + head * seq.q_head_stride;
+#pragma unroll
+      for (int step = 0; step < 64 / kRowsPerStep; ++step) {
+        const int tile_row =
+            tile_row_base + thread_in_group / Geo::kChunksPerRow + step * kRowsPerStep;
+        if (tile_row >= qt.q_len) continue;
+        const uint32_t addr = q_smem + (chunk / 8) * Geo::kPanelBytes + tile_row * kPanelRowBytes +
+                              (((chunk % 8) ^ (tile_row % 8)) << 4);
+        uint4 value;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
+                     : "r"(addr));
+        *reinterpret_cast<uint4*>(out_base + (q_start + tile_row) * seq.q_token_stride +
+                                  chunk * 8) = value;
+      }
+    }
+  }
+#endif  // ANCHOR_ATTENTION_HAS_WGMMA
+}
+
+// Host side: launch one warp-specialized instantiation (ring depth per mode). Instantiated once
+// per (dtype, head_dim) in attention_ws_<dtype>_d<head_dim>.cu; the tests and the
+// microbenchmark also instantiate the other depths to compare them.
+template <typename Elem, int kHeadDim, int kDenseStages = 2, int kSparseStages = 3>
+cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, int32_t tiles_per_chunk,
+                                   cudaStream_t stream) {
+  if (params.num_tiles == 0) return cudaSuccess;
+  auto launch = [&](auto* kernel, int smem_bytes) {
+    cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (error != cudaSuccess) return error;
+    const dim3 grid(static_cast<unsigned>(params.num_tiles),
+                    static_cast<unsigned>(params.num_q_heads));
+    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(params, tiles_per_chunk);
+    return cudaGetLastError();
+  };
+  using WsGeo = WsGeometry<kHeadDim>;
+  if (params.sparse) {
+    return launch(AttentionKernelWs<Elem, kHeadDim, true, kSparseStages>,
+                  WsGeo::SmemBytes(kSparseStages));
+  }
+  return launch(AttentionKernelWs<Elem, kHeadDim, false, kDenseStages>,
+                WsGeo::SmemBytes(kDenseStages));
+}
+
+}  // namespace anchorserve::cuda::attention_detail

@@ -1,0 +1,74 @@
+#include "server/grpc_server.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "grpc/grpc.h"  // GRPC_ARG_*
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "server/attention_service.h"
+
+namespace anchorserve {
+namespace {
+
+// Channel arguments are int milliseconds.
+int Milliseconds(absl::Duration duration) {
+  const int64_t ms = absl::ToInt64Milliseconds(duration);
+  return static_cast<int>(std::clamp<int64_t>(ms, 0, std::numeric_limits<int>::max()));
+}
+
+void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* builder) {
+  // What clients may do.
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+               Milliseconds(keepalive.min_client_ping_interval));
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, keepalive.max_ping_strikes);
+  // Also lets the server's own pings go out on connections without calls.
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // What the server does. Without the last one the server would stop pinging an idle connection
+  // after 2 pings, so a client that died later would hold it forever.
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, Milliseconds(keepalive.ping_interval));
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Milliseconds(keepalive.ping_timeout));
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+}
+
+}  // namespace
+
+absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
+                                                  grpc::Service* service,
+                                                  const KeepaliveOptions& keepalive) {
+  // Process-wide switch, read by the builder below.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  const std::string address = JoinHostPort(config.host, config.grpc_port);
+  StartedGrpcServer started;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &started.port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  ApplyKeepalive(keepalive, &builder);
+  builder.RegisterService(service);
+  started.server = builder.BuildAndStart();
+  if (started.server == nullptr || started.port == 0) {
+    if (started.server != nullptr) started.server->Shutdown(absl::ToChronoTime(absl::Now()));
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve gRPC on ", address, " (--host/--grpc_port)"));
+  }
+  // The health service exists from BuildAndStart on, with "" SERVING: turn it off at once.
+  // (gRPC gives no hook between creating it and opening the port, so a client that completes a
+  // connection within these few microseconds could still see "" SERVING.)
+  SetServingHealth(*started.server, false);
+  return started;
+}
+
+void SetServingHealth(grpc::Server& server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
+  if (health == nullptr) return;  // the default service is always on in StartGrpcServer
+  health->SetServingStatus("", serving);
+  health->SetServingStatus(kAttentionServiceName, serving);
+}
+
+}  // namespace anchorserve

@@ -1,0 +1,50 @@
+// The gRPC server around AttentionServiceImpl: listening port, message limits, HTTP/2 keepalive
+// policy and the standard health service, which starts NOT_SERVING.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/server.h"
+#include "server/server_config.h"
+
+namespace grpc {
+class Service;
+}  // namespace grpc
+
+namespace anchorserve {
+
+// HTTP/2 pings. gRPC's defaults answer a client that pings more often than every 5 minutes (every
+// 2 hours without calls) with GOAWAY "too_many_pings"; load tools (ghz --keepalive=30s), proxies
+// and gRPC clients with keepalive set ping far more often, so the server allows it.
+struct KeepaliveOptions {
+  // Clients may ping this often, with or without calls in flight.
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  // Pings sooner than that tolerated before GOAWAY (gRPC's default; 0 would tolerate any rate).
+  int max_ping_strikes = 2;
+  // The server pings each connection after this much silence, calls or not, and closes it when
+  // the ack does not come within ping_timeout: dead clients (a vanished pod, a cut network) stop
+  // holding connections and streams.
+  absl::Duration ping_interval = absl::Seconds(60);
+  absl::Duration ping_timeout = absl::Seconds(20);
+};
+
+struct StartedGrpcServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;  // the bound port (config.grpc_port, or the one picked for 0)
+};
+
+// Builds and starts a server on config.host:config.grpc_port with config.max_message_bytes both
+// ways, `keepalive`, `service` registered and the default grpc.health.v1 service enabled. Both
+// health names ("" and kAttentionServiceName) are NOT_SERVING when this returns; SetServingHealth
+// flips them. `service` must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when the
+// address cannot be bound.
+absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
+                                                  grpc::Service* service,
+                                                  const KeepaliveOptions& keepalive = {});
+
+// Sets both health names ("" and kAttentionServiceName) to SERVING or NOT_SERVING.
+void SetServingHealth(grpc::Server& server, bool serving);
+
+}  // namespace anchorserve
