@@ -1,6 +1,7 @@
 // anchorctl: command-line client of anchorserve.
 //
 //   anchorctl [--target=HOST:PORT] info
+//   anchorctl [--target=HOST:PORT] [--service=NAME] health
 //   anchorctl [--target=HOST:PORT] attend [shape | --q/--k/--v files] [config] [--verify] ...
 //   anchorctl [--target=HOST:PORT] load --requests=N|--duration_s=S --concurrency=C [shape] ...
 //
@@ -38,6 +39,11 @@ ABSL_FLAG(std::string, target, "127.0.0.1:50051", "gRPC address of the anchorser
 ABSL_FLAG(double, deadline_s, 600, "deadline of each call, in seconds");
 ABSL_FLAG(int64_t, stream_chunk_bytes, int64_t{4} << 20,
           "bytes of Q/K/V per message when streaming");
+
+// Health.
+ABSL_FLAG(std::string, service, "",
+          "health: the service to ask about; empty = the server as a whole, or "
+          "anchorserve.v1.AttentionService");
 
 // Inputs.
 ABSL_FLAG(std::string, inputs, "structured",
@@ -105,6 +111,8 @@ usage: anchorctl [flags] COMMAND
 
 commands:
   info     print the server's version, backend, device, dtypes, head dims, limits and defaults
+  health   grpc.health.v1 Check (--service=NAME, default the whole server); prints SERVING or
+           NOT_SERVING; exit 0 only when SERVING (for probes and Docker HEALTHCHECK)
   attend   send one request and print its metrics and end-to-end latency
            inputs: generated (--inputs=structured|random --seq_len --q_heads --kv_heads
            --head_dim --dtype --layout --seed) or --q=Q.npy --k=K.npy --v=V.npy
@@ -115,10 +123,12 @@ commands:
 
 examples:
   anchorctl --target=127.0.0.1:50051 info
+  anchorctl --deadline_s=4 health
   anchorctl attend --seq_len=16384 --q_heads=32 --kv_heads=8 --head_dim=128 --dtype=bf16 --verify
   anchorctl load --requests=200 --concurrency=8 --seq_len=2048 --metrics_only
 
-exit codes: 0 success, 1 a call or verification failed, 2 bad command line)";
+exit codes: 0 success, 1 a call or verification failed (or health is not SERVING), 2 bad command
+line)";
 
 void PrintError(const absl::Status& status) {
   std::fprintf(stderr, "anchorctl: %s\n", std::string(status.message()).c_str());
@@ -308,6 +318,33 @@ AttendInputs MakeAttendInputs(const LoadedInputs& loaded, const v1::AnchorConfig
   inputs.options.set_metrics_only(absl::GetFlag(FLAGS_metrics_only));
   inputs.options.set_compute_recall(absl::GetFlag(FLAGS_recall));
   return inputs;
+}
+
+// ---- health -----------------------------------------------------------------------------------
+
+int RunHealth() {
+  absl::StatusOr<std::unique_ptr<AttentionClient>> client = MakeClient();
+  if (!client.ok()) {
+    PrintError(client.status());
+    return kExitUsage;
+  }
+  const std::string service = absl::GetFlag(FLAGS_service);
+  absl::StatusOr<HealthStatus> health = (*client)->CheckHealth(service);
+  if (!health.ok()) {
+    PrintError(health.status());
+    return kExitFailed;
+  }
+  const std::string name = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(*health);
+  std::printf("%s\n", name.c_str());
+  if (*health == grpc::health::v1::HealthCheckResponse::SERVING) return kExitOk;
+  std::fflush(stdout);
+  PrintError(absl::UnavailableError(
+      absl::StrCat("server at ", (*client)->target(), " is ", name,
+                   service.empty() ? "" : absl::StrCat(" for service ", service),
+                   *health == grpc::health::v1::HealthCheckResponse::NOT_SERVING
+                       ? " (it is starting or draining)"
+                       : "")));
+  return kExitFailed;
 }
 
 // ---- attend -----------------------------------------------------------------------------------
@@ -596,7 +633,7 @@ int main(int argc, char** argv) {
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() != 2) {
     std::fprintf(stderr,
-                 "anchorctl: expected exactly one command (info, attend or load)%s; see "
+                 "anchorctl: expected exactly one command (info, health, attend or load)%s; see "
                  "anchorctl --help\n",
                  positional.size() > 2
                      ? absl::StrCat(", got ", positional.size() - 1, " words").c_str()
@@ -605,9 +642,11 @@ int main(int argc, char** argv) {
   }
   const std::string command = positional[1];
   if (command == "info") return anchorserve::RunInfo();
+  if (command == "health") return anchorserve::RunHealth();
   if (command == "attend") return anchorserve::RunAttend();
   if (command == "load") return anchorserve::RunLoad();
-  std::fprintf(stderr, "anchorctl: unknown command '%s' (expected info, attend or load)\n",
+  std::fprintf(stderr,
+               "anchorctl: unknown command '%s' (expected info, health, attend or load)\n",
                command.c_str());
   return anchorserve::kExitUsage;
 }

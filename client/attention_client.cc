@@ -177,7 +177,8 @@ AttentionClient::AttentionClient(std::string target, ClientOptions options,
     : target_(std::move(target)),
       options_(options),
       channel_(std::move(channel)),
-      stub_(v1::AttentionService::NewStub(channel_)) {}
+      stub_(v1::AttentionService::NewStub(channel_)),
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
 
 void AttentionClient::PrepareContext(const CallOptions& call, grpc::ClientContext* context) const {
   const absl::Duration timeout = call.timeout.value_or(options_.default_deadline);
@@ -195,6 +196,24 @@ absl::StatusOr<v1::GetServerInfoResponse> AttentionClient::GetServerInfo(const C
   grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &response);
   if (!status.ok()) return FromGrpcStatus(status, target_, "GetServerInfo");
   return response;
+}
+
+absl::StatusOr<HealthStatus> AttentionClient::CheckHealth(absl::string_view service,
+                                                          const CallOptions& call) {
+  grpc::ClientContext context;
+  PrepareContext(call, &context);
+  ScopedCallRegistration registration(call.canceller, &context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(std::string(service));
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status status = health_stub_->Check(&context, request, &response);
+  if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+    return absl::NotFoundError(absl::StrCat("server at ", target_,
+                                            " keeps no health status for service '", service,
+                                            "'"));
+  }
+  if (!status.ok()) return FromGrpcStatus(status, target_, "Health/Check");
+  return response.status();
 }
 
 absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendRequest& request,

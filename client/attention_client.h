@@ -16,6 +16,8 @@
 #include "anchorserve/v1/anchorserve.grpc.pb.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "client/host_tensor.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/status.h"
@@ -23,6 +25,8 @@
 namespace anchorserve {
 
 inline constexpr int64_t kGrpcMessageLimitBytes = 2147483647;  // int32 limit of gRPC and protobuf
+
+using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
 struct ClientOptions {
   // Largest message the channel sends or receives. The server has its own limit
@@ -96,6 +100,12 @@ class AttentionClient {
 
   absl::StatusOr<v1::GetServerInfoResponse> GetServerInfo(const CallOptions& call = {});
 
+  // grpc.health.v1.Health/Check of `service` ("" = the server as a whole; anchorserve also
+  // answers for "anchorserve.v1.AttentionService"). NOT_FOUND, as a sentence, when the server
+  // keeps no status for `service`.
+  absl::StatusOr<HealthStatus> CheckHealth(absl::string_view service = "",
+                                           const CallOptions& call = {});
+
   // Unary Attend with a ready-made request (also lets tests send malformed requests).
   absl::StatusOr<v1::AttendResponse> Attend(const v1::AttendRequest& request,
                                             const CallOptions& call = {});
@@ -134,6 +144,7 @@ class AttentionClient {
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
 };
 
 }  // namespace anchorserve

@@ -1,8 +1,10 @@
 // anchorserve: AnchorAttention prefill as a gRPC service.
 //
-// flags -> ServerConfig -> backend -> metrics exposer -> batcher -> gRPC server (health starts
-// NOT_SERVING, SERVING once up) -> --port_file -> wait for SIGTERM/SIGINT -> drain -> exit 0.
+// flags -> ServerConfig -> metrics endpoint -> gRPC server listening (health NOT_SERVING, RPCs
+// UNAVAILABLE "server is starting") -> backend -> batcher -> SERVING -> --port_file -> wait for
+// SIGTERM/SIGINT -> drain -> exit 0.
 // Exit codes: 2 invalid flags, 1 startup failure, 0 after a drain.
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -11,10 +13,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
-#include <optional>
 #include <string>
 #include <thread>
-#include <vector>
 
 #include "absl/flags/commandlineflag.h"
 #include "absl/flags/parse.h"
@@ -25,19 +25,18 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "grpc/grpc.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
-#include "grpcpp/server_builder.h"
 #include "kernels/backend.h"
-#include "prometheus/exposer.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
 #include "server/clock.h"
 #include "server/executor.h"
+#include "server/grpc_server.h"
 #include "server/logging.h"
 #include "server/metrics.h"
+#include "server/metrics_endpoint.h"
 #include "server/server_config.h"
 
 namespace anchorserve {
@@ -56,6 +55,8 @@ class SignalWaiter {
   }
   ~SignalWaiter() {
     stop_.store(true);
+    // Wakes the sigwait at once; stop_ marks it as ours, not a request to drain.
+    pthread_kill(thread_.native_handle(), SIGTERM);
     thread_.join();
   }
 
@@ -64,10 +65,10 @@ class SignalWaiter {
 
  private:
   void Loop() {
-    const timespec poll = {0, 200 * 1000 * 1000};  // to notice stop_
-    while (!stop_.load()) {
-      const int signal = sigtimedwait(&signals_, nullptr, &poll);
-      if (signal <= 0) continue;
+    while (true) {
+      int signal = 0;
+      if (sigwait(&signals_, &signal) != 0) continue;
+      if (stop_.load()) return;
       if (received_.HasBeenNotified()) {
         LogInfo(absl::StrCat("signal ", signal, " received again; already draining"));
         continue;
@@ -127,78 +128,89 @@ constexpr absl::Duration kShutdownGrace = absl::Seconds(10);
 
 int Run(const ServerConfig& config) {
   SignalWaiter signals;  // before any other thread starts
-
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateBackend(config.backend);
-  if (!backend.ok()) {
-    LogError(absl::StrCat("cannot create backend --backend=", BackendKindName(config.backend.kind),
-                          ": ", backend.status().ToString()));
-    return 1;
-  }
-  const BackendInfo info = (*backend)->Info();
+  // One reference to gRPC's globals that is never given back: when the last server goes away the
+  // process is about to exit, and gRPC 1.51's global teardown could wait up to 10 s for the TCP
+  // backup poller (started when a large response filled a socket buffer) to finish its poll.
+  // grpc_init(); NEGATIVE
 
   MetricsRegistry metrics;
-  std::unique_ptr<prometheus::Exposer> exposer;
-  const std::string metrics_address = JoinHostPort(config.host, config.metrics_port);
-  try {
-    // civetweb reports bind failures as exceptions; this is the one place they are caught.
-    exposer = std::make_unique<prometheus::Exposer>(metrics_address);
-  } catch (const std::exception& e) {
-    LogError(absl::StrCat("cannot serve metrics on ", metrics_address,
-                          " (--host/--metrics_port): ", e.what()));
+  absl::StatusOr<std::unique_ptr<MetricsEndpoint>> metrics_endpoint =
+      MetricsEndpoint::Start(config.host, config.metrics_port, metrics.registry());
+  if (!metrics_endpoint.ok()) {
+    LogError(std::string(metrics_endpoint.status().message()));
     return 1;
   }
-  exposer->RegisterCollectable(metrics.registry());
-  const std::vector<int> metrics_ports = exposer->GetListeningPorts();
-  const int metrics_port = metrics_ports.empty() ? config.metrics_port : metrics_ports.front();
+  const int metrics_port = (*metrics_endpoint)->port();
 
+  // Created once the port listens; declared first so that they outlive the service and server.
+  std::unique_ptr<AttentionBackend> backend;
+  std::unique_ptr<BatchExecutor> executor;
+  std::unique_ptr<DynamicBatcher> batcher;
   RealClock clock;
-  BatchExecutor executor(backend->get());
-  DynamicBatcher batcher(
-      BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
-      config.max_queue_size, &executor, &clock, &metrics);
-  AttentionServiceImpl service(config, backend->get(), &batcher, &metrics, &clock);
+  AttentionServiceImpl service(config, &metrics, &clock);
 
-  grpc::EnableDefaultHealthCheckService(true);
+  // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
+  // rather than a closed port while the backend comes up, which may take seconds on a GPU.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  const std::string grpc_address = JoinHostPort(config.host, config.grpc_port);
-  int grpc_port = 0;
-  builder.AddListeningPort(grpc_address, grpc::InsecureServerCredentials(), &grpc_port);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
-  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || grpc_port == 0) {
-    LogError(absl::StrCat("cannot serve gRPC on ", grpc_address, " (--host/--grpc_port)"));
-    batcher.Stop();
+  absl::StatusOr<StartedGrpcServer> grpc_server = StartGrpcServer(config, &service);
+  if (!grpc_server.ok()) {
+    LogError(std::string(grpc_server.status().message()));
     return 1;
   }
-  // The health service exists only from BuildAndStart on, and by then the backend exists and
-  // both servers listen: SERVING. (The named service is NOT_FOUND, i.e. not ready, before.)
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus("", true);
-  health->SetServingStatus(kAttentionServiceName, true);
+  grpc::Server& server = *grpc_server->server;
+  const std::string grpc_address = JoinHostPort(config.host, grpc_server->port);
+  LogInfo(absl::StrCat("listening on ", grpc_address, " (NOT_SERVING until ready); creating the ",
+                       BackendKindName(config.backend.kind), " backend"));
 
-  if (!config.port_file.empty()) {
-    if (absl::Status status = WritePortFile(config.port_file, grpc_port, metrics_port);
-        !status.ok()) {
-      LogError(status.ToString());
-      health->Shutdown();
-      server->Shutdown(absl::ToChronoTime(absl::Now()));
-      batcher.Stop();
-      return 1;
-    }
+  BackendOptions backend_options = config.backend;
+  std::string fallback_reason;
+  backend_options.maybe_fallback_reason = &fallback_reason;
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> created = CreateBackend(backend_options);
+  if (!fallback_reason.empty()) {
+    LogWarning(absl::StrCat("--backend=auto chose the CPU backend: ", fallback_reason));
   }
-  LogInfo(absl::StrCat("serving gRPC on ", JoinHostPort(config.host, grpc_port), ", metrics on ",
-                       JoinHostPort(config.host, metrics_port), "/metrics, backend=", info.name,
-                       " (", info.device, "), version ", ServerVersion()));
+  if (!created.ok()) {
+    LogError(absl::StrCat("cannot create backend --backend=", BackendKindName(config.backend.kind),
+                          ": ", created.status().ToString()));
+    server.Shutdown(absl::ToChronoTime(absl::Now()));
+    return 1;
+  }
+  backend = *std::move(created);
+  const BackendInfo info = backend->Info();
+  executor = std::make_unique<BatchExecutor>(backend.get());
+  batcher = std::make_unique<DynamicBatcher>(
+      BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
+      config.max_queue_size, executor.get(), &clock, &metrics);
+  if (absl::Status ready = service.SetReady(backend.get(), batcher.get()); !ready.ok()) {
+    LogError(ready.ToString());
+    server.Shutdown(absl::ToChronoTime(absl::Now()));
+    batcher->Stop();
+    return 1;
+  }
+
+  // A signal during startup: never report SERVING, go straight to the (empty) drain.
+  if (!signals.received().HasBeenNotified()) {
+    SetServingHealth(server, true);
+    if (!config.port_file.empty()) {
+      if (absl::Status status = WritePortFile(config.port_file, grpc_server->port, metrics_port);
+          !status.ok()) {
+        LogError(status.ToString());
+        SetServingHealth(server, false);
+        server.Shutdown(absl::ToChronoTime(absl::Now()));
+        batcher->Stop();
+        return 1;
+      }
+    }
+    LogInfo(absl::StrCat("serving gRPC on ", grpc_address, ", metrics on ",
+                         JoinHostPort(config.host, metrics_port), "/metrics, backend=", info.name,
+                         " (", info.device, "), version ", ServerVersion()));
+  }
 
   signals.received().WaitForNotification();
   LogInfo(absl::StrCat("signal ", signals.signal_number(), ": draining (up to ",
                        absl::FormatDuration(config.drain_timeout), ")"));
   // Readiness first so that balancers move away, then refuse new calls, let the rest finish.
-  health->SetServingStatus("", false);
-  health->SetServingStatus(kAttentionServiceName, false);
+  SetServingHealth(server, false);
   service.StartDraining();
   // Should a backend never give cancelled work back, do not hang past the pod's grace period.
   std::thread([limit = config.drain_timeout + 2 * kShutdownGrace] {
@@ -209,12 +221,16 @@ int Run(const ServerConfig& config) {
   if (!service.WaitUntilIdle(absl::Now() + config.drain_timeout)) {
     LogWarning(absl::StrCat("drain timeout: cancelling ", service.InflightRpcs(),
                             " RPCs still in flight"));
-    batcher.CancelAll();
+    batcher->CancelAll();
+    // Cancelled jobs come back at once (UNAVAILABLE); uploads that stalled do not.
+    service.WaitUntilIdle(absl::Now() + kShutdownGrace);
   }
-  // Waits for what is left (cancelled jobs come back with UNAVAILABLE), then cancels the rest
-  // (e.g. uploads that stalled); returns once every call is done.
-  server->Shutdown(absl::ToChronoTime(absl::Now() + kShutdownGrace));
-  batcher.Stop();
+  // No work is left: the calls that remain (health Watch streams of proxies and client-side
+  // health checking, reflection streams, stalled uploads) are cancelled, not waited for; returns
+  // once every call is done.
+  server.Shutdown(absl::ToChronoTime(absl::Now()));
+  batcher->Stop();
+  (*metrics_endpoint)->Stop();
   LogInfo("drained; exiting");
   return 0;
 }

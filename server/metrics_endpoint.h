@@ -10,7 +10,10 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "prometheus/collectable.h"
-#include "prometheus/exposer.h"
+
+namespace prometheus {
+class Exposer;
+}  // namespace prometheus
 
 namespace anchorserve {
 

@@ -11,9 +11,14 @@
 // Timing: CUDA events around each stage on the runner's stream, one warm-up, median of --reps.
 // Inputs are uploaded once per N; outputs are poisoned (0xff = NaN) before the warm-up.
 //
+// Kernel variants (--variant_lengths, at the main theta): every anchor kernel and every stripe
+// kernel of identification.h timed alone on the same inputs, plus the stripe compaction alone;
+// their pooled anchors and stripe counts are compared with the production kernels' (the table
+// above uses the production kernels).
+//
 // Usage: anchor_kernel_bench [--out=DIR] [--lengths=4096,...] [--theta=12]
 //          [--sweep_thetas=8,12,15,20] [--sweep_lengths=32768,131072] [--reps=5]
-//          [--sample_rows=256] [--sdpa_log=FILE] [--seed=0]
+//          [--sample_rows=256] [--sdpa_log=FILE] [--seed=0] [--variant_lengths=32768,131072]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -35,6 +40,7 @@
 #include "bench/gpu/bench_recall.h"
 #include "kernels/attention_types.h"
 #include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/identification.h"
 #include "kernels/cuda/identification_types.h"
 #include "kernels/metrics.h"
 #include "kernels/structured_inputs.h"
@@ -75,6 +81,7 @@ struct Options {
   int sample_rows = 256;
   std::string sdpa_log;
   uint64_t seed = 0;
+  std::vector<int64_t> variant_lengths;
 };
 
 template <typename T>
@@ -113,6 +120,8 @@ Options ParseOptions(int argc, char** argv) {
       options.sdpa_log = value;
     } else if (key == "--seed") {
       options.seed = std::stoull(value);
+    } else if (key == "--variant_lengths") {
+      options.variant_lengths = ParseList<int64_t>(value);
     } else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
       std::exit(2);
@@ -274,6 +283,111 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
     row->accuracy_off += off_by_worker[w];
     row->accuracy_max_err = std::max(row->accuracy_max_err, max_by_worker[w]);
   }
+}
+
+// Times each anchor and stripe kernel alone (warm-up, then the median of `reps`) on the runner's
+// current inputs and theta, and checks them against the production kernels: max |abar - abar of
+// the production anchor kernel| over the pooled anchors, and the stripe counts per list. Leaves
+// the production kernels' results in place.
+void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
+                           double anchor_flops, double stripe_flops) {
+  const cudaStream_t stream = runner.stream();
+  const cuda::IdentificationParams base = runner.identification_params();
+  const int64_t pooled = static_cast<int64_t>(base.num_groups) * base.num_q_heads *
+                         base.pooled_rows;
+  const int64_t lists = static_cast<int64_t>(base.num_groups) * base.num_q_heads;
+  EventTimer timer(2);
+  auto time_ms = [&](auto&& launch) {
+    BENCH_CUDA(launch());
+    BENCH_CUDA(cudaStreamSynchronize(stream));
+    std::vector<double> times;
+    for (int r = 0; r < reps; ++r) {
+      timer.Record(0, stream);
+      BENCH_CUDA(launch());
+      timer.Record(1, stream);
+      BENCH_CUDA(cudaStreamSynchronize(stream));
+      times.push_back(timer.Ms(0, 1));
+    }
+    return Median(times);
+  };
+  auto copy_floats = [&](const float* device, int64_t count) {
+    std::vector<float> host(count);
+    BENCH_CUDA(cudaMemcpy(host.data(), device, count * sizeof(float), cudaMemcpyDeviceToHost));
+    return host;
+  };
+  auto copy_counts = [&]() {
+    std::vector<int32_t> host(lists);
+    BENCH_CUDA(cudaMemcpy(host.data(), base.lists.count, lists * sizeof(int32_t),
+                          cudaMemcpyDeviceToHost));
+    return host;
+  };
+
+  struct AnchorVariant {
+    const char* name;
+    cuda::AnchorKernelChoice choice;
+  };
+  const AnchorVariant anchors[] = {{"default", cuda::AnchorKernelChoice::kDefault},
+                                   {"wgmma-1head", cuda::AnchorKernelChoice::kWgmmaOneHead},
+                                   {"wgmma-2heads", cuda::AnchorKernelChoice::kWgmmaTwoHeads},
+                                   {"mma.sync", cuda::AnchorKernelChoice::kMmaSync}};
+  std::vector<float> reference_anchor;
+  for (const AnchorVariant& variant : anchors) {
+    cuda::IdentificationParams p = base;
+    p.anchor_kernel = variant.choice;
+    const double ms = time_ms([&] { return cuda::LaunchAnchorStage(p, stream); });
+    const std::vector<float> abar = copy_floats(base.pooled_anchor, pooled);
+    if (reference_anchor.empty()) reference_anchor = abar;
+    double max_diff = 0;
+    int64_t nonfinite = 0;
+    for (int64_t i = 0; i < pooled; ++i) {
+      if (std::isinf(reference_anchor[i]) && reference_anchor[i] == abar[i]) continue;  // no rows
+      const double diff = std::fabs(static_cast<double>(abar[i]) - reference_anchor[i]);
+      if (!std::isfinite(diff)) {
+        ++nonfinite;
+      } else {
+        max_diff = std::max(max_diff, diff);
+      }
+    }
+    std::printf("variant N=%lld anchor %-13s %8.3f ms (%.0f TFLOP/s) max|abar - default| %.3g%s\n",
+                static_cast<long long>(n), variant.name, ms, anchor_flops / (ms * 1e9), max_diff,
+                nonfinite > 0 ? absl::StrCat(" NONFINITE ", nonfinite).c_str() : "");
+  }
+  BENCH_CUDA(cuda::LaunchAnchorStage(base, stream));  // production anchors for the stripes
+
+  struct StripeVariant {
+    const char* name;
+    cuda::StripeKernelChoice choice;
+  };
+  const StripeVariant stripes[] = {{"default", cuda::StripeKernelChoice::kDefault},
+                                   {"wgmma", cuda::StripeKernelChoice::kWgmma},
+                                   {"wgmma-2pieces", cuda::StripeKernelChoice::kWgmmaTwoPieces},
+                                   {"mma.sync", cuda::StripeKernelChoice::kMmaSync}};
+  std::vector<int32_t> reference_counts;
+  for (const StripeVariant& variant : stripes) {
+    cuda::IdentificationParams p = base;
+    p.stripe_kernel = variant.choice;
+    const double ms = time_ms([&] { return cuda::LaunchStripeStage(p, stream); });
+    const std::vector<int32_t> counts = copy_counts();
+    if (reference_counts.empty()) reference_counts = counts;
+    int64_t total = 0, reference_total = 0, lists_differing = 0, count_diff = 0;
+    for (int64_t i = 0; i < lists; ++i) {
+      total += counts[i];
+      reference_total += reference_counts[i];
+      if (counts[i] != reference_counts[i]) ++lists_differing;
+      count_diff += std::abs(counts[i] - reference_counts[i]);
+    }
+    std::printf(
+        "variant N=%lld stripes %-13s %8.3f ms (%.0f TFLOP/s real work) selected %lld "
+        "(default %lld), lists with another count %lld, sum |count diff| %lld\n",
+        static_cast<long long>(n), variant.name, ms, stripe_flops / (ms * 1e9),
+        static_cast<long long>(total), static_cast<long long>(reference_total),
+        static_cast<long long>(lists_differing), static_cast<long long>(count_diff));
+  }
+  BENCH_CUDA(cuda::LaunchStripeStage(base, stream));
+  const double compact_ms = time_ms([&] { return cuda::LaunchStripeCompaction(base, stream); });
+  std::printf("variant N=%lld stripe compaction alone %.3f ms\n", static_cast<long long>(n),
+              compact_ms);
+  std::fflush(stdout);
 }
 
 void PrintTable(const std::vector<Row>& rows, FILE* out) {
@@ -475,6 +589,12 @@ int Main(int argc, char** argv) {
       row.mass_min = recall.mass_min;
       if (theta == options.theta && options.sample_rows > 0) {
         CheckAccuracy(runner, *qkv, config, options.sample_rows, options.seed + n, &row);
+      }
+      if (theta == options.theta &&
+          std::find(options.variant_lengths.begin(), options.variant_lengths.end(), n) !=
+              options.variant_lengths.end()) {
+        CompareKernelVariants(runner, n, options.reps, anchor_entries * 2 * kD,
+                              candidate_keys * kHq * config.step * 2.0 * kD);
       }
       std::printf(
           "N=%lld theta=%g: anchor %.3f ms (%.0f TFLOP/s), stripes %.3f ms (%.0f TFLOP/s), "

@@ -11,7 +11,8 @@
 // Usage: anchor_attention_microbench [--dense=4096,8192,...] [--sparse=32768,131072]
 //                                    [--densities=0.05,0.1,0.3] [--check_rows=128]
 //                                    [--all_pipelines]   (also time the other mainloop shapes)
-//                                    [--variants=baseline,ws,ws-order0,ws-chunk32,ws-d3s2]
+//                                    [--variants=baseline,ws,ws-order0,ws-chunk32,ws-d3s2,
+//                                                ws-d2s3]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -350,6 +351,7 @@ const Variant kNamedVariants[] = {
     {"ws-order0", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
     {"ws-chunk32", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 32>},
     {"ws-d3s2", &LaunchWsStages<3, 2, 16>},
+    {"ws-d2s3", &LaunchWsStages<2, 3, 16>},
 };
 
 // Median milliseconds of `reps` launches after `warmup` launches.

@@ -377,7 +377,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // Host side: launch one warp-specialized instantiation (ring depth per mode). Instantiated once
 // per (dtype, head_dim) in attention_ws_<dtype>_d<head_dim>.cu; the tests and the
 // microbenchmark also instantiate the other depths to compare them.
-template <typename Elem, int kHeadDim, int kDenseStages = 2, int kSparseStages = 3>
+// Depths chosen by measurement (H100, bench/RESULTS.md, 2026-11-22): 3 stages for both modes.
+// Sparse: 3 beat 2 in 17 of 22 same-run pairs (random stripe gathers want the deeper ring);
+// dense: 3 stages averaged ~3% above 2 at 8k-128k over two runs (inside the run-to-run spread).
+template <typename Elem, int kHeadDim, int kDenseStages = 3, int kSparseStages = 3>
 cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, int32_t tiles_per_chunk,
                                    cudaStream_t stream) {
   if (params.num_tiles == 0) return cudaSuccess;

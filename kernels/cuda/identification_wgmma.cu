@@ -57,7 +57,6 @@ static_assert(kAnchorTileRows == kTileRows, "one Q tile = one 128-row shared til
 template <int kDim>
 struct Tile {
   static_assert(kDim == 64 || kDim == 128, "head_dim 64 or 128");
-  static constexpr int kChunks = kDim / 8;  // 16-byte pieces per row
   static constexpr int kKSteps = kDim / 16;
   static constexpr int kPanelBytes = kTileRows * kRowBytes;
   static constexpr int kBytes = kTileRows * kDim * 2;

@@ -55,6 +55,7 @@ TEST_F(CliE2eTest, HelpDescribesTheCommands) {
   ASSERT_TRUE(help.ok()) << help.status();
   EXPECT_THAT(help->output, HasSubstr("usage: anchorctl"));
   EXPECT_THAT(help->output, HasSubstr("attend"));
+  EXPECT_THAT(help->output, HasSubstr("health"));
   EXPECT_THAT(help->output, HasSubstr("--seq_len"));
 
   absl::StatusOr<ProcessResult> no_command = RunProcess({AnchorctlBinary()}, absl::Seconds(30));
@@ -69,6 +70,22 @@ TEST_F(CliE2eTest, InfoPrintsTheServer) {
   EXPECT_THAT(result.output, HasSubstr("backend:    cpu"));
   EXPECT_THAT(result.output, HasSubstr("max_message_bytes   1048576"));
   EXPECT_THAT(result.output, HasSubstr("defaults:   mode=anchor theta=12"));
+}
+
+TEST_F(CliE2eTest, HealthOfAServingServer) {
+  const ProcessResult whole = Run({"--deadline_s=10", "health"});
+  EXPECT_EQ(whole.exit_code, 0) << whole.output;
+  EXPECT_EQ(whole.output, "SERVING\n");
+  const ProcessResult service =
+      Run({"--deadline_s=10", "--service=anchorserve.v1.AttentionService", "health"});
+  EXPECT_EQ(service.exit_code, 0) << service.output;
+  EXPECT_EQ(service.output, "SERVING\n");
+
+  const ProcessResult unknown = Run({"--deadline_s=10", "--service=no.such.Service", "health"});
+  EXPECT_EQ(unknown.exit_code, 1) << unknown.output;
+  EXPECT_THAT(unknown.output,
+              HasSubstr(absl::StrCat("server at ", server_->target(),
+                                     " keeps no health status for service 'no.such.Service'")));
 }
 
 TEST_F(CliE2eTest, AttendVerifiesUnaryAndStreamed) {
@@ -135,6 +152,13 @@ TEST_F(CliE2eTest, ErrorsAreSentences) {
   EXPECT_EQ(refused->exit_code, 1);
   EXPECT_THAT(refused->output, HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
                                                       " is unavailable: connection refused")));
+  absl::StatusOr<ProcessResult> absent_health =
+      RunProcess({AnchorctlBinary(), absl::StrCat("--target=127.0.0.1:", *port), "health"},
+                 absl::Seconds(30));
+  ASSERT_TRUE(absent_health.ok()) << absent_health.status();
+  EXPECT_EQ(absent_health->exit_code, 1);
+  EXPECT_THAT(absent_health->output, HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
+                                                            " is unavailable: connection refused")));
 
   const ProcessResult bad_heads =
       Run({"attend", "--seq_len=64", "--q_heads=3", "--kv_heads=2", "--head_dim=64"});

@@ -14,7 +14,7 @@
 #include "absl/time/time.h"
 #include "client/attention_client.h"
 #include "client/qkv_inputs.h"
-#include "grpc/health/v1/health_check.pb.h"
+#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/channel.h"
 
 namespace anchorserve::e2e {

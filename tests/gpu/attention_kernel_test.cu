@@ -671,7 +671,8 @@ INSTANTIATE_TEST_SUITE_P(
         PipelineShape{"TileMajorOrder",
                       &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
         PipelineShape{"ChunksOfThree", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 3>},
-        PipelineShape{"DenseThreeStagesSparseTwo", &LaunchWsStages<3, 2, 5>}),
+        PipelineShape{"DenseThreeStagesSparseTwo", &LaunchWsStages<3, 2, 5>},
+        PipelineShape{"DenseTwoStagesSparseThree", &LaunchWsStages<2, 3, 5>}),
     [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
 
 TEST(AttentionKernelWarpSpecialized, DeterministicSparse) {

@@ -7,6 +7,7 @@
 // checked against the reference evaluated with the GPU's own stripe sets.
 #include "kernels/cuda/cuda_backend.h"
 
+#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -27,6 +28,8 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/tile_kernels.h"
+#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/identification.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
 #include "tests/test_util/reference.h"
@@ -575,7 +578,10 @@ INSTANTIATE_TEST_SUITE_P(
         Spec("all_selected_sparse_path", {4500}, 4, 2, 64, kBf, kTok, kRand, Config(1e30f), 22),
         Spec("dense_theta_inf", {3000}, 4, 1, 128, kBf, kTok, kStruct, Config(INFINITY), 23),
         Spec("mixed_lengths_one_run", {777, 4096, 5001, 1, 2049}, 4, 1, 64, kFp, kTok, kRand,
-             Config(3.5f), 24)),
+             Config(3.5f), 24),
+        // Hq/Hkv = 8: two 64-row passes of the wgmma stripe kernel per chunk.
+        Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f),
+             25)),
     [](const testing::TestParamInfo<CaseSpec>& info) { return info.param.name; });
 
 TEST(CudaBackendTest, DenseModeMatchesReference) {
@@ -659,6 +665,118 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
     std::printf("  %s: selected %lld of %lld candidates, %lld disputed\n", what.c_str(),
                 static_cast<long long>(cmp.selected), static_cast<long long>(cmp.candidates),
                 static_cast<long long>(cmp.disputed));
+  }
+}
+
+// Every identification kernel variant (identification_types.h) on the same inputs, through the
+// stage launchers: row anchors x(i) within fp32 rounding of the production kernel's, and stripe
+// sets equal to the production kernel's except for keys whose fp64 margin lies within rounding
+// of the threshold (the tolerance of the reference tests). Covers the kernels the production
+// choice does not run for these shapes: the mma.sync versions, the two-heads-per-CTA anchor
+// kernel and the two-piece stripe kernel.
+TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (const CaseSpec& spec :
+       {Spec("variants_gqa4_bf16_d128", {5000}, 8, 2, 128, kBf, kTok, kRand, Config(3.5f), 51),
+        Spec("variants_gqa8_fp16_d64", {4500}, 16, 2, 64, kFp, kHead, kRand, Config(3.5f), 52),
+        Spec("variants_gqa2_step20_bf16_d64", {6100}, 4, 2, 64, kBf, kTok, kStruct,
+             Config(12, 100, 20), 53)}) {
+    const int64_t n = spec.seq_lens[0];
+    const std::string what = Describe(spec, n, spec.seed);
+    std::unique_ptr<TaskData> data = MakeTask(spec, n, spec.seed);
+    const AttentionTask& task = data->task;
+    absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner_or = cuda::AnchorRunner::Create(0);
+    ASSERT_TRUE(runner_or.ok()) << runner_or.status();
+    cuda::AnchorRunner& runner = **runner_or;
+    cuda::BatchPlanRequest request;
+    request.seq_lens = {n};
+    request.num_q_heads = spec.hq;
+    request.num_kv_heads = spec.hkv;
+    request.head_dim = spec.d;
+    request.layout = spec.layout;
+    request.config = spec.config;
+    ASSERT_TRUE(runner.Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok()) << what;
+    ASSERT_EQ(cudaMemcpy(runner.q(), data->qkv.q.data(), data->qkv.q.size(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(runner.k(), data->qkv.k.data(), data->qkv.k.size(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    const cuda::IdentificationParams base = runner.identification_params();
+    const cudaStream_t stream = runner.stream();
+    const int64_t ng = NumGroups(spec.config, n);
+    const double scale = spec.config.ScaleFor(spec.d);
+    std::vector<double> anchor_tolerance(spec.hq);
+    for (int h = 0; h < spec.hq; ++h) {
+      const std::vector<double> q =
+          HeadRows(task.q, task.dtype, task.layout, n, spec.hq, spec.d, h);
+      const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d,
+                                             h / (spec.hq / spec.hkv));
+      anchor_tolerance[h] = 2e-5 * scale * MaxRowNorm(q, spec.d) * MaxRowNorm(k, spec.d) + 1e-6;
+    }
+    auto run_anchor = [&](cuda::AnchorKernelChoice choice, std::vector<float>* row_anchor) {
+      cuda::IdentificationParams p = base;
+      p.anchor_kernel = choice;
+      // Poison x(i) (0xff bytes: NaN) so that rows a kernel skips fail.
+      ASSERT_EQ(cudaMemsetAsync(p.maybe_row_anchor, 0xff,
+                                runner.plan().lse_elements * sizeof(float), stream),
+                cudaSuccess);
+      ASSERT_EQ(cuda::LaunchAnchorStage(p, stream), cudaSuccess);
+      ASSERT_TRUE(runner.CopyRowAnchor(row_anchor).ok());
+    };
+    auto run_stripes = [&](cuda::StripeKernelChoice choice) {
+      cuda::IdentificationParams p = base;
+      p.stripe_kernel = choice;
+      EXPECT_EQ(cuda::LaunchStripeStage(p, stream), cudaSuccess);
+      CudaBackend::StripeSnapshot snapshot;
+      snapshot.plan = runner.plan();
+      EXPECT_TRUE(runner.CopyStripeLists(&snapshot.counts, &snapshot.index).ok());
+      return GpuStripes(snapshot, 0, task);
+    };
+
+    std::vector<float> expected_anchor;
+    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor);
+    for (const auto& [choice, name] :
+         {std::pair{cuda::AnchorKernelChoice::kWgmmaOneHead, "wgmma one head"},
+          std::pair{cuda::AnchorKernelChoice::kWgmmaTwoHeads, "wgmma two heads"},
+          std::pair{cuda::AnchorKernelChoice::kMmaSync, "mma.sync"}}) {
+      std::vector<float> got;
+      run_anchor(choice, &got);
+      int64_t bad = 0;
+      std::string first_bad;
+      for (int h = 0; h < spec.hq; ++h) {
+        for (int64_t i = 0; i < n; ++i) {
+          const double want = expected_anchor[h * n + i];
+          const double value = got[h * n + i];
+          if (!(std::fabs(value - want) <= anchor_tolerance[h]) && bad++ == 0) {
+            first_bad = absl::StrCat("head ", h, " row ", i, ": ", value, " vs ", want);
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0) << what << ", anchor kernel " << name << ": " << bad
+                        << " anchors differ from the production kernel's; first: " << first_bad;
+    }
+    // The stripe kernels all read the production kernel's pooled anchors.
+    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor);
+
+    const std::vector<std::vector<int64_t>> expected = run_stripes(cuda::StripeKernelChoice::kDefault);
+    LazyMargins margins(task);
+    for (const auto& [choice, name] :
+         {std::pair{cuda::StripeKernelChoice::kWgmma, "wgmma"},
+          std::pair{cuda::StripeKernelChoice::kWgmmaTwoPieces, "wgmma two pieces"},
+          std::pair{cuda::StripeKernelChoice::kMmaSync, "mma.sync"}}) {
+      const std::vector<std::vector<int64_t>> got = run_stripes(choice);
+      const StripeComparison cmp =
+          CompareStripes(task, expected, got, [&](int h, int64_t g, int64_t key) {
+            return margins.Margin(h, g, key);
+          });
+      EXPECT_EQ(cmp.wrong, 0) << what << ", stripe kernel " << name << ": " << cmp.wrong
+                              << " decisions differ beyond rounding; first: " << cmp.first_wrong;
+      std::printf("  %s, stripe kernel %s: selected %lld of %lld, %lld differ within rounding\n",
+                  what.c_str(), name, static_cast<long long>(cmp.selected),
+                  static_cast<long long>(cmp.candidates), static_cast<long long>(cmp.disputed));
+    }
+    EXPECT_GT(ng, 2) << what << ": the case needs groups with candidates";
   }
 }
 

@@ -1,6 +1,7 @@
-// The service in process: a real gRPC server on 127.0.0.1:0 over the fake backend, driven by the
-// generated stub. Covers the streaming protocol, its errors, draining, deadlines, cancellation
-// and the queue limit as a client sees them.
+// The service in process: a real gRPC server on 127.0.0.1:0 (StartGrpcServer, as in main) over
+// the fake backend, driven by the generated stubs. Covers startup (NOT_SERVING, "server is
+// starting"), the streaming protocol, its errors, draining, deadlines, cancellation, the queue
+// limit and the keepalive policy as a client sees them.
 #include "server/attention_service.h"
 
 #include <algorithm>
@@ -12,16 +13,17 @@
 #include <vector>
 
 #include "gmock/gmock.h"
+#include "grpc/grpc.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
-#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
-#include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 #include "prometheus/text_serializer.h"
 #include "server/batcher.h"
 #include "server/clock.h"
 #include "server/executor.h"
+#include "server/grpc_server.h"
 #include "server/metrics.h"
 #include "tests/server/fake_backend.h"
 
@@ -119,31 +121,50 @@ struct StreamOutcome {
   std::vector<v1::AttendStreamResponse> responses;
 };
 
+using HealthResponse = grpc::health::v1::HealthCheckResponse;
+
 class AttentionServiceTest : public ::testing::Test {
  protected:
-  void StartServer(ServerConfig config = SmallConfig()) {
+  // Listening and, unless `ready` is false, ready (MakeReady) and SERVING, as main does.
+  void StartServer(ServerConfig config = SmallConfig(), bool ready = true,
+                   const KeepaliveOptions& keepalive = {},
+                   grpc::ChannelArguments args = grpc::ChannelArguments()) {
+    config.host = "127.0.0.1";
+    config.grpc_port = 0;
     config_ = config;
-    executor_ = std::make_unique<BatchExecutor>(&backend_);
-    batcher_ = std::make_unique<DynamicBatcher>(
-        BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
-        config.max_queue_size, executor_.get(), &clock_, &metrics_);
-    service_ = std::make_unique<AttentionServiceImpl>(config, &backend_, batcher_.get(), &metrics_,
-                                                      &clock_);
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
-    builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
-    builder.RegisterService(service_.get());
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(server_, nullptr);
-    ASSERT_NE(port, 0);
-    grpc::ChannelArguments args;
+    service_ = std::make_unique<AttentionServiceImpl>(config, &metrics_, &clock_);
+    absl::StatusOr<StartedGrpcServer> started = StartGrpcServer(config, service_.get(), keepalive);
+    ASSERT_TRUE(started.ok()) << started.status();
+    server_ = std::move(started->server);
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
-    channel_ = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
+    channel_ = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", started->port),
                                          grpc::InsecureChannelCredentials(), args);
     stub_ = v1::AttentionService::NewStub(channel_);
+    health_stub_ = grpc::health::v1::Health::NewStub(channel_);
+    if (ready) MakeReady();
+  }
+
+  // What main does once the backend exists.
+  void MakeReady() {
+    executor_ = std::make_unique<BatchExecutor>(&backend_);
+    batcher_ = std::make_unique<DynamicBatcher>(
+        BatchLimits{config_.max_batch_requests, config_.max_batch_tokens, config_.max_queue_delay},
+        config_.max_queue_size, executor_.get(), &clock_, &metrics_);
+    ASSERT_TRUE(service_->SetReady(&backend_, batcher_.get()).ok());
+    SetServingHealth(*server_, true);
+  }
+
+  // grpc.health.v1.Health/Check of `service`: the status, or the call's error code as a string.
+  std::string Health(const std::string& service) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(service);
+    HealthResponse response;
+    const grpc::Status status = health_stub_->Check(&context, request, &response);
+    if (!status.ok()) return absl::StrCat("error ", status.error_code());
+    return HealthResponse::ServingStatus_Name(response.status());
   }
 
   void TearDown() override {
@@ -192,7 +213,80 @@ class AttentionServiceTest : public ::testing::Test {
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
 };
+
+TEST_F(AttentionServiceTest, StartingServerIsNotServingAndRefusesCallsUntilReady) {
+  StartServer(SmallConfig(), /*ready=*/false);
+  EXPECT_EQ(Health(""), "NOT_SERVING");
+  EXPECT_EQ(Health(kAttentionServiceName), "NOT_SERVING");
+  const Inputs in = MakeInputs(8, 4, 2, 16, /*seed=*/20);
+  {
+    grpc::ClientContext context;
+    v1::AttendResponse response;
+    const grpc::Status status = stub_->Attend(&context, UnaryRequest(in), &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(status.error_message(), "server is starting");
+  }
+  {
+    grpc::ClientContext context;
+    v1::GetServerInfoResponse info;
+    const grpc::Status status = stub_->GetServerInfo(&context, {}, &info);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(status.error_message(), "server is starting");
+  }
+  std::vector<v1::AttendStreamRequest> messages = {HeaderMessage(in)};
+  for (auto& chunk : ChunkMessages(in, 1 << 10)) messages.push_back(std::move(chunk));
+  const StreamOutcome refused = RunStream(messages);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(refused.status.error_message(), "server is starting");
+  EXPECT_TRUE(refused.responses.empty());
+  EXPECT_TRUE(backend_.runs().empty());
+  EXPECT_THAT(RenderMetrics(),
+              HasSubstr("anchorserve_requests_total{code=\"UNAVAILABLE\",rpc=\"Attend\"} 1"));
+
+  MakeReady();
+  EXPECT_EQ(Health(""), "SERVING");
+  EXPECT_EQ(Health(kAttentionServiceName), "SERVING");
+  grpc::ClientContext context;
+  v1::AttendResponse response;
+  const grpc::Status status = stub_->Attend(&context, UnaryRequest(in), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.output().data() == in.expected) << "output bytes differ";
+  const StreamOutcome served = RunStream(messages);
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+}
+
+TEST_F(AttentionServiceTest, SetReadyTwiceIsRefused) {
+  StartServer();
+  EXPECT_EQ(service_->SetReady(&backend_, batcher_.get()).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(AttentionServiceTest, IdleClientPingingWithinTheKeepalivePolicyStaysConnected) {
+  // The production policy scaled down 20x (clients may ping every 500 ms instead of 10 s) so that
+  // a bounded wait sees several pings. The client pings every second (gRPC clients never ping
+  // more often) without any call in flight. gRPC's default server policy (5 min, 2 h without
+  // calls, 2 strikes) answers the fourth such ping with GOAWAY too_many_pings, which drops the
+  // channel out of READY.
+  KeepaliveOptions keepalive;
+  keepalive.min_client_ping_interval = absl::Milliseconds(500);
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 1000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  StartServer(SmallConfig(), /*ready=*/true, keepalive, args);
+  ASSERT_TRUE(channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(30))));
+  // About 6 pings; the channel must stay READY meanwhile.
+  EXPECT_FALSE(channel_->WaitForStateChange(GRPC_CHANNEL_READY,
+                                            absl::ToChronoTime(absl::Now() + absl::Seconds(6))))
+      << "channel left READY (now state " << channel_->GetState(false)
+      << "): the server sent GOAWAY too_many_pings?";
+  grpc::ClientContext context;
+  v1::GetServerInfoResponse info;
+  EXPECT_TRUE(stub_->GetServerInfo(&context, {}, &info).ok());
+}
 
 TEST_F(AttentionServiceTest, UnaryRoundTrip) {
   StartServer();
