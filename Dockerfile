@@ -27,7 +27,8 @@ COPY --from=build /src/build/bin/anchorserve /src/build/bin/anchorctl /usr/local
 RUN useradd --system --uid 10001 --no-create-home anchorserve
 USER 10001:10001
 EXPOSE 50051 9464
+# grpc.health.v1 Check of the whole server: healthy only when SERVING (not starting or draining).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s \
-  CMD ["anchorctl", "--target=127.0.0.1:50051", "--deadline_s=4", "info"]
+  CMD ["anchorctl", "--target=127.0.0.1:50051", "--deadline_s=4", "health"]
 # Exec form so SIGTERM reaches the server and starts its drain.
 ENTRYPOINT ["anchorserve", "--host=0.0.0.0", "--grpc_port=50051", "--metrics_port=9464"]

@@ -645,8 +645,7 @@ int main(int argc, char** argv) {
   if (command == "health") return anchorserve::RunHealth();
   if (command == "attend") return anchorserve::RunAttend();
   if (command == "load") return anchorserve::RunLoad();
-  std::fprintf(stderr,
-               "anchorctl: unknown command '%s' (expected info, health, attend or load)\n",
+  std::fprintf(stderr, "anchorctl: unknown command '%s' (expected info, health, attend or load)\n",
                command.c_str());
   return anchorserve::kExitUsage;
 }

@@ -208,9 +208,8 @@ absl::StatusOr<HealthStatus> AttentionClient::CheckHealth(absl::string_view serv
   grpc::health::v1::HealthCheckResponse response;
   grpc::Status status = health_stub_->Check(&context, request, &response);
   if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
-    return absl::NotFoundError(absl::StrCat("server at ", target_,
-                                            " keeps no health status for service '", service,
-                                            "'"));
+    return absl::NotFoundError(
+        absl::StrCat("server at ", target_, " keeps no health status for service '", service, "'"));
   }
   if (!status.ok()) return FromGrpcStatus(status, target_, "Health/Check");
   return response.status();

@@ -25,7 +25,7 @@ int Milliseconds(absl::Duration duration) {
 void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* builder) {
   // What clients may do.
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-               Milliseconds(keepalive.min_client_ping_interval));
+                              Milliseconds(keepalive.min_client_ping_interval));
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, keepalive.max_ping_strikes);
   // Also lets the server's own pings go out on connections without calls.
   builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);

@@ -131,7 +131,7 @@ int Run(const ServerConfig& config) {
   // One reference to gRPC's globals that is never given back: when the last server goes away the
   // process is about to exit, and gRPC 1.51's global teardown could wait up to 10 s for the TCP
   // backup poller (started when a large response filled a socket buffer) to finish its poll.
-  // grpc_init(); NEGATIVE
+  grpc_init();
 
   MetricsRegistry metrics;
   absl::StatusOr<std::unique_ptr<MetricsEndpoint>> metrics_endpoint =
@@ -142,7 +142,8 @@ int Run(const ServerConfig& config) {
   }
   const int metrics_port = (*metrics_endpoint)->port();
 
-  // Created once the port listens; declared first so that they outlive the service and server.
+  // Created once the port listens; declared before the service and the server, which use them,
+  // so that they outlive both.
   std::unique_ptr<AttentionBackend> backend;
   std::unique_ptr<BatchExecutor> executor;
   std::unique_ptr<DynamicBatcher> batcher;
@@ -223,7 +224,10 @@ int Run(const ServerConfig& config) {
                             " RPCs still in flight"));
     batcher->CancelAll();
     // Cancelled jobs come back at once (UNAVAILABLE); uploads that stalled do not.
-    service.WaitUntilIdle(absl::Now() + kShutdownGrace);
+    if (!service.WaitUntilIdle(absl::Now() + kShutdownGrace)) {
+      LogWarning(absl::StrCat("cancelling ", service.InflightRpcs(),
+                              " RPCs that are still in flight (stalled uploads?)"));
+    }
   }
   // No work is left: the calls that remain (health Watch streams of proxies and client-side
   // health checking, reflection streams, stalled uploads) are cancelled, not waited for; returns

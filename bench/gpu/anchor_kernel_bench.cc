@@ -329,6 +329,7 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
   const AnchorVariant anchors[] = {{"default", cuda::AnchorKernelChoice::kDefault},
                                    {"wgmma-1head", cuda::AnchorKernelChoice::kWgmmaOneHead},
                                    {"wgmma-2heads", cuda::AnchorKernelChoice::kWgmmaTwoHeads},
+                                   {"wgmma-pipelined", cuda::AnchorKernelChoice::kWgmmaPipelined},
                                    {"mma.sync", cuda::AnchorKernelChoice::kMmaSync}};
   std::vector<float> reference_anchor;
   for (const AnchorVariant& variant : anchors) {
@@ -348,7 +349,7 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
         max_diff = std::max(max_diff, diff);
       }
     }
-    std::printf("variant N=%lld anchor %-13s %8.3f ms (%.0f TFLOP/s) max|abar - default| %.3g%s\n",
+    std::printf("variant N=%lld anchor %-15s %8.3f ms (%.0f TFLOP/s) max|abar - default| %.3g%s\n",
                 static_cast<long long>(n), variant.name, ms, anchor_flops / (ms * 1e9), max_diff,
                 nonfinite > 0 ? absl::StrCat(" NONFINITE ", nonfinite).c_str() : "");
   }
@@ -377,7 +378,7 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
       count_diff += std::abs(counts[i] - reference_counts[i]);
     }
     std::printf(
-        "variant N=%lld stripes %-13s %8.3f ms (%.0f TFLOP/s real work) selected %lld "
+        "variant N=%lld stripes %-15s %8.3f ms (%.0f TFLOP/s real work) selected %lld "
         "(default %lld), lists with another count %lld, sum |count diff| %lld\n",
         static_cast<long long>(n), variant.name, ms, stripe_flops / (ms * 1e9),
         static_cast<long long>(total), static_cast<long long>(reference_total),

@@ -1,5 +1,7 @@
 // Attention compute kernels for sm_90a: dense causal attention and AnchorAttention's
-// fine-grained sparse attention, one mainloop for both.
+// fine-grained sparse attention, one mainloop for both. This is the baseline mainloop; the
+// warp-specialized one (attention_kernel_ws.cuh) reuses its key plans, softmax and layouts, and
+// attention_launch.cu chooses between them.
 //
 // One CTA = one query tile (up to kTileRows rows of one group of one sequence) x one query head.
 // Two consumer warpgroups own 64 query rows each. Keys are visited in tiles of kTileKeys; each

@@ -1,5 +1,6 @@
 // Host entry point of the attention compute kernels (dense causal and AnchorAttention sparse),
-// plain C++: include it from .cc files. The kernels themselves live in attention_kernel.cuh.
+// plain C++: include it from .cc files. The kernels themselves live in attention_kernel.cuh
+// (baseline mainloop) and attention_kernel_ws.cuh (warp-specialized mainloop).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -684,7 +684,7 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
 }
 
 // Production anchor kernel (bench/RESULTS.md has the comparison).
-constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaOneHead;
+constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaTwoHeads;
 
 bool ValidShape(const IdentificationParams& p) {
   return (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
@@ -707,8 +707,13 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream
   if (choice == AnchorKernelChoice::kMmaSync) {
     error = LaunchMmaSyncAnchorStage(p, pair, stream);
   } else {
-    const bool two_heads = choice == AnchorKernelChoice::kWgmmaTwoHeads && pair;
-    error = LaunchWgmmaAnchorKernel(p, two_heads ? 2 : 1, stream);
+    WgmmaAnchorVariant variant = WgmmaAnchorVariant::kOneHead;
+    if (choice == AnchorKernelChoice::kWgmmaTwoHeads && pair) {
+      variant = WgmmaAnchorVariant::kTwoHeads;
+    } else if (choice == AnchorKernelChoice::kWgmmaPipelined) {
+      variant = WgmmaAnchorVariant::kPipelined;
+    }
+    error = LaunchWgmmaAnchorKernel(p, variant, stream);
   }
   if (error != cudaSuccess) return error;
   const bool bf16 = p.elem_type == ElemType::kBf16;

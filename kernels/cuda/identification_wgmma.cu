@@ -102,20 +102,58 @@ struct RowCopier {
 // Anchor. CTA = one anchor tile (<= 128 query rows of one pooling block) x kHeads query heads of
 // one KV head; 2 warpgroups (64 rows each) per head. Thread layout of the m64n128 accumulator:
 // s[4j + 2h + e] is row 16 * warp + lane / 4 + 8h of the warpgroup, key 8j + 2 * (lane % 4) + e.
-template <int kDim, int kHeads>
+template <int kDim, int kHeads, bool kPipelined>
 struct AnchorShape {
+  static_assert(!kPipelined || kHeads == 1, "the pipelined kernel serves one head per CTA");
   static constexpr int kThreads = 256 * kHeads;
-  // d = 128, one head: 2 stages keep the CTA at 97 KiB, so that two fit on an SM.
-  static constexpr int kStages = (kHeads == 2 || kDim == 64) ? 3 : 2;
+  // Unpipelined, d = 128, one head: 2 stages keep the CTA at 97 KiB, so that two fit on an SM.
+  // Pipelined: one CTA per SM (two accumulator sets), 4 stages.
+  static constexpr int kStages = kPipelined ? 4 : ((kHeads == 2 || kDim == 64) ? 3 : 2);
+  static constexpr int kCtasPerSm = (kHeads == 1 && !kPipelined) ? 2 : 1;
   static constexpr int kSmemBytes = (kHeads + kStages) * Tile<kDim>::kBytes + 1024;
   static constexpr int kSumParts = kThreads / (kHeads * kDim);  // threads per q-sum column
 };
 
-template <typename T, int kDim, int kHeads>
-__global__ void __launch_bounds__(256 * kHeads, kHeads == 1 ? 2 : 1)
+// Masks the scores of one m64n128 tile outside [range_lo, range_hi) and after the row, then
+// folds them into the running row maxima. Thread rows: row0 and row0 + 8.
+__device__ __forceinline__ void FoldTileMax(float (&s)[64], float (&row_max)[2], bool need_mask,
+                                            int key_begin, int range_lo, int range_hi, int row0,
+                                            int lane) {
+  if (need_mask) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key_begin + 8 * j + 2 * (lane % 4) + e;
+          if (key < range_lo || key >= range_hi || key > row) s[4 * j + 2 * h + e] = -INFINITY;
+        }
+      }
+    }
+  }
+  // Four independent chains per row half keep the FMNMX latency off the critical path.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+    }
+    row_max[h] = fmaxf(row_max[h], fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3])));
+  }
+}
+
+// kPipelined: two accumulator sets per thread; the wgmmas of key tile t + 1 run while the
+// warpgroup folds tile t (FA3-style intra-warpgroup overlap), one CTA of 2 warpgroups per SM.
+// Otherwise: one accumulator set, wgmma then fold, and two CTAs per SM (one head per CTA)
+// overlap each other.
+template <typename T, int kDim, int kHeads, bool kPipelined>
+__global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipelined>::kCtasPerSm))
     WgmmaAnchorKernel(const __grid_constant__ IdentificationParams p) {
 #if ANCHOR_ID_HAS_WGMMA
-  using Shape = AnchorShape<kDim, kHeads>;
+  using Shape = AnchorShape<kDim, kHeads, kPipelined>;
   using Geo = Tile<kDim>;
   constexpr int kThreads = Shape::kThreads;
   constexpr int kStages = Shape::kStages;
@@ -197,55 +235,97 @@ __global__ void __launch_bounds__(256 * kHeads, kHeads == 1 ? 2 : 1)
   const uint32_t q_rows = q_tile(head_local) + half * 64 * kRowBytes;
 
   float row_max[2] = {-INFINITY, -INFINITY};
-  float s[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+  auto tile_range = [&](int t, int* lo, int* hi) {
+    *lo = t < tiles1 ? 0 : lo2;
+    *hi = t < tiles1 ? hi1 : row_end;
+  };
+  // Whether this warpgroup computes key tile t (not when every key follows every row).
+  auto wg_computes = [&](int t) {
+    return t < num_key_tiles && wg_has_rows && key_tile_begin(t) <= wg_last_row;
+  };
 
-  for (int t = 0; t < num_key_tiles; ++t) {
-    CpAsyncWait<kStages - 2>();  // K_t (and Q) have landed for this thread's copies
-    FenceProxyAsync();
-    __syncthreads();  // ... and for everyone's; K_{t-1}'s stage is free
-    load_keys(t + kStages - 1);
-    CpAsyncCommit();
-    const int key_begin = key_tile_begin(t);
-    if (!wg_has_rows || key_begin > wg_last_row) continue;  // every key after every row
-    const int range_lo = t < tiles1 ? 0 : lo2;
-    const int range_hi = t < tiles1 ? hi1 : row_end;
-    const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
-                           key_begin + kKeyTile - 1 > wg_first_row;
-    const uint32_t keys = k_tile(t);
-    WgmmaFence();
+  if constexpr (!kPipelined) {
+    float s[64];
 #pragma unroll
-    for (int kk = 0; kk < Geo::kKSteps; ++kk) {
-      WgmmaSs<T>(s, SmemDescriptor128(q_rows + Geo::KStep(kk)),
-                 SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
+    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    for (int t = 0; t < num_key_tiles; ++t) {
+      CpAsyncWait<kStages - 2>();  // K_t (and Q) have landed for this thread's copies
+      FenceProxyAsync();
+      __syncthreads();  // ... and for everyone's; K_{t-1}'s stage is free
+      load_keys(t + kStages - 1);
+      CpAsyncCommit();
+      if (!wg_computes(t)) continue;
+      const int key_begin = key_tile_begin(t);
+      int range_lo, range_hi;
+      tile_range(t, &range_lo, &range_hi);
+      const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
+                             key_begin + kKeyTile - 1 > wg_first_row;
+      const uint32_t keys = k_tile(t);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < Geo::kKSteps; ++kk) {
+        WgmmaSs<T>(s, SmemDescriptor128(q_rows + Geo::KStep(kk)),
+                   SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
+      }
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(s);
+      FoldTileMax(s, row_max, need_mask, key_begin, range_lo, range_hi, row_begin + row_local,
+                  lane);
     }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(s);
-    if (need_mask) {
+  } else {
+    static_assert(kStages >= 3, "K_{t+1} must be prefetched while S_t is in flight");
+    float s[2][64];  // S_t in s[t % 2]
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row_begin + row_local + 8 * h;
+    for (int b = 0; b < 2; ++b) {
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+      for (int i = 0; i < 64; ++i) s[b][i] = 0.0f;
+    }
+    auto issue = [&](float (&acc)[64], int t) {
+      const uint32_t keys = k_tile(t);
+      WgmmaFence();
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = key_begin + 8 * j + 2 * (lane % 4) + e;
-            if (key < range_lo || key >= range_hi || key > row) s[4 * j + 2 * h + e] = -INFINITY;
-          }
+      for (int kk = 0; kk < Geo::kKSteps; ++kk) {
+        WgmmaSs<T>(acc, SmemDescriptor128(q_rows + Geo::KStep(kk)),
+                   SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
+      }
+      WgmmaCommit();
+    };
+    CpAsyncWait<kStages - 2>();  // Q and K_0
+    FenceProxyAsync();
+    __syncthreads();
+    if (wg_computes(0)) issue(s[0], 0);
+    // Iteration t: S_t is in flight (or skipped). Publish K_{t+1}; refill the stage of K_{t-1}
+    // (S_{t-1} completed in iteration t-1, before this barrier); issue S_{t+1}; wait for S_t
+    // only; fold it while S_{t+1} runs.
+    for (int t0 = 0; t0 < num_key_tiles; t0 += 2) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int t = t0 + b;
+        if (t >= num_key_tiles) break;
+        CpAsyncWait<kStages - 3>();  // K_{t+1}
+        FenceProxyAsync();
+        __syncthreads();
+        load_keys(t + kStages - 1);
+        CpAsyncCommit();
+        const bool next = wg_computes(t + 1);
+        if (next) issue(s[1 - b], t + 1);
+        if (next) {
+          WgmmaWait<1>();
+        } else {
+          WgmmaWait<0>();
+        }
+        PinRegisters(s[b]);
+        if (wg_computes(t)) {
+          const int key_begin = key_tile_begin(t);
+          int range_lo, range_hi;
+          tile_range(t, &range_lo, &range_hi);
+          const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
+                                 key_begin + kKeyTile - 1 > wg_first_row;
+          FoldTileMax(s[b], row_max, need_mask, key_begin, range_lo, range_hi,
+                      row_begin + row_local, lane);
         }
       }
-    }
-    // Four independent chains per row half keep the FMNMX latency off the critical path.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-      }
-      row_max[h] = fmaxf(row_max[h], fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3])));
     }
   }
   CpAsyncWait<0>();
@@ -462,16 +542,30 @@ __global__ void __launch_bounds__(128, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kDim, int kHeads>
+template <typename T, int kDim, int kHeads, bool kPipelined>
 cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
-  using Shape = AnchorShape<kDim, kHeads>;
+  using Shape = AnchorShape<kDim, kHeads, kPipelined>;
+  auto* kernel = WgmmaAnchorKernel<T, kDim, kHeads, kPipelined>;
   cudaError_t error =
-      cudaFuncSetAttribute(WgmmaAnchorKernel<T, kDim, kHeads>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(p.num_anchor_tiles, p.num_q_heads / kHeads);
-  WgmmaAnchorKernel<T, kDim, kHeads><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int kDim>
+cudaError_t LaunchAnchorVariant(const IdentificationParams& p, WgmmaAnchorVariant variant,
+                                cudaStream_t stream) {
+  switch (variant) {
+    case WgmmaAnchorVariant::kOneHead:
+      return LaunchAnchorTyped<T, kDim, 1, false>(p, stream);
+    case WgmmaAnchorVariant::kTwoHeads:
+      return LaunchAnchorTyped<T, kDim, 2, false>(p, stream);
+    case WgmmaAnchorVariant::kPipelined:
+      return LaunchAnchorTyped<T, kDim, 1, true>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int kDim, int kPieces>
@@ -489,27 +583,20 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
 
 }  // namespace
 
-cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& p, int heads_per_cta,
+cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& p, WgmmaAnchorVariant variant,
                                     cudaStream_t stream) {
   if (p.num_anchor_tiles == 0) return cudaSuccess;
-  const bool pair = heads_per_cta == 2;
-  if (pair && (p.num_q_heads / p.num_kv_heads) % 2 != 0) return cudaErrorInvalidValue;
+  if (variant == WgmmaAnchorVariant::kTwoHeads && (p.num_q_heads / p.num_kv_heads) % 2 != 0) {
+    return cudaErrorInvalidValue;
+  }
   const bool bf16 = p.elem_type == ElemType::kBf16;
   if (p.head_dim == 128) {
-    if (bf16) {
-      return pair ? LaunchAnchorTyped<__nv_bfloat16, 128, 2>(p, stream)
-                  : LaunchAnchorTyped<__nv_bfloat16, 128, 1>(p, stream);
-    }
-    return pair ? LaunchAnchorTyped<__half, 128, 2>(p, stream)
-                : LaunchAnchorTyped<__half, 128, 1>(p, stream);
+    return bf16 ? LaunchAnchorVariant<__nv_bfloat16, 128>(p, variant, stream)
+                : LaunchAnchorVariant<__half, 128>(p, variant, stream);
   }
   if (p.head_dim == 64) {
-    if (bf16) {
-      return pair ? LaunchAnchorTyped<__nv_bfloat16, 64, 2>(p, stream)
-                  : LaunchAnchorTyped<__nv_bfloat16, 64, 1>(p, stream);
-    }
-    return pair ? LaunchAnchorTyped<__half, 64, 2>(p, stream)
-                : LaunchAnchorTyped<__half, 64, 1>(p, stream);
+    return bf16 ? LaunchAnchorVariant<__nv_bfloat16, 64>(p, variant, stream)
+                : LaunchAnchorVariant<__half, 64>(p, variant, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -152,13 +152,13 @@ TEST_F(CliE2eTest, ErrorsAreSentences) {
   EXPECT_EQ(refused->exit_code, 1);
   EXPECT_THAT(refused->output, HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
                                                       " is unavailable: connection refused")));
-  absl::StatusOr<ProcessResult> absent_health =
-      RunProcess({AnchorctlBinary(), absl::StrCat("--target=127.0.0.1:", *port), "health"},
-                 absl::Seconds(30));
+  absl::StatusOr<ProcessResult> absent_health = RunProcess(
+      {AnchorctlBinary(), absl::StrCat("--target=127.0.0.1:", *port), "health"}, absl::Seconds(30));
   ASSERT_TRUE(absent_health.ok()) << absent_health.status();
   EXPECT_EQ(absent_health->exit_code, 1);
-  EXPECT_THAT(absent_health->output, HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
-                                                            " is unavailable: connection refused")));
+  EXPECT_THAT(absent_health->output,
+              HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
+                                     " is unavailable: connection refused")));
 
   const ProcessResult bad_heads =
       Run({"attend", "--seq_len=64", "--q_heads=3", "--kv_heads=2", "--head_dim=64"});

@@ -11,9 +11,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "client/attention_client.h"
+#include "client/local_reference.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/client_context.h"
-#include "client/local_reference.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/e2e_util.h"
 
@@ -246,10 +246,10 @@ TEST(LifecycleE2eTest, SigtermDrainsInFlightWorkAndRefusesNewWork) {
   }
 
   // `anchorctl health` says so (or, should the drain already be over, that the server is gone).
-  absl::StatusOr<ProcessResult> health_cli = RunProcess(
-      {AnchorctlBinary(), absl::StrCat("--target=", (*server)->target()), "--deadline_s=10",
-       "health"},
-      absl::Seconds(30));
+  absl::StatusOr<ProcessResult> health_cli =
+      RunProcess({AnchorctlBinary(), absl::StrCat("--target=", (*server)->target()),
+                  "--deadline_s=10", "health"},
+                 absl::Seconds(30));
   ASSERT_TRUE(health_cli.ok()) << health_cli.status();
   EXPECT_EQ(health_cli->exit_code, 1) << health_cli->output;
   const bool said_not_serving =

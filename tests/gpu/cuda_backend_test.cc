@@ -739,6 +739,7 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     for (const auto& [choice, name] :
          {std::pair{cuda::AnchorKernelChoice::kWgmmaOneHead, "wgmma one head"},
           std::pair{cuda::AnchorKernelChoice::kWgmmaTwoHeads, "wgmma two heads"},
+          std::pair{cuda::AnchorKernelChoice::kWgmmaPipelined, "wgmma pipelined"},
           std::pair{cuda::AnchorKernelChoice::kMmaSync, "mma.sync"}}) {
       std::vector<float> got;
       run_anchor(choice, &got);
