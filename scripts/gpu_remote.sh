@@ -48,13 +48,14 @@ fi
 if [ "${NCU:-0}" = 1 ]; then
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$ncu" ]; then
-    LD_LIBRARY_PATH="$bundle/lib" timeout 150 "$ncu" --kernel-name regex:"AnchorKernel|StripeScoreKernel" --launch-count 2 \
+    LD_LIBRARY_PATH="$bundle/lib" timeout 150 "$ncu" --kernel-name regex:"AnchorKernel|StripeScoreKernel|WgmmaStripeKernel" --launch-count 2 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+      --section MemoryWorkloadAnalysis \
       "$bundle/anchor_kernel_bench" --lengths=32768 --reps=1 --sweep_lengths= \
       --sample_rows=0 --out=/tmp > "$out/ncu.txt" 2>&1
     echo "ncu exit: $?"
-    grep -E "Kernel|AnchorKernel|StripeScoreKernel|Throughput|Pipe|Occupancy|Registers|Duration|Block Limit" \
-      "$out/ncu.txt" | head -60
+    grep -E "Kernel|Throughput|Pipe|Occupancy|Registers|Duration|Block Limit|L2|Shared|Hit" \
+      "$out/ncu.txt" | head -90
   else
     echo "ncu not found"
   fi

@@ -289,12 +289,12 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
 // current inputs and theta, and checks them against the production kernels: max |abar - abar of
 // the production anchor kernel| over the pooled anchors, and the stripe counts per list. Leaves
 // the production kernels' results in place.
-void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
-                           double anchor_flops, double stripe_flops) {
+void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps, double anchor_flops,
+                           double stripe_flops) {
   const cudaStream_t stream = runner.stream();
   const cuda::IdentificationParams base = runner.identification_params();
-  const int64_t pooled = static_cast<int64_t>(base.num_groups) * base.num_q_heads *
-                         base.pooled_rows;
+  const int64_t pooled =
+      static_cast<int64_t>(base.num_groups) * base.num_q_heads * base.pooled_rows;
   const int64_t lists = static_cast<int64_t>(base.num_groups) * base.num_q_heads;
   EventTimer timer(2);
   auto time_ms = [&](auto&& launch) {
@@ -317,8 +317,8 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
   };
   auto copy_counts = [&]() {
     std::vector<int32_t> host(lists);
-    BENCH_CUDA(cudaMemcpy(host.data(), base.lists.count, lists * sizeof(int32_t),
-                          cudaMemcpyDeviceToHost));
+    BENCH_CUDA(
+        cudaMemcpy(host.data(), base.lists.count, lists * sizeof(int32_t), cudaMemcpyDeviceToHost));
     return host;
   };
 
@@ -329,7 +329,6 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
   const AnchorVariant anchors[] = {{"default", cuda::AnchorKernelChoice::kDefault},
                                    {"wgmma-1head", cuda::AnchorKernelChoice::kWgmmaOneHead},
                                    {"wgmma-2heads", cuda::AnchorKernelChoice::kWgmmaTwoHeads},
-                                   {"wgmma-pipelined", cuda::AnchorKernelChoice::kWgmmaPipelined},
                                    {"mma.sync", cuda::AnchorKernelChoice::kMmaSync}};
   std::vector<float> reference_anchor;
   for (const AnchorVariant& variant : anchors) {
@@ -354,6 +353,9 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps,
                 nonfinite > 0 ? absl::StrCat(" NONFINITE ", nonfinite).c_str() : "");
   }
   BENCH_CUDA(cuda::LaunchAnchorStage(base, stream));  // production anchors for the stripes
+  const double pool_ms = time_ms([&] { return cuda::LaunchPooling(base, stream); });
+  std::printf("variant N=%lld anchor stage pooling alone %.3f ms\n", static_cast<long long>(n),
+              pool_ms);
 
   struct StripeVariant {
     const char* name;

@@ -683,8 +683,9 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
   return cudaGetLastError();
 }
 
-// Production anchor kernel (bench/RESULTS.md has the comparison).
-constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaTwoHeads;
+// Production anchor kernel. Two heads per CTA (half the K traffic) measured within noise of one
+// head per CTA (H100, 128k: 489-496 vs 463-528 TFLOP/s over two runs); bench/RESULTS.md.
+constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaOneHead;
 
 bool ValidShape(const IdentificationParams& p) {
   return (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
@@ -707,15 +708,16 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream
   if (choice == AnchorKernelChoice::kMmaSync) {
     error = LaunchMmaSyncAnchorStage(p, pair, stream);
   } else {
-    WgmmaAnchorVariant variant = WgmmaAnchorVariant::kOneHead;
-    if (choice == AnchorKernelChoice::kWgmmaTwoHeads && pair) {
-      variant = WgmmaAnchorVariant::kTwoHeads;
-    } else if (choice == AnchorKernelChoice::kWgmmaPipelined) {
-      variant = WgmmaAnchorVariant::kPipelined;
-    }
-    error = LaunchWgmmaAnchorKernel(p, variant, stream);
+    const bool two_heads = choice == AnchorKernelChoice::kWgmmaTwoHeads && pair;
+    error = LaunchWgmmaAnchorKernel(
+        p, two_heads ? WgmmaAnchorVariant::kTwoHeads : WgmmaAnchorVariant::kOneHead, stream);
   }
   if (error != cudaSuccess) return error;
+  return LaunchPooling(p, stream);
+}
+
+cudaError_t LaunchPooling(const IdentificationParams& p, cudaStream_t stream) {
+  if (!ValidShape(p)) return cudaErrorInvalidValue;
   const bool bf16 = p.elem_type == ElemType::kBf16;
   if (p.head_dim == 128) {
     return bf16 ? LaunchPool<__nv_bfloat16, 128>(p, stream) : LaunchPool<__half, 128>(p, stream);
@@ -751,8 +753,8 @@ cudaError_t LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream
                      : LaunchStripeTyped<__half, 64>(p, stream);
       }
     } else {
-      error = LaunchWgmmaStripeKernel(
-          p, choice == StripeKernelChoice::kWgmmaTwoPieces ? 2 : 3, stream);
+      error =
+          LaunchWgmmaStripeKernel(p, choice == StripeKernelChoice::kWgmmaTwoPieces ? 2 : 3, stream);
     }
     if (error != cudaSuccess) return error;
   }

@@ -246,12 +246,11 @@ namespace anchorserve::cuda {
 // identification_wgmma.cu. Each returns the first CUDA error of its launch.
 // Anchor x(i) and the per-tile pooling sums (same outputs as the mma.sync AnchorKernel).
 enum class WgmmaAnchorVariant {
-  kOneHead,    // one query head per CTA, two CTAs per SM
-  kTwoHeads,   // two query heads of one KV head per CTA (Hq/Hkv even)
-  kPipelined,  // one head per CTA, two accumulator sets (next tile's wgmmas overlap the fold)
+  kOneHead,   // one query head per CTA, two CTAs per SM
+  kTwoHeads,  // two query heads of one KV head per CTA (Hq/Hkv even)
 };
-cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& params,
-                                    WgmmaAnchorVariant variant, cudaStream_t stream);
+cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& params, WgmmaAnchorVariant variant,
+                                    cudaStream_t stream);
 // Stripe scoring into the bitmask (same output as the mma.sync StripeScoreKernel) for shapes
 // with (Hq/Hkv) * (pooled_rows / 16) a multiple of 4. `pieces`: 3 (exact split of qbar), or 2
 // (bf16, d = 128 only: hi + mid, for measurement).

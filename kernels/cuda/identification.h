@@ -21,6 +21,10 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& params, cudaStream_t s
 // Needs the anchor stage's outputs.
 cudaError_t LaunchStripeStage(const IdentificationParams& params, cudaStream_t stream);
 
+// Only the pooling part of LaunchAnchorStage (per-tile sums -> qbar, abar and the split
+// operand), e.g. to time it alone; needs the anchor kernel's per-tile sums.
+cudaError_t LaunchPooling(const IdentificationParams& params, cudaStream_t stream);
+
 // Only the compaction part of LaunchStripeStage (bitmask -> lists and counts), e.g. to time it
 // alone; the bitmask must hold a stripe stage's bits.
 cudaError_t LaunchStripeCompaction(const IdentificationParams& params, cudaStream_t stream);

@@ -61,7 +61,6 @@ enum class AnchorKernelChoice : int32_t {
   kWgmmaOneHead,   // wgmma, one query head per CTA
   kWgmmaTwoHeads,  // wgmma, two query heads of one KV head per CTA (Hq/Hkv even; else one)
   kMmaSync,        // mma.sync m16n8k16 (the first version)
-  kWgmmaPipelined,  // wgmma, one head per CTA, next tile's wgmmas overlap this tile's max
 };
 enum class StripeKernelChoice : int32_t {
   kDefault = 0,

@@ -27,7 +27,8 @@
 #include "kernels/cuda/identification_types.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "identification_wgmma.cu uses wgmma: build for sm_90a (-gencode=arch=compute_90a,code=sm_90a)."
+#error \
+    "identification_wgmma.cu uses wgmma: build for sm_90a (-gencode=arch=compute_90a,code=sm_90a)."
 #endif
 
 namespace anchorserve::cuda {
@@ -48,9 +49,9 @@ using id_detail::WgmmaSs;
 using id_detail::WgmmaWait;
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kKeyTile = 128;     // keys per wgmma (N) and per shared-memory stage
-constexpr int kTileRows = 128;    // rows of every shared tile (Q: kAnchorTileRows; K: kKeyTile)
-constexpr int kRowBytes = 128;    // one swizzled row of a 64-element panel
+constexpr int kKeyTile = 128;   // keys per wgmma (N) and per shared-memory stage
+constexpr int kTileRows = 128;  // rows of every shared tile (Q: kAnchorTileRows; K: kKeyTile)
+constexpr int kRowBytes = 128;  // one swizzled row of a 64-element panel
 static_assert(kAnchorTileRows == kTileRows, "one Q tile = one 128-row shared tile");
 
 // A [128 rows, kDim] tile in shared memory: kDim / 64 panels of [128][128 bytes].
@@ -86,8 +87,8 @@ struct RowCopier {
 
   // Tile row r <- global row first + r for r < valid_rows; zeros for the other rows.
   template <typename T>
-  __device__ __forceinline__ void Copy(uint32_t tile, const T* base, int64_t row_stride,
-                                       int first, int valid_rows) const {
+  __device__ __forceinline__ void Copy(uint32_t tile, const T* base, int64_t row_stride, int first,
+                                       int valid_rows) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int r = row0 + pass * kRowsPerPass;
@@ -102,14 +103,12 @@ struct RowCopier {
 // Anchor. CTA = one anchor tile (<= 128 query rows of one pooling block) x kHeads query heads of
 // one KV head; 2 warpgroups (64 rows each) per head. Thread layout of the m64n128 accumulator:
 // s[4j + 2h + e] is row 16 * warp + lane / 4 + 8h of the warpgroup, key 8j + 2 * (lane % 4) + e.
-template <int kDim, int kHeads, bool kPipelined>
+template <int kDim, int kHeads>
 struct AnchorShape {
-  static_assert(!kPipelined || kHeads == 1, "the pipelined kernel serves one head per CTA");
   static constexpr int kThreads = 256 * kHeads;
-  // Unpipelined, d = 128, one head: 2 stages keep the CTA at 97 KiB, so that two fit on an SM.
-  // Pipelined: one CTA per SM (two accumulator sets), 4 stages.
-  static constexpr int kStages = kPipelined ? 4 : ((kHeads == 2 || kDim == 64) ? 3 : 2);
-  static constexpr int kCtasPerSm = (kHeads == 1 && !kPipelined) ? 2 : 1;
+  // d = 128, one head: 2 stages keep the CTA at 97 KiB, so that two fit on an SM.
+  static constexpr int kStages = (kHeads == 2 || kDim == 64) ? 3 : 2;
+  static constexpr int kCtasPerSm = kHeads == 1 ? 2 : 1;
   static constexpr int kSmemBytes = (kHeads + kStages) * Tile<kDim>::kBytes + 1024;
   static constexpr int kSumParts = kThreads / (kHeads * kDim);  // threads per q-sum column
 };
@@ -145,15 +144,15 @@ __device__ __forceinline__ void FoldTileMax(float (&s)[64], float (&row_max)[2],
   }
 }
 
-// kPipelined: two accumulator sets per thread; the wgmmas of key tile t + 1 run while the
-// warpgroup folds tile t (FA3-style intra-warpgroup overlap), one CTA of 2 warpgroups per SM.
-// Otherwise: one accumulator set, wgmma then fold, and two CTAs per SM (one head per CTA)
-// overlap each other.
-template <typename T, int kDim, int kHeads, bool kPipelined>
-__global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipelined>::kCtasPerSm))
+// One accumulator set: wgmma, wait, fold. With one head per CTA two CTAs share an SM and
+// overlap each other's folds and barriers. (Tried: two accumulator sets so that the wgmmas of
+// key tile t + 1 run while tile t is folded, one CTA per SM: 384-411 TFLOP/s against 514-519
+// for this version, H100, 2026-11-22.)
+template <typename T, int kDim, int kHeads>
+__global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads>::kCtasPerSm))
     WgmmaAnchorKernel(const __grid_constant__ IdentificationParams p) {
 #if ANCHOR_ID_HAS_WGMMA
-  using Shape = AnchorShape<kDim, kHeads, kPipelined>;
+  using Shape = AnchorShape<kDim, kHeads>;
   using Geo = Tile<kDim>;
   constexpr int kThreads = Shape::kThreads;
   constexpr int kStages = Shape::kStages;
@@ -235,16 +234,12 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipe
   const uint32_t q_rows = q_tile(head_local) + half * 64 * kRowBytes;
 
   float row_max[2] = {-INFINITY, -INFINITY};
-  auto tile_range = [&](int t, int* lo, int* hi) {
-    *lo = t < tiles1 ? 0 : lo2;
-    *hi = t < tiles1 ? hi1 : row_end;
-  };
   // Whether this warpgroup computes key tile t (not when every key follows every row).
   auto wg_computes = [&](int t) {
     return t < num_key_tiles && wg_has_rows && key_tile_begin(t) <= wg_last_row;
   };
 
-  if constexpr (!kPipelined) {
+  {
     float s[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0.0f;
@@ -256,8 +251,8 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipe
       CpAsyncCommit();
       if (!wg_computes(t)) continue;
       const int key_begin = key_tile_begin(t);
-      int range_lo, range_hi;
-      tile_range(t, &range_lo, &range_hi);
+      const int range_lo = t < tiles1 ? 0 : lo2;
+      const int range_hi = t < tiles1 ? hi1 : row_end;
       const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
                              key_begin + kKeyTile - 1 > wg_first_row;
       const uint32_t keys = k_tile(t);
@@ -272,60 +267,6 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipe
       PinRegisters(s);
       FoldTileMax(s, row_max, need_mask, key_begin, range_lo, range_hi, row_begin + row_local,
                   lane);
-    }
-  } else {
-    static_assert(kStages >= 3, "K_{t+1} must be prefetched while S_t is in flight");
-    float s[2][64];  // S_t in s[t % 2]
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) s[b][i] = 0.0f;
-    }
-    auto issue = [&](float (&acc)[64], int t) {
-      const uint32_t keys = k_tile(t);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < Geo::kKSteps; ++kk) {
-        WgmmaSs<T>(acc, SmemDescriptor128(q_rows + Geo::KStep(kk)),
-                   SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
-      }
-      WgmmaCommit();
-    };
-    CpAsyncWait<kStages - 2>();  // Q and K_0
-    FenceProxyAsync();
-    __syncthreads();
-    if (wg_computes(0)) issue(s[0], 0);
-    // Iteration t: S_t is in flight (or skipped). Publish K_{t+1}; refill the stage of K_{t-1}
-    // (S_{t-1} completed in iteration t-1, before this barrier); issue S_{t+1}; wait for S_t
-    // only; fold it while S_{t+1} runs.
-    for (int t0 = 0; t0 < num_key_tiles; t0 += 2) {
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int t = t0 + b;
-        if (t >= num_key_tiles) break;
-        CpAsyncWait<kStages - 3>();  // K_{t+1}
-        FenceProxyAsync();
-        __syncthreads();
-        load_keys(t + kStages - 1);
-        CpAsyncCommit();
-        const bool next = wg_computes(t + 1);
-        if (next) issue(s[1 - b], t + 1);
-        if (next) {
-          WgmmaWait<1>();
-        } else {
-          WgmmaWait<0>();
-        }
-        PinRegisters(s[b]);
-        if (wg_computes(t)) {
-          const int key_begin = key_tile_begin(t);
-          int range_lo, range_hi;
-          tile_range(t, &range_lo, &range_hi);
-          const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
-                                 key_begin + kKeyTile - 1 > wg_first_row;
-          FoldTileMax(s[b], row_max, need_mask, key_begin, range_lo, range_hi,
-                      row_begin + row_local, lane);
-        }
-      }
     }
   }
   CpAsyncWait<0>();
@@ -362,9 +303,8 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads, kPipe
     const uint8_t* head_tile = smem_generic + h * Geo::kBytes;
     double sum = 0.0;
     for (int row = part; row < rows; row += kSumParts) {
-      const T value =
-          *reinterpret_cast<const T*>(head_tile + SwizzledOffset128(kTileRows, row, col / 8) +
-                                      (col % 8) * 2);
+      const T value = *reinterpret_cast<const T*>(
+          head_tile + SwizzledOffset128(kTileRows, row, col / 8) + (col % 8) * 2);
       sum += static_cast<double>(static_cast<float>(value));
     }
     part_qsum[part][h * kDim + col] = sum;
@@ -523,9 +463,9 @@ __global__ void __launch_bounds__(128, 2)
     // Word w (keys 32w .. 32w + 31) has bit 8j' + 2q + e from lane q's bit 2(4w + j') + e:
     // spread byte w of lane q's bits to 2-bit fields 8 apart, shift by 2q, OR over q.
     const uint32_t byte = (bits >> (8 * word_lane)) & 0xffu;
-    uint32_t word = ((byte & 0x3u) | ((byte & 0xcu) << 6) | ((byte & 0x30u) << 12) |
-                     ((byte & 0xc0u) << 18))
-                    << (2 * (lane & 3));
+    uint32_t word =
+        ((byte & 0x3u) | ((byte & 0xcu) << 6) | ((byte & 0x30u) << 12) | ((byte & 0xc0u) << 18))
+        << (2 * (lane & 3));
     word |= __shfl_xor_sync(kFullMask, word, 1);
     word |= __shfl_xor_sync(kFullMask, word, 2);
     const int first = item.key_begin + t * kKeyTile;
@@ -542,10 +482,10 @@ __global__ void __launch_bounds__(128, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kDim, int kHeads, bool kPipelined>
+template <typename T, int kDim, int kHeads>
 cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
-  using Shape = AnchorShape<kDim, kHeads, kPipelined>;
-  auto* kernel = WgmmaAnchorKernel<T, kDim, kHeads, kPipelined>;
+  using Shape = AnchorShape<kDim, kHeads>;
+  auto* kernel = WgmmaAnchorKernel<T, kDim, kHeads>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (error != cudaSuccess) return error;
@@ -557,15 +497,8 @@ cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream
 template <typename T, int kDim>
 cudaError_t LaunchAnchorVariant(const IdentificationParams& p, WgmmaAnchorVariant variant,
                                 cudaStream_t stream) {
-  switch (variant) {
-    case WgmmaAnchorVariant::kOneHead:
-      return LaunchAnchorTyped<T, kDim, 1, false>(p, stream);
-    case WgmmaAnchorVariant::kTwoHeads:
-      return LaunchAnchorTyped<T, kDim, 2, false>(p, stream);
-    case WgmmaAnchorVariant::kPipelined:
-      return LaunchAnchorTyped<T, kDim, 1, true>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return variant == WgmmaAnchorVariant::kTwoHeads ? LaunchAnchorTyped<T, kDim, 2>(p, stream)
+                                                  : LaunchAnchorTyped<T, kDim, 1>(p, stream);
 }
 
 template <typename T, int kDim, int kPieces>

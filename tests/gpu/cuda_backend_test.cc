@@ -580,8 +580,7 @@ INSTANTIATE_TEST_SUITE_P(
         Spec("mixed_lengths_one_run", {777, 4096, 5001, 1, 2049}, 4, 1, 64, kFp, kTok, kRand,
              Config(3.5f), 24),
         // Hq/Hkv = 8: two 64-row passes of the wgmma stripe kernel per chunk.
-        Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f),
-             25)),
+        Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f), 25)),
     [](const testing::TestParamInfo<CaseSpec>& info) { return info.param.name; });
 
 TEST(CudaBackendTest, DenseModeMatchesReference) {
@@ -696,12 +695,12 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     request.layout = spec.layout;
     request.config = spec.config;
     ASSERT_TRUE(runner.Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok()) << what;
-    ASSERT_EQ(cudaMemcpy(runner.q(), data->qkv.q.data(), data->qkv.q.size(),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(runner.k(), data->qkv.k.data(), data->qkv.k.size(),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
+    ASSERT_EQ(
+        cudaMemcpy(runner.q(), data->qkv.q.data(), data->qkv.q.size(), cudaMemcpyHostToDevice),
+        cudaSuccess);
+    ASSERT_EQ(
+        cudaMemcpy(runner.k(), data->qkv.k.data(), data->qkv.k.size(), cudaMemcpyHostToDevice),
+        cudaSuccess);
     const cuda::IdentificationParams base = runner.identification_params();
     const cudaStream_t stream = runner.stream();
     const int64_t ng = NumGroups(spec.config, n);
@@ -710,8 +709,8 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     for (int h = 0; h < spec.hq; ++h) {
       const std::vector<double> q =
           HeadRows(task.q, task.dtype, task.layout, n, spec.hq, spec.d, h);
-      const std::vector<double> k = HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d,
-                                             h / (spec.hq / spec.hkv));
+      const std::vector<double> k =
+          HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d, h / (spec.hq / spec.hkv));
       anchor_tolerance[h] = 2e-5 * scale * MaxRowNorm(q, spec.d) * MaxRowNorm(k, spec.d) + 1e-6;
     }
     auto run_anchor = [&](cuda::AnchorKernelChoice choice, std::vector<float>* row_anchor) {
@@ -739,7 +738,6 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     for (const auto& [choice, name] :
          {std::pair{cuda::AnchorKernelChoice::kWgmmaOneHead, "wgmma one head"},
           std::pair{cuda::AnchorKernelChoice::kWgmmaTwoHeads, "wgmma two heads"},
-          std::pair{cuda::AnchorKernelChoice::kWgmmaPipelined, "wgmma pipelined"},
           std::pair{cuda::AnchorKernelChoice::kMmaSync, "mma.sync"}}) {
       std::vector<float> got;
       run_anchor(choice, &got);
@@ -760,7 +758,8 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     // The stripe kernels all read the production kernel's pooled anchors.
     run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor);
 
-    const std::vector<std::vector<int64_t>> expected = run_stripes(cuda::StripeKernelChoice::kDefault);
+    const std::vector<std::vector<int64_t>> expected =
+        run_stripes(cuda::StripeKernelChoice::kDefault);
     LazyMargins margins(task);
     for (const auto& [choice, name] :
          {std::pair{cuda::StripeKernelChoice::kWgmma, "wgmma"},
@@ -768,9 +767,8 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
           std::pair{cuda::StripeKernelChoice::kMmaSync, "mma.sync"}}) {
       const std::vector<std::vector<int64_t>> got = run_stripes(choice);
       const StripeComparison cmp =
-          CompareStripes(task, expected, got, [&](int h, int64_t g, int64_t key) {
-            return margins.Margin(h, g, key);
-          });
+          CompareStripes(task, expected, got,
+                         [&](int h, int64_t g, int64_t key) { return margins.Margin(h, g, key); });
       EXPECT_EQ(cmp.wrong, 0) << what << ", stripe kernel " << name << ": " << cmp.wrong
                               << " decisions differ beyond rounding; first: " << cmp.first_wrong;
       std::printf("  %s, stripe kernel %s: selected %lld of %lld, %lld differ within rounding\n",
