@@ -146,7 +146,7 @@ std::string FormatMs(double seconds) { return absl::StrFormat("%.3f ms", seconds
 std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
   std::vector<std::string> names;
   for (int dtype : dtypes) {
-    absl::StatusOr<DType> parsed = DTypeFromProto(static_cast<v1::DataType>(dtype));
+    absl::StatusOr<DType> parsed = DTypeFromProto("supported_dtypes", dtype);
     names.push_back(parsed.ok() ? std::string(DTypeName(*parsed)) : absl::StrCat("?", dtype));
   }
   return absl::StrJoin(names, " ");

@@ -66,11 +66,11 @@ absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::Tensor
                              absl::Span<const int64_t> shape) {
   const bool same_shape =
       shape.size() == 3 && std::equal(shape.begin(), shape.end(), q.shape.begin());
-  if (dtype != ToProto(q.dtype) || layout != ToProto(q.layout) || !same_shape) {
+  if (dtype != DTypeToProto(q.dtype) || layout != LayoutToProto(q.layout) || !same_shape) {
     return absl::InternalError(absl::StrCat(
         "server returned an output of dtype ", v1::DataType_Name(dtype), ", layout ",
         v1::TensorLayout_Name(layout), ", shape [", absl::StrJoin(shape, ", "), "]; expected q's ",
-        v1::DataType_Name(ToProto(q.dtype)), ", ", v1::TensorLayout_Name(ToProto(q.layout)), ", [",
+        v1::DataType_Name(DTypeToProto(q.dtype)), ", ", v1::TensorLayout_Name(LayoutToProto(q.layout)), ", [",
         absl::StrJoin(q.shape, ", "), "]"));
   }
   return absl::OkStatus();

@@ -1,4 +1,5 @@
-// Host-side tensors of the client, and conversions between the core types and the v1 protos.
+// Host-side tensors of the client, and their conversions to and from the v1 protos (built on the
+// shared conversions of proto/anchorserve/v1/convert.h).
 #pragma once
 
 #include <array>
@@ -13,6 +14,7 @@
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "kernels/attention_types.h"
 #include "kernels/dtype.h"
+#include "proto/anchorserve/v1/convert.h"
 
 namespace anchorserve {
 
@@ -43,13 +45,8 @@ struct HostTensor {
 absl::StatusOr<HostTensor> AllocateHostTensor(DType dtype, Layout layout,
                                               std::array<int64_t, 3> shape);
 
-// Bytes of product(shape) elements of `dtype`, or INVALID_ARGUMENT naming `name` when a dim is not
-// positive or the product overflows int64.
-absl::StatusOr<int64_t> TensorByteCount(absl::string_view name, DType dtype,
-                                        absl::Span<const int64_t> shape);
-
-// Checks that `view` has positive dims and exactly the bytes its shape needs.
-absl::Status ValidateTensorView(absl::string_view name, const TensorView& view);
+// Checks that `view` has positive dims and exactly the bytes its shape needs; errors name `name`.
+absl::StatusOr<TensorGeometry> ViewGeometry(absl::string_view name, const TensorView& view);
 
 // Checks that Q, K and V describe one causal prefill: same dtype, layout, seq_len and head_dim,
 // and num_q_heads a multiple of num_kv_heads. Returns the shape.
@@ -58,11 +55,6 @@ absl::StatusOr<AttentionShape> ValidateQkv(const TensorView& q, const TensorView
 
 // Layout-ordered shape of a [seq_len, heads, head_dim] tensor.
 std::array<int64_t, 3> ShapeFor(Layout layout, int64_t seq_len, int64_t heads, int64_t head_dim);
-
-v1::DataType ToProto(DType dtype);
-v1::TensorLayout ToProto(Layout layout);
-absl::StatusOr<DType> DTypeFromProto(v1::DataType dtype);
-absl::StatusOr<Layout> LayoutFromProto(v1::TensorLayout layout);
 
 // "bf16" | "fp16" | "fp32" and "token" | "head", as the CLI spells them.
 absl::StatusOr<DType> ParseDType(absl::string_view name);
@@ -76,9 +68,5 @@ void SetTensor(const TensorView& view, v1::Tensor* tensor);
 
 // The owned tensor a response's output proto describes; checks its byte count.
 absl::StatusOr<HostTensor> HostTensorFromProto(absl::string_view name, const v1::Tensor& tensor);
-
-// Core config from a proto config; unset fields keep the values of `defaults`.
-absl::StatusOr<AnchorConfig> AnchorConfigFromProto(const v1::AnchorConfig& proto,
-                                                   const AnchorConfig& defaults = {});
 
 }  // namespace anchorserve

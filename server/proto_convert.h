@@ -1,6 +1,7 @@
-// Between the wire (anchorserve.v1 messages) and the core types: validation of everything a
-// client sends, and the response metrics. Every error message names the offending field, e.g.
-// "q.shape[1] (num_heads) must be positive, got 0".
+// Between the wire (anchorserve.v1 messages) and the core types, on the server's side: validation
+// of everything a client sends against the server's limits and backend, and the response metrics.
+// The conversions it builds on are proto/anchorserve/v1/convert.h. Every error message names the
+// offending field or limit flag, e.g. "q.shape[1] (num_heads) must be positive, got 0".
 #pragma once
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "kernels/attention_types.h"
 #include "kernels/backend.h"
+#include "proto/anchorserve/v1/convert.h"
 #include "server/attention_job.h"
 #include "server/server_config.h"
 
@@ -56,18 +58,8 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
                                                  const ConvertOptions& options);
 
-// Request config over the defaults; INVALID_ARGUMENT names config.<field>.
-absl::StatusOr<AnchorConfig> MergeAnchorConfig(const v1::AnchorConfig& request,
-                                               const AnchorConfig& defaults);
-
 // Shape, dtype, layout and config of `spec` into `task` (buffers are the caller's).
 void ApplySpec(const RequestSpec& spec, AttentionTask* task);
-
-v1::DataType DTypeToProto(DType dtype);
-v1::TensorLayout LayoutToProto(Layout layout);
-
-// Every field set. softmax_scale 0 means 1/sqrt(head_dim).
-v1::AnchorConfig AnchorConfigToProto(const AnchorConfig& config);
 
 // dtype, shape and layout of the output (those of q).
 v1::TensorSpec OutputSpec(const RequestSpec& spec);

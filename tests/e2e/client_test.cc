@@ -172,7 +172,7 @@ TEST(HostTensorTest, ValidatesQkv) {
   TensorView zero = q.View();
   zero.shape = {8, 0, 16};
   EXPECT_THAT(ValidateQkv(zero, k.View(), k.View()).status().message(),
-              HasSubstr("q.shape[1] must be positive"));
+              HasSubstr("q.shape[1] (num_heads) must be positive, got 0"));
 }
 
 TEST(HostTensorTest, ConfigFromProtoKeepsDefaultsForUnsetFields) {

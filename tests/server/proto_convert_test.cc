@@ -256,7 +256,7 @@ TEST(ProtoConvertTest, ConfigDefaultsAndOverrides) {
   defaults.theta = 7.0f;
   defaults.block_size = 64;
   defaults.step = 8;
-  absl::StatusOr<AnchorConfig> merged = MergeAnchorConfig(v1::AnchorConfig(), defaults);
+  absl::StatusOr<AnchorConfig> merged = AnchorConfigFromProto(v1::AnchorConfig(), defaults);
   ASSERT_TRUE(merged.ok()) << merged.status();
   EXPECT_EQ(merged->theta, 7.0f);
   EXPECT_EQ(merged->block_size, 64);
@@ -270,7 +270,7 @@ TEST(ProtoConvertTest, ConfigDefaultsAndOverrides) {
   request.set_init_groups(0);
   request.set_local_groups(2);
   request.set_softmax_scale(0.125);
-  merged = MergeAnchorConfig(request, defaults);
+  merged = AnchorConfigFromProto(request, defaults);
   ASSERT_TRUE(merged.ok()) << merged.status();
   EXPECT_EQ(merged->mode, AttentionMode::kDense);
   EXPECT_EQ(merged->theta, 15.0f);
@@ -286,7 +286,7 @@ TEST(ProtoConvertTest, InfiniteThetaIsAllowed) {
        {std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()}) {
     v1::AnchorConfig request;
     request.set_theta(theta);
-    absl::StatusOr<AnchorConfig> merged = MergeAnchorConfig(request, AnchorConfig());
+    absl::StatusOr<AnchorConfig> merged = AnchorConfigFromProto(request, AnchorConfig());
     ASSERT_TRUE(merged.ok()) << merged.status();
     EXPECT_EQ(merged->theta, static_cast<float>(theta));
   }
