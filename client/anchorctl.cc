@@ -320,6 +320,45 @@ AttendInputs MakeAttendInputs(const LoadedInputs& loaded, const v1::AnchorConfig
   return inputs;
 }
 
+// What attend and load both send: a client, the server's limits and the request.
+struct PreparedRequest {
+  std::unique_ptr<AttentionClient> client;
+  v1::GetServerInfoResponse info;
+  LoadedInputs loaded;  // owns the tensors `inputs` views
+  AttendInputs inputs;
+};
+
+// Config and inputs from the flags, and the server's info. On failure prints the error and
+// returns the exit code (kExitUsage for a bad command line, kExitFailed for a failed call);
+// kExitOk otherwise.
+int PrepareRequest(PreparedRequest* prepared) {
+  absl::StatusOr<v1::AnchorConfig> config = ConfigFromFlags();
+  if (!config.ok()) {
+    PrintError(config.status());
+    return kExitUsage;
+  }
+  absl::StatusOr<std::unique_ptr<AttentionClient>> client = MakeClient();
+  if (!client.ok()) {
+    PrintError(client.status());
+    return kExitUsage;
+  }
+  prepared->client = *std::move(client);
+  absl::StatusOr<v1::GetServerInfoResponse> info = prepared->client->GetServerInfo();
+  if (!info.ok()) {
+    PrintError(info.status());
+    return kExitFailed;
+  }
+  prepared->info = *std::move(info);
+  absl::StatusOr<LoadedInputs> loaded = LoadOrGenerateInputs();
+  if (!loaded.ok()) {
+    PrintError(loaded.status());
+    return kExitUsage;
+  }
+  prepared->loaded = *std::move(loaded);
+  prepared->inputs = MakeAttendInputs(prepared->loaded, *config);
+  return kExitOk;
+}
+
 // ---- health -----------------------------------------------------------------------------------
 
 int RunHealth() {
@@ -399,34 +438,17 @@ int RunAttend() {
     PrintError(absl::InvalidArgumentError("--out needs the output; drop --metrics_only"));
     return kExitUsage;
   }
-  absl::StatusOr<v1::AnchorConfig> config = ConfigFromFlags();
-  if (!config.ok()) {
-    PrintError(config.status());
-    return kExitUsage;
-  }
-  absl::StatusOr<std::unique_ptr<AttentionClient>> client = MakeClient();
-  if (!client.ok()) {
-    PrintError(client.status());
-    return kExitUsage;
-  }
-  absl::StatusOr<v1::GetServerInfoResponse> info = (*client)->GetServerInfo();
-  if (!info.ok()) {
-    PrintError(info.status());
-    return kExitFailed;
-  }
-  absl::StatusOr<LoadedInputs> loaded = LoadOrGenerateInputs();
-  if (!loaded.ok()) {
-    PrintError(loaded.status());
-    return kExitUsage;
-  }
-  const AttendInputs inputs = MakeAttendInputs(*loaded, *config);
-  const int64_t unary_limit = info->limits().max_message_bytes();
+  PreparedRequest prepared;
+  if (const int exit_code = PrepareRequest(&prepared); exit_code != kExitOk) return exit_code;
+  AttentionClient& client = *prepared.client;
+  const AttendInputs& inputs = prepared.inputs;
+  const int64_t unary_limit = prepared.info.limits().max_message_bytes();
   const bool force_stream = absl::GetFlag(FLAGS_stream);
-  std::printf("inputs:             %s (%s)\n", loaded->description.c_str(),
+  std::printf("inputs:             %s (%s)\n", prepared.loaded.description.c_str(),
               FormatBytes(inputs.PayloadBytes()).c_str());
 
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttendResult> result = (*client)->AttendAuto(inputs, unary_limit, force_stream);
+  absl::StatusOr<AttendResult> result = client.AttendAuto(inputs, unary_limit, force_stream);
   const absl::Duration latency = absl::Now() - start;
   if (!result.ok()) {
     PrintError(result.status());
@@ -454,37 +476,25 @@ int RunAttend() {
   }
 
   if (!verify) return kExitOk;
-  absl::StatusOr<AnchorConfig> effective =
-      AnchorConfigFromProto(result->metrics.effective_config());
-  if (!effective.ok()) {
-    PrintError(absl::InternalError(
-        absl::StrCat("server's effective_config is unusable: ", effective.status().message())));
-    return kExitFailed;
-  }
   const absl::Time local_start = absl::Now();
-  absl::StatusOr<LocalRun> local =
-      RunOnCpu(inputs.q, inputs.k, inputs.v, *effective, absl::GetFlag(FLAGS_verify_threads));
-  if (!local.ok()) {
-    PrintError(absl::Status(local.status().code(), absl::StrCat("local CPU reference failed: ",
-                                                                local.status().message())));
+  absl::StatusOr<CpuVerification> verification =
+      VerifyOnCpu(inputs.q, inputs.k, inputs.v, result->metrics.effective_config(), *result->output,
+                  absl::GetFlag(FLAGS_verify_threads));
+  if (!verification.ok()) {
+    PrintError(verification.status());
     return kExitFailed;
   }
-  absl::StatusOr<OutputComparison> comparison =
-      CompareOutputs(*result->output, local->output, VerificationTolerance(inputs.q.dtype));
-  if (!comparison.ok()) {
-    PrintError(comparison.status());
-    return kExitFailed;
-  }
+  const OutputComparison& comparison = verification->comparison;
   std::printf("local CPU reference: %s, density %.6f (server %.6f)\n",
               FormatMs(absl::ToDoubleSeconds(absl::Now() - local_start)).c_str(),
-              local->summary.density, result->metrics.density());
+              verification->local.summary.density, result->metrics.density());
   const double allowed = absl::GetFlag(FLAGS_verify_max_bad_fraction);
-  if (comparison->non_finite > 0 || comparison->FractionOverTolerance() > allowed) {
-    std::printf("verification FAILED: %s; at most %.3g%% allowed\n", comparison->Describe().c_str(),
+  if (comparison.non_finite > 0 || comparison.FractionOverTolerance() > allowed) {
+    std::printf("verification FAILED: %s; at most %.3g%% allowed\n", comparison.Describe().c_str(),
                 100 * allowed);
     return kExitFailed;
   }
-  std::printf("verification passed: %s\n", comparison->Describe().c_str());
+  std::printf("verification passed: %s\n", comparison.Describe().c_str());
   return kExitOk;
 }
 
@@ -526,31 +536,14 @@ int RunLoad() {
     PrintError(absl::InvalidArgumentError("--verify applies to attend, not load"));
     return kExitUsage;
   }
-  absl::StatusOr<v1::AnchorConfig> config = ConfigFromFlags();
-  if (!config.ok()) {
-    PrintError(config.status());
-    return kExitUsage;
-  }
-  absl::StatusOr<std::unique_ptr<AttentionClient>> client = MakeClient();
-  if (!client.ok()) {
-    PrintError(client.status());
-    return kExitUsage;
-  }
-  absl::StatusOr<v1::GetServerInfoResponse> info = (*client)->GetServerInfo();
-  if (!info.ok()) {
-    PrintError(info.status());
-    return kExitFailed;
-  }
-  absl::StatusOr<LoadedInputs> loaded = LoadOrGenerateInputs();
-  if (!loaded.ok()) {
-    PrintError(loaded.status());
-    return kExitUsage;
-  }
-  const AttendInputs inputs = MakeAttendInputs(*loaded, *config);
-  const int64_t server_limit = info->limits().max_message_bytes();
+  PreparedRequest prepared;
+  if (const int exit_code = PrepareRequest(&prepared); exit_code != kExitOk) return exit_code;
+  AttentionClient& client = *prepared.client;
+  const AttendInputs& inputs = prepared.inputs;
+  const int64_t server_limit = prepared.info.limits().max_message_bytes();
   const bool stream = absl::GetFlag(FLAGS_stream) ||
                       EstimateUnaryRequestBytes(inputs) > server_limit ||
-                      EstimateUnaryRequestBytes(inputs) > (*client)->options().max_message_bytes;
+                      EstimateUnaryRequestBytes(inputs) > client.options().max_message_bytes;
   // Unary requests are built once and shared read-only by all workers.
   std::optional<v1::AttendRequest> unary_request;
   if (!stream) {
@@ -561,9 +554,9 @@ int RunLoad() {
     }
     unary_request = *std::move(built);
   }
-  std::printf("load: %s, %s per request, %s, concurrency %d, %s\n", loaded->description.c_str(),
-              FormatBytes(inputs.PayloadBytes()).c_str(), stream ? "streamed" : "unary",
-              concurrency,
+  std::printf("load: %s, %s per request, %s, concurrency %d, %s\n",
+              prepared.loaded.description.c_str(), FormatBytes(inputs.PayloadBytes()).c_str(),
+              stream ? "streamed" : "unary", concurrency,
               requests > 0 ? absl::StrCat(requests, " requests").c_str()
                            : absl::StrCat(duration_s, " s").c_str());
 
@@ -582,9 +575,9 @@ int RunLoad() {
       const absl::Time call_start = absl::Now();
       absl::Status status;
       if (stream) {
-        status = (*client)->AttendAuto(inputs, server_limit, /*force_stream=*/true).status();
+        status = client.AttendAuto(inputs, server_limit, /*force_stream=*/true).status();
       } else {
-        status = (*client)->Attend(*unary_request).status();
+        status = client.Attend(*unary_request).status();
       }
       const double seconds = absl::ToDoubleSeconds(absl::Now() - call_start);
       absl::MutexLock lock(&recorder.mu);

@@ -70,8 +70,8 @@ absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::Tensor
     return absl::InternalError(absl::StrCat(
         "server returned an output of dtype ", v1::DataType_Name(dtype), ", layout ",
         v1::TensorLayout_Name(layout), ", shape [", absl::StrJoin(shape, ", "), "]; expected q's ",
-        v1::DataType_Name(DTypeToProto(q.dtype)), ", ", v1::TensorLayout_Name(LayoutToProto(q.layout)), ", [",
-        absl::StrJoin(q.shape, ", "), "]"));
+        v1::DataType_Name(DTypeToProto(q.dtype)), ", ",
+        v1::TensorLayout_Name(LayoutToProto(q.layout)), ", [", absl::StrJoin(q.shape, ", "), "]"));
   }
   return absl::OkStatus();
 }

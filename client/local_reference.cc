@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/types/span.h"
+#include "kernels/cpu/cpu_backend.h"
 
 namespace anchorserve {
 
@@ -54,10 +55,7 @@ absl::StatusOr<LocalRun> RunLocally(AttentionBackend& backend, const TensorView&
 
 absl::StatusOr<LocalRun> RunOnCpu(const TensorView& q, const TensorView& k, const TensorView& v,
                                   const AnchorConfig& config, int cpu_threads) {
-  BackendOptions options;
-  options.kind = BackendKind::kCpu;
-  options.cpu_threads = cpu_threads;
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateBackend(options);
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCpuBackend(cpu_threads);
   if (!backend.ok()) return backend.status();
   return RunLocally(**backend, q, k, v, config);
 }
@@ -116,6 +114,26 @@ absl::StatusOr<OutputComparison> CompareOutputs(const HostTensor& actual,
     }
   }
   return result;
+}
+
+absl::StatusOr<CpuVerification> VerifyOnCpu(const TensorView& q, const TensorView& k,
+                                            const TensorView& v,
+                                            const v1::AnchorConfig& effective_config,
+                                            const HostTensor& output, int cpu_threads) {
+  absl::StatusOr<AnchorConfig> config = AnchorConfigFromProto(effective_config);
+  if (!config.ok()) {
+    return absl::InternalError(
+        absl::StrCat("server's effective_config is unusable: ", config.status().message()));
+  }
+  absl::StatusOr<LocalRun> local = RunOnCpu(q, k, v, *config, cpu_threads);
+  if (!local.ok()) {
+    return absl::Status(local.status().code(),
+                        absl::StrCat("local CPU reference failed: ", local.status().message()));
+  }
+  absl::StatusOr<OutputComparison> comparison =
+      CompareOutputs(output, local->output, VerificationTolerance(q.dtype));
+  if (!comparison.ok()) return comparison.status();
+  return CpuVerification{*std::move(local), *comparison};
 }
 
 }  // namespace anchorserve

@@ -53,4 +53,15 @@ struct OutputComparison {
 absl::StatusOr<OutputComparison> CompareOutputs(const HostTensor& actual,
                                                 const HostTensor& expected, Tolerance tolerance);
 
+// A server's output checked against the CPU backend: the same inputs, the server's effective
+// config (as its response reports it), the tolerance of q's dtype.
+struct CpuVerification {
+  LocalRun local;
+  OutputComparison comparison;  // `output` against local.output
+};
+absl::StatusOr<CpuVerification> VerifyOnCpu(const TensorView& q, const TensorView& k,
+                                            const TensorView& v,
+                                            const v1::AnchorConfig& effective_config,
+                                            const HostTensor& output, int cpu_threads = 0);
+
 }  // namespace anchorserve

@@ -18,10 +18,31 @@ absl::StatusOr<TensorGeometry> ParseTensor(absl::string_view name, const TensorM
       TensorGeometry g,
       TensorGeometryFromProto(name, tensor.dtype(), tensor.layout(), tensor.shape()));
   if (g.head_dim() > kMaxHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(g.AxisField(2), " must be at most ",
-                                                   kMaxHeadDim, ", got ", g.head_dim()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(g.AxisField(2), " must be at most ", kMaxHeadDim, ", got ", g.head_dim()));
   }
   return g;
+}
+
+// q, k and v of a request, each checked on its own.
+struct QkvGeometry {
+  TensorGeometry q;
+  TensorGeometry k;
+  TensorGeometry v;
+};
+
+// `missing_error` starts the error for an unset tensor; the tensor's name ends it.
+template <typename Message>  // v1::AttendRequest or v1::StreamHeader
+absl::StatusOr<QkvGeometry> ParseQkv(const Message& message, absl::string_view missing_error) {
+  if (!message.has_q() || !message.has_k() || !message.has_v()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(missing_error, !message.has_q() ? "q" : (!message.has_k() ? "k" : "v")));
+  }
+  QkvGeometry qkv;
+  ANCHOR_ASSIGN_OR_RETURN(qkv.q, ParseTensor("q", message.q()));
+  ANCHOR_ASSIGN_OR_RETURN(qkv.k, ParseTensor("k", message.k()));
+  ANCHOR_ASSIGN_OR_RETURN(qkv.v, ParseTensor("v", message.v()));
+  return qkv;
 }
 
 absl::Status CheckTensorLimits(const TensorGeometry& g, const ConvertOptions& options) {
@@ -38,10 +59,12 @@ absl::Status CheckTensorLimits(const TensorGeometry& g, const ConvertOptions& op
   return absl::OkStatus();
 }
 
-absl::StatusOr<RequestSpec> BuildSpec(const TensorGeometry& q, const TensorGeometry& k,
-                                      const TensorGeometry& v, const v1::AnchorConfig& config,
+absl::StatusOr<RequestSpec> BuildSpec(const QkvGeometry& qkv, const v1::AnchorConfig& config,
                                       const v1::RequestOptions& request_options,
                                       const ConvertOptions& options) {
+  const TensorGeometry& q = qkv.q;
+  const TensorGeometry& k = qkv.k;
+  const TensorGeometry& v = qkv.v;
   ANCHOR_RETURN_IF_ERROR(CheckQkvGeometry(q, k, v));
   ANCHOR_RETURN_IF_ERROR(CheckTensorLimits(q, options));
   ANCHOR_RETURN_IF_ERROR(CheckTensorLimits(k, options));
@@ -112,19 +135,16 @@ ConvertOptions MakeConvertOptions(const ServerConfig& config, const AttentionBac
 
 absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
                                                   const ConvertOptions& options) {
-  if (!request.has_q() || !request.has_k() || !request.has_v()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request must set q, k and v; missing ",
-                     !request.has_q() ? "q" : (!request.has_k() ? "k" : "v")));
-  }
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry q, ParseTensor("q", request.q()));
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry k, ParseTensor("k", request.k()));
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry v, ParseTensor("v", request.v()));
+  ANCHOR_ASSIGN_OR_RETURN(const QkvGeometry qkv,
+                          ParseQkv(request, "request must set q, k and v; missing "));
   ANCHOR_ASSIGN_OR_RETURN(RequestSpec spec,
-                          BuildSpec(q, k, v, request.config(), request.options(), options));
-  ANCHOR_RETURN_IF_ERROR(CheckByteCount("q.data", q, static_cast<int64_t>(request.q().data().size())));
-  ANCHOR_RETURN_IF_ERROR(CheckByteCount("k.data", k, static_cast<int64_t>(request.k().data().size())));
-  ANCHOR_RETURN_IF_ERROR(CheckByteCount("v.data", v, static_cast<int64_t>(request.v().data().size())));
+                          BuildSpec(qkv, request.config(), request.options(), options));
+  ANCHOR_RETURN_IF_ERROR(
+      CheckByteCount("q.data", qkv.q, static_cast<int64_t>(request.q().data().size())));
+  ANCHOR_RETURN_IF_ERROR(
+      CheckByteCount("k.data", qkv.k, static_cast<int64_t>(request.k().data().size())));
+  ANCHOR_RETURN_IF_ERROR(
+      CheckByteCount("v.data", qkv.v, static_cast<int64_t>(request.v().data().size())));
   if (!spec.metrics_only && spec.q_bytes > options.max_message_bytes - kMessageOverheadBytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the output (", spec.q_bytes,
@@ -139,15 +159,9 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 
 absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
                                                  const ConvertOptions& options) {
-  if (!header.has_q() || !header.has_k() || !header.has_v()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("header must set q, k and v; missing header.",
-                     !header.has_q() ? "q" : (!header.has_k() ? "k" : "v")));
-  }
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry q, ParseTensor("q", header.q()));
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry k, ParseTensor("k", header.k()));
-  ANCHOR_ASSIGN_OR_RETURN(TensorGeometry v, ParseTensor("v", header.v()));
-  return BuildSpec(q, k, v, header.config(), header.options(), options);
+  ANCHOR_ASSIGN_OR_RETURN(const QkvGeometry qkv,
+                          ParseQkv(header, "header must set q, k and v; missing header."));
+  return BuildSpec(qkv, header.config(), header.options(), options);
 }
 
 void ApplySpec(const RequestSpec& spec, AttentionTask* task) {

@@ -21,29 +21,18 @@ constexpr int64_t kMaxRequestBytes = 1 << 20;
 constexpr int64_t kMaxSeqLen = 2048;
 constexpr int kMaxHeads = 16;
 
-class BadInputE2eTest : public ::testing::Test {
+class BadInputE2eTest : public SharedServerTest {
  protected:
   static void SetUpTestSuite() {
-    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({
+    StartSharedServer({
         "--cpu_threads=2",
         absl::StrCat("--max_request_bytes=", kMaxRequestBytes),
         absl::StrCat("--max_seq_len=", kMaxSeqLen),
         absl::StrCat("--max_heads=", kMaxHeads),
     });
-    if (!server.ok()) {
-      start_error_ = new std::string(server.status().ToString());
-      return;
-    }
-    server_ = server->release();
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-    delete start_error_;
-    start_error_ = nullptr;
   }
   void SetUp() override {
-    ASSERT_NE(server_, nullptr) << *start_error_;
+    ASSERT_NO_FATAL_FAILURE(SharedServerTest::SetUp());
     client_ = MakeClient(*server_, absl::Seconds(30));
     ASSERT_NE(client_, nullptr);
     // bf16 [64, 4, 64] q and [64, 2, 64] k, v: a valid request to break one field at a time.
@@ -55,11 +44,6 @@ class BadInputE2eTest : public ::testing::Test {
     ASSERT_TRUE(request.ok()) << request.status();
     good_ = *std::move(request);
   }
-  void TearDown() override {
-    if (HasFailure() && server_ != nullptr) {
-      std::fprintf(stderr, "---- anchorserve output ----\n%s\n", server_->Log().c_str());
-    }
-  }
 
   // The server still answers a good request correctly-shaped.
   void ExpectStillServes() {
@@ -68,15 +52,10 @@ class BadInputE2eTest : public ::testing::Test {
     EXPECT_EQ(response->output().data().size(), qkv_.q.bytes.size());
   }
 
-  static ServerProcess* server_;
-  static std::string* start_error_;
   std::unique_ptr<AttentionClient> client_;
   QkvTensors qkv_;
   v1::AttendRequest good_;
 };
-
-ServerProcess* BadInputE2eTest::server_ = nullptr;
-std::string* BadInputE2eTest::start_error_ = nullptr;
 
 struct BadCase {
   std::string name;

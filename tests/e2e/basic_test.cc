@@ -24,10 +24,10 @@ using ServingStatus = grpc::health::v1::HealthCheckResponse;
 // One server for the suite, started with non-default limits and defaults so the test can tell
 // reported values from hard-coded ones. Odd output chunk size: reassembly must not assume
 // element or power-of-two boundaries.
-class BasicE2eTest : public ::testing::Test {
+class BasicE2eTest : public SharedServerTest {
  protected:
   static void SetUpTestSuite() {
-    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({
+    StartSharedServer({
         "--cpu_threads=2",
         "--max_seq_len=100000",
         "--max_heads=64",
@@ -38,36 +38,15 @@ class BasicE2eTest : public ::testing::Test {
         "--default_block_size=64",
         "--default_step=8",
     });
-    if (!server.ok()) {
-      start_error_ = new std::string(server.status().ToString());
-      return;
-    }
-    server_ = server->release();
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-    delete start_error_;
-    start_error_ = nullptr;
   }
   void SetUp() override {
-    ASSERT_NE(server_, nullptr) << *start_error_;
+    ASSERT_NO_FATAL_FAILURE(SharedServerTest::SetUp());
     client_ = MakeClient(*server_);
     ASSERT_NE(client_, nullptr);
   }
-  void TearDown() override {
-    if (HasFailure() && server_ != nullptr) {
-      std::fprintf(stderr, "---- anchorserve output ----\n%s\n", server_->Log().c_str());
-    }
-  }
 
-  static ServerProcess* server_;
-  static std::string* start_error_;
   std::unique_ptr<AttentionClient> client_;
 };
-
-ServerProcess* BasicE2eTest::server_ = nullptr;
-std::string* BasicE2eTest::start_error_ = nullptr;
 
 TEST_F(BasicE2eTest, InfoReportsBackendLimitsAndDefaults) {
   absl::StatusOr<v1::GetServerInfoResponse> info = client_->GetServerInfo();
@@ -184,17 +163,14 @@ TEST_F(BasicE2eTest, UnaryMatchesLocalCpuBackend) {
     EXPECT_EQ(metrics.effective_config().step(), 2);
     EXPECT_GE(metrics.total_seconds(), metrics.compute_seconds());
 
-    absl::StatusOr<AnchorConfig> effective = AnchorConfigFromProto(metrics.effective_config());
-    ASSERT_TRUE(effective.ok()) << effective.status();
-    absl::StatusOr<LocalRun> local = RunOnCpu(inputs.q, inputs.k, inputs.v, *effective, 1);
-    ASSERT_TRUE(local.ok()) << local.status();
-    absl::StatusOr<OutputComparison> comparison =
-        CompareOutputs(*result->output, local->output, VerificationTolerance(c.dtype));
-    ASSERT_TRUE(comparison.ok()) << comparison.status();
-    EXPECT_EQ(comparison->over_tolerance, 0) << comparison->Describe();
-    EXPECT_DOUBLE_EQ(metrics.density(), local->summary.density);
-    EXPECT_DOUBLE_EQ(metrics.stripe_density(), local->summary.stripe_density);
-    EXPECT_EQ(metrics.stripes_per_group().groups(), local->summary.stripes.groups);
+    absl::StatusOr<CpuVerification> verified =
+        VerifyOnCpu(inputs.q, inputs.k, inputs.v, metrics.effective_config(), *result->output, 1);
+    ASSERT_TRUE(verified.ok()) << verified.status();
+    EXPECT_EQ(verified->comparison.over_tolerance, 0) << verified->comparison.Describe();
+    const RequestSummary& local = verified->local.summary;
+    EXPECT_DOUBLE_EQ(metrics.density(), local.density);
+    EXPECT_DOUBLE_EQ(metrics.stripe_density(), local.stripe_density);
+    EXPECT_EQ(metrics.stripes_per_group().groups(), local.stripes.groups);
   }
 }
 

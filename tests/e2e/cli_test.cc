@@ -14,24 +14,12 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class CliE2eTest : public ::testing::Test {
+class CliE2eTest : public SharedServerTest {
  protected:
   static void SetUpTestSuite() {
-    absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(
+    StartSharedServer(
         {"--cpu_threads=2", "--max_message_bytes=1048576", "--stream_chunk_bytes=262144"});
-    if (!server.ok()) {
-      start_error_ = new std::string(server.status().ToString());
-      return;
-    }
-    server_ = server->release();
   }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-    delete start_error_;
-    start_error_ = nullptr;
-  }
-  void SetUp() override { ASSERT_NE(server_, nullptr) << *start_error_; }
 
   // anchorctl --target=<server> ARGS...
   static ProcessResult Run(const std::vector<std::string>& args) {
@@ -42,13 +30,7 @@ class CliE2eTest : public ::testing::Test {
     if (!result.ok()) return ProcessResult{-1, 0, result.status().ToString()};
     return *std::move(result);
   }
-
-  static ServerProcess* server_;
-  static std::string* start_error_;
 };
-
-ServerProcess* CliE2eTest::server_ = nullptr;
-std::string* CliE2eTest::start_error_ = nullptr;
 
 TEST_F(CliE2eTest, HelpDescribesTheCommands) {
   absl::StatusOr<ProcessResult> help = RunProcess({AnchorctlBinary(), "--help"}, absl::Seconds(30));

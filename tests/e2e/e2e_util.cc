@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -225,6 +226,50 @@ std::unique_ptr<AttentionClient> MakeClient(const ServerProcess& server, absl::D
       AttentionClient::Create(server.target(), options);
   return client.ok() ? *std::move(client) : nullptr;
 }
+
+namespace {
+void PrintLogIfFailed(const ServerProcess* server) {
+  if (::testing::Test::HasFailure() && server != nullptr) {
+    std::fprintf(stderr, "---- anchorserve output ----\n%s\n", server->Log().c_str());
+  }
+}
+}  // namespace
+
+ServerProcess* SharedServerTest::server_ = nullptr;
+std::string* SharedServerTest::start_error_ = nullptr;
+
+void SharedServerTest::StartSharedServer(const std::vector<std::string>& flags) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(flags);
+  if (!server.ok()) {
+    start_error_ = new std::string(server.status().ToString());
+    return;
+  }
+  server_ = server->release();
+}
+
+void SharedServerTest::TearDownTestSuite() {
+  delete server_;
+  server_ = nullptr;
+  delete start_error_;
+  start_error_ = nullptr;
+}
+
+void SharedServerTest::SetUp() {
+  ASSERT_NE(server_, nullptr) << (start_error_ != nullptr ? *start_error_ : "no server started");
+}
+
+void SharedServerTest::TearDown() { PrintLogIfFailed(server_); }
+
+void OwnServerTest::StartServer(const std::vector<std::string>& flags,
+                                absl::Duration client_deadline) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(flags);
+  ASSERT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  client_ = MakeClient(*server_, client_deadline);
+  ASSERT_NE(client_, nullptr);
+}
+
+void OwnServerTest::TearDown() { PrintLogIfFailed(server_.get()); }
 
 absl::StatusOr<std::string> HttpGet(int port, absl::string_view path, absl::Duration timeout) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

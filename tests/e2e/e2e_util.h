@@ -1,5 +1,6 @@
 // Helpers of the end-to-end tests: the real anchorserve binary as a child process on loopback,
-// subprocesses (anchorctl), a tiny HTTP client for /metrics, health and reflection calls.
+// test fixtures around it, subprocesses (anchorctl), a tiny HTTP client for /metrics, health and
+// reflection calls.
 #pragma once
 
 #include <sys/types.h>
@@ -16,6 +17,7 @@
 #include "client/qkv_inputs.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/channel.h"
+#include "gtest/gtest.h"
 
 namespace anchorserve::e2e {
 
@@ -77,6 +79,34 @@ class ServerProcess {
 std::unique_ptr<AttentionClient> MakeClient(const ServerProcess& server,
                                             absl::Duration deadline = absl::Seconds(120),
                                             int64_t stream_chunk_bytes = int64_t{4} << 20);
+
+// Base of a test suite whose tests share one server: the suite's SetUpTestSuite calls
+// StartSharedServer(flags) and TearDownTestSuite stops it. A test fails at SetUp when the server
+// did not start; a failed test prints the server's output.
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void StartSharedServer(const std::vector<std::string>& flags);
+  static void TearDownTestSuite();
+  void SetUp() override;
+  void TearDown() override;
+
+  static ServerProcess* server_;  // null when it did not start
+
+ private:
+  static std::string* start_error_;
+};
+
+// Base of tests that each start a server of their own: the test body calls
+// ASSERT_NO_FATAL_FAILURE(StartServer(flags)). A failed test prints the server's output.
+class OwnServerTest : public ::testing::Test {
+ protected:
+  void StartServer(const std::vector<std::string>& flags,
+                   absl::Duration client_deadline = absl::Seconds(120));
+  void TearDown() override;
+
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<AttentionClient> client_;  // of server_, made by StartServer
+};
 
 // GET http://127.0.0.1:port/path; returns the whole response (status line, headers, body).
 absl::StatusOr<std::string> HttpGet(int port, absl::string_view path,

@@ -15,16 +15,17 @@ namespace {
 
 constexpr int64_t kMiB = int64_t{1} << 20;
 
-TEST(StreamingE2eTest, LargeRequestIsStreamedAndMatchesLocalCpu) {
-  absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start({
-      "--cpu_threads=2",
-      "--max_message_bytes=16777216",  // 16 MiB: the request below cannot be one message
-      "--stream_chunk_bytes=3000001",  // odd, so output chunks split elements
-  });
-  ASSERT_TRUE(server.ok()) << server.status();
-  std::unique_ptr<AttentionClient> client = MakeClient(**server, absl::Seconds(240));
-  ASSERT_NE(client, nullptr);
-  absl::StatusOr<v1::GetServerInfoResponse> info = client->GetServerInfo();
+class StreamingE2eTest : public OwnServerTest {};
+
+TEST_F(StreamingE2eTest, LargeRequestIsStreamedAndMatchesLocalCpu) {
+  ASSERT_NO_FATAL_FAILURE(StartServer(
+      {
+          "--cpu_threads=2",
+          "--max_message_bytes=16777216",  // 16 MiB: the request below cannot be one message
+          "--stream_chunk_bytes=3000001",  // odd, so output chunks split elements
+      },
+      absl::Seconds(240)));
+  absl::StatusOr<v1::GetServerInfoResponse> info = client_->GetServerInfo();
   ASSERT_TRUE(info.ok()) << info.status();
   ASSERT_EQ(info->limits().max_message_bytes(), 16 * kMiB);
 
@@ -43,12 +44,12 @@ TEST(StreamingE2eTest, LargeRequestIsStreamedAndMatchesLocalCpu) {
   ASSERT_GE(inputs.PayloadBytes(), 64 * kMiB);
 
   // Unary is refused by the server's message limit.
-  absl::StatusOr<AttendResult> unary = client->Attend(inputs);
+  absl::StatusOr<AttendResult> unary = client_->Attend(inputs);
   EXPECT_EQ(unary.status().code(), absl::StatusCode::kResourceExhausted) << unary.status();
 
   absl::StatusOr<AttendResult> streamed =
-      client->AttendAuto(inputs, info->limits().max_message_bytes());
-  ASSERT_TRUE(streamed.ok()) << streamed.status() << "\n" << (*server)->Log();
+      client_->AttendAuto(inputs, info->limits().max_message_bytes());
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
   EXPECT_TRUE(streamed->streamed);
   ASSERT_TRUE(streamed->output.has_value());
   EXPECT_EQ(streamed->output->bytes.size(), qkv->q.bytes.size());
@@ -56,19 +57,14 @@ TEST(StreamingE2eTest, LargeRequestIsStreamedAndMatchesLocalCpu) {
   EXPECT_GT(streamed->metrics.density(), 0);
   EXPECT_LT(streamed->metrics.density(), 0.05);  // about 1.5 groups of 16 keys per row of 2048
 
-  absl::StatusOr<AnchorConfig> effective =
-      AnchorConfigFromProto(streamed->metrics.effective_config());
-  ASSERT_TRUE(effective.ok()) << effective.status();
-  absl::StatusOr<LocalRun> local = RunOnCpu(inputs.q, inputs.k, inputs.v, *effective, 2);
-  ASSERT_TRUE(local.ok()) << local.status();
-  absl::StatusOr<OutputComparison> comparison =
-      CompareOutputs(*streamed->output, local->output, VerificationTolerance(DType::kFp32));
-  ASSERT_TRUE(comparison.ok()) << comparison.status();
-  EXPECT_EQ(comparison->over_tolerance, 0) << comparison->Describe();
-  EXPECT_DOUBLE_EQ(streamed->metrics.density(), local->summary.density);
+  absl::StatusOr<CpuVerification> verified = VerifyOnCpu(
+      inputs.q, inputs.k, inputs.v, streamed->metrics.effective_config(), *streamed->output, 2);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_EQ(verified->comparison.over_tolerance, 0) << verified->comparison.Describe();
+  EXPECT_DOUBLE_EQ(streamed->metrics.density(), verified->local.summary.density);
 
   // The bytes really crossed the wire in chunks.
-  absl::StatusOr<std::string> page = HttpGet((*server)->metrics_port(), "/metrics");
+  absl::StatusOr<std::string> page = HttpGet(server_->metrics_port(), "/metrics");
   ASSERT_TRUE(page.ok()) << page.status();
   absl::StatusOr<double> received = FindMetricValue(*page, "anchorserve_received_bytes_total", {});
   ASSERT_TRUE(received.ok()) << received.status();

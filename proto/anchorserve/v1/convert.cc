@@ -2,13 +2,21 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "google/protobuf/descriptor.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve {
 namespace {
+
+// "DATA_TYPE_FP16", or "unknown value 99" for a number the enum does not define.
+std::string EnumValueText(const google::protobuf::EnumDescriptor* descriptor, int value) {
+  const google::protobuf::EnumValueDescriptor* named = descriptor->FindValueByNumber(value);
+  return named != nullptr ? named->name() : absl::StrCat("unknown value ", value);
+}
 
 // v1::Tensor and v1::TensorSpec share these fields.
 template <typename Message>
@@ -27,20 +35,18 @@ absl::Status CheckMatchesQ(const TensorGeometry& q, const TensorGeometry& t) {
                                                    DTypeText(q.dtype), ")"));
   }
   if (t.layout != q.layout) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(t.name, ".layout (", v1::TensorLayout_Name(LayoutToProto(t.layout)),
-                     ") must equal ", q.name, ".layout (",
-                     v1::TensorLayout_Name(LayoutToProto(q.layout)), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        t.name, ".layout (", v1::TensorLayout_Name(LayoutToProto(t.layout)), ") must equal ",
+        q.name, ".layout (", v1::TensorLayout_Name(LayoutToProto(q.layout)), ")"));
   }
   if (t.seq_len() != q.seq_len()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        t.AxisField(t.seq_axis), " = ", t.seq_len(), " must equal ", q.AxisField(q.seq_axis),
-        " = ", q.seq_len(), " (causal prefill: kv_len == q_len)"));
+        t.AxisField(t.seq_axis), " = ", t.seq_len(), " must equal ", q.AxisField(q.seq_axis), " = ",
+        q.seq_len(), " (causal prefill: kv_len == q_len)"));
   }
   if (t.head_dim() != q.head_dim()) {
-    return absl::InvalidArgumentError(absl::StrCat(t.AxisField(2), " = ", t.head_dim(),
-                                                   " must equal ", q.AxisField(2), " = ",
-                                                   q.head_dim()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        t.AxisField(2), " = ", t.head_dim(), " must equal ", q.AxisField(2), " = ", q.head_dim()));
   }
   return absl::OkStatus();
 }
@@ -80,11 +86,9 @@ absl::StatusOr<DType> DTypeFromProto(absl::string_view field, int value) {
     default:
       break;
   }
-  const std::string got = v1::DataType_IsValid(value)
-                              ? std::string(v1::DataType_Name(static_cast<v1::DataType>(value)))
-                              : absl::StrCat("unknown value ", value);
-  return absl::InvalidArgumentError(absl::StrCat(
-      field, " must be DATA_TYPE_BF16, DATA_TYPE_FP16 or DATA_TYPE_FP32, got ", got));
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " must be DATA_TYPE_BF16, DATA_TYPE_FP16 or DATA_TYPE_FP32, got ",
+                   EnumValueText(v1::DataType_descriptor(), value)));
 }
 
 absl::StatusOr<Layout> LayoutFromProto(absl::string_view field, int value) {
@@ -96,12 +100,9 @@ absl::StatusOr<Layout> LayoutFromProto(absl::string_view field, int value) {
     default:
       break;
   }
-  const std::string got =
-      v1::TensorLayout_IsValid(value)
-          ? std::string(v1::TensorLayout_Name(static_cast<v1::TensorLayout>(value)))
-          : absl::StrCat("unknown value ", value);
-  return absl::InvalidArgumentError(absl::StrCat(
-      field, " must be TENSOR_LAYOUT_TOKEN_MAJOR or TENSOR_LAYOUT_HEAD_MAJOR, got ", got));
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " must be TENSOR_LAYOUT_TOKEN_MAJOR or TENSOR_LAYOUT_HEAD_MAJOR, got ",
+                   EnumValueText(v1::TensorLayout_descriptor(), value)));
 }
 
 absl::string_view DTypeText(DType dtype) {
@@ -173,10 +174,9 @@ absl::StatusOr<TensorGeometry> TensorGeometryFromProto(absl::string_view name, i
 absl::Status CheckByteCount(absl::string_view what, const TensorGeometry& geometry,
                             int64_t byte_count) {
   if (byte_count != geometry.bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " has ", byte_count, " bytes, expected ",
-                                                   geometry.bytes, " for shape ",
-                                                   DimsText(geometry.dims), " ",
-                                                   DTypeText(geometry.dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has ", byte_count, " bytes, expected ", geometry.bytes, " for shape ",
+                     DimsText(geometry.dims), " ", DTypeText(geometry.dtype)));
   }
   return absl::OkStatus();
 }
@@ -186,14 +186,13 @@ absl::Status CheckQkvGeometry(const TensorGeometry& q, const TensorGeometry& k,
   ANCHOR_RETURN_IF_ERROR(CheckMatchesQ(q, k));
   ANCHOR_RETURN_IF_ERROR(CheckMatchesQ(q, v));
   if (v.dims != k.dims) {
-    return absl::InvalidArgumentError(absl::StrCat(v.name, ".shape ", DimsText(v.dims),
-                                                   " must equal ", k.name, ".shape ",
-                                                   DimsText(k.dims)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        v.name, ".shape ", DimsText(v.dims), " must equal ", k.name, ".shape ", DimsText(k.dims)));
   }
   if (q.num_heads() % k.num_heads() != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        q.AxisField(q.heads_axis), " = ", q.num_heads(), " must be a multiple of ",
-        k.AxisField(k.heads_axis), " = ", k.num_heads()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(q.AxisField(q.heads_axis), " = ", q.num_heads(), " must be a multiple of ",
+                     k.AxisField(k.heads_axis), " = ", k.num_heads()));
   }
   return absl::OkStatus();
 }
