@@ -18,6 +18,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -58,6 +59,9 @@ struct CaseSpec {
   AnchorConfig config;
   uint64_t seed = 1;
 };
+
+// gtest prints parameters in test listings; the name says what the case is.
+void PrintTo(const CaseSpec& spec, std::ostream* os) { *os << spec.name; }
 
 // One task with its own inputs and poisoned outputs.
 struct TaskData {
