@@ -4,13 +4,20 @@
 #include <array>
 #include <utility>
 
+#include <cstdlib>
+#include "grpc/grpc.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/channel_arguments.h"
+#include "grpcpp/support/slice.h"
+#include "kernels/status_macros.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 
 namespace anchorserve {
 
@@ -74,6 +81,71 @@ absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::Tensor
         v1::TensorLayout_Name(LayoutToProto(q.layout)), ", [", absl::StrJoin(q.shape, ", "), "]"));
   }
   return absl::OkStatus();
+}
+
+constexpr char kAttendMethod[] = "/anchorserve.v1.AttentionService/Attend";
+// Field numbers of the tensors in AttendRequest and AttendResponse.
+constexpr int kRequestQField = 2;
+constexpr int kRequestKField = 3;
+constexpr int kRequestVField = 4;
+constexpr int kResponseOutputField = 2;
+
+// gRPC slices over the caller's tensor memory, and a count of the ones gRPC still holds. The
+// destructor waits until gRPC has let go of every slice: the caller may free its tensors as soon
+// as the call returns. (gRPC releases them when the bytes are written or the stream is closed.)
+class BorrowedSlices {
+ public:
+  BorrowedSlices() = default;
+  BorrowedSlices(const BorrowedSlices&) = delete;
+  BorrowedSlices& operator=(const BorrowedSlices&) = delete;
+  ~BorrowedSlices() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](int* live) { return *live == 0; }, &live_));
+  }
+
+  grpc::Slice Borrow(absl::Span<const uint8_t> bytes) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++live_;
+    }
+    // gRPC only reads the bytes; the slice API takes a non-const pointer.
+    return grpc::Slice(const_cast<uint8_t*>(bytes.data()), bytes.size(), &BorrowedSlices::Release,
+                       this);
+  }
+
+ private:
+  static void Release(void* self) {
+    auto* slices = static_cast<BorrowedSlices*>(self);
+    absl::MutexLock lock(&slices->mu_);
+    --slices->live_;
+  }
+
+  absl::Mutex mu_;
+  int live_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// The output of a unary response: its spec from `tensor` (the message without data), its bytes
+// from where gRPC received them, copied once.
+absl::StatusOr<HostTensor> HostTensorFromSplit(const v1::Tensor& tensor,
+                                               const SegmentedBytes* data) {
+  ANCHOR_ASSIGN_OR_RETURN(
+      const TensorGeometry geometry,
+      TensorGeometryFromProto("output", tensor.dtype(), tensor.layout(), tensor.shape()));
+  const int64_t size = data == nullptr ? 0 : static_cast<int64_t>(data->size);
+  ANCHOR_RETURN_IF_ERROR(CheckByteCount("output.data", geometry, size));
+  HostTensor host;
+  host.dtype = geometry.dtype;
+  host.layout = geometry.layout;
+  std::copy(geometry.dims.begin(), geometry.dims.end(), host.shape.begin());
+  // reserve + insert: no zero-fill of a buffer about to be overwritten.
+  host.bytes.reserve(static_cast<size_t>(size));
+  if (data != nullptr) {
+    for (absl::string_view piece : data->pieces) {
+      host.bytes.insert(host.bytes.end(), piece.begin(), piece.end());
+    }
+  }
+  return host;
 }
 
 }  // namespace
@@ -163,6 +235,11 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::st
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  if (const char* v = getenv("X_LOOKAHEAD")) args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, atoi(v));
+  if (const char* v = getenv("X_FRAME")) args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, atoi(v));
+  if (const char* v = getenv("X_WBUF")) args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, atoi(v));
+  if (const char* v = getenv("X_READ")) args.SetInt(GRPC_ARG_TCP_READ_CHUNK_SIZE, atoi(v));
+  if (const char* v = getenv("X_MINREAD")) args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, atoi(v));
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   if (channel == nullptr) {
@@ -178,7 +255,8 @@ AttentionClient::AttentionClient(std::string target, ClientOptions options,
       options_(options),
       channel_(std::move(channel)),
       stub_(v1::AttentionService::NewStub(channel_)),
-      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)),
+      generic_stub_(std::make_unique<grpc::GenericStub>(channel_)) {}
 
 void AttentionClient::PrepareContext(const CallOptions& call, grpc::ClientContext* context) const {
   const absl::Duration timeout = call.timeout.value_or(options_.default_deadline);
@@ -228,32 +306,80 @@ absl::StatusOr<v1::AttendResponse> AttentionClient::Attend(const v1::AttendReque
 
 absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
                                                      const CallOptions& call) {
-  absl::StatusOr<v1::AttendRequest> request = BuildAttendRequest(inputs);
-  if (!request.ok()) return request.status();
-  absl::StatusOr<v1::AttendResponse> response = Attend(*request, call);
-  if (!response.ok()) return response.status();
+  absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
+  if (!shape.ok()) return shape.status();
+  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
+                     " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));
+  }
+  // Declared first so it is destroyed last: waits until gRPC has released the caller's bytes.
+  BorrowedSlices borrowed;
+  grpc::ByteBuffer response_buffer;
+  grpc::Status status;
+  {
+    // The request: everything but the tensor bytes through protobuf, then each tensor's bytes as
+    // one more occurrence of its field, read by gRPC from the caller's buffer.
+    v1::AttendRequest head;
+    head.set_request_id(inputs.request_id);
+    SetTensorSpec(inputs.q.dtype, inputs.q.layout, inputs.q.shape, head.mutable_q());
+    SetTensorSpec(inputs.k.dtype, inputs.k.layout, inputs.k.shape, head.mutable_k());
+    SetTensorSpec(inputs.v.dtype, inputs.v.layout, inputs.v.shape, head.mutable_v());
+    *head.mutable_config() = inputs.config;
+    *head.mutable_options() = inputs.options;
+    std::vector<grpc::Slice> slices;
+    slices.emplace_back(head.SerializeAsString());
+    AppendTensorData(kRequestQField, borrowed.Borrow(inputs.q.bytes), &slices);
+    AppendTensorData(kRequestKField, borrowed.Borrow(inputs.k.bytes), &slices);
+    AppendTensorData(kRequestVField, borrowed.Borrow(inputs.v.bytes), &slices);
+    grpc::ByteBuffer request_buffer(slices.data(), slices.size());
+    slices.clear();
+
+    grpc::ClientContext context;
+    PrepareContext(call, &context);
+    ScopedCallRegistration registration(call.canceller, &context);
+    absl::Notification done;
+    generic_stub_->UnaryCall(&context, kAttendMethod, grpc::StubOptions(), &request_buffer,
+                             &response_buffer, [&status, &done](grpc::Status call_status) {
+                               status = std::move(call_status);
+                               done.Notify();
+                             });
+    done.WaitForNotification();
+  }
+  if (!status.ok()) return FromGrpcStatus(status, target_, "Attend");
+
+  absl::StatusOr<SplitMessage> split = SplitTensorData(response_buffer, {kResponseOutputField});
+  v1::AttendResponse response;
+  if (!split.ok() || !response.ParseFromString(split->rest)) {
+    return absl::InternalError(
+        absl::StrCat("server returned an AttendResponse that does not parse",
+                     split.ok() ? "" : absl::StrCat(": ", split.status().message())));
+  }
+  response_buffer.Clear();  // the split keeps the output's slices alive
+  const auto found = split->data.find(kResponseOutputField);
+  const SegmentedBytes* output_data = found == split->data.end() ? nullptr : &found->second;
 
   AttendResult result;
-  result.request_id = response->request_id();
+  result.request_id = response.request_id();
   if (inputs.options.metrics_only()) {
-    if (response->has_output() && !response->output().data().empty()) {
+    if (response.has_output() && output_data != nullptr && output_data->size > 0) {
       return absl::InternalError("server returned an output although metrics_only was set");
     }
   } else {
-    if (!response->has_output()) return absl::InternalError("server returned no output tensor");
-    const v1::Tensor& output = response->output();
+    if (!response.has_output()) return absl::InternalError("server returned no output tensor");
+    const v1::Tensor& output = response.output();
     absl::Status spec =
         CheckOutputSpec(inputs.q, output.dtype(), output.layout(),
                         absl::MakeConstSpan(output.shape().data(), output.shape().size()));
     if (!spec.ok()) return spec;
-    absl::StatusOr<HostTensor> tensor = HostTensorFromProto("output", output);
+    absl::StatusOr<HostTensor> tensor = HostTensorFromSplit(output, output_data);
     if (!tensor.ok()) {
       return absl::InternalError(
           absl::StrCat("server returned a malformed output: ", tensor.status().message()));
     }
     result.output = *std::move(tensor);
   }
-  result.metrics = std::move(*response->mutable_metrics());
+  result.metrics = std::move(*response.mutable_metrics());
   return result;
 }
 

@@ -20,6 +20,7 @@
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/status.h"
 
 namespace anchorserve {
@@ -109,7 +110,10 @@ class AttentionClient {
   // Unary Attend with a ready-made request (also lets tests send malformed requests).
   absl::StatusOr<v1::AttendResponse> Attend(const v1::AttendRequest& request,
                                             const CallOptions& call = {});
-  // Unary Attend from host tensors; the output comes back as a HostTensor.
+  // Unary Attend from host tensors; the output comes back as a HostTensor. The tensors go to the
+  // socket straight from the caller's buffers and the output straight from gRPC's receive buffers
+  // into the HostTensor (no protobuf copies; see proto/anchorserve/v1/tensor_wire.h). Returns only
+  // once gRPC holds no reference to the caller's buffers.
   absl::StatusOr<AttendResult> Attend(const AttendInputs& inputs, const CallOptions& call = {});
 
   // AttendStream: header, then Q, K and V in chunks of ClientOptions::stream_chunk_bytes read
@@ -145,6 +149,7 @@ class AttentionClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+  std::unique_ptr<grpc::GenericStub> generic_stub_;  // Attend over raw bytes
 };
 
 }  // namespace anchorserve

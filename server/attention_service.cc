@@ -1,7 +1,9 @@
 #include "server/attention_service.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -12,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 #include "server/status_convert.h"
 
 #ifndef ANCHOR_VERSION
@@ -115,48 +118,96 @@ class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
   std::atomic<bool> finished_{false};
 };
 
+// Field numbers of the tensors in AttendRequest and AttendResponse.
+constexpr int kRequestQField = 2;
+constexpr int kRequestKField = 3;
+constexpr int kRequestVField = 4;
+constexpr int kResponseOutputField = 2;
+
+// Alignment the compute may rely on for an input read in place from a received slice.
+constexpr uintptr_t kInPlaceAlignment = 64;
+
+// A received Attend request, split before its reactor exists (as gRPC would have parsed it):
+// the tensor bytes stay where gRPC received them, or are copied once into one piece each.
+struct ReceivedAttend {
+  absl::Status status;                // INVALID_ARGUMENT when the message does not parse
+  v1::AttendRequest head;             // the request without tensor bytes
+  SplitMessage split;                 // the tensor bytes where gRPC received them
+  std::unique_ptr<char[]> copies[3];  // q, k, v when not usable in place
+  const char* inputs[3] = {};         // q, k, v in one piece each
+  std::array<int64_t, 3> data_bytes{};
+};
+
+ReceivedAttend ReceiveAttend(const grpc::ByteBuffer& request) {
+  ReceivedAttend received;
+  const int fields[3] = {kRequestQField, kRequestKField, kRequestVField};
+  absl::StatusOr<SplitMessage> split = SplitTensorData(request, fields);
+  if (!split.ok() || !received.head.ParseFromString(split->rest)) {
+    received.status = absl::InvalidArgumentError(
+        absl::StrCat("request does not parse as an AttendRequest",
+                     split.ok() ? "" : absl::StrCat(": ", split.status().message())));
+    return received;
+  }
+  received.split = *std::move(split);
+  for (int i = 0; i < 3; ++i) {
+    const auto found = received.split.data.find(fields[i]);
+    if (found == received.split.data.end()) continue;  // validation reports the missing bytes
+    const SegmentedBytes& data = found->second;
+    received.data_bytes[i] = static_cast<int64_t>(data.size);
+    if (data.pieces.size() == 1 &&
+        reinterpret_cast<uintptr_t>(data.pieces[0].data()) % kInPlaceAlignment == 0) {
+      received.inputs[i] = data.pieces[0].data();
+      continue;
+    }
+    // At most the size of the message gRPC already accepted.
+    received.copies[i] = AllocateBytes(static_cast<int64_t>(data.size));
+    if (received.copies[i] == nullptr) {
+      received.status = absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate ", data.size, " bytes for an input"));
+      return received;
+    }
+    data.CopyTo(received.copies[i].get());
+    received.inputs[i] = received.copies[i].get();
+  }
+  return received;
+}
+
 class AttendReactor final : public TrackedUnaryReactor {
  public:
   AttendReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context,
-                const v1::AttendRequest* request, v1::AttendResponse* response)
+                const grpc::ByteBuffer* request, ReceivedAttend received,
+                grpc::ByteBuffer* response)
       : TrackedUnaryReactor(service, Rpc::kAttend),
         context_(context),
         request_(request),
+        received_(std::move(received)),
         response_(response) {}
 
   void Start() {
     if (grpc::Status refused = RefusalStatus(*service_, serving_); !refused.ok()) {
       return FinishOnce(refused);
     }
-    service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_->ByteSizeLong()));
-    absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(*request_, serving_->convert_options);
+    service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_->Length()));
+    if (!received_.status.ok()) return FinishOnce(ToGrpcStatus(received_.status));
+    absl::StatusOr<RequestSpec> spec =
+        SpecFromAttendRequest(received_.head, received_.data_bytes, serving_->convert_options);
     if (!spec.ok()) return FinishOnce(ToGrpcStatus(spec.status()));
     spec_ = *std::move(spec);
+    const char* const* inputs = received_.inputs;
 
     auto job = std::make_shared<AttentionJob>();
     ApplySpec(spec_, &job->task);
-    // Compute reads the request's bytes in place; they live until OnDone.
-    job->task.q = request_->q().data().data();
-    job->task.k = request_->k().data().data();
-    job->task.v = request_->v().data().data();
-    if (spec_.metrics_only) {
-      scratch_output_ = AllocateBytes(spec_.q_bytes);
-      if (scratch_output_ == nullptr) {
-        return FinishOnce(ToGrpcStatus(absl::ResourceExhaustedError(
-            absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"))));
-      }
-      job->task.out = scratch_output_.get();
-    } else {
-      v1::Tensor* output = response_->mutable_output();
-      SetOutputTensorSpec(spec_, output);
-      try {
-        output->mutable_data()->resize(static_cast<size_t>(spec_.q_bytes));
-      } catch (const std::bad_alloc&) {
-        return FinishOnce(ToGrpcStatus(absl::ResourceExhaustedError(
-            absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"))));
-      }
-      job->task.out = output->mutable_data()->data();
+    // Compute reads the inputs in place (received slices or copies); they live until OnDone.
+    job->task.q = inputs[0];
+    job->task.k = inputs[1];
+    job->task.v = inputs[2];
+    // Not zero-filled: the compute writes every element. It becomes the response's data slice.
+    output_ = AllocateBytes(spec_.q_bytes);
+    if (output_ == nullptr) {
+      return FinishOnce(ToGrpcStatus(absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"))));
     }
+    job->task.out = output_.get();
     job->deadline = DeadlineOf(*context_);
     job->compute_recall = spec_.compute_recall;
     job->on_done = [this](AttentionJob& done) { OnJobDone(done); };
@@ -184,19 +235,36 @@ class AttendReactor final : public TrackedUnaryReactor {
       return FinishOnce(FailedJobStatus(job, now, *context_, service_->draining()));
     }
     if (context_->IsCancelled()) return FinishOnce(CancelledCallStatus(job.deadline, now));
-    response_->set_request_id(service_->RequestIdFor(request_->request_id()));
-    v1::AttentionMetrics* metrics = response_->mutable_metrics();
+    // The inputs are no longer needed; free them before the response goes out.
+    const std::string request_id = service_->RequestIdFor(received_.head.request_id());
+    received_ = ReceivedAttend();
+
+    v1::AttendResponse head;
+    head.set_request_id(request_id);
+    if (!spec_.metrics_only) SetOutputTensorSpec(spec_, head.mutable_output());
+    v1::AttentionMetrics* metrics = head.mutable_metrics();
     FillAttentionMetrics(job, serving_->convert_options.backend_info.name, metrics);
     metrics->set_total_seconds(absl::ToDoubleSeconds(now - start_));
-    service_->metrics().AddSentBytes(static_cast<int64_t>(response_->ByteSizeLong()));
+    std::vector<grpc::Slice> slices;
+    slices.emplace_back(head.SerializeAsString());
+    if (!spec_.metrics_only) {
+      // The slice owns the output from here on and frees it once gRPC has written it.
+      AppendTensorData(kResponseOutputField,
+                       grpc::Slice(output_.release(), static_cast<size_t>(spec_.q_bytes),
+                                   [](void* bytes) { delete[] static_cast<char*>(bytes); }),
+                       &slices);
+    }
+    *response_ = grpc::ByteBuffer(slices.data(), slices.size());
+    service_->metrics().AddSentBytes(static_cast<int64_t>(response_->Length()));
     FinishOnce(grpc::Status::OK);
   }
 
   grpc::CallbackServerContext* const context_;
-  const v1::AttendRequest* const request_;
-  v1::AttendResponse* const response_;
+  const grpc::ByteBuffer* const request_;
+  ReceivedAttend received_;  // read by the job until it is done
+  grpc::ByteBuffer* const response_;
   RequestSpec spec_;
-  std::unique_ptr<char[]> scratch_output_;  // the output of a metrics_only request
+  std::unique_ptr<char[]> output_;  // like q; handed to the response's slice
   absl::Mutex mu_;
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);
 };
@@ -630,9 +698,10 @@ absl::Status AttentionServiceImpl::SetReady(AttentionBackend* backend, DynamicBa
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
-                                                       const v1::AttendRequest* request,
-                                                       v1::AttendResponse* response) {
-  auto* reactor = new AttendReactor(this, context, request, response);
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* response) {
+  // Split (and copy) before the reactor counts the RPC in flight, as gRPC's own parsing did.
+  auto* reactor = new AttendReactor(this, context, request, ReceiveAttend(*request), response);
   reactor->Start();
   return reactor;
 }

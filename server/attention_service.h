@@ -33,6 +33,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "anchorserve/v1/anchorserve.grpc.pb.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/server_callback.h"
 #include "kernels/backend.h"
 #include "server/batcher.h"
@@ -55,7 +56,14 @@ struct ServingState {
   ConvertOptions convert_options;  // limits, defaults and the backend's capabilities
 };
 
-class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
+// Attend is a raw (grpc::ByteBuffer) method: the server takes the tensor bytes out of the received
+// message and puts the output into the response without protobuf's copies (tensor_wire.h). On
+// the wire it is the same AttendRequest/AttendResponse.
+using AttentionServiceBase = v1::AttentionService::WithRawCallbackMethod_Attend<
+    v1::AttentionService::WithCallbackMethod_AttendStream<
+        v1::AttentionService::WithCallbackMethod_GetServerInfo<v1::AttentionService::Service>>>;
+
+class AttentionServiceImpl final : public AttentionServiceBase {
  public:
   // Everything passed in must outlive the service (and the gRPC server it is registered with).
   AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics, Clock* clock);
@@ -67,8 +75,8 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   const ServingState* serving_state() const { return serving_.load(std::memory_order_acquire); }
 
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
-                                   const v1::AttendRequest* request,
-                                   v1::AttendResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
   grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,

@@ -135,16 +135,23 @@ ConvertOptions MakeConvertOptions(const ServerConfig& config, const AttentionBac
 
 absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
                                                   const ConvertOptions& options) {
+  return SpecFromAttendRequest(request,
+                               {static_cast<int64_t>(request.q().data().size()),
+                                static_cast<int64_t>(request.k().data().size()),
+                                static_cast<int64_t>(request.v().data().size())},
+                               options);
+}
+
+absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
+                                                  const std::array<int64_t, 3>& data_bytes,
+                                                  const ConvertOptions& options) {
   ANCHOR_ASSIGN_OR_RETURN(const QkvGeometry qkv,
                           ParseQkv(request, "request must set q, k and v; missing "));
   ANCHOR_ASSIGN_OR_RETURN(RequestSpec spec,
                           BuildSpec(qkv, request.config(), request.options(), options));
-  ANCHOR_RETURN_IF_ERROR(
-      CheckByteCount("q.data", qkv.q, static_cast<int64_t>(request.q().data().size())));
-  ANCHOR_RETURN_IF_ERROR(
-      CheckByteCount("k.data", qkv.k, static_cast<int64_t>(request.k().data().size())));
-  ANCHOR_RETURN_IF_ERROR(
-      CheckByteCount("v.data", qkv.v, static_cast<int64_t>(request.v().data().size())));
+  ANCHOR_RETURN_IF_ERROR(CheckByteCount("q.data", qkv.q, data_bytes[0]));
+  ANCHOR_RETURN_IF_ERROR(CheckByteCount("k.data", qkv.k, data_bytes[1]));
+  ANCHOR_RETURN_IF_ERROR(CheckByteCount("v.data", qkv.v, data_bytes[2]));
   if (!spec.metrics_only && spec.q_bytes > options.max_message_bytes - kMessageOverheadBytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the output (", spec.q_bytes,

@@ -4,6 +4,7 @@
 // offending field or limit flag, e.g. "q.shape[1] (num_heads) must be positive, got 0".
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -52,6 +53,11 @@ struct RequestSpec {
 // Unary request: tensor specs, limits (including that the output fits one response message
 // unless metrics_only), data byte counts, config, backend support.
 absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
+                                                  const ConvertOptions& options);
+// The same for a request whose tensor bytes were taken out of the message on the wire
+// (tensor_wire.h): `data_bytes` are the byte counts of q, k and v data.
+absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
+                                                  const std::array<int64_t, 3>& data_bytes,
                                                   const ConvertOptions& options);
 
 // Streaming header: the same checks without data, done before any buffer is allocated.

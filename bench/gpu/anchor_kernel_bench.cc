@@ -38,6 +38,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/gpu/bench_recall.h"
+#include "bench/gpu/bench_util.h"
 #include "kernels/attention_types.h"
 #include "kernels/cuda/anchor_runner.h"
 #include "kernels/cuda/identification.h"
@@ -51,16 +52,6 @@ namespace {
 constexpr int kHq = 32;
 constexpr int kHkv = 8;
 constexpr int kD = 128;
-
-#define BENCH_CUDA(expr)                                                 \
-  do {                                                                   \
-    const cudaError_t bench_error_ = (expr);                             \
-    if (bench_error_ != cudaSuccess) {                                   \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(bench_error_));                    \
-      std::exit(1);                                                      \
-    }                                                                    \
-  } while (false)
 
 #define BENCH_OK(expr)                                                                           \
   do {                                                                                           \

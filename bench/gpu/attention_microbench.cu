@@ -25,22 +25,13 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu/bench_util.h"
 #include "kernels/cuda/attention_kernel.cuh"
 #include "kernels/cuda/attention_kernel_ws.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
 namespace {
-
-#define BENCH_CHECK(expr)                                                \
-  do {                                                                   \
-    const cudaError_t bench_error_ = (expr);                             \
-    if (bench_error_ != cudaSuccess) {                                   \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(bench_error_));                    \
-      std::exit(1);                                                      \
-    }                                                                    \
-  } while (false)
 
 constexpr int kHq = 32;
 constexpr int kHkv = 8;
@@ -188,17 +179,17 @@ Problem MakeProblem(int32_t n, uint64_t seed) {
   p.n = n;
   const int64_t q_elems = int64_t{n} * kHq * kD;
   const int64_t kv_elems = int64_t{n} * kHkv * kD;
-  BENCH_CHECK(cudaMalloc(&p.q, q_elems * 2));
-  BENCH_CHECK(cudaMalloc(&p.k, kv_elems * 2));
-  BENCH_CHECK(cudaMalloc(&p.v, kv_elems * 2));
-  BENCH_CHECK(cudaMalloc(&p.out, q_elems * 2));
-  BENCH_CHECK(cudaMalloc(&p.lse, int64_t{n} * kHq * 4));
+  BENCH_CUDA(cudaMalloc(&p.q, q_elems * 2));
+  BENCH_CUDA(cudaMalloc(&p.k, kv_elems * 2));
+  BENCH_CUDA(cudaMalloc(&p.v, kv_elems * 2));
+  BENCH_CUDA(cudaMalloc(&p.out, q_elems * 2));
+  BENCH_CUDA(cudaMalloc(&p.lse, int64_t{n} * kHq * 4));
   FillRandom<<<1024, 256>>>(p.q, q_elems, seed * 3 + 1, 3.0f);
   FillRandom<<<1024, 256>>>(p.k, kv_elems, seed * 3 + 2, 1.0f);
   FillRandom<<<1024, 256>>>(p.v, kv_elems, seed * 3 + 3, 1.0f);
-  BENCH_CHECK(cudaGetLastError());
-  BENCH_CHECK(cudaMemset(p.out, 0xFF, q_elems * 2));  // NaN poison
-  BENCH_CHECK(cudaMemset(p.lse, 0xFF, int64_t{n} * kHq * 4));
+  BENCH_CUDA(cudaGetLastError());
+  BENCH_CUDA(cudaMemset(p.out, 0xFF, q_elems * 2));  // NaN poison
+  BENCH_CUDA(cudaMemset(p.lse, 0xFF, int64_t{n} * kHq * 4));
   SeqDesc seq{};
   seq.q_offset = 0;
   seq.kv_offset = 0;
@@ -209,19 +200,19 @@ Problem MakeProblem(int32_t n, uint64_t seed) {
   seq.lse_offset = 0;
   seq.seq_len = n;
   seq.group_begin = 0;
-  BENCH_CHECK(cudaMalloc(&p.seq, sizeof(SeqDesc)));
-  BENCH_CHECK(cudaMemcpy(p.seq, &seq, sizeof(SeqDesc), cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMalloc(&p.seq, sizeof(SeqDesc)));
+  BENCH_CUDA(cudaMemcpy(p.seq, &seq, sizeof(SeqDesc), cudaMemcpyHostToDevice));
   const std::vector<QueryTile> tiles = BuildQueryTiles({n}, 2048);
   p.num_tiles = static_cast<int32_t>(tiles.size());
-  BENCH_CHECK(cudaMalloc(&p.tiles, tiles.size() * sizeof(QueryTile)));
-  BENCH_CHECK(
+  BENCH_CUDA(cudaMalloc(&p.tiles, tiles.size() * sizeof(QueryTile)));
+  BENCH_CUDA(
       cudaMemcpy(p.tiles, tiles.data(), tiles.size() * sizeof(QueryTile), cudaMemcpyHostToDevice));
   return p;
 }
 
 void Poison(const Problem& p) {
-  BENCH_CHECK(cudaMemset(p.out, 0xFF, int64_t{p.n} * kHq * kD * 2));
-  BENCH_CHECK(cudaMemset(p.lse, 0xFF, int64_t{p.n} * kHq * 4));
+  BENCH_CUDA(cudaMemset(p.out, 0xFF, int64_t{p.n} * kHq * kD * 2));
+  BENCH_CUDA(cudaMemset(p.lse, 0xFF, int64_t{p.n} * kHq * 4));
 }
 
 void FreeProblem(Problem* p) {
@@ -279,13 +270,13 @@ StripeSet MakeStripes(int32_t n, const AnchorGeometry& geo, double density, uint
   }
   set.stripe_entries_per_head = stripe_entries / kHq;
   set.kept_entries_per_head = anchor_entries + set.stripe_entries_per_head;
-  BENCH_CHECK(cudaMalloc(&set.list_offset, offsets.size() * 8));
-  BENCH_CHECK(cudaMalloc(&set.count, counts.size() * 4));
-  BENCH_CHECK(cudaMalloc(&set.index, index.size() * 4));
-  BENCH_CHECK(
+  BENCH_CUDA(cudaMalloc(&set.list_offset, offsets.size() * 8));
+  BENCH_CUDA(cudaMalloc(&set.count, counts.size() * 4));
+  BENCH_CUDA(cudaMalloc(&set.index, index.size() * 4));
+  BENCH_CUDA(
       cudaMemcpy(set.list_offset, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice));
-  BENCH_CHECK(cudaMemcpy(set.count, counts.data(), counts.size() * 4, cudaMemcpyHostToDevice));
-  BENCH_CHECK(cudaMemcpy(set.index, index.data(), index.size() * 4, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMemcpy(set.count, counts.data(), counts.size() * 4, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMemcpy(set.index, index.data(), index.size() * 4, cudaMemcpyHostToDevice));
   return set;
 }
 
@@ -356,23 +347,23 @@ const Variant kNamedVariants[] = {
 
 // Median milliseconds of `reps` launches after `warmup` launches.
 double TimeMs(Launcher launch, const AttentionParams& params, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) BENCH_CHECK(launch(params, nullptr));
-  BENCH_CHECK(cudaDeviceSynchronize());
+  for (int i = 0; i < warmup; ++i) BENCH_CUDA(launch(params, nullptr));
+  BENCH_CUDA(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
-    BENCH_CHECK(cudaEventRecord(start));
-    BENCH_CHECK(launch(params, nullptr));
-    BENCH_CHECK(cudaEventRecord(stop));
-    BENCH_CHECK(cudaEventSynchronize(stop));
+    BENCH_CUDA(cudaEventRecord(start));
+    BENCH_CUDA(launch(params, nullptr));
+    BENCH_CUDA(cudaEventRecord(stop));
+    BENCH_CUDA(cudaEventSynchronize(stop));
     float ms = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
     times.push_back(ms);
   }
-  BENCH_CHECK(cudaEventDestroy(start));
-  BENCH_CHECK(cudaEventDestroy(stop));
+  BENCH_CUDA(cudaEventDestroy(start));
+  BENCH_CUDA(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
@@ -403,13 +394,13 @@ Accuracy CheckAccuracy(const Problem& p, const StripeSet* stripes, const AnchorG
   const int count = static_cast<int>(rows.size());
   int32_t *d_rows, *d_heads;
   float *scratch, *out_ref, *lse_ref;
-  BENCH_CHECK(cudaMalloc(&d_rows, count * 4));
-  BENCH_CHECK(cudaMalloc(&d_heads, count * 4));
-  BENCH_CHECK(cudaMalloc(&scratch, int64_t{count} * p.n * 4));
-  BENCH_CHECK(cudaMalloc(&out_ref, int64_t{count} * kD * 4));
-  BENCH_CHECK(cudaMalloc(&lse_ref, count * 4));
-  BENCH_CHECK(cudaMemcpy(d_rows, rows.data(), count * 4, cudaMemcpyHostToDevice));
-  BENCH_CHECK(cudaMemcpy(d_heads, heads.data(), count * 4, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMalloc(&d_rows, count * 4));
+  BENCH_CUDA(cudaMalloc(&d_heads, count * 4));
+  BENCH_CUDA(cudaMalloc(&scratch, int64_t{count} * p.n * 4));
+  BENCH_CUDA(cudaMalloc(&out_ref, int64_t{count} * kD * 4));
+  BENCH_CUDA(cudaMalloc(&lse_ref, count * 4));
+  BENCH_CUDA(cudaMemcpy(d_rows, rows.data(), count * 4, cudaMemcpyHostToDevice));
+  BENCH_CUDA(cudaMemcpy(d_heads, heads.data(), count * 4, cudaMemcpyHostToDevice));
   RefSpec spec{
       p.q, p.k,     p.v,     p.n,    1.0f / std::sqrt(static_cast<float>(kD)), stripes != nullptr,
       geo, nullptr, nullptr, nullptr};
@@ -419,18 +410,18 @@ Accuracy CheckAccuracy(const Problem& p, const StripeSet* stripes, const AnchorG
     spec.index = stripes->index;
   }
   ReferenceRows<<<count, 256>>>(spec, d_rows, d_heads, p.n, scratch, out_ref, lse_ref);
-  BENCH_CHECK(cudaGetLastError());
-  BENCH_CHECK(cudaDeviceSynchronize());
+  BENCH_CUDA(cudaGetLastError());
+  BENCH_CUDA(cudaDeviceSynchronize());
   std::vector<float> ref(int64_t{count} * kD), ref_lse(count);
-  BENCH_CHECK(cudaMemcpy(ref.data(), out_ref, ref.size() * 4, cudaMemcpyDeviceToHost));
-  BENCH_CHECK(cudaMemcpy(ref_lse.data(), lse_ref, count * 4, cudaMemcpyDeviceToHost));
+  BENCH_CUDA(cudaMemcpy(ref.data(), out_ref, ref.size() * 4, cudaMemcpyDeviceToHost));
+  BENCH_CUDA(cudaMemcpy(ref_lse.data(), lse_ref, count * 4, cudaMemcpyDeviceToHost));
   Accuracy acc;
   std::vector<uint16_t> got(kD);
   for (int i = 0; i < count; ++i) {
-    BENCH_CHECK(cudaMemcpy(got.data(), p.out + (int64_t{rows[i]} * kHq + heads[i]) * kD, kD * 2,
-                           cudaMemcpyDeviceToHost));
+    BENCH_CUDA(cudaMemcpy(got.data(), p.out + (int64_t{rows[i]} * kHq + heads[i]) * kD, kD * 2,
+                          cudaMemcpyDeviceToHost));
     float lse = 0;
-    BENCH_CHECK(
+    BENCH_CUDA(
         cudaMemcpy(&lse, p.lse + int64_t{heads[i]} * p.n + rows[i], 4, cudaMemcpyDeviceToHost));
     for (int c = 0; c < kD; ++c) {
       uint32_t wide = uint32_t{got[c]} << 16;
@@ -517,7 +508,7 @@ int Main(int argc, char** argv) {
     }
   }
   cudaDeviceProp prop;
-  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, shape Hq=%d Hkv=%d d=%d bf16 batch 1 token-major\n", prop.name,
               prop.multiProcessorCount, kHq, kHkv, kD);
   const AnchorGeometry geo{2048, 128, 16, 1, 1};

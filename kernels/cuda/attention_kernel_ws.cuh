@@ -21,7 +21,7 @@
 // order is the baseline's (all heads of a tile, then the next tile).
 #pragma once
 
-#include "kernels/cuda/attention_kernel.cuh"
+#include "kernels/cuda/attention_common.cuh"
 
 namespace anchorserve::cuda::attention_detail {
 
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   using Geo = TileGeometry<kHeadDim>;
   constexpr int kOutRegs = Geo::kOutRegs;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t smem_base = (SharedAddress(smem_raw) + 1023u) & ~1023u;
+  const uint32_t smem_base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_smem = smem_base;
   auto k_smem = [&](int stage) { return smem_base + (1 + stage) * Geo::kTileBytes; };
   auto v_smem = [&](int stage) { return smem_base + (1 + kStages + stage) * Geo::kTileBytes; };
@@ -229,30 +229,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     float row_sum[2] = {0.0f, 0.0f};
     float alpha[2];
 
-    auto issue_qk = [&](uint32_t k_tile) {
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t k_offset = (kk / 4) * Geo::kPanelBytes + (kk % 4) * 32;
-        const uint64_t desc_q =
-            MakeSmemDescriptor(q_smem + warpgroup * 64 * kPanelRowBytes + k_offset, 16, 1024);
-        const uint64_t desc_k = MakeSmemDescriptor(k_tile + k_offset, 16, 1024);
-        MmaQk<Elem>(s, desc_q, desc_k, kk > 0 ? 1 : 0);
-      }
-    };
-    auto issue_pv = [&](uint32_t v_tile) {
-#pragma unroll
-      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-        const uint64_t desc_v =
-            MakeSmemDescriptor(v_tile + kk * 16 * kPanelRowBytes, Geo::kPanelBytes, 1024);
-        MmaPv<Elem, kOutRegs>(o, &p[4 * kk], desc_v);
-      }
-    };
+    auto issue_qk = [&](uint32_t k_tile) { IssueQk<Elem, kHeadDim>(s, q_smem, warpgroup, k_tile); };
+    auto issue_pv = [&](uint32_t v_tile) { IssuePv<Elem, kHeadDim>(o, p, v_tile); };
     auto softmax = [&](const KeyTile& tile) {
-      if (tile.needs_mask) {
-        SoftmaxTile<true>(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
-      } else {
-        SoftmaxTile<false>(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
-      }
+      SoftmaxKeyTile(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
     };
     // Waits until the use-th fill of a stage has landed. The copies wrote through the generic
     // proxy and the wgmmas read through the async proxy: each wait is followed by a proxy fence.
@@ -321,55 +301,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       release(v_empty(v_stage));
     }
 
-    // Epilogue (as in AttentionKernel): normalise, LSE, stage O through this warpgroup's Q rows
-    // (only its own wgmmas read them, all complete), 16-byte stores.
-    float inv_sum[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float total = row_sum[h];
-      total += __shfl_xor_sync(0xffffffffu, total, 1);
-      total += __shfl_xor_sync(0xffffffffu, total, 2);
-      inv_sum[h] = total > 0.0f ? 1.0f / total : 0.0f;
-      const int row = row0 + 8 * h;
-      if (params.maybe_lse != nullptr && lane % 4 == 0 && row < q_start + qt.q_len) {
-        const float lse =
-            total > 0.0f ? row_max[h] * params.softmax_scale + logf(total) : -INFINITY;
-        params.maybe_lse[seq.lse_offset + static_cast<int64_t>(head) * seq.seq_len + row] = lse;
-      }
-    }
-    const int tile_row_base = 64 * warpgroup;
-#pragma unroll
-    for (int j = 0; j < kOutRegs / 4; ++j) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int tile_row = tile_row_base + row_local + 8 * h;
-        const uint32_t addr = q_smem + (j / 8) * Geo::kPanelBytes + tile_row * kPanelRowBytes +
-                              (((j % 8) ^ (tile_row % 8)) << 4) + (lane % 4) * 4;
-        const uint32_t packed =
-            PackPair<Elem>(o[4 * j + 2 * h] * inv_sum[h], o[4 * j + 2 * h + 1] * inv_sum[h]);
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed) : "memory");
-      }
-    }
-    WarpgroupBarrier(warpgroup);
-    {
-      constexpr int kRowsPerStep = 128 / Geo::kChunksPerRow;
-      const int chunk = thread_in_group % Geo::kChunksPerRow;
-      Elem* out_base = static_cast<Elem*>(params.out) + seq.q_offset + head * seq.q_head_stride;
-#pragma unroll
-      for (int step = 0; step < 64 / kRowsPerStep; ++step) {
-        const int tile_row =
-            tile_row_base + thread_in_group / Geo::kChunksPerRow + step * kRowsPerStep;
-        if (tile_row >= qt.q_len) continue;
-        const uint32_t addr = q_smem + (chunk / 8) * Geo::kPanelBytes + tile_row * kPanelRowBytes +
-                              (((chunk % 8) ^ (tile_row % 8)) << 4);
-        uint4 value;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
-                     : "r"(addr));
-        *reinterpret_cast<uint4*>(out_base + (q_start + tile_row) * seq.q_token_stride +
-                                  chunk * 8) = value;
-      }
-    }
+    StoreOutputTile<Elem, kHeadDim>(params, seq, q_start, qt.q_len, head, q_smem, warpgroup,
+                                    thread_in_group, lane, row_local, row0, o, row_max, row_sum);
   }
 #endif  // ANCHOR_ATTENTION_HAS_WGMMA
 }

@@ -26,13 +26,13 @@
 namespace anchorserve::cuda {
 namespace {
 
-using id_detail::CpAsync16;
-using id_detail::CpAsyncCommit;
-using id_detail::CpAsyncWait;
 using id_detail::Elem;
-using id_detail::LdMatrixX4;
-using id_detail::SmemAddress;
 using id_detail::SwizzledChunk;
+using ptx::CpAsync16;
+using ptx::CpAsyncCommit;
+using ptx::CpAsyncWait;
+using ptx::LdMatrixX4;
+using ptx::SmemAddress;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 

@@ -34,19 +34,19 @@
 namespace anchorserve::cuda {
 namespace {
 
-using id_detail::CpAsync16;
-using id_detail::CpAsyncCommit;
-using id_detail::CpAsyncWait;
-using id_detail::FenceProxyAsync;
-using id_detail::PinRegisters;
-using id_detail::SmemAddress;
 using id_detail::SmemDescriptor128;
 using id_detail::SwizzledOffset128;
-using id_detail::WgmmaCommit;
-using id_detail::WgmmaFence;
 using id_detail::WgmmaRs;
 using id_detail::WgmmaSs;
-using id_detail::WgmmaWait;
+using ptx::CpAsync16;
+using ptx::CpAsyncCommit;
+using ptx::CpAsyncWait;
+using ptx::FenceProxyAsync;
+using ptx::PinRegisters;
+using ptx::SmemAddress;
+using ptx::WgmmaCommit;
+using ptx::WgmmaFence;
+using ptx::WgmmaWait;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kKeyTile = 128;   // keys per wgmma (N) and per shared-memory stage

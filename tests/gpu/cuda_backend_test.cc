@@ -121,24 +121,6 @@ double MaxRowNorm(const std::vector<double>& rows, int d) {
   return best;
 }
 
-struct Geometry {
-  int64_t row_begin, row_end, init_end, local_begin, cand_begin, cand_end;
-};
-
-Geometry GroupGeometry(const AnchorConfig& config, int64_t n, int64_t g) {
-  const int64_t group = config.GroupSize();
-  const int64_t init_keys = int64_t{config.init_groups} * group;
-  const int64_t local_start = (g - config.local_groups + 1) * group;
-  Geometry geo;
-  geo.row_begin = g * group;
-  geo.row_end = std::min(n, geo.row_begin + group);
-  geo.init_end = std::min(init_keys, n);
-  geo.local_begin = std::max(init_keys, local_start);
-  geo.cand_begin = init_keys;
-  geo.cand_end = std::max(init_keys, std::min(local_start, n));
-  return geo;
-}
-
 int64_t NumGroups(const AnchorConfig& config, int64_t n) {
   return (n + config.GroupSize() - 1) / config.GroupSize();
 }
@@ -202,7 +184,7 @@ class LazyMargins {
         HeadRows(task_.q, task_.dtype, task_.layout, s.seq_len, s.num_q_heads, d, h);
     const std::vector<double>& k = KvHead(h / s.GqaRatio());
     const double scale = task_.config.ScaleFor(d);
-    const Geometry geo = GroupGeometry(task_.config, s.seq_len, g);
+    const GroupRanges geo = GroupRangesOf(task_.config, s.seq_len, g);
     const int block = task_.config.block_size;
     for (int64_t b0 = geo.row_begin;
          b0 < geo.row_end && pooled->anchor.size() < static_cast<size_t>(task_.config.step);
@@ -244,7 +226,7 @@ std::vector<std::vector<int64_t>> GpuStripes(const CudaBackend::StripeSnapshot& 
   const int64_t group_begin = plan.seqs[t].group_begin;
   for (int64_t g = 0; g < ng; ++g) {
     const cuda::IdGroup& group = plan.groups[group_begin + g];
-    const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+    const GroupRanges geo = GroupRangesOf(task.config, task.shape.seq_len, g);
     EXPECT_EQ(group.cand_end > group.cand_begin ? group.cand_end - group.cand_begin : 0,
               geo.cand_end - geo.cand_begin)
         << "group " << g;
@@ -288,7 +270,7 @@ StripeComparison CompareStripes(const AttentionTask& task,
   for (int h = 0; h < hq; ++h) tolerance[h] = MarginTolerance(task, h);
   for (int h = 0; h < hq; ++h) {
     for (int64_t g = 0; g < ng; ++g) {
-      const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+      const GroupRanges geo = GroupRangesOf(task.config, task.shape.seq_len, g);
       result.candidates += geo.cand_end - geo.cand_begin;
       const std::vector<int64_t>& a = expected[h * ng + g];
       const std::vector<int64_t>& b = got[h * ng + g];
@@ -330,7 +312,7 @@ std::vector<HeadStats> StatsForStripes(const AttentionTask& task,
   const int64_t ng = NumGroups(task.config, n);
   int64_t anchor_entries = 0;
   for (int64_t g = 0; g < ng; ++g) {
-    const Geometry geo = GroupGeometry(task.config, n, g);
+    const GroupRanges geo = GroupRangesOf(task.config, n, g);
     for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
       anchor_entries +=
           std::min(geo.init_end, i + 1) + std::max<int64_t>(0, i + 1 - geo.local_begin);
@@ -339,7 +321,7 @@ std::vector<HeadStats> StatsForStripes(const AttentionTask& task,
   for (int h = 0; h < hq; ++h) {
     HeadStats& s = stats[h];
     for (int64_t g = 0; g < ng; ++g) {
-      const Geometry geo = GroupGeometry(task.config, n, g);
+      const GroupRanges geo = GroupRangesOf(task.config, n, g);
       if (geo.cand_end <= geo.cand_begin) continue;
       const int64_t count = static_cast<int64_t>(stripes[h * ng + g].size());
       s.stripe_entries += count * (geo.row_end - geo.row_begin);
@@ -384,7 +366,7 @@ void CheckRowAnchors(const CudaBackend::StripeSnapshot& snapshot, int t, const A
     const double tolerance = 2e-5 * scale * MaxRowNorm(q, d) * MaxRowNorm(k, d) + 1e-6;
     const int64_t step = std::max<int64_t>(1, s.seq_len / 24);
     for (int64_t i = 0; i < s.seq_len; i += step) {
-      const Geometry geo = GroupGeometry(task.config, s.seq_len, i / task.config.GroupSize());
+      const GroupRanges geo = GroupRangesOf(task.config, s.seq_len, i / task.config.GroupSize());
       double x = -kInf;
       auto visit = [&](int64_t j) {
         double dot = 0;
@@ -495,7 +477,7 @@ void RunAgainstReference(const CaseSpec& spec) {
       const int64_t ng = ref.num_groups;
       const StripeComparison cmp =
           CompareStripes(task, ref.stripes, gpu, [&](int h, int64_t g, int64_t key) {
-            const Geometry geo = GroupGeometry(task.config, task.shape.seq_len, g);
+            const GroupRanges geo = GroupRangesOf(task.config, task.shape.seq_len, g);
             return ref.stripe_margins[h * ng + g][key - geo.cand_begin];
           });
       EXPECT_EQ(cmp.wrong, 0) << what << ": " << cmp.wrong << " stripe decisions wrong of "

@@ -33,26 +33,8 @@ double Dot(const double* a, const double* b, int d) {
   return (sums[0] + sums[1]) + (sums[2] + sums[3]);
 }
 
-struct Geometry {
-  int64_t row_begin, row_end, init_end, local_begin, cand_begin, cand_end;
-};
-
-Geometry GroupGeometry(const AnchorConfig& config, int64_t n, int64_t g) {
-  const int64_t group = config.GroupSize();
-  const int64_t init_keys = int64_t{config.init_groups} * group;
-  const int64_t local_start = (g - config.local_groups + 1) * group;
-  Geometry geo;
-  geo.row_begin = g * group;
-  geo.row_end = std::min(n, geo.row_begin + group);
-  geo.init_end = std::min(init_keys, n);
-  geo.local_begin = std::max(init_keys, local_start);
-  geo.cand_begin = init_keys;
-  geo.cand_end = std::max(init_keys, std::min(local_start, n));
-  return geo;
-}
-
 // The keys of A(i), in increasing order.
-void AnchorKeys(const Geometry& geo, int64_t i, std::vector<int64_t>* keys) {
+void AnchorKeys(const GroupRanges& geo, int64_t i, std::vector<int64_t>* keys) {
   keys->clear();
   for (int64_t j = 0; j < std::min(geo.init_end, i + 1); ++j) keys->push_back(j);
   for (int64_t j = geo.local_begin; j <= i; ++j) keys->push_back(j);
@@ -79,7 +61,7 @@ void AttendHead(const AttentionTask& task, int h,
   std::vector<double> x;  // anchors of the group's rows
 
   for (int64_t g = 0; g < result->num_groups; ++g) {
-    const Geometry geo = GroupGeometry(config, n, g);
+    const GroupRanges geo = GroupRangesOf(config, n, g);
     std::vector<int64_t> selected;
     if (!dense) {
       // Anchors x(i) = max over A(i) of s_ij (only needed when the group has candidates).
@@ -189,6 +171,20 @@ ReferenceResult Attend(const AttentionTask& task,
 }
 
 }  // namespace
+
+GroupRanges GroupRangesOf(const AnchorConfig& config, int64_t n, int64_t g) {
+  const int64_t group = config.GroupSize();
+  const int64_t init_keys = int64_t{config.init_groups} * group;
+  const int64_t local_start = (g - config.local_groups + 1) * group;
+  GroupRanges geo;
+  geo.row_begin = g * group;
+  geo.row_end = std::min(n, geo.row_begin + group);
+  geo.init_end = std::min(init_keys, n);
+  geo.local_begin = std::max(init_keys, local_start);
+  geo.cand_begin = init_keys;
+  geo.cand_end = std::max(init_keys, std::min(local_start, n));
+  return geo;
+}
 
 ReferenceResult ReferenceAttend(const AttentionTask& task) { return Attend(task, nullptr); }
 

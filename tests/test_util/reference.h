@@ -21,6 +21,14 @@ struct ReferenceResult {
   std::vector<std::vector<double>> stripe_margins;
 };
 
+// Rows and key ranges of query group g (sequence length n) as the spec defines them: rows
+// [row_begin, row_end), initial keys [0, init_end), local keys from local_begin (cut at each
+// row i), stripe candidates C_g = [cand_begin, cand_end).
+struct GroupRanges {
+  int64_t row_begin, row_end, init_end, local_begin, cand_begin, cand_end;
+};
+GroupRanges GroupRangesOf(const AnchorConfig& config, int64_t n, int64_t g);
+
 // Reads q/k/v as task.dtype / task.layout says and evaluates task.config in fp64 (set union of
 // A(i) and S_g, each key once). In dense mode (config.IsDense(): mode DENSE or theta = +inf)
 // every row attends to [0, i], stripes and margins are empty and head_stats count
