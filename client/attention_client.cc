@@ -4,8 +4,6 @@
 #include <array>
 #include <utility>
 
-#include <cstdlib>
-#include "grpc/grpc.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -235,11 +233,6 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::st
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  if (const char* v = getenv("X_LOOKAHEAD")) args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, atoi(v));
-  if (const char* v = getenv("X_FRAME")) args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, atoi(v));
-  if (const char* v = getenv("X_WBUF")) args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, atoi(v));
-  if (const char* v = getenv("X_READ")) args.SetInt(GRPC_ARG_TCP_READ_CHUNK_SIZE, atoi(v));
-  if (const char* v = getenv("X_MINREAD")) args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, atoi(v));
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   if (channel == nullptr) {
@@ -419,11 +412,12 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
       {{v1::TENSOR_NAME_Q, &inputs.q},
        {v1::TENSOR_NAME_K, &inputs.k},
        {v1::TENSOR_NAME_V, &inputs.v}}};
+  // One message for all chunks: its data string keeps its capacity from chunk to chunk.
+  v1::AttendStreamRequest message;
   for (const auto& [name, view] : tensors) {
     const int64_t total = static_cast<int64_t>(view->bytes.size());
     for (int64_t offset = 0; writes_ok && offset < total; offset += chunk_bytes) {
       const int64_t size = std::min(chunk_bytes, total - offset);
-      v1::AttendStreamRequest message;
       v1::TensorChunk* chunk = message.mutable_chunk();
       chunk->set_tensor(name);
       chunk->set_offset(offset);

@@ -7,7 +7,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include <cstdlib>
 #include "grpc/grpc.h"  // GRPC_ARG_*
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
@@ -37,15 +36,6 @@ void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* buil
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
 }
 
-// EXPERIMENT
-void ApplyTransferTuning(grpc::ServerBuilder* builder) {
-  if (const char* v = getenv("X_LOOKAHEAD")) builder->AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, atoi(v));
-  if (const char* v = getenv("X_FRAME")) builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, atoi(v));
-  if (const char* v = getenv("X_WBUF")) builder->AddChannelArgument(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, atoi(v));
-  if (const char* v = getenv("X_READ")) builder->AddChannelArgument(GRPC_ARG_TCP_READ_CHUNK_SIZE, atoi(v));
-  if (const char* v = getenv("X_MINREAD")) builder->AddChannelArgument(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, atoi(v));
-}
-
 }  // namespace
 
 absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
@@ -60,7 +50,6 @@ absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   ApplyKeepalive(keepalive, &builder);
-  ApplyTransferTuning(&builder);
   builder.RegisterService(service);
   started.server = builder.BuildAndStart();
   if (started.server == nullptr || started.port == 0) {

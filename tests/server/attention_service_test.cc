@@ -12,10 +12,12 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "grpc/grpc.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/server.h"
 #include "gtest/gtest.h"
@@ -339,6 +341,36 @@ TEST_F(AttentionServiceTest, UnaryBadInputNamesTheField) {
   const grpc::Status status = stub_->Attend(&context, request, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(status.error_message(), "q.shape[1] (num_heads) must be positive, got 0");
+}
+
+// Attend is served from raw bytes (tensor_wire.h): a body that is no AttendRequest is refused
+// with INVALID_ARGUMENT, and the server stays up.
+TEST_F(AttentionServiceTest, UnaryBodyThatDoesNotParseIsInvalidArgument) {
+  StartServer();
+  grpc::GenericStub generic(channel_);
+  // A length-delimited q (field 2) claiming 100 bytes of which 3 follow.
+  const std::string truncated("\x12\x64\x08\x01\x10", 5);
+  const grpc::Slice slice(truncated);
+  const grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  absl::Notification done;
+  grpc::Status status;
+  generic.UnaryCall(&context, "/anchorserve.v1.AttentionService/Attend", grpc::StubOptions(),
+                    &request, &response, [&](grpc::Status call_status) {
+                      status = std::move(call_status);
+                      done.Notify();
+                    });
+  done.WaitForNotification();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("does not parse as an AttendRequest"));
+
+  const Inputs in = MakeInputs(8, 4, 2, 16, /*seed=*/4);
+  grpc::ClientContext next_context;
+  v1::AttendResponse next;
+  ASSERT_TRUE(stub_->Attend(&next_context, UnaryRequest(in), &next).ok());
+  EXPECT_TRUE(next.output().data() == in.expected) << "output bytes differ";
 }
 
 TEST_F(AttentionServiceTest, ServerInfoHasEveryField) {
