@@ -320,6 +320,7 @@ void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps, doub
   const AnchorVariant anchors[] = {{"default", cuda::AnchorKernelChoice::kDefault},
                                    {"wgmma-1head", cuda::AnchorKernelChoice::kWgmmaOneHead},
                                    {"wgmma-2heads", cuda::AnchorKernelChoice::kWgmmaTwoHeads},
+                                   {"wgmma-ws", cuda::AnchorKernelChoice::kWgmmaWarpSpecialized},
                                    {"mma.sync", cuda::AnchorKernelChoice::kMmaSync}};
   std::vector<float> reference_anchor;
   for (const AnchorVariant& variant : anchors) {

@@ -683,9 +683,11 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
   return cudaGetLastError();
 }
 
-// Production anchor kernel. Two heads per CTA (half the K traffic) measured within noise of one
-// head per CTA (H100, 128k: 489-496 vs 463-528 TFLOP/s over two runs); bench/RESULTS.md.
-constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaOneHead;
+// Production anchor kernel: warp-specialized, two heads per CTA (one head when Hq/Hkv is odd).
+// H100, 128k, theta 12, one run: 6.18 ms against 6.26 (one head) and 6.91 (two heads, no
+// producer) ms; bench/RESULTS.md. Earlier: two heads measured within noise of one head per CTA
+// (489-496 vs 463-528 TFLOP/s over two runs).
+constexpr AnchorKernelChoice kDefaultAnchorKernel = AnchorKernelChoice::kWgmmaWarpSpecialized;
 
 bool ValidShape(const IdentificationParams& p) {
   return (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
@@ -708,9 +710,13 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream
   if (choice == AnchorKernelChoice::kMmaSync) {
     error = LaunchMmaSyncAnchorStage(p, pair, stream);
   } else {
-    const bool two_heads = choice == AnchorKernelChoice::kWgmmaTwoHeads && pair;
-    error = LaunchWgmmaAnchorKernel(
-        p, two_heads ? WgmmaAnchorVariant::kTwoHeads : WgmmaAnchorVariant::kOneHead, stream);
+    WgmmaAnchorVariant variant = WgmmaAnchorVariant::kOneHead;
+    if (pair && choice == AnchorKernelChoice::kWgmmaTwoHeads) {
+      variant = WgmmaAnchorVariant::kTwoHeads;
+    } else if (pair && choice == AnchorKernelChoice::kWgmmaWarpSpecialized) {
+      variant = WgmmaAnchorVariant::kWarpSpecialized;
+    }
+    error = LaunchWgmmaAnchorKernel(p, variant, stream);
   }
   if (error != cudaSuccess) return error;
   return LaunchPooling(p, stream);

@@ -104,8 +104,9 @@ namespace anchorserve::cuda {
 // identification_wgmma.cu. Each returns the first CUDA error of its launch.
 // Anchor x(i) and the per-tile pooling sums (same outputs as the mma.sync AnchorKernel).
 enum class WgmmaAnchorVariant {
-  kOneHead,   // one query head per CTA, two CTAs per SM
-  kTwoHeads,  // two query heads of one KV head per CTA (Hq/Hkv even)
+  kOneHead,          // one query head per CTA, two CTAs per SM
+  kTwoHeads,         // two query heads of one KV head per CTA (Hq/Hkv even)
+  kWarpSpecialized,  // two heads per CTA, producer warpgroup + 2 consumers (Hq/Hkv even)
 };
 cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& params, WgmmaAnchorVariant variant,
                                     cudaStream_t stream);

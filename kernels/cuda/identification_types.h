@@ -58,9 +58,10 @@ struct StripeItem {
 // struct holds) is the production choice; the others force one kernel, for the benchmark.
 enum class AnchorKernelChoice : int32_t {
   kDefault = 0,
-  kWgmmaOneHead,   // wgmma, one query head per CTA
-  kWgmmaTwoHeads,  // wgmma, two query heads of one KV head per CTA (Hq/Hkv even; else one)
-  kMmaSync,        // mma.sync m16n8k16 (the first version)
+  kWgmmaOneHead,          // wgmma, one query head per CTA
+  kWgmmaTwoHeads,         // wgmma, two query heads of one KV head per CTA (Hq/Hkv even; else one)
+  kMmaSync,               // mma.sync m16n8k16 (the first version)
+  kWgmmaWarpSpecialized,  // wgmma, producer + 2 consumer warpgroups, two heads (else one head)
 };
 enum class StripeKernelChoice : int32_t {
   kDefault = 0,

@@ -8,6 +8,8 @@
 //     then one FMNMX per score. Without a PV accumulator a CTA needs few registers, so two CTAs
 //     share an SM and one's max reduction overlaps the other's wgmmas. Also writes the per-tile
 //     fp64 sums of the q rows and of x(i) that PoolKernel turns into qbar_r and abar_r.
+//   WsAnchorKernel: the same outputs, warp-specialized (a producer warpgroup feeding a ring of K
+//     stages through full/empty mbarriers, two consumer warpgroups; see its comment).
 //   WgmmaStripeKernel: scores a 2048-key chunk of a group's candidates against 64 pooled
 //     queries (4 units of 16 rows: the query heads of one KV head) on one warpgroup. The pooled
 //     queries' exact split pieces (hi, mid, lo; PoolKernel) stay in registers as wgmma A
@@ -40,9 +42,18 @@ using id_detail::WgmmaRs;
 using id_detail::WgmmaSs;
 using ptx::CpAsync16;
 using ptx::CpAsyncCommit;
+using ptx::CpAsyncMbarrierArrive;
 using ptx::CpAsyncWait;
+using ptx::CpAsyncWaitAllUngrouped;
+using ptx::FenceMbarrierInit;
 using ptx::FenceProxyAsync;
+using ptx::MbarrierArrive;
+using ptx::MbarrierInit;
+using ptx::MbarrierWait;
+using ptx::NamedBarrierSync;
 using ptx::PinRegisters;
+using ptx::SetMaxRegistersDecrease;
+using ptx::SetMaxRegistersIncrease;
 using ptx::SmemAddress;
 using ptx::WgmmaCommit;
 using ptx::WgmmaFence;
@@ -329,6 +340,244 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads>::kCta
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp-specialized anchor (same outputs as WgmmaAnchorKernel). CTA = one anchor tile x the two
+// query heads 2p, 2p + 1 of one KV head, 3 warpgroups: warpgroup 0 (the producer) copies Q of
+// both heads once and then the K tiles into a ring of kStages stages with cp.async, each stage
+// published by a "full" mbarrier (cp.async.mbarrier.arrive.noinc by the 128 producer threads)
+// and released by an "empty" mbarrier (one arrival per consumer warp); warpgroups 1 and 2 (the
+// consumers: rows 64 * (c - 1) .. of both heads) issue the wgmmas of both heads per key tile
+// into two accumulator sets and fold head 0's maxima while head 1's wgmmas run. No CTA-wide
+// barrier in the mainloop: one consumer's folds overlap the other's wgmmas, and K is read from
+// L2 once for two heads.
+template <int kDim>
+struct WsAnchorShape {
+  static constexpr int kHeads = 2;
+  static constexpr int kConsumers = 2;
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = 128 + kConsumerThreads;  // 384
+  static constexpr int kStages = kDim == 128 ? 4 : 8;
+  // d = 128: Q (64 KiB) + 4 K stages (128 KiB) + barriers + alignment slack = 193 KiB.
+  static constexpr int kSmemBytes = (kHeads + kStages) * Tile<kDim>::kBytes + 1024 + 256;
+  static constexpr int kSumParts = kConsumerThreads / (kHeads * kDim);
+  // 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (launch cap: 168 each).
+  static constexpr int kProducerRegisters = 56;
+  static constexpr int kConsumerRegisters = 224;
+  static constexpr int kEpilogueBarrier = 1;  // named barrier over the consumer threads
+};
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(WsAnchorShape<kDim>::kThreads, 1)
+    WsAnchorKernel(const __grid_constant__ IdentificationParams p) {
+#if ANCHOR_ID_HAS_WGMMA
+  using Shape = WsAnchorShape<kDim>;
+  using Geo = Tile<kDim>;
+  constexpr int kHeads = Shape::kHeads;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kSumParts = Shape::kSumParts;
+  constexpr int kConsumerWarps = Shape::kConsumerThreads / 32;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ double warp_xsum[kHeads][kConsumerWarps];
+  __shared__ double part_qsum[kSumParts][kHeads * kDim];
+  const uint32_t base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
+  const uint8_t* smem_generic = smem_raw + (base - SmemAddress(smem_raw));
+  auto q_tile = [&](int head) { return base + head * Geo::kBytes; };
+  auto k_tile = [&](int stage) { return base + (kHeads + stage) * Geo::kBytes; };
+  const uint32_t barriers = base + (kHeads + kStages) * Geo::kBytes;
+  const uint32_t q_full = barriers;
+  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    MbarrierInit(q_full, 128);
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      MbarrierInit(k_full(stage), 128);
+      MbarrierInit(k_empty(stage), kConsumerWarps);
+    }
+    FenceMbarrierInit();
+  }
+  __syncthreads();
+
+  // Tile-major order, as WgmmaAnchorKernel with two heads.
+  const int num_q_heads = p.num_q_heads;
+  const int head_groups = num_q_heads / kHeads;
+  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  const int tile_index = static_cast<int>(linear / head_groups);
+  const int head0 = static_cast<int>(linear % head_groups) * kHeads;
+  const QueryTile tile = p.anchor_tiles[tile_index];
+  const SeqDesc seq = p.seqs[tile.seq];
+  const int row_begin = tile.q_start;
+  const int rows = tile.q_len;
+  const int row_end = row_begin + rows;
+
+  // A(i) for the tile's rows: [0, hi1) U [lo2, i], both cut at j <= i.
+  const int64_t group_size = p.geometry.group_size;
+  const int64_t init_end = int64_t{p.geometry.init_groups} * group_size;
+  int64_t local_begin = int64_t{tile.group - p.geometry.local_groups + 1} * group_size;
+  local_begin = local_begin > init_end ? local_begin : init_end;
+  local_begin = local_begin > 0 ? local_begin : 0;
+  const int hi1 = static_cast<int>(init_end < row_end ? init_end : row_end);
+  const int lo2 = static_cast<int>(local_begin < row_end ? local_begin : row_end);
+  const int tiles1 = (hi1 + kKeyTile - 1) / kKeyTile;
+  const int lo2_aligned = lo2 / kKeyTile * kKeyTile;
+  const int tiles2 = row_end > lo2 ? (row_end - lo2_aligned + kKeyTile - 1) / kKeyTile : 0;
+  const int num_key_tiles = tiles1 + tiles2;
+  auto key_tile_begin = [&](int t) {
+    return t < tiles1 ? t * kKeyTile : lo2_aligned + (t - tiles1) * kKeyTile;
+  };
+
+  if (tid < 128) {
+    // ------------------------------------------------------------------ producer warpgroup
+    SetMaxRegistersDecrease<Shape::kProducerRegisters>();
+    const int kv_head = head0 / (num_q_heads / p.num_kv_heads);
+    const RowCopier<kDim, 128> copier(tid);
+    const T* q_base = static_cast<const T*>(p.q) + seq.q_offset;
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      copier.Copy(q_tile(h), q_base + (head0 + h) * seq.q_head_stride, seq.q_token_stride,
+                  row_begin, rows);
+    }
+    CpAsyncMbarrierArrive(q_full);
+    const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    for (int t = 0; t < num_key_tiles; ++t) {
+      const int stage = t % kStages;
+      if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
+      const int first = key_tile_begin(t);
+      const int end = t < tiles1 ? hi1 : row_end;
+      copier.Copy(k_tile(stage), k_base, seq.kv_token_stride, first, end - first);
+      CpAsyncMbarrierArrive(k_full(stage));
+    }
+    CpAsyncWaitAllUngrouped();
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumer warpgroups
+  SetMaxRegistersIncrease<Shape::kConsumerRegisters>();
+  const int ctid = tid - 128;
+  const int half = ctid / 128;  // rows 64 * half .. of the tile, both heads
+  const int warp = ctid / 32;
+  const int lane = ctid % 32;
+  const int row_local = half * 64 + 16 * ((ctid % 128) / 32) + lane / 4;  // and row_local + 8
+  const int wg_first_row = row_begin + half * 64;
+  const int wg_last_row = min(wg_first_row + 63, row_end - 1);
+  const bool wg_has_rows = wg_first_row < row_end;
+  const uint32_t q_rows0 = q_tile(0) + half * 64 * kRowBytes;
+  const uint32_t q_rows1 = q_tile(1) + half * 64 * kRowBytes;
+
+  MbarrierWait(q_full, 0);
+  float row_max0[2] = {-INFINITY, -INFINITY};
+  float row_max1[2] = {-INFINITY, -INFINITY};
+  {
+    float s0[64];
+    float s1[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      s0[i] = 0.0f;
+      s1[i] = 0.0f;
+    }
+    for (int t = 0; t < num_key_tiles; ++t) {
+      const int stage = t % kStages;
+      // Every consumer waits for every tile (also one it skips) before releasing it, so that
+      // arrivals of different ring rounds never mix on one barrier.
+      MbarrierWait(k_full(stage), (t / kStages) & 1);
+      const int key_begin = key_tile_begin(t);
+      if (wg_has_rows && key_begin <= wg_last_row) {
+        FenceProxyAsync();
+        const int range_lo = t < tiles1 ? 0 : lo2;
+        const int range_hi = t < tiles1 ? hi1 : row_end;
+        const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
+                               key_begin + kKeyTile - 1 > wg_first_row;
+        const uint32_t keys = k_tile(stage);
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < Geo::kKSteps; ++kk) {
+          WgmmaSs<T>(s0, SmemDescriptor128(q_rows0 + Geo::KStep(kk)),
+                     SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
+        }
+        WgmmaCommit();
+#pragma unroll
+        for (int kk = 0; kk < Geo::kKSteps; ++kk) {
+          WgmmaSs<T>(s1, SmemDescriptor128(q_rows1 + Geo::KStep(kk)),
+                     SmemDescriptor128(keys + Geo::KStep(kk)), kk > 0 ? 1 : 0);
+        }
+        WgmmaCommit();
+        WgmmaWait<1>();
+        PinRegisters(s0);
+        FoldTileMax(s0, row_max0, need_mask, key_begin, range_lo, range_hi, row_begin + row_local,
+                    lane);
+        WgmmaWait<0>();
+        PinRegisters(s1);
+        if (lane == 0) MbarrierArrive(k_empty(stage));
+        FoldTileMax(s1, row_max1, need_mask, key_begin, range_lo, range_hi, row_begin + row_local,
+                    lane);
+        PinRegisters(s0);
+      } else if (lane == 0) {
+        MbarrierArrive(k_empty(stage));
+      }
+    }
+  }
+
+  // x(i) = scale * max (scale > 0, rounding is monotone); rows are spread over a lane quad.
+#pragma unroll
+  for (int head_local = 0; head_local < kHeads; ++head_local) {
+    double xsum = 0.0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = head_local == 0 ? row_max0[h] : row_max1[h];
+      m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 2));
+      const float anchor = m * p.softmax_scale;
+      const int row = row_local + 8 * h;
+      if (lane % 4 == 0 && row < rows) {
+        xsum += anchor;
+        if (p.maybe_row_anchor != nullptr) {
+          p.maybe_row_anchor[seq.lse_offset + int64_t{head0 + head_local} * seq.seq_len +
+                             row_begin + row] = anchor;
+        }
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      xsum += __shfl_xor_sync(kFullMask, xsum, offset);
+    }
+    if (lane == 0) warp_xsum[head_local][warp] = xsum;
+  }
+
+  // fp64 column sums of the q rows (landed: q_full): kSumParts threads per (head, column).
+  {
+    const int col = ctid % kDim;
+    const int h = (ctid / kDim) % kHeads;
+    const int part = ctid / (kDim * kHeads);
+    const uint8_t* head_tile = smem_generic + h * Geo::kBytes;
+    double sum = 0.0;
+    for (int row = part; row < rows; row += kSumParts) {
+      const T value = *reinterpret_cast<const T*>(
+          head_tile + SwizzledOffset128(kTileRows, row, col / 8) + (col % 8) * 2);
+      sum += static_cast<double>(static_cast<float>(value));
+    }
+    part_qsum[part][h * kDim + col] = sum;
+  }
+  NamedBarrierSync(Shape::kEpilogueBarrier, Shape::kConsumerThreads);
+  if (ctid < kHeads * kDim) {
+    double sum = part_qsum[0][ctid];
+#pragma unroll
+    for (int part = 1; part < kSumParts; ++part) sum += part_qsum[part][ctid];
+    const int h = ctid / kDim;
+    const int col = ctid % kDim;
+    p.tile_qsum[(int64_t{tile_index} * num_q_heads + head0 + h) * kDim + col] = sum;
+  }
+  if (ctid < kHeads) {
+    const double* w = warp_xsum[ctid];  // the 8 consumer warps, rows of head ctid
+    double sum = w[0];
+#pragma unroll
+    for (int i = 1; i < kConsumerWarps; ++i) sum += w[i];
+    p.tile_xsum[int64_t{tile_index} * num_q_heads + head0 + ctid] = sum;
+  }
+#endif  // ANCHOR_ID_HAS_WGMMA
+}
+
+// ---------------------------------------------------------------------------------------------
 // Stripe scoring. CTA (one warpgroup) = one StripeItem (<= 2048 candidate keys of one group) x
 // one KV head x one pass over 4 units (warp w: unit 4 * pass + w = 16 pooled rows of one query
 // head). Accumulator layout as in the anchor kernel; a key is selected for a unit when any of
@@ -495,10 +744,28 @@ cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream
 }
 
 template <typename T, int kDim>
+cudaError_t LaunchWsAnchorTyped(const IdentificationParams& p, cudaStream_t stream) {
+  using Shape = WsAnchorShape<kDim>;
+  auto* kernel = WsAnchorKernel<T, kDim>;
+  cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(p.num_anchor_tiles, p.num_q_heads / Shape::kHeads);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kDim>
 cudaError_t LaunchAnchorVariant(const IdentificationParams& p, WgmmaAnchorVariant variant,
                                 cudaStream_t stream) {
-  return variant == WgmmaAnchorVariant::kTwoHeads ? LaunchAnchorTyped<T, kDim, 2>(p, stream)
-                                                  : LaunchAnchorTyped<T, kDim, 1>(p, stream);
+  switch (variant) {
+    case WgmmaAnchorVariant::kTwoHeads:
+      return LaunchAnchorTyped<T, kDim, 2>(p, stream);
+    case WgmmaAnchorVariant::kWarpSpecialized:
+      return LaunchWsAnchorTyped<T, kDim>(p, stream);
+    default:
+      return LaunchAnchorTyped<T, kDim, 1>(p, stream);
+  }
 }
 
 template <typename T, int kDim, int kPieces>
@@ -519,7 +786,7 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
 cudaError_t LaunchWgmmaAnchorKernel(const IdentificationParams& p, WgmmaAnchorVariant variant,
                                     cudaStream_t stream) {
   if (p.num_anchor_tiles == 0) return cudaSuccess;
-  if (variant == WgmmaAnchorVariant::kTwoHeads && (p.num_q_heads / p.num_kv_heads) % 2 != 0) {
+  if (variant != WgmmaAnchorVariant::kOneHead && (p.num_q_heads / p.num_kv_heads) % 2 != 0) {
     return cudaErrorInvalidValue;
   }
   const bool bf16 = p.elem_type == ElemType::kBf16;

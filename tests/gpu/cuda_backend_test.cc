@@ -699,15 +699,30 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
           HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d, h / (spec.hq / spec.hkv));
       anchor_tolerance[h] = 2e-5 * scale * MaxRowNorm(q, spec.d) * MaxRowNorm(k, spec.d) + 1e-6;
     }
-    auto run_anchor = [&](cuda::AnchorKernelChoice choice, std::vector<float>* row_anchor) {
+    // Per-tile pooling sums: [num_anchor_tiles, Hq, d] q sums, then [num_anchor_tiles, Hq] x sums.
+    const int64_t qsum_count = int64_t{base.num_anchor_tiles} * spec.hq * spec.d;
+    const int64_t xsum_count = int64_t{base.num_anchor_tiles} * spec.hq;
+    auto run_anchor = [&](cuda::AnchorKernelChoice choice, std::vector<float>* row_anchor,
+                          std::vector<double>* tile_sums) {
       cuda::IdentificationParams p = base;
       p.anchor_kernel = choice;
-      // Poison x(i) (0xff bytes: NaN) so that rows a kernel skips fail.
+      // Poison x(i) and the tile sums (0xff bytes: NaN) so that rows a kernel skips fail.
       ASSERT_EQ(cudaMemsetAsync(p.maybe_row_anchor, 0xff,
                                 runner.plan().lse_elements * sizeof(float), stream),
                 cudaSuccess);
+      ASSERT_EQ(cudaMemsetAsync(p.tile_qsum, 0xff, qsum_count * sizeof(double), stream),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemsetAsync(p.tile_xsum, 0xff, xsum_count * sizeof(double), stream),
+                cudaSuccess);
       ASSERT_EQ(cuda::LaunchAnchorStage(p, stream), cudaSuccess);
       ASSERT_TRUE(runner.CopyRowAnchor(row_anchor).ok());
+      tile_sums->resize(qsum_count + xsum_count);
+      ASSERT_EQ(cudaMemcpy(tile_sums->data(), p.tile_qsum, qsum_count * sizeof(double),
+                           cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(tile_sums->data() + qsum_count, p.tile_xsum, xsum_count * sizeof(double),
+                           cudaMemcpyDeviceToHost),
+                cudaSuccess);
     };
     auto run_stripes = [&](cuda::StripeKernelChoice choice) {
       cuda::IdentificationParams p = base;
@@ -720,13 +735,28 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     };
 
     std::vector<float> expected_anchor;
-    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor);
+    std::vector<double> expected_sums;
+    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor, &expected_sums);
+    double max_anchor_tolerance = 0;
+    for (double t : anchor_tolerance) max_anchor_tolerance = std::max(max_anchor_tolerance, t);
     for (const auto& [choice, name] :
          {std::pair{cuda::AnchorKernelChoice::kWgmmaOneHead, "wgmma one head"},
           std::pair{cuda::AnchorKernelChoice::kWgmmaTwoHeads, "wgmma two heads"},
+          std::pair{cuda::AnchorKernelChoice::kWgmmaWarpSpecialized, "wgmma warp-specialized"},
           std::pair{cuda::AnchorKernelChoice::kMmaSync, "mma.sync"}}) {
       std::vector<float> got;
-      run_anchor(choice, &got);
+      std::vector<double> got_sums;
+      run_anchor(choice, &got, &got_sums);
+      // q sums are exact in fp64 (<= 128 half-precision terms); x sums add <= 128 anchors that
+      // may each differ by the anchor tolerance.
+      int64_t bad_sums = 0;
+      for (int64_t i = 0; i < qsum_count + xsum_count; ++i) {
+        const double tolerance =
+            i < qsum_count ? 1e-9 * (1 + std::fabs(expected_sums[i])) : 128 * max_anchor_tolerance;
+        if (!(std::fabs(got_sums[i] - expected_sums[i]) <= tolerance)) ++bad_sums;
+      }
+      EXPECT_EQ(bad_sums, 0) << what << ", anchor kernel " << name
+                             << ": per-tile pooling sums differ from the production kernel's";
       int64_t bad = 0;
       std::string first_bad;
       for (int h = 0; h < spec.hq; ++h) {
@@ -742,7 +772,7 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
                         << " anchors differ from the production kernel's; first: " << first_bad;
     }
     // The stripe kernels all read the production kernel's pooled anchors.
-    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor);
+    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor, &expected_sums);
 
     const std::vector<std::vector<int64_t>> expected =
         run_stripes(cuda::StripeKernelChoice::kDefault);
