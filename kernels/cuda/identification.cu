@@ -79,21 +79,15 @@ __global__ void __launch_bounds__(32 * kAnchorWarpsPerHead<kMTiles> * kHeads, 2)
   const int row_end = row_begin + rows;
 
   // A(i) for the tile's rows: [0, hi1) U [lo2, i], both cut at j <= i.
-  const int64_t group_size = p.geometry.group_size;
-  const int64_t init_end = int64_t{p.geometry.init_groups} * group_size;
-  int64_t local_begin = int64_t{tile.group - p.geometry.local_groups + 1} * group_size;
-  local_begin = local_begin > init_end ? local_begin : init_end;
-  local_begin = local_begin > 0 ? local_begin : 0;
-  const int hi1 = static_cast<int>(init_end < row_end ? init_end : row_end);
-  const int lo2 = static_cast<int>(local_begin < row_end ? local_begin : row_end);
-  const int tiles1 = (hi1 + kAnchorKeys - 1) / kAnchorKeys;
-  const int lo2_aligned = lo2 / kAnchorKeys * kAnchorKeys;
-  const int tiles2 = row_end > lo2 ? (row_end - lo2_aligned + kAnchorKeys - 1) / kAnchorKeys : 0;
-  const int num_key_tiles = tiles1 + tiles2;
+  const id_detail::AnchorKeyTiles<kAnchorKeys> keys(p.geometry, tile.group, row_end);
+  const int hi1 = keys.init_hi;
+  const int lo2 = keys.local_lo;
+  const int tiles1 = keys.init_tiles;
+  const int num_key_tiles = keys.num_tiles;
 
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
   auto load_keys = [&](int t, int stage) {
-    const int key_begin = t < tiles1 ? t * kAnchorKeys : lo2_aligned + (t - tiles1) * kAnchorKeys;
+    const int key_begin = keys.Begin(t);
     const int key_end = t < tiles1 ? hi1 : row_end;
     uint4* dst = k_smem + stage * kAnchorKeys * kChunks;
     for (int idx = threadIdx.x; idx < kAnchorKeys * kChunks; idx += kThreads) {
@@ -175,7 +169,7 @@ __global__ void __launch_bounds__(32 * kAnchorWarpsPerHead<kMTiles> * kHeads, 2)
       if (next < num_key_tiles) load_keys(next, next % kAnchorStages);
       CpAsyncCommit();
     }
-    const int key_begin = t < tiles1 ? t * kAnchorKeys : lo2_aligned + (t - tiles1) * kAnchorKeys;
+    const int key_begin = keys.Begin(t);
     const int range_lo = t < tiles1 ? 0 : lo2;
     const int range_hi = t < tiles1 ? hi1 : row_end;
     if (!warp_has_rows || key_begin > warp_last_row) continue;  // every key is after every row
@@ -575,9 +569,7 @@ __global__ void __launch_bounds__(kStatsThreads)
   for (int g = threadIdx.x; g < num_groups; g += kStatsThreads) {
     const int64_t batch_group = int64_t{seq.group_begin} + g;
     const IdGroup group = p.groups[batch_group];
-    int64_t local_begin = int64_t{g - p.geometry.local_groups + 1} * group_size;
-    local_begin = local_begin > init_end ? local_begin : init_end;
-    local_begin = local_begin > 0 ? local_begin : 0;
+    const int64_t local_begin = id_detail::LocalRegionBegin(p.geometry, g);
     anchor_entries += AnchorEntriesOfGroup(group.row_begin, group.rows, init_end, local_begin);
     const int candidates = group.cand_end - group.cand_begin;
     if (candidates > 0) {

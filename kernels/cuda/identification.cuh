@@ -97,6 +97,48 @@ __device__ __forceinline__ void WgmmaRs(float (&d)[64], const uint32_t (&a)[4], 
 #endif
 }
 
+// First key of the local part of the anchor region of group `group`:
+// max(n_init * G, (g - n_loc + 1) * G), never below 0.
+__host__ __device__ __forceinline__ int64_t LocalRegionBegin(const AnchorGeometry& geometry,
+                                                             int64_t group) {
+  const int64_t group_size = geometry.group_size;
+  const int64_t init_end = int64_t{geometry.init_groups} * group_size;
+  int64_t local_begin = (group - geometry.local_groups + 1) * group_size;
+  local_begin = local_begin > init_end ? local_begin : init_end;
+  return local_begin > 0 ? local_begin : 0;
+}
+
+// A(i) of a query tile whose rows end at `row_end`, as tiles of kKeyTile keys: `init_tiles` tiles
+// over [0, init_hi), then tiles over [local_lo, i] from local_lo rounded down to a tile. Every
+// anchor kernel walks its keys this way.
+template <int kKeyTile>
+struct AnchorKeyTiles {
+  int init_hi;        // end of the initial part, cut at row_end
+  int local_lo;       // start of the local part, cut at row_end
+  int row_end;        // one past the tile's last row
+  int init_tiles;     // tiles of the initial part
+  int local_aligned;  // local_lo rounded down to kKeyTile
+  int num_tiles;
+
+  __device__ __forceinline__ AnchorKeyTiles(const AnchorGeometry& geometry, int group,
+                                            int tile_row_end) {
+    const int64_t init_end = int64_t{geometry.init_groups} * geometry.group_size;
+    const int64_t local_begin = LocalRegionBegin(geometry, group);
+    row_end = tile_row_end;
+    init_hi = static_cast<int>(init_end < row_end ? init_end : row_end);
+    local_lo = static_cast<int>(local_begin < row_end ? local_begin : row_end);
+    init_tiles = (init_hi + kKeyTile - 1) / kKeyTile;
+    local_aligned = local_lo / kKeyTile * kKeyTile;
+    const int local_tiles =
+        row_end > local_lo ? (row_end - local_aligned + kKeyTile - 1) / kKeyTile : 0;
+    num_tiles = init_tiles + local_tiles;
+  }
+  // First key of tile t.
+  __device__ __forceinline__ int Begin(int t) const {
+    return t < init_tiles ? t * kKeyTile : local_aligned + (t - init_tiles) * kKeyTile;
+  }
+};
+
 }  // namespace anchorserve::cuda::id_detail
 
 namespace anchorserve::cuda {

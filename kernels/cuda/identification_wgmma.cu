@@ -190,27 +190,18 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads>::kCta
   const int row_end = row_begin + rows;
 
   // A(i) for the tile's rows: [0, hi1) U [lo2, i], both cut at j <= i.
-  const int64_t group_size = p.geometry.group_size;
-  const int64_t init_end = int64_t{p.geometry.init_groups} * group_size;
-  int64_t local_begin = int64_t{tile.group - p.geometry.local_groups + 1} * group_size;
-  local_begin = local_begin > init_end ? local_begin : init_end;
-  local_begin = local_begin > 0 ? local_begin : 0;
-  const int hi1 = static_cast<int>(init_end < row_end ? init_end : row_end);
-  const int lo2 = static_cast<int>(local_begin < row_end ? local_begin : row_end);
-  const int tiles1 = (hi1 + kKeyTile - 1) / kKeyTile;
-  const int lo2_aligned = lo2 / kKeyTile * kKeyTile;
-  const int tiles2 = row_end > lo2 ? (row_end - lo2_aligned + kKeyTile - 1) / kKeyTile : 0;
-  const int num_key_tiles = tiles1 + tiles2;
-  auto key_tile_begin = [&](int t) {
-    return t < tiles1 ? t * kKeyTile : lo2_aligned + (t - tiles1) * kKeyTile;
-  };
+  const id_detail::AnchorKeyTiles<kKeyTile> keys(p.geometry, tile.group, row_end);
+  const int hi1 = keys.init_hi;
+  const int lo2 = keys.local_lo;
+  const int tiles1 = keys.init_tiles;
+  const int num_key_tiles = keys.num_tiles;
 
   const int tid = threadIdx.x;
   const RowCopier<kDim, kThreads> copier(tid);
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
   auto load_keys = [&](int t) {
     if (t < num_key_tiles) {
-      const int first = key_tile_begin(t);
+      const int first = keys.Begin(t);
       const int end = t < tiles1 ? hi1 : row_end;
       copier.Copy(k_tile(t), k_base, seq.kv_token_stride, first, end - first);
     }
@@ -247,7 +238,7 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads>::kCta
   float row_max[2] = {-INFINITY, -INFINITY};
   // Whether this warpgroup computes key tile t (not when every key follows every row).
   auto wg_computes = [&](int t) {
-    return t < num_key_tiles && wg_has_rows && key_tile_begin(t) <= wg_last_row;
+    return t < num_key_tiles && wg_has_rows && keys.Begin(t) <= wg_last_row;
   };
 
   {
@@ -261,7 +252,7 @@ __global__ void __launch_bounds__(256 * kHeads, (AnchorShape<kDim, kHeads>::kCta
       load_keys(t + kStages - 1);
       CpAsyncCommit();
       if (!wg_computes(t)) continue;
-      const int key_begin = key_tile_begin(t);
+      const int key_begin = keys.Begin(t);
       const int range_lo = t < tiles1 ? 0 : lo2;
       const int range_hi = t < tiles1 ? hi1 : row_end;
       const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
@@ -412,20 +403,11 @@ __global__ void __launch_bounds__(WsAnchorShape<kDim>::kThreads, 1)
   const int row_end = row_begin + rows;
 
   // A(i) for the tile's rows: [0, hi1) U [lo2, i], both cut at j <= i.
-  const int64_t group_size = p.geometry.group_size;
-  const int64_t init_end = int64_t{p.geometry.init_groups} * group_size;
-  int64_t local_begin = int64_t{tile.group - p.geometry.local_groups + 1} * group_size;
-  local_begin = local_begin > init_end ? local_begin : init_end;
-  local_begin = local_begin > 0 ? local_begin : 0;
-  const int hi1 = static_cast<int>(init_end < row_end ? init_end : row_end);
-  const int lo2 = static_cast<int>(local_begin < row_end ? local_begin : row_end);
-  const int tiles1 = (hi1 + kKeyTile - 1) / kKeyTile;
-  const int lo2_aligned = lo2 / kKeyTile * kKeyTile;
-  const int tiles2 = row_end > lo2 ? (row_end - lo2_aligned + kKeyTile - 1) / kKeyTile : 0;
-  const int num_key_tiles = tiles1 + tiles2;
-  auto key_tile_begin = [&](int t) {
-    return t < tiles1 ? t * kKeyTile : lo2_aligned + (t - tiles1) * kKeyTile;
-  };
+  const id_detail::AnchorKeyTiles<kKeyTile> keys(p.geometry, tile.group, row_end);
+  const int hi1 = keys.init_hi;
+  const int lo2 = keys.local_lo;
+  const int tiles1 = keys.init_tiles;
+  const int num_key_tiles = keys.num_tiles;
 
   if (tid < 128) {
     // ------------------------------------------------------------------ producer warpgroup
@@ -443,7 +425,7 @@ __global__ void __launch_bounds__(WsAnchorShape<kDim>::kThreads, 1)
     for (int t = 0; t < num_key_tiles; ++t) {
       const int stage = t % kStages;
       if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
-      const int first = key_tile_begin(t);
+      const int first = keys.Begin(t);
       const int end = t < tiles1 ? hi1 : row_end;
       copier.Copy(k_tile(stage), k_base, seq.kv_token_stride, first, end - first);
       CpAsyncMbarrierArrive(k_full(stage));
@@ -481,7 +463,7 @@ __global__ void __launch_bounds__(WsAnchorShape<kDim>::kThreads, 1)
       // Every consumer waits for every tile (also one it skips) before releasing it, so that
       // arrivals of different ring rounds never mix on one barrier.
       MbarrierWait(k_full(stage), (t / kStages) & 1);
-      const int key_begin = key_tile_begin(t);
+      const int key_begin = keys.Begin(t);
       if (wg_has_rows && key_begin <= wg_last_row) {
         FenceProxyAsync();
         const int range_lo = t < tiles1 ? 0 : lo2;
