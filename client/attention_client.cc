@@ -83,10 +83,10 @@ absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::Tensor
 
 constexpr char kAttendMethod[] = "/anchorserve.v1.AttentionService/Attend";
 // Field numbers of the tensors in AttendRequest and AttendResponse.
-constexpr int kRequestQField = 2;
-constexpr int kRequestKField = 3;
-constexpr int kRequestVField = 4;
-constexpr int kResponseOutputField = 2;
+constexpr int kRequestQField = v1::AttendRequest::kQFieldNumber;
+constexpr int kRequestKField = v1::AttendRequest::kKFieldNumber;
+constexpr int kRequestVField = v1::AttendRequest::kVFieldNumber;
+constexpr int kResponseOutputField = v1::AttendResponse::kOutputFieldNumber;
 
 // gRPC slices over the caller's tensor memory, and a count of the ones gRPC still holds. The
 // destructor waits until gRPC has let go of every slice: the caller may free its tensors as soon
@@ -195,7 +195,7 @@ absl::Status FromGrpcStatus(const grpc::Status& status, absl::string_view target
 absl::StatusOr<v1::AttendRequest> BuildAttendRequest(const AttendInputs& inputs) {
   absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
   if (!shape.ok()) return shape.status();
-  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+  if (inputs.PayloadBytes() > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
                      " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));
@@ -218,9 +218,9 @@ int64_t EstimateUnaryRequestBytes(const AttendInputs& inputs) {
 absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::string target,
                                                                          ClientOptions options) {
   if (target.empty()) return absl::InvalidArgumentError("target must not be empty");
-  if (options.max_message_bytes <= 0 || options.max_message_bytes > kGrpcMessageLimitBytes) {
+  if (options.max_message_bytes <= 0 || options.max_message_bytes > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(absl::StrCat("max_message_bytes must be in [1, ",
-                                                   kGrpcMessageLimitBytes, "], got ",
+                                                   kMaxGrpcMessageBytes, "], got ",
                                                    options.max_message_bytes));
   }
   if (options.stream_chunk_bytes <= 0 || options.stream_chunk_bytes > options.max_message_bytes) {
@@ -301,7 +301,7 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
                                                      const CallOptions& call) {
   absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
   if (!shape.ok()) return shape.status();
-  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+  if (inputs.PayloadBytes() > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
                      " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));

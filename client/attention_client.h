@@ -22,17 +22,16 @@
 #include "grpcpp/client_context.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/status.h"
+#include "proto/anchorserve/v1/limits.h"
 
 namespace anchorserve {
-
-inline constexpr int64_t kGrpcMessageLimitBytes = 2147483647;  // int32 limit of gRPC and protobuf
 
 using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
 struct ClientOptions {
   // Largest message the channel sends or receives. The server has its own limit
   // (GetServerInfo().limits().max_message_bytes).
-  int64_t max_message_bytes = kGrpcMessageLimitBytes;
+  int64_t max_message_bytes = kMaxGrpcMessageBytes;
   // Used by calls whose CallOptions have no deadline.
   absl::Duration default_deadline = absl::Seconds(120);
   // Q/K/V bytes per TensorChunk message that AttendStreamed sends.

@@ -29,10 +29,10 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
+#include "server/attention_executor.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
 #include "server/clock.h"
-#include "server/executor.h"
 #include "server/grpc_server.h"
 #include "server/logging.h"
 #include "server/metrics.h"
@@ -145,7 +145,7 @@ int Run(const ServerConfig& config) {
   // Created once the port listens; declared before the service and the server, which use them,
   // so that they outlive both.
   std::unique_ptr<AttentionBackend> backend;
-  std::unique_ptr<BatchExecutor> executor;
+  std::unique_ptr<AttentionExecutor> executor;
   std::unique_ptr<DynamicBatcher> batcher;
   RealClock clock;
   AttentionServiceImpl service(config, &metrics, &clock);
@@ -178,7 +178,7 @@ int Run(const ServerConfig& config) {
   }
   backend = *std::move(created);
   const BackendInfo info = backend->Info();
-  executor = std::make_unique<BatchExecutor>(backend.get());
+  executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
       BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
       config.max_queue_size, executor.get(), &clock, &metrics);

@@ -43,7 +43,7 @@
 #include "kernels/cuda/anchor_runner.h"
 #include "kernels/cuda/identification.h"
 #include "kernels/cuda/identification_types.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 #include "kernels/structured_inputs.h"
 
 namespace anchorserve {

@@ -19,6 +19,9 @@ namespace anchorserve {
 // CUDA devices visible to this process; 0 when there is no driver or device (never an error).
 int CudaDeviceCount();
 
+// CudaBackend::CanRun without a device: what the kernels support.
+absl::Status CanRunOnCuda(const AttentionProblem& problem);
+
 // The backend on `device`. FAILED_PRECONDITION without such a device.
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device);
 
@@ -27,7 +30,7 @@ class CudaBackend : public AttentionBackend {
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
 
   BackendInfo Info() const override;
-  absl::Status Supports(const AttentionTask& task) const override;
+  absl::Status CanRun(const AttentionProblem& problem) const override;
   absl::Status Run(absl::Span<AttentionTask* const> batch) override;
 
   // Device bytes one Run of these sequences needs (packed q/k/v/out, LSE, work lists, stripe

@@ -805,14 +805,17 @@ TEST(CudaBackendTest, InfoAndSupports) {
 
   CaseSpec spec = Spec("fp32", {64}, 2, 1, 64, kBf, kTok, kRand, Config(12), 51);
   std::unique_ptr<TaskData> data = MakeTask(spec, 64, 51);
-  EXPECT_TRUE((*backend)->Supports(data->task).ok());
+  EXPECT_TRUE((*backend)->CanRun(ProblemOf(data->task)).ok());
   data->task.dtype = DType::kFp32;
-  const absl::Status fp32 = (*backend)->Supports(data->task);
-  EXPECT_EQ(fp32.code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status fp32 = (*backend)->CanRun(ProblemOf(data->task));
+  EXPECT_EQ(fp32.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(fp32.message().find("dtype"), std::string::npos) << fp32;
   data->task.dtype = DType::kBf16;
   data->task.shape.head_dim = 96;
-  EXPECT_EQ((*backend)->Supports(data->task).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*backend)->CanRun(ProblemOf(data->task)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(info.head_dims, (std::vector<int>{64, 128}));
+  EXPECT_EQ(info.dtypes, (std::vector<DType>{DType::kBf16, DType::kFp16}));
 
   EXPECT_FALSE(CreateCudaBackend(CudaDeviceCount()).ok());
 }

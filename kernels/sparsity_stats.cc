@@ -1,4 +1,4 @@
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 
 #include <algorithm>
 #include <cmath>

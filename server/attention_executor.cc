@@ -1,10 +1,10 @@
-#include "server/executor.h"
+#include "server/attention_executor.h"
 
 #include <chrono>
 #include <new>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 
 namespace anchorserve {
 namespace {
@@ -19,18 +19,21 @@ size_t LseCount(const AttentionTask& task) {
 
 }  // namespace
 
-double BatchExecutor::Run(absl::Span<const std::shared_ptr<AttentionJob>> batch) {
-  if (batch.empty()) return 0;
+double AttentionExecutor::Run(absl::Span<BatchJob* const> batch_jobs) {
+  if (batch_jobs.empty()) return 0;
+  // The batch key starts with the job kind, so every job here is an AttentionJob.
+  std::vector<AttentionJob*> batch;
+  batch.reserve(batch_jobs.size());
+  for (BatchJob* job : batch_jobs) batch.push_back(static_cast<AttentionJob*>(job));
   std::vector<AttentionTask*> tasks;
   std::vector<AttentionJob*> recall_jobs;
   // [Hq, N] per recall job: the sparse pass's LSE, which ComputeRecall compares with dense.
   std::vector<std::vector<float>> sparse_lse;
   tasks.reserve(batch.size());
-  for (const auto& job : batch) {
-    job->batch_size = static_cast<int>(batch.size());
+  for (AttentionJob* job : batch) {
     job->task.status = absl::OkStatus();
     job->task.maybe_lse = nullptr;
-    if (job->compute_recall) recall_jobs.push_back(job.get());
+    if (job->compute_recall) recall_jobs.push_back(job);
     tasks.push_back(&job->task);
   }
   sparse_lse.resize(recall_jobs.size());
@@ -43,7 +46,7 @@ double BatchExecutor::Run(absl::Span<const std::shared_ptr<AttentionJob>> batch)
   const absl::Status run_status = backend_->Run(tasks);
   const double seconds = SecondsSince(start);
 
-  for (const auto& job : batch) {
+  for (AttentionJob* job : batch) {
     if (!run_status.ok()) {
       job->status = run_status;
     } else if (!job->task.status.ok()) {
@@ -58,12 +61,15 @@ double BatchExecutor::Run(absl::Span<const std::shared_ptr<AttentionJob>> batch)
     }
   }
   if (!recall_jobs.empty()) RunRecall(recall_jobs);
+  for (AttentionJob* job : batch) {
+    if (job->status.ok()) metrics_->ObserveDensity(job->summary.density);
+  }
   // maybe_lse points into sparse_lse, which dies with this call.
   for (AttentionJob* job : recall_jobs) job->task.maybe_lse = nullptr;
   return seconds;
 }
 
-void BatchExecutor::RunRecall(absl::Span<AttentionJob* const> jobs) {
+void AttentionExecutor::RunRecall(absl::Span<AttentionJob* const> jobs) {
   struct DensePass {
     AttentionJob* job;
     std::unique_ptr<char[]> out;  // like q

@@ -1,5 +1,5 @@
 // SummarizeHeads and ComputeRecall on cases worked out by hand.
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 
 #include <cmath>
 #include <limits>

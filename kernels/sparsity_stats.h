@@ -1,4 +1,5 @@
-// Turns per-head counts into the spec's request metrics, and measures recall against dense.
+// Sparsity statistics of a request: per-head counts turned into density, stripe statistics and
+// recall against dense (not the Prometheus metrics, which live in server/metrics.h).
 #pragma once
 
 #include <cstdint>
