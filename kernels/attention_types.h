@@ -1,4 +1,4 @@
-// The problem every backend solves: AnchorAttention (../shared/spec/anchorattention.md) causal
+// The problem every backend solves: AnchorAttention (docs/anchorattention.md) causal
 // prefill of one or more sequences, and the statistics it reports.
 #pragma once
 
