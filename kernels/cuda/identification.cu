@@ -1,4 +1,4 @@
-// Stripe identification on the GPU (spec: ../shared/spec/anchorattention.md):
+// Stripe identification on the GPU (spec: docs/anchorattention.md):
 //   1. Anchor: x(i) = max over A(i) of scale * q_i.k_j on tensor cores (QK^T only), plus
 //      per-tile fp64 sums of the q rows and of x(i) for pooling. Production kernel: the wgmma
 //      version (identification_wgmma.cu); AnchorKernel below (mma.sync) is kept for comparison.

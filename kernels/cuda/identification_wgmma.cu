@@ -1,6 +1,6 @@
 // The two tensor-core kernels of stripe identification on Hopper warpgroup MMAs (sm_90a);
 // same outputs as their mma.sync versions in identification.cu (spec:
-// ../shared/spec/anchorattention.md).
+// docs/anchorattention.md).
 //
 //   WgmmaAnchorKernel: x(i) = max over A(i) of scale * q_i.k_j. It is QK^T over the anchor region
 //     with a running row max and no softmax or PV: Q (A operand) and 128-key K tiles (B operand)
