@@ -29,7 +29,11 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
+#include "model/cpu/cpu_prefill_engine.h"
+#include "model/model.h"
 #include "server/attention_executor.h"
+#include "server/prefill_job.h"
+#include "server/prefill_service.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
 #include "server/clock.h"
@@ -147,13 +151,22 @@ int Run(const ServerConfig& config) {
   std::unique_ptr<AttentionBackend> backend;
   std::unique_ptr<AttentionExecutor> executor;
   std::unique_ptr<DynamicBatcher> batcher;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<PrefillEngine> prefill_engine;
+  std::unique_ptr<PrefillRunner> prefill_runner;
+  std::unique_ptr<DynamicBatcher> prefill_batcher;
   RealClock clock;
   AttentionServiceImpl service(config, &metrics, &clock);
+  PrefillServiceImpl prefill_service(&service);
+  auto stop_batchers = [&] {
+    if (batcher != nullptr) batcher->Stop();
+    if (prefill_batcher != nullptr) prefill_batcher->Stop();
+  };
 
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  absl::StatusOr<StartedGrpcServer> grpc_server = StartGrpcServer(config, &service);
+  absl::StatusOr<StartedGrpcServer> grpc_server = StartGrpcServer(config, {&service, &prefill_service});
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;
@@ -182,10 +195,51 @@ int Run(const ServerConfig& config) {
   batcher = std::make_unique<DynamicBatcher>(
       BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
       config.max_queue_size, executor.get(), &clock, &metrics);
+  if (!config.model_dir.empty()) {
+    absl::StatusOr<std::unique_ptr<Model>> loaded =
+        LoadModel(config.model_dir, config.backend.cpu_threads);
+    if (!loaded.ok()) {
+      LogError(absl::StrCat("cannot load --model=", config.model_dir, ": ",
+                            loaded.status().message()));
+      server.Shutdown(absl::ToChronoTime(absl::Now()));
+      stop_batchers();
+      return 2;
+    }
+    model = *std::move(loaded);
+    // The CPU engine serves Prefill on every backend until a GPU engine exists.
+    absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
+        CreateCpuPrefillEngine(*model, config.backend.cpu_threads);
+    if (!engine.ok()) {
+      LogError(absl::StrCat("cannot create the prefill engine: ", engine.status().ToString()));
+      server.Shutdown(absl::ToChronoTime(absl::Now()));
+      stop_batchers();
+      return 1;
+    }
+    prefill_engine = *std::move(engine);
+    prefill_runner = std::make_unique<PrefillRunner>(prefill_engine.get());
+    // One prefill at a time: each one already uses every core (or the whole GPU).
+    prefill_batcher = std::make_unique<DynamicBatcher>(
+        BatchLimits{1, config.max_seq_len, absl::ZeroDuration()}, config.max_queue_size,
+        prefill_runner.get(), &clock, &metrics);
+    const ModelConfig& mc = model->config();
+    LogInfo(absl::StrCat("model ", config.model_dir, " loaded in ", model->load_seconds(), " s: ",
+                         ArchitectureName(mc.architecture), ", ", mc.num_layers, " layers, ",
+                         model->num_parameters(), " parameters, fingerprint ",
+                         model->fingerprint(), "; prefill on the ", prefill_engine->name(),
+                         " engine"));
+  }
   if (absl::Status ready = service.SetReady(backend.get(), batcher.get()); !ready.ok()) {
     LogError(ready.ToString());
     server.Shutdown(absl::ToChronoTime(absl::Now()));
-    batcher->Stop();
+    stop_batchers();
+    return 1;
+  }
+  if (absl::Status ready = prefill_service.SetReady(model.get(), prefill_engine.get(),
+                                                     prefill_batcher.get());
+      !ready.ok()) {
+    LogError(ready.ToString());
+    server.Shutdown(absl::ToChronoTime(absl::Now()));
+    stop_batchers();
     return 1;
   }
 
@@ -198,7 +252,7 @@ int Run(const ServerConfig& config) {
         LogError(status.ToString());
         SetServingHealth(server, false);
         server.Shutdown(absl::ToChronoTime(absl::Now()));
-        batcher->Stop();
+        stop_batchers();
         return 1;
       }
     }
@@ -223,6 +277,7 @@ int Run(const ServerConfig& config) {
     LogWarning(absl::StrCat("drain timeout: cancelling ", service.InflightRpcs(),
                             " RPCs still in flight"));
     batcher->CancelAll();
+    if (prefill_batcher != nullptr) prefill_batcher->CancelAll();
     // Cancelled jobs come back at once (UNAVAILABLE); uploads that stalled do not.
     if (!service.WaitUntilIdle(absl::Now() + kShutdownGrace)) {
       LogWarning(absl::StrCat("cancelling ", service.InflightRpcs(),
@@ -233,7 +288,7 @@ int Run(const ServerConfig& config) {
   // health checking, reflection streams, stalled uploads) are cancelled, not waited for; returns
   // once every call is done.
   server.Shutdown(absl::ToChronoTime(absl::Now()));
-  batcher->Stop();
+  stop_batchers();
   (*metrics_endpoint)->Stop();
   LogInfo("drained; exiting");
   return 0;

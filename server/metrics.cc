@@ -30,6 +30,10 @@ std::string_view RpcName(Rpc rpc) {
       return "Attend";
     case Rpc::kAttendStream:
       return "AttendStream";
+    case Rpc::kPrefill:
+      return "Prefill";
+    case Rpc::kGetModelInfo:
+      return "GetModelInfo";
     case Rpc::kGetServerInfo:
       return "GetServerInfo";
   }

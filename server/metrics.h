@@ -15,12 +15,12 @@
 
 namespace anchorserve {
 
-enum class Rpc { kAttend, kAttendStream, kGetServerInfo };
-inline constexpr int kNumRpcs = 3;
+enum class Rpc { kAttend, kAttendStream, kGetServerInfo, kPrefill, kGetModelInfo, kLast = kGetModelInfo };
+inline constexpr int kNumRpcs = static_cast<int>(Rpc::kLast) + 1;
 // grpc::StatusCode values 0 (OK) .. 16 (UNAUTHENTICATED).
 inline constexpr int kNumGrpcCodes = 17;
 
-std::string_view RpcName(Rpc rpc);  // "Attend", "AttendStream", "GetServerInfo"
+std::string_view RpcName(Rpc rpc);  // "Attend", "AttendStream", "GetServerInfo", "Prefill", ...
 
 class MetricsRegistry {
  public:

@@ -59,6 +59,9 @@ ABSL_FLAG(std::string, model, "",
           "attention only.");
 ABSL_FLAG(int64_t, prefill_buffer_bytes, anchorserve::kDefaultServerConfig.prefill_buffer_bytes,
           "KV bytes of one Prefill that may wait to be sent; the prefill pauses above it.");
+ABSL_FLAG(int64_t, prefill_memory_bytes, anchorserve::kDefaultServerConfig.prefill_memory_bytes,
+          "Most engine workspace (beyond the weights) one Prefill may need; larger prompts get "
+          "RESOURCE_EXHAUSTED before any work.");
 ABSL_FLAG(int32_t, default_local_groups, anchorserve::kDefaultServerConfig.defaults.local_groups,
           "Default local region n_loc, in groups.");
 
@@ -159,6 +162,11 @@ absl::Status ServerConfig::Validate() const {
       !s.ok()) {
     return s;
   }
+  if (auto s = CheckRange<int64_t>("prefill_memory_bytes", prefill_memory_bytes, 1,
+                                   int64_t{1} << 50);
+      !s.ok()) {
+    return s;
+  }
   if (drain_timeout < absl::ZeroDuration() || drain_timeout > absl::Seconds(kMaxSecondsKnob)) {
     return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
                      absl::StrCat(absl::ToDoubleSeconds(drain_timeout)));
@@ -215,6 +223,7 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.stream_chunk_bytes = absl::GetFlag(FLAGS_stream_chunk_bytes);
   config.model_dir = absl::GetFlag(FLAGS_model);
   config.prefill_buffer_bytes = absl::GetFlag(FLAGS_prefill_buffer_bytes);
+  config.prefill_memory_bytes = absl::GetFlag(FLAGS_prefill_memory_bytes);
 
   const double drain_s = absl::GetFlag(FLAGS_drain_timeout_s);
   if (!std::isfinite(drain_s) || drain_s < 0 || drain_s > kMaxSecondsKnob) {

@@ -43,6 +43,8 @@ struct ServerConfig {
   // Prefill.
   std::string model_dir;                     // empty: no model, Prefill answers FAILED_PRECONDITION
   int64_t prefill_buffer_bytes = 268435456;  // KV bytes of one Prefill waiting to be sent
+  // Most engine workspace (activations, K/V, scratch beyond the weights) one Prefill may need.
+  int64_t prefill_memory_bytes = int64_t{16} << 30;
 
   absl::Duration drain_timeout = absl::Seconds(30);
 
