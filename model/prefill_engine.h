@@ -1,0 +1,63 @@
+// Prompt-ID prefill: the whole forward pass of a causal LM over one prompt, streaming each layer's
+// post-RoPE K/V to a sink and returning the last position's logits. Backends implement
+// PrefillEngine (model/cpu/cpu_prefill_engine.h for the CPU).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/attention_types.h"
+#include "kernels/dtype.h"
+
+namespace anchorserve {
+
+struct PrefillTask {
+  absl::Span<const int32_t> token_ids;  // [N], each in [0, vocab)
+  AnchorConfig config;                  // attention of every layer (dense mode = exact)
+  int kv_layer_begin = 0;               // layers [kv_layer_begin, kv_layer_end) go to the sink
+  int kv_layer_end = 0;
+  DType kv_dtype = DType::kBf16;
+  Layout kv_layout = Layout::kHeadMajor;  // [Hkv, N, d] (HF cache) or kTokenMajor [N, Hkv, d]
+  bool compute_logits = true;             // last position's logits
+  const std::atomic<bool>* maybe_cancelled = nullptr;  // checked between layers -> CANCELLED
+};
+
+struct PrefillLayerStats {
+  double density = 1;  // computed fraction of the causal score matrix, mean over heads
+  double identification_seconds = 0;  // anchor + stripe identification (0 in dense mode)
+  double attention_seconds = 0;       // dense or sparse attention compute, identification excluded
+  double layer_seconds = 0;  // the whole layer incl. K/V conversion, excluding time in the sink
+};
+
+struct PrefillResult {
+  std::vector<float> last_logits;         // [vocab] fp32 when compute_logits
+  std::vector<PrefillLayerStats> layers;  // [num_layers]
+  double compute_seconds = 0;             // the whole Run excluding time spent in the sink
+};
+
+class KvSink {
+ public:
+  virtual ~KvSink() = default;
+  // In layer order, for each layer of [kv_layer_begin, kv_layer_end), as soon as it is done.
+  // k, v: post-RoPE K and V of the layer in kv_dtype and kv_layout, bytes little-endian.
+  // May block (backpressure). A non-OK return stops the prefill with that status.
+  // The spans are valid only during the call.
+  virtual absl::Status OnLayer(int layer, absl::Span<const char> k, absl::Span<const char> v) = 0;
+};
+
+class PrefillEngine {
+ public:
+  virtual ~PrefillEngine() = default;
+  virtual std::string name() const = 0;  // "cpu"
+  // Host bytes one Run over num_tokens needs beyond the weights (activations, K/V, scratch).
+  virtual int64_t WorkspaceBytes(int64_t num_tokens) const = 0;
+  // Validates the task (ids in range, layer range, dtype) with INVALID_ARGUMENT naming the field.
+  virtual absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) = 0;
+};
+
+}  // namespace anchorserve
