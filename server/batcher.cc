@@ -50,12 +50,13 @@ absl::Status DropReason(const BatchJob& job, absl::Time now) {
 }
 
 DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner,
-                               Clock* clock, MetricsRegistry* metrics)
+                               Clock* clock, MetricsRegistry* metrics, Queue queue)
     : limits_(limits),
       max_queue_size_(max_queue_size),
       runner_(runner),
       clock_(clock),
-      metrics_(metrics) {
+      metrics_(metrics),
+      queue_name_(queue) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -71,7 +72,7 @@ absl::Status DynamicBatcher::Enqueue(std::shared_ptr<BatchJob> job) {
   }
   job->enqueue_time = clock_->Now();
   queue_.push_back(std::move(job));
-  metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+  metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
   wake_.Signal();
   return absl::OkStatus();
 }
@@ -149,7 +150,7 @@ void DynamicBatcher::WorkerLoop() {
         for (const auto& job : queue_) wait = std::min(wait, job->deadline - now);
         wake_.WaitWithTimeout(&mu_, std::max(wait, absl::ZeroDuration()));
       }
-      metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+      metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
     }
     for (const auto& job : dropped) job->on_done();
     dropped.clear();

@@ -54,7 +54,7 @@ class DynamicBatcher {
  public:
   // Starts the worker thread. `runner`, `clock` and `metrics` must outlive the batcher.
   DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner, Clock* clock,
-                 MetricsRegistry* metrics);
+                 MetricsRegistry* metrics, Queue queue = Queue::kAttention);
   ~DynamicBatcher();  // Stop()
   DynamicBatcher(const DynamicBatcher&) = delete;
   DynamicBatcher& operator=(const DynamicBatcher&) = delete;
@@ -88,6 +88,7 @@ class DynamicBatcher {
   BatchRunner* const runner_;
   Clock* const clock_;
   MetricsRegistry* const metrics_;
+  const Queue queue_name_;
 
   mutable absl::Mutex mu_;
   absl::CondVar wake_;

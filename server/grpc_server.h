@@ -39,8 +39,8 @@ struct StartedGrpcServer {
 // Builds and starts a server on config.host:config.grpc_port with config.max_message_bytes both
 // ways, `keepalive`, `services` registered and the default grpc.health.v1 service enabled. Both
 // health names ("" and kAttentionServiceName) are NOT_SERVING when this returns; SetServingHealth
-// flips them. The services must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when the
-// address cannot be bound.
+// flips them. The services must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when
+// the address cannot be bound.
 absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
                                                   absl::Span<grpc::Service* const> services,
                                                   const KeepaliveOptions& keepalive = {});

@@ -32,8 +32,6 @@
 #include "model/cpu/cpu_prefill_engine.h"
 #include "model/model.h"
 #include "server/attention_executor.h"
-#include "server/prefill_job.h"
-#include "server/prefill_service.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
 #include "server/clock.h"
@@ -41,6 +39,8 @@
 #include "server/logging.h"
 #include "server/metrics.h"
 #include "server/metrics_endpoint.h"
+#include "server/prefill_job.h"
+#include "server/prefill_service.h"
 #include "server/server_config.h"
 
 namespace anchorserve {
@@ -166,7 +166,8 @@ int Run(const ServerConfig& config) {
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  absl::StatusOr<StartedGrpcServer> grpc_server = StartGrpcServer(config, {&service, &prefill_service});
+  absl::StatusOr<StartedGrpcServer> grpc_server =
+      StartGrpcServer(config, {&service, &prefill_service});
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;
@@ -199,8 +200,8 @@ int Run(const ServerConfig& config) {
     absl::StatusOr<std::unique_ptr<Model>> loaded =
         LoadModel(config.model_dir, config.backend.cpu_threads);
     if (!loaded.ok()) {
-      LogError(absl::StrCat("cannot load --model=", config.model_dir, ": ",
-                            loaded.status().message()));
+      LogError(
+          absl::StrCat("cannot load --model=", config.model_dir, ": ", loaded.status().message()));
       server.Shutdown(absl::ToChronoTime(absl::Now()));
       stop_batchers();
       return 2;
@@ -220,13 +221,12 @@ int Run(const ServerConfig& config) {
     // One prefill at a time: each one already uses every core (or the whole GPU).
     prefill_batcher = std::make_unique<DynamicBatcher>(
         BatchLimits{1, config.max_seq_len, absl::ZeroDuration()}, config.max_queue_size,
-        prefill_runner.get(), &clock, &metrics);
+        prefill_runner.get(), &clock, &metrics, Queue::kPrefill);
     const ModelConfig& mc = model->config();
     LogInfo(absl::StrCat("model ", config.model_dir, " loaded in ", model->load_seconds(), " s: ",
                          ArchitectureName(mc.architecture), ", ", mc.num_layers, " layers, ",
-                         model->num_parameters(), " parameters, fingerprint ",
-                         model->fingerprint(), "; prefill on the ", prefill_engine->name(),
-                         " engine"));
+                         model->num_parameters(), " parameters, fingerprint ", model->fingerprint(),
+                         "; prefill on the ", prefill_engine->name(), " engine"));
   }
   if (absl::Status ready = service.SetReady(backend.get(), batcher.get()); !ready.ok()) {
     LogError(ready.ToString());
@@ -234,8 +234,8 @@ int Run(const ServerConfig& config) {
     stop_batchers();
     return 1;
   }
-  if (absl::Status ready = prefill_service.SetReady(model.get(), prefill_engine.get(),
-                                                     prefill_batcher.get());
+  if (absl::Status ready =
+          prefill_service.SetReady(model.get(), prefill_engine.get(), prefill_batcher.get());
       !ready.ok()) {
     LogError(ready.ToString());
     server.Shutdown(absl::ToChronoTime(absl::Now()));

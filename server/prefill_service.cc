@@ -76,25 +76,25 @@ v1::RopeInfo RopeInfoProto(const ModelConfig& config) {
 }  // namespace
 
 absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
-                                                   const Model& model,
-                                                   const ServerConfig& config) {
+                                                   const Model& model, const ServerConfig& config) {
   const ModelConfig& mc = model.config();
   PrefillSpec spec;
   const int64_t n = request.token_ids_size();
   if (n == 0) return FieldError("token_ids", "must not be empty");
   const int64_t max_tokens = std::min(mc.max_position_embeddings, config.max_seq_len);
   if (n > max_tokens) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "token_ids has ", n, " tokens, more than ",
-        max_tokens == config.max_seq_len ? "--max_seq_len=" : "the model's max_position_embeddings ",
-        max_tokens));
+    return absl::OutOfRangeError(absl::StrCat("token_ids has ", n, " tokens, more than ",
+                                              max_tokens == config.max_seq_len
+                                                  ? "--max_seq_len="
+                                                  : "the model's max_position_embeddings ",
+                                              max_tokens));
   }
   for (int64_t i = 0; i < n; ++i) {
     const int32_t id = request.token_ids(static_cast<int>(i));
     if (id < 0 || id >= mc.vocab_size) {
-      return FieldError(absl::StrCat("token_ids[", i, "]"),
-                        absl::StrCat("must be in [0, ", mc.vocab_size, ") (the model's vocab), got ",
-                                     id));
+      return FieldError(
+          absl::StrCat("token_ids[", i, "]"),
+          absl::StrCat("must be in [0, ", mc.vocab_size, ") (the model's vocab), got ", id));
     }
   }
   spec.token_ids.assign(request.token_ids().begin(), request.token_ids().end());
@@ -124,8 +124,8 @@ absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& req
       spec.kv_layer_end = request.kv_layer_end();
       break;
     default:
-      return FieldError("kv_selection",
-                        absl::StrCat("has unknown value ", static_cast<int>(request.kv_selection())));
+      return FieldError("kv_selection", absl::StrCat("has unknown value ",
+                                                     static_cast<int>(request.kv_selection())));
   }
 
   if (request.kv_dtype() != v1::DATA_TYPE_UNSPECIFIED) {
@@ -144,19 +144,18 @@ absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& req
   spec.logits_mode = *logits;
   if (spec.logits_mode == LogitsMode::kTopK) {
     if (request.logits_top_k() < 1 || request.logits_top_k() > mc.vocab_size) {
-      return FieldError("logits_top_k", absl::StrCat("must be in [1, ", mc.vocab_size,
-                                                     "] with LOGITS_MODE_TOP_K, got ",
-                                                     request.logits_top_k()));
+      return FieldError("logits_top_k",
+                        absl::StrCat("must be in [1, ", mc.vocab_size,
+                                     "] with LOGITS_MODE_TOP_K, got ", request.logits_top_k()));
     }
     spec.logits_top_k = request.logits_top_k();
   }
 
   if (!request.expected_fingerprint().empty() &&
       request.expected_fingerprint() != model.fingerprint()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("expected_fingerprint ", request.expected_fingerprint(),
-                     " differs from the loaded model's ", model.fingerprint(), " (", model.dir(),
-                     ")"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_fingerprint ", request.expected_fingerprint(),
+        " differs from the loaded model's ", model.fingerprint(), " (", model.dir(), ")"));
   }
   spec.tensor_bytes = n * mc.KvDim() * static_cast<int64_t>(ElementSize(spec.kv_dtype));
   return spec;
@@ -326,6 +325,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
       writer_.PushTensor(KvTag(layer, false), std::move(k_copy), static_cast<int64_t>(k.size()));
       writer_.PushTensor(KvTag(layer, true), std::move(v_copy), static_cast<int64_t>(v.size()));
       kv_bytes_ += bytes;
+      AccountPendingLocked();
       if (!write_in_flight_) WriteNextLocked(&next);
     }
     Apply(next);
@@ -356,8 +356,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
     {
       absl::MutexLock lock(&mu_);
       MarkCallDeadLocked();
-      RequestFinishLocked(CancelledCallStatus(DeadlineOf(*context_), host_->clock().Now()),
-                          &next);
+      RequestFinishLocked(CancelledCallStatus(DeadlineOf(*context_), host_->clock().Now()), &next);
     }
     Apply(next);
   }
@@ -412,11 +411,18 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
     header->set_kv_layout(LayoutToProto(spec_.kv_layout));
     *header->mutable_rope() = RopeInfoProto(mc);
     header->set_bytes_per_layer(2 * spec_.tensor_bytes);
-    const int64_t dims[3] = {
-        spec_.kv_layout == Layout::kHeadMajor ? mc.num_kv_heads : n,
-        spec_.kv_layout == Layout::kHeadMajor ? n : mc.num_kv_heads, mc.head_dim};
+    const int64_t dims[3] = {spec_.kv_layout == Layout::kHeadMajor ? mc.num_kv_heads : n,
+                             spec_.kv_layout == Layout::kHeadMajor ? n : mc.num_kv_heads,
+                             mc.head_dim};
     SetTensorSpec(spec_.kv_dtype, spec_.kv_layout, dims, header->mutable_kv_spec());
     return message;
+  }
+
+  // Keeps anchorserve_prefill_pending_kv_bytes in step with the writer.
+  void AccountPendingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int64_t pending = writer_.pending_bytes();
+    host_->metrics().AddPrefillPendingKvBytes(pending - accounted_pending_);
+    accounted_pending_ = pending;
   }
 
   void MarkCallDeadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -438,6 +444,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
     }
     finished_ = true;
     writer_.Clear();
+    AccountPendingLocked();
     next->finish = status;
   }
 
@@ -450,6 +457,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
         first_kv_seconds_ = absl::ToDoubleSeconds(host_->clock().Now() - start_);
       }
       host_->metrics().AddSentBytes(static_cast<int64_t>(response_.ByteSizeLong()));
+      AccountPendingLocked();
       write_in_flight_ = true;
       next->write = true;
       return;
@@ -470,6 +478,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
         // The call already ended (cancelled, deadline, client gone): its status stands.
       } else if (!job.status.ok()) {
         writer_.Clear();
+        AccountPendingLocked();
         pending_finish_ = FailedJobStatus(job, now, *context_, host_->draining());
       } else if (call_dead_ || context_->IsCancelled()) {
         pending_finish_ = CancelledCallStatus(job.deadline, now);
@@ -528,7 +537,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   std::string request_id_;  // set in Start, read-only after
 
   absl::Mutex mu_;
-  absl::CondVar room_;  // the writer took bytes, or the call died
+  absl::CondVar room_;            // the writer took bytes, or the call died
   v1::PrefillResponse response_;  // source of the one write in flight
   ChunkedTensorWriter<v1::PrefillResponse> writer_ ABSL_GUARDED_BY(mu_);
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
@@ -538,6 +547,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<PrefillJob> job_ ABSL_GUARDED_BY(mu_);  // while queued or running
   int64_t kv_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t accounted_pending_ ABSL_GUARDED_BY(mu_) = 0;  // in the pending-bytes gauge
   double first_kv_seconds_ ABSL_GUARDED_BY(mu_) = -1;
 };
 

@@ -51,8 +51,7 @@ struct PrefillSpec {
 
 // Checks `request` against the model and the server's limits; errors name the field.
 absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
-                                                   const Model& model,
-                                                   const ServerConfig& config);
+                                                   const Model& model, const ServerConfig& config);
 
 v1::ModelInfo ModelInfoProto(const Model& model);
 

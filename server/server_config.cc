@@ -162,8 +162,8 @@ absl::Status ServerConfig::Validate() const {
       !s.ok()) {
     return s;
   }
-  if (auto s = CheckRange<int64_t>("prefill_memory_bytes", prefill_memory_bytes, 1,
-                                   int64_t{1} << 50);
+  if (auto s =
+          CheckRange<int64_t>("prefill_memory_bytes", prefill_memory_bytes, 1, int64_t{1} << 50);
       !s.ok()) {
     return s;
   }

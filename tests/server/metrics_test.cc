@@ -47,7 +47,7 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   metrics.ObserveBatchSize(3);
   metrics.AddTokens(4096);
   metrics.ObserveDensity(0.4);
-  metrics.SetQueueDepth(5);
+  metrics.SetQueueDepth(Queue::kAttention, 5);
   metrics.RequestStarted();
   metrics.RequestStarted();
   metrics.RequestDone();
