@@ -1,14 +1,15 @@
 // anchorserve: AnchorAttention prefill as a gRPC service.
 //
 // flags -> ServerConfig -> metrics endpoint -> gRPC server listening (health NOT_SERVING, RPCs
-// UNAVAILABLE "server is starting") -> backend -> batcher -> SERVING -> --port_file -> wait for
-// SIGTERM/SIGINT -> drain -> exit 0.
-// Exit codes: 2 invalid flags, 1 startup failure, 0 after a drain.
-#include <pthread.h>
+// UNAVAILABLE "server is starting") -> backend -> batcher -> model and prefill engine (with
+// --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain -> exit 0.
+// Exit codes: 2 invalid flags or an unusable --model, 1 startup failure, 0 after a drain.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -46,21 +47,29 @@
 namespace anchorserve {
 namespace {
 
-// Waits for SIGTERM/SIGINT on its own thread (sigwait), so no work runs in a signal handler.
-// The signals must be blocked in every thread: construct this before starting any other thread.
+// Waits for SIGTERM/SIGINT on its own thread: the handler only writes the signal number into a
+// pipe, so no work runs in a signal handler.
 class SignalWaiter {
  public:
   SignalWaiter() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGTERM);
-    sigaddset(&signals_, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    if (pipe2(pipe_fds_, O_CLOEXEC) != 0) {
+      LogError("cannot create the signal pipe; SIGTERM will end the process without a drain");
+      return;
+    }
+    write_fd_.store(pipe_fds_[1]);
+    struct sigaction action {};
+    action.sa_handler = &SignalWaiter::OnSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &action, nullptr);
+    sigaction(SIGINT, &action, nullptr);
     thread_ = std::thread([this] { Loop(); });
   }
   ~SignalWaiter() {
-    stop_.store(true);
-    // Wakes the sigwait at once; stop_ marks it as ours, not a request to drain.
-    pthread_kill(thread_.native_handle(), SIGTERM);
+    if (!thread_.joinable()) return;
+    const char stop = 0;  // not a signal number: ours, not a request to drain
+    while (write(pipe_fds_[1], &stop, 1) < 0 && errno == EINTR) {
+    }
     thread_.join();
   }
 
@@ -68,22 +77,34 @@ class SignalWaiter {
   int signal_number() const { return signal_number_.load(); }
 
  private:
+  // Async-signal-safe: one byte into the pipe, whichever thread the signal lands on (libraries
+  // such as OpenBLAS start threads before main, so the signals cannot be blocked everywhere).
+  static void OnSignal(int signal) {
+    const int saved_errno = errno;
+    const char byte = static_cast<char>(signal);
+    const int fd = write_fd_.load();
+    if (fd >= 0) (void)!write(fd, &byte, 1);
+    errno = saved_errno;
+  }
+
   void Loop() {
     while (true) {
-      int signal = 0;
-      if (sigwait(&signals_, &signal) != 0) continue;
-      if (stop_.load()) return;
+      char byte = 0;
+      const ssize_t got = read(pipe_fds_[0], &byte, 1);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0 || byte == 0) return;
       if (received_.HasBeenNotified()) {
-        LogInfo(absl::StrCat("signal ", signal, " received again; already draining"));
+        LogInfo(
+            absl::StrCat("signal ", static_cast<int>(byte), " received again; already draining"));
         continue;
       }
-      signal_number_.store(signal);
+      signal_number_.store(byte);
       received_.Notify();
     }
   }
 
-  sigset_t signals_;
-  std::atomic<bool> stop_{false};
+  static inline std::atomic<int> write_fd_{-1};
+  int pipe_fds_[2] = {-1, -1};
   std::atomic<int> signal_number_{0};
   absl::Notification received_;
   std::thread thread_;
