@@ -197,7 +197,7 @@ void PrintHeader(const v1::PrefillHeader& h, const std::string& request_id) {
     std::printf("kv:              none requested\n");
   } else {
     std::printf(
-        "kv:              layers [%d, %d), %s %s %s per K and per V, %s per layer, %s "
+        "kv:              layers [%d, %d), each K and V %s %s = %s; %s per layer, %s "
         "in all\n",
         h.kv_layer_begin(), h.kv_layer_end(), DTypeText(h.kv_dtype()).c_str(),
         LayoutText(h.kv_layout()).c_str(), DimsText(h.kv_spec().shape()).c_str(),
@@ -215,10 +215,10 @@ class ProgressLine {
 
   void Update(const PrefillLayerProgress& p) {
     const double seconds = absl::ToDoubleSeconds(p.elapsed);
-    const std::string line =
-        absl::StrFormat("prefill: layer %d received (%d/%d), %s, %.3f s, %.1f MiB/s", p.layer,
-                        p.layers_done, p.layers_total, FormatBytes(p.kv_bytes_received), seconds,
-                        seconds > 0 ? p.kv_bytes_received / 1048576.0 / seconds : 0.0);
+    const std::string line = absl::StrFormat(
+        "prefill: layer %d received (%d/%d), %s, %.3f s, %s/s", p.layer, p.layers_done,
+        p.layers_total, FormatBytes(p.kv_bytes_received), seconds,
+        FormatBytes(seconds > 0 ? static_cast<int64_t>(p.kv_bytes_received / seconds) : 0));
     if (tty_) {
       std::fprintf(stderr, "\r%s\033[K", line.c_str());
       open_ = true;
@@ -267,7 +267,8 @@ void PrintResults(const PrefillSummary& s) {
       for (const v1::TopLogit& entry : logits.top()) {
         top.push_back(absl::StrFormat("%d (%.4f)", entry.token_id(), entry.logprob()));
       }
-      std::printf("top %d:          %s (token id (logprob))\n", logits.top_size(),
+      std::printf("%-17s%s (token id (logprob))\n",
+                  absl::StrCat("top ", logits.top_size(), ":").c_str(),
                   absl::StrJoin(top, ", ").c_str());
     }
   }
@@ -280,13 +281,12 @@ void PrintResults(const PrefillSummary& s) {
       FormatMs(m.time_to_last_byte_seconds()).c_str());
   std::printf("throughput:      %.0f tokens/s (server compute), %.0f tokens/s end to end\n",
               m.tokens_per_second(), total > 0 ? tokens / total : 0.0);
-  std::printf(
-      "client times:    time to first KV byte %s, total %s; %s of K/V received (%.1f MiB/s)\n",
-      s.time_to_first_kv_byte == absl::InfiniteDuration()
-          ? "- (no K/V)"
-          : FormatMs(absl::ToDoubleSeconds(s.time_to_first_kv_byte)).c_str(),
-      FormatMs(total).c_str(), FormatBytes(s.kv_bytes).c_str(),
-      total > 0 ? s.kv_bytes / 1048576.0 / total : 0.0);
+  std::printf("client times:    time to first KV byte %s, total %s; %s of K/V received (%s/s)\n",
+              s.time_to_first_kv_byte == absl::InfiniteDuration()
+                  ? "- (no K/V)"
+                  : FormatMs(absl::ToDoubleSeconds(s.time_to_first_kv_byte)).c_str(),
+              FormatMs(total).c_str(), FormatBytes(s.kv_bytes).c_str(),
+              FormatBytes(total > 0 ? static_cast<int64_t>(s.kv_bytes / total) : 0).c_str());
 }
 
 // Safetensors metadata: what a reader needs to use the tensors.

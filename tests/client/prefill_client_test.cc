@@ -207,8 +207,10 @@ TEST_F(PrefillFakeServerTest, AnchorctlWritesSafetensorsAndNpy) {
   EXPECT_THAT(run.stdout_text, HasSubstr("request id:      cli-1"));
   EXPECT_THAT(run.stdout_text, HasSubstr("model:           fingerprint f00dfeed, 3 layers"));
   EXPECT_THAT(run.stdout_text, HasSubstr("prompt:          4 tokens"));
-  EXPECT_THAT(run.stdout_text,
-              HasSubstr("kv:              layers [0, 3), bf16 head-major [Hkv, N, d] [2, 4, 4]"));
+  EXPECT_THAT(
+      run.stdout_text,
+      HasSubstr("kv:              layers [0, 3), each K and V bf16 head-major [Hkv, N, d] = "
+                "[2, 4, 4]"));
   EXPECT_THAT(run.stdout_text, HasSubstr("     2   0.750000"));
   EXPECT_THAT(run.stdout_text,
               HasSubstr(absl::StrCat("first token:     ", expected.logits.argmax_token_id())));
