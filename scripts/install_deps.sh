@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Installs the build and test dependencies (Debian 12 / Ubuntu 24.04 packages; the python3-*
-# ones run the Python client's tests). Idempotent and quiet when
-# everything is already there.
+# Installs the build and test dependencies (Debian 12 / Ubuntu 24.04 packages; the python3-* ones
+# run the Python client's tests). Idempotent and quiet when everything is already there.
 set -euo pipefail
 packages=(build-essential cmake ninja-build ccache pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler

@@ -106,7 +106,7 @@ class PrefillResult:
                        f'(layers [{self.header.kv_layer_begin}, {self.header.kv_layer_end}))')
 
 
-# ---- request -------------------------------------------------------------------------------------
+# ---- request ------------------------------------------------------------------------------------
 
 
 def _token_ids(ids: Iterable[int]) -> List[int]:
@@ -189,7 +189,7 @@ def build_request(ids: Iterable[int], *, theta: Optional[float] = None, dense: b
     return request
 
 
-# ---- stream assembly ------------------------------------------------------------------------------
+# ---- stream assembly ----------------------------------------------------------------------------
 
 
 class _Assembler:
@@ -488,7 +488,7 @@ def _enum_name(enum, value) -> str:
         return f'unknown value {value}'
 
 
-# ---- calls ----------------------------------------------------------------------------------------
+# ---- calls --------------------------------------------------------------------------------------
 
 
 class _Channel:

@@ -1,9 +1,11 @@
 """Tests of anchorserve_client against an in-process fake PrefillService (numpy + grpcio only).
 
-Run: ANCHORSERVE_CLIENT_GEN_DIR=<stubs> /usr/bin/python3 -m unittest discover -s client/python/tests
-(CTest does this with the stubs of the build tree).
+Run from the repository root (CTest does this with the stubs of the build tree):
+  ANCHORSERVE_CLIENT_GEN_DIR=build/client/python/gen \
+      /usr/bin/python3 -m unittest discover -s client/python/tests
 """
 
+import importlib.util
 import os
 import socket
 import sys
@@ -332,15 +334,10 @@ class ProtocolTest(PrefillTestCase):
 class DynamicCacheTest(unittest.TestCase):
 
     def test_needs_torch_and_transformers(self):
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            with self.assertRaisesRegex(ImportError, 'to_dynamic_cache needs torch and '
-                                                     'transformers'):
-                anchorserve_client.to_dynamic_cache(None)
-            return
-        self.skipTest('torch and transformers are installed; the example covers them')
+        if all(importlib.util.find_spec(name) for name in ('torch', 'transformers')):
+            self.skipTest('torch and transformers are installed; example_generate.py uses them')
+        with self.assertRaisesRegex(ImportError, 'to_dynamic_cache needs torch and transformers'):
+            anchorserve_client.to_dynamic_cache(None)
 
 
 if __name__ == '__main__':
