@@ -59,6 +59,28 @@ struct CallOptions {
   bool wait_for_ready = false;
 };
 
+// Makes `canceller` (may be null) reach `context` for the lifetime of one call.
+class ScopedCallRegistration {
+ public:
+  ScopedCallRegistration(CallCanceller* canceller, grpc::ClientContext* context);
+  ~ScopedCallRegistration();
+  ScopedCallRegistration(const ScopedCallRegistration&) = delete;
+  ScopedCallRegistration& operator=(const ScopedCallRegistration&) = delete;
+
+ private:
+  CallCanceller* canceller_;
+};
+
+// Checks `options` and makes the plaintext channel to `target` that the clients of this library
+// use (message size limits from `options`; no connection is made yet).
+absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::string& target,
+                                                                   const ClientOptions& options);
+
+// Applies the deadline (`call.timeout`, else `options.default_deadline`) and wait-for-ready of
+// `call` to `context`.
+void PrepareClientContext(const ClientOptions& options, const CallOptions& call,
+                          grpc::ClientContext* context);
+
 // One causal prefill request over host memory the caller owns.
 struct AttendInputs {
   std::string request_id;   // empty: the server makes one up
