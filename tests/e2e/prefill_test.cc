@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "anchorserve/v1/prefill.grpc.pb.h"
 #include "grpcpp/client_context.h"
@@ -22,6 +23,7 @@
 #include "kernels/dtype.h"
 #include "model/cpu/cpu_prefill_engine.h"
 #include "model/model.h"
+#include "model/safetensors.h"
 #include "tests/e2e/e2e_util.h"
 
 namespace anchorserve::e2e {
@@ -411,6 +413,65 @@ TEST_F(PrefillE2eTest, SlowReaderIsBoundedByTheKvBuffer) {
   // --prefill_buffer_bytes plus the one layer that may be handed over into an empty queue.
   EXPECT_GT(max_pending, 0);
   EXPECT_LE(max_pending, static_cast<double>(65536 + layer_bytes));
+}
+
+// anchorctl prefill writes the cache as safetensors; its bytes equal a direct gRPC read, and the
+// Python client reads the same cache and argmax from the real server.
+TEST_F(PrefillE2eTest, AnchorctlAndPythonClientReceiveTheSameCache) {
+  const v1::ModelInfo info = Info();
+  const std::vector<int32_t> ids = PromptIds(300, info.vocab_size());
+  absl::StatusOr<std::string> dir = MakeTempDir("prefill-cli");
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const std::string kv_path = absl::StrCat(*dir, "/kv.safetensors");
+  const std::string ids_text = absl::StrJoin(ids, ",");
+  absl::StatusOr<ProcessResult> cli =
+      RunProcess({AnchorctlBinary(), "prefill", absl::StrCat("--target=", server_->target()),
+                  absl::StrCat("--ids=", ids_text), "--dense", "--kv_dtype=fp32",
+                  absl::StrCat("--kv_out=", kv_path)},
+                 absl::Seconds(120));
+  ASSERT_TRUE(cli.ok()) << cli.status();
+  ASSERT_EQ(cli->exit_code, 0) << cli->output;
+
+  v1::PrefillRequest request;
+  request.mutable_token_ids()->Assign(ids.begin(), ids.end());
+  request.mutable_config()->set_mode(v1::ATTENTION_MODE_DENSE);
+  request.set_kv_dtype(v1::DATA_TYPE_FP32);
+  const Received got = ReadAll(*stub_, request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_NE(cli->output.find(absl::StrCat("first token:     ", got.logits.argmax_token_id())),
+            std::string::npos)
+      << cli->output;
+
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(kv_path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  ASSERT_EQ(static_cast<int>((*file)->tensors().size()), 2 * info.num_layers());
+  for (int layer = 0; layer < info.num_layers(); ++layer) {
+    for (const bool is_v : {false, true}) {
+      const StoredTensor* tensor =
+          (*file)->Find(absl::StrCat("layers.", layer, is_v ? ".v" : ".k"));
+      ASSERT_NE(tensor, nullptr);
+      EXPECT_EQ(tensor->shape, (std::vector<int64_t>{info.num_kv_heads(), 300, info.head_dim()}));
+      const std::string& want = is_v ? got.v[layer] : got.k[layer];
+      ASSERT_EQ(tensor->num_bytes, static_cast<int64_t>(want.size()));
+      const float* a = reinterpret_cast<const float*>(tensor->data);
+      const float* b = reinterpret_cast<const float*>(want.data());
+      int64_t off = 0;
+      for (int64_t i = 0; i < tensor->num_bytes / 4; ++i) {
+        if (!(std::fabs(a[i] - b[i]) <= 1e-5f * (1.0f + std::fabs(b[i])))) ++off;
+      }
+      EXPECT_EQ(off, 0) << "layer " << layer << (is_v ? " v" : " k");
+    }
+  }
+
+  absl::StatusOr<ProcessResult> python = RunProcess(
+      {"/usr/bin/env", absl::StrCat("ANCHORSERVE_CLIENT_GEN_DIR=", ANCHOR_PYTHON_GEN_DIR),
+       ANCHOR_PYTHON, ANCHOR_PYTHON_REAL_SERVER_CHECK, absl::StrCat("--target=", server_->target()),
+       absl::StrCat("--ids=", ids_text), absl::StrCat("--compare_to=", kv_path),
+       absl::StrCat("--argmax=", got.logits.argmax_token_id())},
+      absl::Seconds(120));
+  ASSERT_TRUE(python.ok()) << python.status();
+  EXPECT_EQ(python->exit_code, 0) << python->output;
+  EXPECT_NE(python->output.find("OK:"), std::string::npos) << python->output;
 }
 
 TEST(PrefillWithoutModelTest, PrefillIsFailedPrecondition) {
