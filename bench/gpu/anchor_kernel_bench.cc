@@ -40,7 +40,7 @@
 #include "bench/gpu/bench_recall.h"
 #include "bench/gpu/bench_util.h"
 #include "kernels/attention_types.h"
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 #include "kernels/cuda/identification.h"
 #include "kernels/cuda/identification_types.h"
 #include "kernels/metrics.h"
@@ -177,8 +177,8 @@ struct Row {
 };
 
 // fp64 evaluation of the spec for sampled (head, row) pairs with the GPU's stripe selection.
-void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const AnchorConfig& config,
-                   int sample_rows, uint64_t seed, Row* row) {
+void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
+                   const AnchorConfig& config, int sample_rows, uint64_t seed, Row* row) {
   const int64_t n = qkv.shape.seq_len;
   const int64_t group_size = config.GroupSize();
   const double scale = config.ScaleFor(kD);
@@ -280,7 +280,7 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
 // current inputs and theta, and checks them against the production kernels: max |abar - abar of
 // the production anchor kernel| over the pooled anchors, and the stripe counts per list. Leaves
 // the production kernels' results in place.
-void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps, double anchor_flops,
+void CompareKernelVariants(cuda::AttentionRunner& runner, int64_t n, int reps, double anchor_flops,
                            double stripe_flops) {
   const cudaStream_t stream = runner.stream();
   const cuda::IdentificationParams base = runner.identification_params();
@@ -458,9 +458,10 @@ int Main(int argc, char** argv) {
   BENCH_CUDA(cudaGetDeviceProperties(&properties, 0));
   std::printf("device: %s, %d SMs, %zu MiB\n", properties.name, properties.multiProcessorCount,
               properties.totalGlobalMem >> 20);
-  absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner_or = cuda::AnchorRunner::Create(0);
+  absl::StatusOr<std::unique_ptr<cuda::AttentionRunner>> runner_or =
+      cuda::AttentionRunner::Create(0);
   BENCH_OK(runner_or.status());
-  cuda::AnchorRunner& runner = **runner_or;
+  cuda::AttentionRunner& runner = **runner_or;
   const cudaStream_t stream = runner.stream();
   std::vector<Row> rows;
   void* dense_out = nullptr;

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 
 namespace anchorserve::cuda::attention_detail {
 

@@ -29,8 +29,8 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/anchor_params.h"
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/attention_params.h"
 
 namespace anchorserve::cuda::attention_detail {
 

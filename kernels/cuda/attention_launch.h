@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 
 namespace anchorserve::cuda {
 

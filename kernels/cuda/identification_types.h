@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 
 #if defined(__CUDACC__)
 #define ANCHOR_HOST_DEVICE __host__ __device__

@@ -29,7 +29,7 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/tile_kernels.h"
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 #include "kernels/cuda/identification.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
@@ -670,9 +670,10 @@ TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
     const std::string what = Describe(spec, n, spec.seed);
     std::unique_ptr<TaskData> data = MakeTask(spec, n, spec.seed);
     const AttentionTask& task = data->task;
-    absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner_or = cuda::AnchorRunner::Create(0);
+    absl::StatusOr<std::unique_ptr<cuda::AttentionRunner>> runner_or =
+        cuda::AttentionRunner::Create(0);
     ASSERT_TRUE(runner_or.ok()) << runner_or.status();
-    cuda::AnchorRunner& runner = **runner_or;
+    cuda::AttentionRunner& runner = **runner_or;
     cuda::BatchPlanRequest request;
     request.seq_lens = {n};
     request.num_q_heads = spec.hq;
