@@ -1,7 +1,11 @@
-// Warp-specialized variant of the attention kernels (sm_90a): same key plans, numerics, tiles
-// and shared-memory layouts as attention_kernel.cuh, different schedule.
+// The attention kernel for sm_90a: dense causal attention and AnchorAttention's fine-grained
+// sparse attention, one warp-specialized mainloop for both.
 //
-// One CTA = one query tile (up to 128 rows) x one query head, 384 threads:
+// One CTA = one query tile (up to 128 rows of one group of one sequence) x one query head. Keys
+// are visited in tiles of kTileKeys from a key plan (attention_common.cuh): contiguous ranges
+// (dense: [0, q_end); sparse: the anchor region's initial and local ranges), causal-masked where
+// they reach the tile's rows, then (sparse) the gathered stripe positions of the tile's group,
+// which precede every row of the group and need no causal mask. 384 threads:
 //   - warpgroup 0, the producer: issues every copy (Q once, then K and V key tiles, contiguous
 //     ranges and gathered stripe rows alike) as cp.async 16-byte row pieces into a ring of
 //     kStages K stages and kStages V stages. Each stage has a "full" mbarrier that completes
@@ -15,10 +19,9 @@
 //     issue their wgmmas in turns ("ping-pong"), so one warpgroup's softmax (MUFU/ALU) runs while
 //     the other's GEMMs occupy the tensor cores.
 //
-// The block order can be changed at run time: with tiles_per_chunk > 0, consecutive blocks walk
-// `tiles_per_chunk` query tiles of one head before the next head (chunks of the largest-first
-// tile list), so the CTAs that run together share stripe lists and K/V rows in L2; with 0 the
-// order is the baseline's (all heads of a tile, then the next tile).
+// Block order: with tiles_per_chunk > 0, consecutive blocks walk `tiles_per_chunk` query tiles of
+// one head before the next head (chunks of the largest-first tile list), so the CTAs that run
+// together share stripe lists and K/V rows in L2; with 0, all heads of a tile, then the next tile.
 #pragma once
 
 #include "kernels/cuda/attention_common.cuh"
@@ -307,15 +310,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #endif  // ANCHOR_ATTENTION_HAS_WGMMA
 }
 
-// Host side: launch one warp-specialized instantiation (ring depth per mode). Instantiated once
-// per (dtype, head_dim) in attention_ws_<dtype>_d<head_dim>.cu; the tests and the
-// microbenchmark also instantiate the other depths to compare them.
-// Depths chosen by measurement (H100, bench/RESULTS.md, 2026-11-22): 3 stages for both modes.
-// Sparse: 3 beat 2 in 17 of 22 same-run pairs (random stripe gathers want the deeper ring);
-// dense: 3 stages averaged ~3% above 2 at 8k-128k over two runs (inside the run-to-run spread).
-template <typename Elem, int kHeadDim, int kDenseStages = 3, int kSparseStages = 3>
-cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, int32_t tiles_per_chunk,
-                                   cudaStream_t stream) {
+// K/V ring depth of both modes: the random stripe gathers of sparse mode need the deeper ring,
+// and dense mode is no slower with it (bench/RESULTS.md). 225.25 KiB of shared memory at d = 128.
+inline constexpr int kRingStages = 3;
+// Block order: consecutive blocks walk this many query tiles of one head before the next head,
+// so that the CTAs resident together share stripe lists and K/V rows in L2.
+inline constexpr int32_t kTilesPerChunk = 16;
+
+// Host side: launches one instantiation. Instantiated once per (dtype, head_dim) in
+// attention_ws_<dtype>_d<head_dim>.cu.
+template <typename Elem, int kHeadDim>
+cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, cudaStream_t stream) {
   if (params.num_tiles == 0) return cudaSuccess;
   auto launch = [&](auto* kernel, int smem_bytes) {
     cudaError_t error =
@@ -323,16 +328,13 @@ cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, int32_t tiles_
     if (error != cudaSuccess) return error;
     const dim3 grid(static_cast<unsigned>(params.num_tiles),
                     static_cast<unsigned>(params.num_q_heads));
-    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(params, tiles_per_chunk);
+    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(params, kTilesPerChunk);
     return cudaGetLastError();
   };
-  using WsGeo = WsGeometry<kHeadDim>;
-  if (params.sparse) {
-    return launch(AttentionKernelWs<Elem, kHeadDim, true, kSparseStages>,
-                  WsGeo::SmemBytes(kSparseStages));
-  }
-  return launch(AttentionKernelWs<Elem, kHeadDim, false, kDenseStages>,
-                WsGeo::SmemBytes(kDenseStages));
+  constexpr int kSmemBytes = WsGeometry<kHeadDim>::SmemBytes(kRingStages);
+  if (params.sparse)
+    return launch(AttentionKernelWs<Elem, kHeadDim, true, kRingStages>, kSmemBytes);
+  return launch(AttentionKernelWs<Elem, kHeadDim, false, kRingStages>, kSmemBytes);
 }
 
 }  // namespace anchorserve::cuda::attention_detail

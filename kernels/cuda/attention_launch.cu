@@ -1,5 +1,4 @@
-// LaunchAttention: argument checks, the choice of mainloop, and the flat (dtype, head_dim)
-// dispatch.
+// LaunchAttention: argument checks and the flat (dtype, head_dim) dispatch.
 #include <cmath>
 #include <cstdint>
 
@@ -52,37 +51,15 @@ cudaError_t CheckDevice() {
   return major == 9 && minor == 0 ? cudaSuccess : cudaErrorInvalidDevice;
 }
 
-// The one place that chooses the kernel for LaunchAttention, per mode, from H100 measurements
-// (bench/RESULTS.md, "CUDA attention kernels").
-constexpr AttentionKernelVariant kDenseVariant = AttentionKernelVariant::kWarpSpecialized;
-constexpr AttentionKernelVariant kSparseVariant = AttentionKernelVariant::kWarpSpecialized;
-constexpr int32_t kDenseTilesPerChunk = 16;
-constexpr int32_t kSparseTilesPerChunk = 16;
-
-cudaError_t LaunchBaseline(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t LaunchInstance(const AttentionParams& params, cudaStream_t stream) {
   const bool bf16 = params.elem_type == ElemType::kBf16;
   switch (params.head_dim) {
     case 64:
-      return bf16 ? attention_detail::LaunchAttentionBf16D64(params, stream)
-                  : attention_detail::LaunchAttentionFp16D64(params, stream);
+      return bf16 ? attention_detail::LaunchAttentionWsBf16D64(params, stream)
+                  : attention_detail::LaunchAttentionWsFp16D64(params, stream);
     case 128:
-      return bf16 ? attention_detail::LaunchAttentionBf16D128(params, stream)
-                  : attention_detail::LaunchAttentionFp16D128(params, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t LaunchWarpSpecialized(const AttentionParams& params, int32_t tiles_per_chunk,
-                                  cudaStream_t stream) {
-  const bool bf16 = params.elem_type == ElemType::kBf16;
-  switch (params.head_dim) {
-    case 64:
-      return bf16 ? attention_detail::LaunchAttentionWsBf16D64(params, tiles_per_chunk, stream)
-                  : attention_detail::LaunchAttentionWsFp16D64(params, tiles_per_chunk, stream);
-    case 128:
-      return bf16 ? attention_detail::LaunchAttentionWsBf16D128(params, tiles_per_chunk, stream)
-                  : attention_detail::LaunchAttentionWsFp16D128(params, tiles_per_chunk, stream);
+      return bf16 ? attention_detail::LaunchAttentionWsBf16D128(params, stream)
+                  : attention_detail::LaunchAttentionWsFp16D128(params, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -90,33 +67,12 @@ cudaError_t LaunchWarpSpecialized(const AttentionParams& params, int32_t tiles_p
 
 }  // namespace
 
-cudaError_t LaunchAttentionWithOptions(const AttentionParams& params,
-                                       const AttentionLaunchOptions& options, cudaStream_t stream) {
+cudaError_t LaunchAttention(const AttentionParams& params, cudaStream_t stream) {
   cudaError_t error = CheckParams(params);
   if (error != cudaSuccess || params.num_tiles == 0) return error;
   error = CheckDevice();
   if (error != cudaSuccess) return error;
-  AttentionKernelVariant variant = options.variant;
-  if (variant == AttentionKernelVariant::kAuto) {
-    variant = params.sparse ? kSparseVariant : kDenseVariant;
-  }
-  switch (variant) {
-    case AttentionKernelVariant::kBaseline:
-      return LaunchBaseline(params, stream);
-    case AttentionKernelVariant::kWarpSpecialized: {
-      const int32_t tiles_per_chunk =
-          options.tiles_per_chunk >= 0
-              ? options.tiles_per_chunk
-              : (params.sparse ? kSparseTilesPerChunk : kDenseTilesPerChunk);
-      return LaunchWarpSpecialized(params, tiles_per_chunk, stream);
-    }
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t LaunchAttention(const AttentionParams& params, cudaStream_t stream) {
-  return LaunchAttentionWithOptions(params, AttentionLaunchOptions{}, stream);
+  return LaunchInstance(params, stream);
 }
 
 }  // namespace anchorserve::cuda
