@@ -1,4 +1,4 @@
-// Building blocks of the attention kernel (attention_kernel_ws.cuh): tile geometry, the MMAs, key
+// Building blocks of the attention kernel (attention_kernel.cuh): tile geometry, the MMAs, key
 // plans, the online softmax and the consumer warpgroup's QK / PV issue and epilogue.
 //
 // Numerics: fp32 q.k accumulators, softmax scale applied in fp32 (folded with log2(e) into one

@@ -1,5 +1,5 @@
 // The compiled instantiations of the attention kernel, one translation unit each
-// (attention_ws_<dtype>_d<head_dim>.cu) so that builds stay parallel and bounded.
+// (attention_<dtype>_d<head_dim>.cu) so that builds stay parallel and bounded.
 // attention_launch.cu picks one per launch.
 #pragma once
 
@@ -9,9 +9,9 @@
 
 namespace anchorserve::cuda::attention_detail {
 
-cudaError_t LaunchAttentionWsBf16D64(const AttentionParams& params, cudaStream_t stream);
-cudaError_t LaunchAttentionWsBf16D128(const AttentionParams& params, cudaStream_t stream);
-cudaError_t LaunchAttentionWsFp16D64(const AttentionParams& params, cudaStream_t stream);
-cudaError_t LaunchAttentionWsFp16D128(const AttentionParams& params, cudaStream_t stream);
+cudaError_t LaunchAttentionBf16D64(const AttentionParams& params, cudaStream_t stream);
+cudaError_t LaunchAttentionBf16D128(const AttentionParams& params, cudaStream_t stream);
+cudaError_t LaunchAttentionFp16D64(const AttentionParams& params, cudaStream_t stream);
+cudaError_t LaunchAttentionFp16D128(const AttentionParams& params, cudaStream_t stream);
 
 }  // namespace anchorserve::cuda::attention_detail

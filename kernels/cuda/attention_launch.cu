@@ -55,11 +55,11 @@ cudaError_t LaunchInstance(const AttentionParams& params, cudaStream_t stream) {
   const bool bf16 = params.elem_type == ElemType::kBf16;
   switch (params.head_dim) {
     case 64:
-      return bf16 ? attention_detail::LaunchAttentionWsBf16D64(params, stream)
-                  : attention_detail::LaunchAttentionWsFp16D64(params, stream);
+      return bf16 ? attention_detail::LaunchAttentionBf16D64(params, stream)
+                  : attention_detail::LaunchAttentionFp16D64(params, stream);
     case 128:
-      return bf16 ? attention_detail::LaunchAttentionWsBf16D128(params, stream)
-                  : attention_detail::LaunchAttentionWsFp16D128(params, stream);
+      return bf16 ? attention_detail::LaunchAttentionBf16D128(params, stream)
+                  : attention_detail::LaunchAttentionFp16D128(params, stream);
     default:
       return cudaErrorInvalidValue;
   }

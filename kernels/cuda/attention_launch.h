@@ -1,5 +1,5 @@
 // Host entry point of the attention compute kernels (dense causal and AnchorAttention sparse),
-// plain C++: include it from .cc files. The kernel itself is in attention_kernel_ws.cuh.
+// plain C++: include it from .cc files. The kernel itself is in attention_kernel.cuh.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -23,7 +23,7 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/cuda/attention_kernel_ws.cuh"
+#include "kernels/cuda/attention_kernel.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -645,7 +645,7 @@ TEST(AttentionKernelArgs, BlockOrderIsAPermutation) {
       for (int32_t chunk : {0, 1, 3, attention_detail::kTilesPerChunk, 64}) {
         std::vector<int> seen(static_cast<size_t>(num_tiles) * heads, 0);
         for (int64_t linear = 0; linear < int64_t{num_tiles} * heads; ++linear) {
-          const attention_detail::WsWorkItem item =
+          const attention_detail::WorkItem item =
               attention_detail::DecodeWorkItem(linear, num_tiles, heads, chunk);
           ASSERT_GE(item.tile_index, 0);
           ASSERT_LT(item.tile_index, num_tiles);

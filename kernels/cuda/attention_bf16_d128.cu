@@ -1,11 +1,11 @@
 // Instantiation of the attention kernel for bf16, head_dim 128.
 #include "kernels/cuda/attention_instances.h"
-#include "kernels/cuda/attention_kernel_ws.cuh"
+#include "kernels/cuda/attention_kernel.cuh"
 
 namespace anchorserve::cuda::attention_detail {
 
-cudaError_t LaunchAttentionWsBf16D128(const AttentionParams& params, cudaStream_t stream) {
-  return LaunchAttentionWsTyped<__nv_bfloat16, 128>(params, stream);
+cudaError_t LaunchAttentionBf16D128(const AttentionParams& params, cudaStream_t stream) {
+  return LaunchAttentionTyped<__nv_bfloat16, 128>(params, stream);
 }
 
 }  // namespace anchorserve::cuda::attention_detail

@@ -28,19 +28,19 @@
 
 namespace anchorserve::cuda::attention_detail {
 
-inline constexpr int kWsProducerThreads = 128;
-inline constexpr int kWsThreads = 3 * 128;
+inline constexpr int kProducerThreads = 128;
+inline constexpr int kThreads = 3 * 128;
 // Register split: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 (launch cap: 168 each).
-inline constexpr int kWsProducerRegisters = 40;
-inline constexpr int kWsConsumerRegisters = 232;
+inline constexpr int kProducerRegisters = 40;
+inline constexpr int kConsumerRegisters = 232;
 // Named barriers: 0 = __syncthreads, 1 and 2 = per-consumer-warpgroup epilogue barriers
 // (WarpgroupBarrier), 3 and 4 = "consumer warpgroup w may issue its wgmmas" (ping-pong).
-inline constexpr int kWsSchedulerBarrier = 3;
+inline constexpr int kSchedulerBarrier = 3;
 // Consumer warps that release a stage (one arrival each).
-inline constexpr int kWsConsumerWarps = 8;
+inline constexpr int kConsumerWarps = 8;
 
 template <int kHeadDim>
-struct WsGeometry {
+struct SmemLayout {
   using Geo = TileGeometry<kHeadDim>;
   static constexpr int kBarrierBytes = 256;
   // Q, K[stages], V[stages], barriers, plus slack to align the base to the 1024-byte swizzle
@@ -56,10 +56,10 @@ struct WsGeometry {
 // warp hold exactly the 32 rows that warp copies.
 template <int kHeadDim>
 struct ProducerLoader {
-  static constexpr int kChunksPerRow = kHeadDim / 8;                       // 16 or 8
-  static constexpr int kRowsPerPass = kWsProducerThreads / kChunksPerRow;  // 8 or 16
-  static constexpr int kPasses = kTileKeys / kRowsPerPass;                 // 16 or 8
-  static constexpr int kWarpRowsPerPass = 32 / kChunksPerRow;              // 2 or 4
+  static constexpr int kChunksPerRow = kHeadDim / 8;                     // 16 or 8
+  static constexpr int kRowsPerPass = kProducerThreads / kChunksPerRow;  // 8 or 16
+  static constexpr int kPasses = kTileKeys / kRowsPerPass;               // 16 or 8
+  static constexpr int kWarpRowsPerPass = 32 / kChunksPerRow;            // 2 or 4
   static_assert(kRowsPerPass % 8 == 0, "the swizzle phase must repeat every pass");
 
   int32_t lane;
@@ -106,15 +106,15 @@ struct ProducerLoader {
 };
 
 // (query tile, head) of a block; see the file comment for the two orders.
-struct WsWorkItem {
+struct WorkItem {
   int32_t tile_index;
   int32_t head;
 };
 
-__host__ __device__ __forceinline__ WsWorkItem DecodeWorkItem(int64_t linear, int32_t num_tiles,
-                                                              int32_t num_q_heads,
-                                                              int32_t tiles_per_chunk) {
-  WsWorkItem item;
+__host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int32_t num_tiles,
+                                                            int32_t num_q_heads,
+                                                            int32_t tiles_per_chunk) {
+  WorkItem item;
   if (tiles_per_chunk <= 0) {
     item.tile_index = static_cast<int32_t>(linear / num_q_heads);
     item.head = static_cast<int32_t>(linear % num_q_heads);
@@ -132,9 +132,8 @@ __host__ __device__ __forceinline__ WsWorkItem DecodeWorkItem(int64_t linear, in
 }
 
 template <typename Elem, int kHeadDim, bool kSparse, int kStages>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    AttentionKernelWs(const __grid_constant__ AttentionParams params,
-                      const int32_t tiles_per_chunk) {
+__global__ void __launch_bounds__(kThreads, 1)
+    AttentionKernel(const __grid_constant__ AttentionParams params, const int32_t tiles_per_chunk) {
 #if ANCHOR_ATTENTION_HAS_WGMMA
   static_assert(kStages >= 2 && kStages <= 3, "2 or 3 stages");
   using Geo = TileGeometry<kHeadDim>;
@@ -153,20 +152,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   const int tid = threadIdx.x;
   if (tid == 0) {
-    MbarrierInit(q_full, kWsProducerThreads);
+    MbarrierInit(q_full, kProducerThreads);
 #pragma unroll
     for (int stage = 0; stage < kStages; ++stage) {
-      MbarrierInit(k_full(stage), kWsProducerThreads);
-      MbarrierInit(v_full(stage), kWsProducerThreads);
-      MbarrierInit(k_empty(stage), kWsConsumerWarps);
-      MbarrierInit(v_empty(stage), kWsConsumerWarps);
+      MbarrierInit(k_full(stage), kProducerThreads);
+      MbarrierInit(v_full(stage), kProducerThreads);
+      MbarrierInit(k_empty(stage), kConsumerWarps);
+      MbarrierInit(v_empty(stage), kConsumerWarps);
     }
     FenceMbarrierInit();
   }
   __syncthreads();
 
-  const WsWorkItem work = DecodeWorkItem(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x,
-                                         params.num_tiles, params.num_q_heads, tiles_per_chunk);
+  const WorkItem work = DecodeWorkItem(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x,
+                                       params.num_tiles, params.num_q_heads, tiles_per_chunk);
   const int head = work.head;
   const QueryTile qt = params.tiles[work.tile_index];
   const SeqDesc seq = params.seqs[qt.seq];
@@ -174,9 +173,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const KeyPlan plan = MakeKeyPlan<kSparse>(params, qt, seq, head);
   const int num_key_tiles = plan.num_tiles;
 
-  if (tid < kWsProducerThreads) {
+  if (tid < kProducerThreads) {
     // ------------------------------------------------------------------ producer warpgroup
-    SetMaxRegistersDecrease<kWsProducerRegisters>();
+    SetMaxRegistersDecrease<kProducerRegisters>();
     const int kv_head = head / (params.num_q_heads / params.num_kv_heads);
     const Elem* q_base =
         static_cast<const Elem*>(params.q) + seq.q_offset + head * seq.q_head_stride;
@@ -212,7 +211,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     CpAsyncWaitAllUngrouped();
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
-    SetMaxRegistersIncrease<kWsConsumerRegisters>();
+    SetMaxRegistersIncrease<kConsumerRegisters>();
     const int warpgroup = tid / 128 - 1;  // 0 or 1: query rows 64 * warpgroup ..
     const int thread_in_group = tid % 128;
     const int lane = tid % 32;
@@ -244,8 +243,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     auto release = [&](uint32_t barrier) {
       if (lane == 0) MbarrierArrive(barrier);
     };
-    const int my_turn = kWsSchedulerBarrier + warpgroup;
-    const int other_turn = kWsSchedulerBarrier + 1 - warpgroup;
+    const int my_turn = kSchedulerBarrier + warpgroup;
+    const int other_turn = kSchedulerBarrier + 1 - warpgroup;
 
     MbarrierWait(q_full, 0);
     if (num_key_tiles > 0) {
@@ -263,7 +262,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       // Warpgroup 0 issues first. Each warpgroup waits for its turn before issuing an
       // iteration's wgmmas and passes the turn on after issuing; the counts match exactly
       // (warpgroup 1 skips the pass after its last iteration).
-      if (warpgroup == 1 && num_key_tiles > 1) NamedBarrierArrive(kWsSchedulerBarrier, 256);
+      if (warpgroup == 1 && num_key_tiles > 1) NamedBarrierArrive(kSchedulerBarrier, 256);
 
       // Steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together; the softmax
       // of tile t overlaps the PV product and the other warpgroup's wgmmas.
@@ -318,9 +317,9 @@ inline constexpr int kRingStages = 3;
 inline constexpr int32_t kTilesPerChunk = 16;
 
 // Host side: launches one instantiation. Instantiated once per (dtype, head_dim) in
-// attention_ws_<dtype>_d<head_dim>.cu.
+// attention_<dtype>_d<head_dim>.cu.
 template <typename Elem, int kHeadDim>
-cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
   if (params.num_tiles == 0) return cudaSuccess;
   auto launch = [&](auto* kernel, int smem_bytes) {
     cudaError_t error =
@@ -328,13 +327,12 @@ cudaError_t LaunchAttentionWsTyped(const AttentionParams& params, cudaStream_t s
     if (error != cudaSuccess) return error;
     const dim3 grid(static_cast<unsigned>(params.num_tiles),
                     static_cast<unsigned>(params.num_q_heads));
-    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(params, kTilesPerChunk);
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(params, kTilesPerChunk);
     return cudaGetLastError();
   };
-  constexpr int kSmemBytes = WsGeometry<kHeadDim>::SmemBytes(kRingStages);
-  if (params.sparse)
-    return launch(AttentionKernelWs<Elem, kHeadDim, true, kRingStages>, kSmemBytes);
-  return launch(AttentionKernelWs<Elem, kHeadDim, false, kRingStages>, kSmemBytes);
+  constexpr int kSmemBytes = SmemLayout<kHeadDim>::SmemBytes(kRingStages);
+  if (params.sparse) return launch(AttentionKernel<Elem, kHeadDim, true, kRingStages>, kSmemBytes);
+  return launch(AttentionKernel<Elem, kHeadDim, false, kRingStages>, kSmemBytes);
 }
 
 }  // namespace anchorserve::cuda::attention_detail
