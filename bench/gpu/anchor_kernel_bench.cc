@@ -283,12 +283,12 @@ void TimeStageParts(cuda::AttentionRunner& runner, int64_t n, int reps) {
   const cuda::IdentificationParams params = runner.identification_params();
   EventTimer timer(2);
   auto time_ms = [&](auto&& launch) {
-    BENCH_CUDA(launch());
+    BENCH_LAUNCH(launch());
     BENCH_CUDA(cudaStreamSynchronize(stream));
     std::vector<double> times;
     for (int r = 0; r < reps; ++r) {
       timer.Record(0, stream);
-      BENCH_CUDA(launch());
+      BENCH_LAUNCH(launch());
       timer.Record(1, stream);
       BENCH_CUDA(cudaStreamSynchronize(stream));
       times.push_back(timer.Ms(0, 1));

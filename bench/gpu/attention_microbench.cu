@@ -303,7 +303,7 @@ AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const Anch
 
 // Median milliseconds of `reps` launches after `warmup` launches.
 double TimeMs(const AttentionParams& params, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) BENCH_CUDA(LaunchAttention(params, nullptr));
+  for (int i = 0; i < warmup; ++i) BENCH_LAUNCH(LaunchAttention(params, nullptr));
   BENCH_CUDA(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
   BENCH_CUDA(cudaEventCreate(&start));
@@ -311,7 +311,7 @@ double TimeMs(const AttentionParams& params, int warmup, int reps) {
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
     BENCH_CUDA(cudaEventRecord(start));
-    BENCH_CUDA(LaunchAttention(params, nullptr));
+    BENCH_LAUNCH(LaunchAttention(params, nullptr));
     BENCH_CUDA(cudaEventRecord(stop));
     BENCH_CUDA(cudaEventSynchronize(stop));
     float ms = 0;

@@ -546,8 +546,9 @@ cudaError_t LaunchAnchorTyped(const IdentificationParams& p, cudaStream_t stream
 
 }  // namespace
 
-cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream) {
-  if (!id_detail::ValidShape(p)) return cudaErrorInvalidValue;
+LaunchResult LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream) {
+  const LaunchResult shape = id_detail::CheckShape(p);
+  if (!shape.ok()) return shape;
   if (p.num_anchor_tiles > 0) {
     const bool bf16 = p.elem_type == ElemType::kBf16;
     cudaError_t error;
@@ -558,7 +559,7 @@ cudaError_t LaunchAnchorStage(const IdentificationParams& p, cudaStream_t stream
       error = bf16 ? LaunchAnchorTyped<__nv_bfloat16, 64>(p, stream)
                    : LaunchAnchorTyped<__half, 64>(p, stream);
     }
-    if (error != cudaSuccess) return error;
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
   }
   return LaunchPooling(p, stream);
 }

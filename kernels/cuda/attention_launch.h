@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/cuda/attention_params.h"
+#include "kernels/cuda/launch_result.h"
 
 namespace anchorserve::cuda {
 
@@ -24,9 +25,10 @@ inline constexpr int32_t kAttentionTileRows = 128;
 // Preconditions the launcher cannot check (device memory): every SeqDesc offset and stride is a
 // multiple of 8 elements (16-byte rows), stripe positions lie in [n_init*G, (g-n_loc+1)*G) of
 // their sequence, tiles never straddle a group and have 1 <= q_len <= kAttentionTileRows.
-// Returns cudaErrorInvalidValue for unsupported or inconsistent arguments, cudaErrorInvalidDevice
-// on a GPU other than sm_90, otherwise the launch's error. Asynchronous: no synchronisation.
-cudaError_t LaunchAttention(const AttentionParams& params, cudaStream_t stream);
+// Returns the failed precondition for unsupported or inconsistent arguments (InvalidArgument)
+// and on a GPU other than sm_90 (UnsupportedDevice), otherwise the launch's CUDA error.
+// Asynchronous: no synchronisation.
+LaunchResult LaunchAttention(const AttentionParams& params, cudaStream_t stream);
 
 // Query tiles of at most kAttentionTileRows rows that never straddle a group of `group_size`
 // rows, for the sequences of `seq_lens` (QueryTile::seq = index in seq_lens). Listed with the

@@ -10,6 +10,7 @@
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/identification.h"
+#include "kernels/cuda/launch_result.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve::cuda {
@@ -18,6 +19,19 @@ namespace {
 static_assert(sizeof(DeviceHeadStats) == sizeof(HeadStats) &&
                   std::is_trivially_copyable_v<HeadStats>,
               "DeviceHeadStats mirrors HeadStats");
+
+// A launcher's result as a Status: the failed precondition as INVALID_ARGUMENT (arguments) or
+// FAILED_PRECONDITION (GPU), a CUDA error as INTERNAL.
+absl::Status LaunchStatus(const LaunchResult& result, const char* launcher) {
+  if (result.ok()) return absl::OkStatus();
+  if (result.precondition_failed()) {
+    const std::string message = absl::StrCat(launcher, ": ", result.what);
+    return result.code == cudaErrorInvalidDevice ? absl::FailedPreconditionError(message)
+                                                 : absl::InvalidArgumentError(message);
+  }
+  return absl::InternalError(absl::StrCat(launcher, ": ", cudaGetErrorName(result.code), ": ",
+                                          cudaGetErrorString(result.code)));
+}
 
 template <typename T>
 absl::Status Upload(void* base, int64_t offset, const std::vector<T>& values, cudaStream_t stream) {
@@ -161,14 +175,16 @@ AttentionParams AttentionRunner::attention_params(KernelChoice choice) const {
 absl::Status AttentionRunner::RunAnchorStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchAnchorStage(identification_params(), stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchAnchorStage(identification_params(), stream_), "LaunchAnchorStage"));
   return absl::OkStatus();
 }
 
 absl::Status AttentionRunner::RunStripeStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchStripeStage(identification_params(), stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchStripeStage(identification_params(), stream_), "LaunchStripeStage"));
   return absl::OkStatus();
 }
 
@@ -182,7 +198,7 @@ absl::Status AttentionRunner::RunAttention(KernelChoice choice, void* out_overri
   AttentionParams params = attention_params(choice);
   if (out_override != nullptr) params.out = out_override;
   if (lse_override != nullptr) params.maybe_lse = lse_override;
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchAttention(params, stream_));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchAttention(params, stream_), "LaunchAttention"));
   return absl::OkStatus();
 }
 
@@ -190,7 +206,8 @@ absl::Status AttentionRunner::RunHeadStats(bool dense) {
   if (!prepared_) return absl::FailedPreconditionError("Prepare first");
   if (!dense && !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchHeadStats(identification_params(), dense, stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchHeadStats(identification_params(), dense, stream_), "LaunchHeadStats"));
   return absl::OkStatus();
 }
 

@@ -83,10 +83,10 @@ __global__ void __launch_bounds__(kStatsThreads)
 
 }  // namespace
 
-cudaError_t LaunchHeadStats(const IdentificationParams& p, bool dense, cudaStream_t stream) {
-  if (p.num_seqs == 0) return cudaSuccess;
+LaunchResult LaunchHeadStats(const IdentificationParams& p, bool dense, cudaStream_t stream) {
+  if (p.num_seqs == 0) return LaunchResult::Ok();
   HeadStatsKernel<<<dim3(p.num_seqs, p.num_q_heads), kStatsThreads, 0, stream>>>(p, dense);
-  return cudaGetLastError();
+  return LaunchResult::Cuda(cudaGetLastError());
 }
 
 }  // namespace anchorserve::cuda

@@ -1,7 +1,7 @@
 // Device helpers shared by the stripe-identification kernels (anchor_stage.cu, pooling.cu,
 // stripe_scoring.cu, stripe_compaction.cu, head_stats.cu): element traits, the 128-byte-swizzled
 // shared tiles of the wgmma kernels with their descriptors and row copier, the anchor region's
-// local begin, and the shape checks of the stage launchers. The PTX wrappers themselves
+// local begin, and the shape check of the stage launchers. The PTX wrappers themselves
 // (cp.async, ldmatrix, wgmma, ...) are in ptx.cuh.
 #pragma once
 
@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/identification_types.h"
+#include "kernels/cuda/launch_result.h"
 #include "kernels/cuda/ptx.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -168,11 +169,20 @@ struct AnchorKeyTiles {
   }
 };
 
-// The shape every stage launcher needs.
-inline bool ValidShape(const IdentificationParams& p) {
-  return (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
-         p.num_q_heads % p.num_kv_heads == 0 && p.pooled_rows % kPooledRowTile == 0 &&
-         p.pooled_rows >= p.geometry.step;
+// The first precondition of the shape every stage launcher needs that does not hold.
+inline LaunchResult CheckShape(const IdentificationParams& p) {
+  using R = LaunchResult;
+  if (p.head_dim != 64 && p.head_dim != 128)
+    return R::InvalidArgument("head_dim must be 64 or 128");
+  if (p.num_kv_heads < 1) return R::InvalidArgument("num_kv_heads must be >= 1");
+  if (p.num_q_heads % p.num_kv_heads != 0) {
+    return R::InvalidArgument("num_q_heads must be a multiple of num_kv_heads");
+  }
+  if (p.pooled_rows % kPooledRowTile != 0) {
+    return R::InvalidArgument("pooled_rows must be a multiple of kPooledRowTile");
+  }
+  if (p.pooled_rows < p.geometry.step) return R::InvalidArgument("pooled_rows must be >= step");
+  return R::Ok();
 }
 
 }  // namespace anchorserve::cuda::id_detail

@@ -90,13 +90,17 @@ cudaError_t LaunchPool(const IdentificationParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t LaunchPooling(const IdentificationParams& p, cudaStream_t stream) {
-  if (!id_detail::ValidShape(p)) return cudaErrorInvalidValue;
+LaunchResult LaunchPooling(const IdentificationParams& p, cudaStream_t stream) {
+  const LaunchResult shape = id_detail::CheckShape(p);
+  if (!shape.ok()) return shape;
   const bool bf16 = p.elem_type == ElemType::kBf16;
+  cudaError_t error;
   if (p.head_dim == 128) {
-    return bf16 ? LaunchPool<__nv_bfloat16, 128>(p, stream) : LaunchPool<__half, 128>(p, stream);
+    error = bf16 ? LaunchPool<__nv_bfloat16, 128>(p, stream) : LaunchPool<__half, 128>(p, stream);
+  } else {
+    error = bf16 ? LaunchPool<__nv_bfloat16, 64>(p, stream) : LaunchPool<__half, 64>(p, stream);
   }
-  return bf16 ? LaunchPool<__nv_bfloat16, 64>(p, stream) : LaunchPool<__half, 64>(p, stream);
+  return LaunchResult::Cuda(error);
 }
 
 }  // namespace anchorserve::cuda

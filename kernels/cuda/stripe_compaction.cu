@@ -64,11 +64,12 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const Identific
 
 }  // namespace
 
-cudaError_t LaunchStripeCompaction(const IdentificationParams& p, cudaStream_t stream) {
-  if (!id_detail::ValidShape(p)) return cudaErrorInvalidValue;
-  if (p.num_groups == 0) return cudaSuccess;
+LaunchResult LaunchStripeCompaction(const IdentificationParams& p, cudaStream_t stream) {
+  const LaunchResult shape = id_detail::CheckShape(p);
+  if (!shape.ok()) return shape;
+  if (p.num_groups == 0) return LaunchResult::Ok();
   CompactKernel<<<dim3(p.num_groups, p.num_q_heads), kCompactThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchResult::Cuda(cudaGetLastError());
 }
 
 }  // namespace anchorserve::cuda

@@ -423,13 +423,14 @@ cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream
 
 }  // namespace
 
-cudaError_t LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream) {
-  if (!id_detail::ValidShape(p)) return cudaErrorInvalidValue;
-  if (p.num_groups == 0) return cudaSuccess;
+LaunchResult LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream) {
+  const LaunchResult shape = id_detail::CheckShape(p);
+  if (!shape.ok()) return shape;
+  if (p.num_groups == 0) return LaunchResult::Ok();
   if (p.bitmask_words > 0) {
     const cudaError_t error =
         cudaMemsetAsync(p.bitmask, 0, p.bitmask_words * sizeof(uint32_t), stream);
-    if (error != cudaSuccess) return error;
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
   }
   // theta = -inf selects nothing: the cleared bitmask compacts to empty lists.
   if (p.num_items > 0 && !(std::isinf(p.theta) && p.theta < 0)) {
@@ -442,7 +443,7 @@ cudaError_t LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream
       error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 64>(p, stream)
                    : LaunchStripeTyped<__half, 64>(p, stream);
     }
-    if (error != cudaSuccess) return error;
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
   }
   return LaunchStripeCompaction(p, stream);
 }

@@ -350,7 +350,10 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result) {
     params.stripes.count = counts.get<int32_t>();
     params.stripes.index = index.get<int32_t>();
   }
-  ASSERT_EQ(LaunchAttention(params, nullptr), cudaSuccess);
+  const LaunchResult launched = LaunchAttention(params, nullptr);
+  ASSERT_TRUE(launched.ok()) << (launched.precondition_failed()
+                                     ? launched.what
+                                     : cudaGetErrorString(launched.code));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   result->out.assign(b.q_elems, 0);
   result->lse.assign(b.lse_elems, 0.0f);
@@ -624,18 +627,27 @@ TEST(AttentionKernelArgs, RejectsUnsupported) {
   alignas(16) static uint16_t buffer[8];
   p.q = p.k = p.v = buffer;
   p.out = buffer;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);  // head_dim 96
+  // Rejected with the failed precondition named, before any CUDA call.
+  auto expect_rejected = [&](const char* mentions) {
+    const LaunchResult result = LaunchAttention(p, nullptr);
+    EXPECT_EQ(result.code, cudaErrorInvalidValue) << mentions;
+    ASSERT_TRUE(result.precondition_failed()) << mentions;
+    EXPECT_NE(std::string(result.what).find(mentions), std::string::npos) << result.what;
+  };
+  expect_rejected("head_dim");  // 96
   p.head_dim = 128;
   p.num_kv_heads = 3;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);  // Hq % Hkv
+  expect_rejected("multiple of num_kv_heads");
   p.num_kv_heads = 2;
   p.softmax_scale = NAN;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);
+  expect_rejected("softmax_scale");
   p.softmax_scale = 0.1f;
-  p.sparse = true;  // no stripe lists
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);
+  p.sparse = true;  // no geometry
+  expect_rejected("group_size");
+  p.geometry = AnchorGeometry{256, 64, 4, 1, 1};  // no stripe lists
+  expect_rejected("stripe lists");
   p.num_tiles = 0;  // nothing to do
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaSuccess);
+  EXPECT_TRUE(LaunchAttention(p, nullptr).ok());
 }
 
 // The block order visits every (tile, head) exactly once, also with a short last chunk.
