@@ -11,6 +11,8 @@
 
 namespace anchorserve::cuda {
 
+// Mirror of the 16-bit anchorserve::DType values, same numbers (checked in attention_runner.cc),
+// so that the kernel objects build without anchor_core.
 enum class ElemType : int32_t { kBf16 = 0, kFp16 = 1 };
 
 struct SeqDesc {

@@ -19,6 +19,12 @@ namespace {
 static_assert(sizeof(DeviceHeadStats) == sizeof(HeadStats) &&
                   std::is_trivially_copyable_v<HeadStats>,
               "DeviceHeadStats mirrors HeadStats");
+static_assert(static_cast<int>(ElemType::kBf16) == static_cast<int>(DType::kBf16) &&
+                  static_cast<int>(ElemType::kFp16) == static_cast<int>(DType::kFp16),
+              "ElemType mirrors the 16-bit DTypes");
+
+// The ElemType of a 16-bit DType.
+ElemType ToElemType(DType dtype) { return static_cast<ElemType>(dtype); }
 
 // A launcher's result as a Status: the failed precondition as INVALID_ARGUMENT (arguments) or
 // FAILED_PRECONDITION (GPU), a CUDA error as INTERNAL.
@@ -69,7 +75,7 @@ absl::Status AttentionRunner::Prepare(const BatchPlanRequest& request, DType dty
                                                    " is not supported by the cuda backend"));
   }
   ANCHOR_ASSIGN_OR_RETURN(plan_, PlanBatch(request));
-  elem_type_ = dtype == DType::kBf16 ? ElemType::kBf16 : ElemType::kFp16;
+  elem_type_ = ToElemType(dtype);
   softmax_scale_ = request.config.ScaleFor(request.head_dim);
   theta_ = request.config.theta;
   layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor);
