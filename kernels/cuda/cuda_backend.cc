@@ -15,7 +15,7 @@
 namespace anchorserve {
 namespace {
 
-using cuda::AnchorRunner;
+using cuda::AttentionRunner;
 using cuda::KernelChoice;
 
 // One CUDA event, destroyed with its owner.
@@ -92,7 +92,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
                      properties.major, ".", properties.minor,
                      "; the kernels are built for 9.0 (sm_90a: H100/H200)"));
   }
-  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AnchorRunner> runner, AnchorRunner::Create(device));
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AttentionRunner> runner, AttentionRunner::Create(device));
   const std::string name =
       absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
                    properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");

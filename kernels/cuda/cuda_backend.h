@@ -12,7 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kernels/backend.h"
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 
 namespace anchorserve {
 
@@ -50,13 +50,13 @@ class CudaBackend : public AttentionBackend {
   StripeSnapshot LastStripesForTesting() const;
 
  private:
-  CudaBackend(int device, std::unique_ptr<cuda::AnchorRunner> runner, std::string device_name)
+  CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner, std::string device_name)
       : device_(device), runner_(std::move(runner)), device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int device_;
   mutable absl::Mutex mu_;
-  std::unique_ptr<cuda::AnchorRunner> runner_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
   StripeSnapshot snapshot_ ABSL_GUARDED_BY(mu_);

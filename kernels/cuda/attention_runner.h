@@ -13,7 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention_types.h"
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 #include "kernels/cuda/batch_plan.h"
 #include "kernels/cuda/identification_types.h"
 
@@ -23,12 +23,12 @@ namespace anchorserve::cuda {
 enum class KernelChoice { kDense, kSparse };
 KernelChoice SelectKernel(const AnchorConfig& config);
 
-class AnchorRunner {
+class AttentionRunner {
  public:
-  static absl::StatusOr<std::unique_ptr<AnchorRunner>> Create(int device);
-  ~AnchorRunner();
-  AnchorRunner(const AnchorRunner&) = delete;
-  AnchorRunner& operator=(const AnchorRunner&) = delete;
+  static absl::StatusOr<std::unique_ptr<AttentionRunner>> Create(int device);
+  ~AttentionRunner();
+  AttentionRunner(const AttentionRunner&) = delete;
+  AttentionRunner& operator=(const AttentionRunner&) = delete;
 
   // Plans the batch, grows the arena when needed and uploads the plan (synchronously). The
   // tensor buffers below are valid (uninitialised) until the next Prepare.
@@ -72,7 +72,7 @@ class AnchorRunner {
   AttentionParams attention_params(KernelChoice choice) const;
 
  private:
-  AnchorRunner(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  AttentionRunner(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
   void* At(int64_t offset) const { return static_cast<char*>(arena_) + offset; }
 
   int device_;

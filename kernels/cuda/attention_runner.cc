@@ -1,4 +1,4 @@
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 
 #include <cuda_runtime_api.h>
 
@@ -10,6 +10,7 @@
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/identification.h"
+#include "kernels/cuda/launch_result.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve::cuda {
@@ -18,6 +19,25 @@ namespace {
 static_assert(sizeof(DeviceHeadStats) == sizeof(HeadStats) &&
                   std::is_trivially_copyable_v<HeadStats>,
               "DeviceHeadStats mirrors HeadStats");
+static_assert(static_cast<int>(ElemType::kBf16) == static_cast<int>(DType::kBf16) &&
+                  static_cast<int>(ElemType::kFp16) == static_cast<int>(DType::kFp16),
+              "ElemType mirrors the 16-bit DTypes");
+
+// The ElemType of a 16-bit DType.
+ElemType ToElemType(DType dtype) { return static_cast<ElemType>(dtype); }
+
+// A launcher's result as a Status: the failed precondition as INVALID_ARGUMENT (arguments) or
+// FAILED_PRECONDITION (GPU), a CUDA error as INTERNAL.
+absl::Status LaunchStatus(const LaunchResult& result, const char* launcher) {
+  if (result.ok()) return absl::OkStatus();
+  if (result.precondition_failed()) {
+    const std::string message = absl::StrCat(launcher, ": ", result.what);
+    return result.code == cudaErrorInvalidDevice ? absl::FailedPreconditionError(message)
+                                                 : absl::InvalidArgumentError(message);
+  }
+  return absl::InternalError(absl::StrCat(launcher, ": ", cudaGetErrorName(result.code), ": ",
+                                          cudaGetErrorString(result.code)));
+}
 
 template <typename T>
 absl::Status Upload(void* base, int64_t offset, const std::vector<T>& values, cudaStream_t stream) {
@@ -34,28 +54,28 @@ KernelChoice SelectKernel(const AnchorConfig& config) {
   return config.IsDense() ? KernelChoice::kDense : KernelChoice::kSparse;
 }
 
-absl::StatusOr<std::unique_ptr<AnchorRunner>> AnchorRunner::Create(int device) {
+absl::StatusOr<std::unique_ptr<AttentionRunner>> AttentionRunner::Create(int device) {
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   cudaStream_t stream = nullptr;
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  return std::unique_ptr<AnchorRunner>(new AnchorRunner(device, stream));
+  return std::unique_ptr<AttentionRunner>(new AttentionRunner(device, stream));
 }
 
-AnchorRunner::~AnchorRunner() {
+AttentionRunner::~AttentionRunner() {
   cudaSetDevice(device_);
   if (arena_ != nullptr) cudaFree(arena_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
-absl::Status AnchorRunner::Prepare(const BatchPlanRequest& request, DType dtype,
-                                   bool keep_row_anchor) {
+absl::Status AttentionRunner::Prepare(const BatchPlanRequest& request, DType dtype,
+                                      bool keep_row_anchor) {
   prepared_ = false;
   if (dtype != DType::kBf16 && dtype != DType::kFp16) {
     return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(DTypeName(dtype)),
                                                    " is not supported by the cuda backend"));
   }
   ANCHOR_ASSIGN_OR_RETURN(plan_, PlanBatch(request));
-  elem_type_ = dtype == DType::kBf16 ? ElemType::kBf16 : ElemType::kFp16;
+  elem_type_ = ToElemType(dtype);
   softmax_scale_ = request.config.ScaleFor(request.head_dim);
   theta_ = request.config.theta;
   layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor);
@@ -94,7 +114,7 @@ absl::Status AnchorRunner::Prepare(const BatchPlanRequest& request, DType dtype,
   return absl::OkStatus();
 }
 
-IdentificationParams AnchorRunner::identification_params() const {
+IdentificationParams AttentionRunner::identification_params() const {
   IdentificationParams p{};
   p.elem_type = elem_type_;
   p.num_q_heads = plan_.num_q_heads;
@@ -133,7 +153,7 @@ IdentificationParams AnchorRunner::identification_params() const {
   return p;
 }
 
-AttentionParams AnchorRunner::attention_params(KernelChoice choice) const {
+AttentionParams AttentionRunner::attention_params(KernelChoice choice) const {
   AttentionParams p{};
   p.elem_type = elem_type_;
   p.num_q_heads = plan_.num_q_heads;
@@ -158,22 +178,24 @@ AttentionParams AnchorRunner::attention_params(KernelChoice choice) const {
   return p;
 }
 
-absl::Status AnchorRunner::RunAnchorStage() {
+absl::Status AttentionRunner::RunAnchorStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchAnchorStage(identification_params(), stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchAnchorStage(identification_params(), stream_), "LaunchAnchorStage"));
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::RunStripeStage() {
+absl::Status AttentionRunner::RunStripeStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchStripeStage(identification_params(), stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchStripeStage(identification_params(), stream_), "LaunchStripeStage"));
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::RunAttention(KernelChoice choice, void* out_override,
-                                        float* lse_override) {
+absl::Status AttentionRunner::RunAttention(KernelChoice choice, void* out_override,
+                                           float* lse_override) {
   if (!prepared_) return absl::FailedPreconditionError("Prepare first");
   if (choice == KernelChoice::kSparse && !plan_.sparse) {
     return absl::FailedPreconditionError("sparse attention needs a sparse plan");
@@ -182,19 +204,20 @@ absl::Status AnchorRunner::RunAttention(KernelChoice choice, void* out_override,
   AttentionParams params = attention_params(choice);
   if (out_override != nullptr) params.out = out_override;
   if (lse_override != nullptr) params.maybe_lse = lse_override;
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchAttention(params, stream_));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchAttention(params, stream_), "LaunchAttention"));
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::RunHeadStats(bool dense) {
+absl::Status AttentionRunner::RunHeadStats(bool dense) {
   if (!prepared_) return absl::FailedPreconditionError("Prepare first");
   if (!dense && !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(LaunchHeadStats(identification_params(), dense, stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      LaunchStatus(LaunchHeadStats(identification_params(), dense, stream_), "LaunchHeadStats"));
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::CopyHeadStats(std::vector<HeadStats>* stats) const {
+absl::Status AttentionRunner::CopyHeadStats(std::vector<HeadStats>* stats) const {
   std::vector<DeviceHeadStats> device_stats(plan_.seqs.size() * plan_.num_q_heads);
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_stats.data(), At(layout_.head_stats),
                                               device_stats.size() * sizeof(DeviceHeadStats),
@@ -213,8 +236,8 @@ absl::Status AnchorRunner::CopyHeadStats(std::vector<HeadStats>* stats) const {
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::CopyStripeLists(std::vector<int32_t>* counts,
-                                           std::vector<int32_t>* index) const {
+absl::Status AttentionRunner::CopyStripeLists(std::vector<int32_t>* counts,
+                                              std::vector<int32_t>* index) const {
   if (!plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   counts->resize(plan_.list_offset.size());
   index->resize(plan_.list_entries);
@@ -232,7 +255,7 @@ absl::Status AnchorRunner::CopyStripeLists(std::vector<int32_t>* counts,
   return absl::OkStatus();
 }
 
-absl::Status AnchorRunner::CopyRowAnchor(std::vector<float>* row_anchor) const {
+absl::Status AttentionRunner::CopyRowAnchor(std::vector<float>* row_anchor) const {
   if (layout_.row_anchor == 0) return absl::FailedPreconditionError("keep_row_anchor was off");
   row_anchor->resize(plan_.lse_elements);
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(row_anchor->data(), At(layout_.row_anchor),
