@@ -17,19 +17,17 @@ absl::Status ValidateAnchorConfig(const AnchorConfig& config) {
         absl::StrCat("config.step must be in [1, ", kMaxStep, "], got ", config.step));
   }
   if (config.init_groups < 0 || config.init_groups > kMaxRegionGroups) {
-    return absl::InvalidArgumentError(absl::StrCat("config.init_groups must be in [0, ",
-                                                   kMaxRegionGroups, "], got ",
-                                                   config.init_groups));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.init_groups must be in [0, ", kMaxRegionGroups, "], got ", config.init_groups));
   }
   if (config.local_groups < 1 || config.local_groups > kMaxRegionGroups) {
-    return absl::InvalidArgumentError(absl::StrCat("config.local_groups must be in [1, ",
-                                                   kMaxRegionGroups, "], got ",
-                                                   config.local_groups));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.local_groups must be in [1, ", kMaxRegionGroups, "], got ", config.local_groups));
   }
   if (!std::isfinite(config.softmax_scale) || config.softmax_scale < 0.0f) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.softmax_scale must be finite and positive (0 = default), got ",
-        config.softmax_scale));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.softmax_scale must be finite and positive (0 = default), got ",
+                     config.softmax_scale));
   }
   return absl::OkStatus();
 }

@@ -26,11 +26,11 @@ enum class AttentionMode {
 // The spec's knobs, with its defaults. One group = block_size * step query rows.
 struct AnchorConfig {
   AttentionMode mode = AttentionMode::kAnchor;
-  float theta = 12.0f;  // nats of scale*q.k; +inf = dense, -inf = anchor region only
-  int block_size = 128;  // B
-  int step = 16;         // s
-  int init_groups = 1;   // n_init
-  int local_groups = 1;  // n_loc (own group counts as 1)
+  float theta = 12.0f;         // nats of scale*q.k; +inf = dense, -inf = anchor region only
+  int block_size = 128;        // B
+  int step = 16;               // s
+  int init_groups = 1;         // n_init
+  int local_groups = 1;        // n_loc (own group counts as 1)
   float softmax_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
 
   int64_t GroupSize() const { return int64_t{block_size} * step; }
@@ -52,10 +52,10 @@ inline constexpr int kMaxHeadDim = 256;
 absl::Status ValidateAnchorConfig(const AnchorConfig& config);
 
 struct AttentionShape {
-  int64_t seq_len = 0;  // N: q_len == kv_len (causal prefill)
-  int num_q_heads = 0;  // Hq
+  int64_t seq_len = 0;   // N: q_len == kv_len (causal prefill)
+  int num_q_heads = 0;   // Hq
   int num_kv_heads = 0;  // Hkv; Hq % Hkv == 0, query head h reads KV head h / (Hq / Hkv)
-  int head_dim = 0;     // d
+  int head_dim = 0;      // d
 
   int GqaRatio() const { return num_q_heads / num_kv_heads; }
 };
@@ -91,12 +91,12 @@ struct StageTimes {
 // One sequence to attend. The caller owns every buffer; the backend fills the outputs.
 struct AttentionTask {
   AttentionShape shape;
-  DType dtype = DType::kBf16;  // of q, k, v and out
+  DType dtype = DType::kBf16;           // of q, k, v and out
   Layout layout = Layout::kTokenMajor;  // of q, k, v and out
-  const void* q = nullptr;  // [N, Hq, d] or [Hq, N, d]
-  const void* k = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
-  const void* v = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
-  void* out = nullptr;      // like q
+  const void* q = nullptr;              // [N, Hq, d] or [Hq, N, d]
+  const void* k = nullptr;              // [N, Hkv, d] or [Hkv, N, d]
+  const void* v = nullptr;              // [N, Hkv, d] or [Hkv, N, d]
+  void* out = nullptr;                  // like q
   float* maybe_lse = nullptr;  // [Hq, N] natural-log sum of exp(s_ij) over the computed keys
   AnchorConfig config;
   // Set by whoever stops waiting for the result; backends skip or abandon the task.

@@ -14,15 +14,15 @@ namespace anchorserve::cuda {
 enum class ElemType : int32_t { kBf16 = 0, kFp16 = 1 };
 
 struct SeqDesc {
-  int64_t q_offset;         // element offset of q[token 0, head 0, 0]; out uses the same
-  int64_t kv_offset;        // element offset of k/v[token 0, head 0, 0]
-  int64_t q_token_stride;   // elements between consecutive tokens of q/out
-  int64_t q_head_stride;    // elements between consecutive heads of q/out
+  int64_t q_offset;        // element offset of q[token 0, head 0, 0]; out uses the same
+  int64_t kv_offset;       // element offset of k/v[token 0, head 0, 0]
+  int64_t q_token_stride;  // elements between consecutive tokens of q/out
+  int64_t q_head_stride;   // elements between consecutive heads of q/out
   int64_t kv_token_stride;
   int64_t kv_head_stride;
-  int64_t lse_offset;       // element offset of this sequence's [Hq, seq_len] LSE block
-  int32_t seq_len;          // N
-  int32_t group_begin;      // index of this sequence's group 0 among the batch's groups
+  int64_t lse_offset;   // element offset of this sequence's [Hq, seq_len] LSE block
+  int32_t seq_len;      // N
+  int32_t group_begin;  // index of this sequence's group 0 among the batch's groups
 };
 
 // One query tile of one sequence. Tiles never straddle a group boundary, so every row of a
@@ -61,12 +61,12 @@ struct AttentionParams {
   const void* q;  // per SeqDesc: [N, Hq, d] or [Hq, N, d]
   const void* k;  // per SeqDesc: [N, Hkv, d] or [Hkv, N, d]
   const void* v;
-  void* out;                // like q
-  float* maybe_lse;         // [Hq, N] per sequence at SeqDesc::lse_offset; may be null
+  void* out;         // like q
+  float* maybe_lse;  // [Hq, N] per sequence at SeqDesc::lse_offset; may be null
 
-  const SeqDesc* seqs;      // [num_seqs] device
+  const SeqDesc* seqs;  // [num_seqs] device
   int32_t num_seqs;
-  const QueryTile* tiles;   // [num_tiles] device
+  const QueryTile* tiles;  // [num_tiles] device
   int32_t num_tiles;
 
   // Sparse mode only (null/zero for dense): which keys each row attends is the anchor region
