@@ -5,11 +5,12 @@
 #   scripts/check_format.sh          # list the files that differ, exit 1 if any
 #   scripts/check_format.sh --fix    # rewrite them in place
 #
-# Environment: CLANG_FORMAT (default clang-format; Debian 12's is version 14).
+# Environment: CLANG_FORMAT (default clang-format-14, else clang-format). The version is pinned
+# because clang-format releases format the same code differently; install_deps.sh installs 14.
 set -euo pipefail
 
 usage() {
-  sed -n '2,8s/^# \{0,1\}//p' "$0"
+  sed -n '2,9s/^# \{0,1\}//p' "$0"
 }
 
 fix=0
@@ -22,9 +23,15 @@ esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-clang_format=${CLANG_FORMAT:-clang-format}
+if [ -n "${CLANG_FORMAT:-}" ]; then
+  clang_format=$CLANG_FORMAT
+elif command -v clang-format-14 >/dev/null; then
+  clang_format=clang-format-14
+else
+  clang_format=clang-format
+fi
 if ! command -v "$clang_format" >/dev/null; then
-  echo "check_format: $clang_format not found (scripts/install_deps.sh installs clang-format)" >&2
+  echo "check_format: $clang_format not found (scripts/install_deps.sh installs clang-format-14)" >&2
   exit 2
 fi
 

@@ -4,7 +4,10 @@
 set -euo pipefail
 packages=(build-essential cmake ninja-build ccache pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev)
+  libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev
+  # Source checks: check_format.sh (clang-format pinned to 14: other releases format the same
+  # code differently) and check_thread_safety.sh (any clang).
+  clang-format-14 clang)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
