@@ -135,7 +135,8 @@ class AttentionServiceTest : public ::testing::Test {
     config.grpc_port = 0;
     config_ = config;
     service_ = std::make_unique<AttentionServiceImpl>(config, &metrics_, &clock_);
-    absl::StatusOr<StartedGrpcServer> started = StartGrpcServer(config, {service_.get()}, keepalive);
+    absl::StatusOr<StartedGrpcServer> started =
+        StartGrpcServer(config, {service_.get()}, keepalive);
     ASSERT_TRUE(started.ok()) << started.status();
     server_ = std::move(started->server);
     args.SetMaxReceiveMessageSize(-1);
