@@ -4,7 +4,11 @@
 //   anchorctl [--target=HOST:PORT] [--service=NAME] health
 //   anchorctl [--target=HOST:PORT] attend [shape | --q/--k/--v files] [config] [--verify] ...
 //   anchorctl [--target=HOST:PORT] load --requests=N|--duration_s=S --concurrency=C [shape] ...
+//   anchorctl [--target=HOST:PORT] model
+//   anchorctl [--target=HOST:PORT] prefill --ids=...|--ids_file=F|--random_ids=N [options]
 //
+// model and prefill (PrefillService) live in anchorctl_prefill.cc; shared flags and helpers in
+// anchorctl_common.{h,cc}.
 // Exit codes: 0 success, 1 a call or the verification failed, 2 bad command line.
 #include <algorithm>
 #include <atomic>
@@ -20,25 +24,22 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "client/anchorctl_common.h"
 #include "client/attention_client.h"
 #include "client/host_tensor.h"
 #include "client/local_reference.h"
 #include "client/npy.h"
 #include "client/qkv_inputs.h"
-
-// Connection.
-ABSL_FLAG(std::string, target, "127.0.0.1:50051", "gRPC address of the anchorserve server");
-ABSL_FLAG(double, deadline_s, 600, "deadline of each call, in seconds");
-ABSL_FLAG(int64_t, stream_chunk_bytes, int64_t{4} << 20,
-          "bytes of Q/K/V per message when streaming");
 
 // Health.
 ABSL_FLAG(std::string, service, "",
@@ -56,25 +57,9 @@ ABSL_FLAG(int32_t, head_dim, 128, "head dim d of the generated inputs");
 ABSL_FLAG(std::string, dtype, "bf16", "bf16 | fp16 | fp32 of the generated inputs");
 ABSL_FLAG(std::string, layout, "token",
           "token ([N, H, d]) | head ([H, N, d]): layout of generated inputs and of --q/--k/--v");
-ABSL_FLAG(uint64_t, seed, 1, "seed of the generated inputs");
 ABSL_FLAG(std::string, q, "", "Q from a .npy file (3-D, '<f4', '<f2' or '<u2' = bf16 bits)");
 ABSL_FLAG(std::string, k, "", "K from a .npy file (with --q and --v)");
 ABSL_FLAG(std::string, v, "", "V from a .npy file (with --q and --k)");
-
-// Config; unset flags take the server's defaults (see `anchorctl info`).
-ABSL_FLAG(std::string, mode, "anchor", "anchor (sparse AnchorAttention) | dense (exact)");
-ABSL_FLAG(
-    std::optional<double>, theta, std::nullopt,
-    "difference threshold in nats; inf = dense, -inf = anchor region only (unset: server default)");
-ABSL_FLAG(std::optional<int32_t>, block_size, std::nullopt,
-          "B: query rows per pooled query (unset: server default)");
-ABSL_FLAG(std::optional<int32_t>, step, std::nullopt,
-          "s: blocks per group (unset: server default)");
-ABSL_FLAG(std::optional<int32_t>, init_groups, std::nullopt,
-          "n_init: sink groups (unset: server default)");
-ABSL_FLAG(std::optional<int32_t>, local_groups, std::nullopt,
-          "n_loc: local groups, own group = 1 (unset: server default)");
-ABSL_FLAG(std::optional<double>, softmax_scale, std::nullopt, "softmax scale (unset: 1/sqrt(d))");
 
 // Request options and output.
 ABSL_FLAG(bool, recall, false, "ask the server for recall against dense (costs a dense pass)");
@@ -84,7 +69,6 @@ ABSL_FLAG(bool, stream, false,
           "message limit)");
 ABSL_FLAG(bool, per_head, false, "print the per-head metrics table");
 ABSL_FLAG(std::string, out, "", "write the output to this .npy file");
-ABSL_FLAG(std::string, request_id, "", "request id (the server makes one up when empty)");
 ABSL_FLAG(bool, verify, false,
           "recompute the output locally with the CPU backend (same effective config) and compare");
 ABSL_FLAG(int32_t, verify_threads, 0, "threads of the local CPU backend (0 = all)");
@@ -96,12 +80,9 @@ ABSL_FLAG(int64_t, requests, 0, "load: number of requests to send");
 ABSL_FLAG(double, duration_s, 0, "load: send for this many seconds (when --requests is 0)");
 ABSL_FLAG(int32_t, concurrency, 4, "load: requests in flight at once");
 
-namespace anchorserve {
+namespace anchorserve::cli {
 namespace {
 
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-constexpr int kExitUsage = 2;
 constexpr int64_t kMaxLoadRequests = 10'000'000;
 constexpr double kMaxLoadSeconds = 24 * 3600;
 
@@ -120,28 +101,25 @@ commands:
            --recall --metrics_only --stream --per_head --out=OUT.npy --verify
   load     send many requests: --requests=N or --duration_s=S, --concurrency=C, shape and
            config flags as for attend; prints throughput, latency percentiles, errors by code
+  model    print the model the server loaded (PrefillService.GetModelInfo)
+  prefill  token IDs in, every layer's K/V, the last logits and metrics out (PrefillService)
+           ids: --ids=1,2,3 | --ids_file=F (whitespace/comma separated) | --random_ids=N --seed=S
+           --kv_out=KV.safetensors (layers.{i}.k / layers.{i}.v, streamed to disk)
+           --logits_out=LOGITS.npy (float32 [vocab]; needs --logits=full)
+           --theta=X | --dense, --kv_dtype=bf16|fp16|fp32, --kv_layout=head|token,
+           --kv_layers=all|none|B:E, --logits=full|topk:K|none, --expected_fingerprint=HEX,
+           --deadline_ms=MS; prints the header, progress per layer (stderr), per-layer density
+           and times, the first generated token (argmax) and throughput
 
 examples:
   anchorctl --target=127.0.0.1:50051 info
   anchorctl --deadline_s=4 health
   anchorctl attend --seq_len=16384 --q_heads=32 --kv_heads=8 --head_dim=128 --dtype=bf16 --verify
   anchorctl load --requests=200 --concurrency=8 --seq_len=2048 --metrics_only
+  anchorctl prefill --random_ids=8192 --kv_out=kv.safetensors --logits=topk:5
 
 exit codes: 0 success, 1 a call or verification failed (or health is not SERVING), 2 bad command
 line)";
-
-void PrintError(const absl::Status& status) {
-  std::fprintf(stderr, "anchorctl: %s\n", std::string(status.message()).c_str());
-}
-
-std::string FormatBytes(int64_t bytes) {
-  if (bytes >= (int64_t{1} << 30)) return absl::StrFormat("%.2f GiB", bytes / 1073741824.0);
-  if (bytes >= (int64_t{1} << 20)) return absl::StrFormat("%.2f MiB", bytes / 1048576.0);
-  if (bytes >= (int64_t{1} << 10)) return absl::StrFormat("%.2f KiB", bytes / 1024.0);
-  return absl::StrCat(bytes, " B");
-}
-
-std::string FormatMs(double seconds) { return absl::StrFormat("%.3f ms", seconds * 1e3); }
 
 std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
   std::vector<std::string> names;
@@ -150,40 +128,6 @@ std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
     names.push_back(parsed.ok() ? std::string(DTypeName(*parsed)) : absl::StrCat("?", dtype));
   }
   return absl::StrJoin(names, " ");
-}
-
-std::string DescribeConfig(const v1::AnchorConfig& config) {
-  std::vector<std::string> parts;
-  parts.push_back(
-      absl::StrCat("mode=", config.mode() == v1::ATTENTION_MODE_DENSE ? "dense" : "anchor"));
-  if (config.has_theta()) parts.push_back(absl::StrCat("theta=", config.theta()));
-  if (config.has_block_size()) parts.push_back(absl::StrCat("block_size=", config.block_size()));
-  if (config.has_step()) parts.push_back(absl::StrCat("step=", config.step()));
-  if (config.has_init_groups()) parts.push_back(absl::StrCat("init_groups=", config.init_groups()));
-  if (config.has_local_groups()) {
-    parts.push_back(absl::StrCat("local_groups=", config.local_groups()));
-  }
-  if (config.has_softmax_scale()) {
-    parts.push_back(absl::StrCat("softmax_scale=", config.softmax_scale(),
-                                 config.softmax_scale() == 0 ? " (1/sqrt(d))" : ""));
-  }
-  return absl::StrJoin(parts, " ");
-}
-
-absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient() {
-  const double deadline_s = absl::GetFlag(FLAGS_deadline_s);
-  if (!(deadline_s > 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--deadline_s must be positive, got ", deadline_s));
-  }
-  ClientOptions options;
-  options.default_deadline = absl::Seconds(deadline_s);
-  options.stream_chunk_bytes = absl::GetFlag(FLAGS_stream_chunk_bytes);
-  if (options.stream_chunk_bytes <= 0 || options.stream_chunk_bytes > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--stream_chunk_bytes must be in [1, 1 GiB], got ", options.stream_chunk_bytes));
-  }
-  return AttentionClient::Create(absl::GetFlag(FLAGS_target), options);
 }
 
 // ---- info -------------------------------------------------------------------------------------
@@ -284,28 +228,6 @@ absl::StatusOr<LoadedInputs> LoadOrGenerateInputs() {
       ValidateQkv(inputs.q.View(), inputs.k.View(), inputs.v.View());
   if (!shape.ok()) return shape.status();
   return inputs;
-}
-
-absl::StatusOr<v1::AnchorConfig> ConfigFromFlags() {
-  v1::AnchorConfig config;
-  const std::string mode = absl::GetFlag(FLAGS_mode);
-  if (mode == "anchor") {
-    config.set_mode(v1::ATTENTION_MODE_ANCHOR);
-  } else if (mode == "dense") {
-    config.set_mode(v1::ATTENTION_MODE_DENSE);
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--mode must be anchor or dense, got '", mode, "'"));
-  }
-  if (auto theta = absl::GetFlag(FLAGS_theta)) config.set_theta(*theta);
-  if (auto block_size = absl::GetFlag(FLAGS_block_size)) config.set_block_size(*block_size);
-  if (auto step = absl::GetFlag(FLAGS_step)) config.set_step(*step);
-  if (auto init_groups = absl::GetFlag(FLAGS_init_groups)) config.set_init_groups(*init_groups);
-  if (auto local_groups = absl::GetFlag(FLAGS_local_groups)) {
-    config.set_local_groups(*local_groups);
-  }
-  if (auto scale = absl::GetFlag(FLAGS_softmax_scale)) config.set_softmax_scale(*scale);
-  return config;
 }
 
 AttendInputs MakeAttendInputs(const LoadedInputs& loaded, const v1::AnchorConfig& config) {
@@ -619,26 +541,38 @@ int RunLoad() {
 }
 
 }  // namespace
-}  // namespace anchorserve
+}  // namespace anchorserve::cli
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(anchorserve::kUsage);
+  absl::SetProgramUsageMessage(anchorserve::cli::kUsage);
+  // --help lists the flags of every anchorctl*.cc file (they share the subcommands' flags).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "client/anchorctl");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() != 2) {
     std::fprintf(stderr,
-                 "anchorctl: expected exactly one command (info, health, attend or load)%s; see "
+                 "anchorctl: expected exactly one command (info, health, attend, load, model or "
+                 "prefill)%s; see "
                  "anchorctl --help\n",
                  positional.size() > 2
                      ? absl::StrCat(", got ", positional.size() - 1, " words").c_str()
                      : "");
-    return anchorserve::kExitUsage;
+    return anchorserve::cli::kExitUsage;
   }
   const std::string command = positional[1];
-  if (command == "info") return anchorserve::RunInfo();
-  if (command == "health") return anchorserve::RunHealth();
-  if (command == "attend") return anchorserve::RunAttend();
-  if (command == "load") return anchorserve::RunLoad();
-  std::fprintf(stderr, "anchorctl: unknown command '%s' (expected info, health, attend or load)\n",
+  if (command == "info") return anchorserve::cli::RunInfo();
+  if (command == "health") return anchorserve::cli::RunHealth();
+  if (command == "attend") return anchorserve::cli::RunAttend();
+  if (command == "load") return anchorserve::cli::RunLoad();
+  if (command == "prefill") return anchorserve::cli::RunPrefill();
+  if (command == "model") return anchorserve::cli::RunModel();
+  std::fprintf(stderr,
+               "anchorctl: unknown command '%s' (expected info, health, attend, load, model or "
+               "prefill)\n",
                command.c_str());
-  return anchorserve::kExitUsage;
+  return anchorserve::cli::kExitUsage;
 }

@@ -30,27 +30,20 @@ bool CallCanceller::cancelled() const {
   return cancelled_;
 }
 
-// Makes `canceller` reach `context` for the lifetime of one call.
-class ScopedCallRegistration {
- public:
-  ScopedCallRegistration(CallCanceller* canceller, grpc::ClientContext* context)
-      : canceller_(canceller) {
-    if (canceller_ == nullptr) return;
-    absl::MutexLock lock(&canceller_->mu_);
-    canceller_->context_ = context;
-    if (canceller_->cancelled_) context->TryCancel();
-  }
-  ~ScopedCallRegistration() {
-    if (canceller_ == nullptr) return;
-    absl::MutexLock lock(&canceller_->mu_);
-    canceller_->context_ = nullptr;
-  }
-  ScopedCallRegistration(const ScopedCallRegistration&) = delete;
-  ScopedCallRegistration& operator=(const ScopedCallRegistration&) = delete;
+ScopedCallRegistration::ScopedCallRegistration(CallCanceller* canceller,
+                                               grpc::ClientContext* context)
+    : canceller_(canceller) {
+  if (canceller_ == nullptr) return;
+  absl::MutexLock lock(&canceller_->mu_);
+  canceller_->context_ = context;
+  if (canceller_->cancelled_) context->TryCancel();
+}
 
- private:
-  CallCanceller* canceller_;
-};
+ScopedCallRegistration::~ScopedCallRegistration() {
+  if (canceller_ == nullptr) return;
+  absl::MutexLock lock(&canceller_->mu_);
+  canceller_->context_ = nullptr;
+}
 
 namespace {
 
@@ -83,10 +76,10 @@ absl::Status CheckOutputSpec(const TensorView& q, v1::DataType dtype, v1::Tensor
 
 constexpr char kAttendMethod[] = "/anchorserve.v1.AttentionService/Attend";
 // Field numbers of the tensors in AttendRequest and AttendResponse.
-constexpr int kRequestQField = 2;
-constexpr int kRequestKField = 3;
-constexpr int kRequestVField = 4;
-constexpr int kResponseOutputField = 2;
+constexpr int kRequestQField = v1::AttendRequest::kQFieldNumber;
+constexpr int kRequestKField = v1::AttendRequest::kKFieldNumber;
+constexpr int kRequestVField = v1::AttendRequest::kVFieldNumber;
+constexpr int kResponseOutputField = v1::AttendResponse::kOutputFieldNumber;
 
 // gRPC slices over the caller's tensor memory, and a count of the ones gRPC still holds. The
 // destructor waits until gRPC has let go of every slice: the caller may free its tensors as soon
@@ -195,7 +188,7 @@ absl::Status FromGrpcStatus(const grpc::Status& status, absl::string_view target
 absl::StatusOr<v1::AttendRequest> BuildAttendRequest(const AttendInputs& inputs) {
   absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
   if (!shape.ok()) return shape.status();
-  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+  if (inputs.PayloadBytes() > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
                      " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));
@@ -215,12 +208,12 @@ int64_t EstimateUnaryRequestBytes(const AttendInputs& inputs) {
   return inputs.PayloadBytes() + kEnvelopeBytes;
 }
 
-absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::string target,
-                                                                         ClientOptions options) {
+absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::string& target,
+                                                                   const ClientOptions& options) {
   if (target.empty()) return absl::InvalidArgumentError("target must not be empty");
-  if (options.max_message_bytes <= 0 || options.max_message_bytes > kGrpcMessageLimitBytes) {
+  if (options.max_message_bytes <= 0 || options.max_message_bytes > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(absl::StrCat("max_message_bytes must be in [1, ",
-                                                   kGrpcMessageLimitBytes, "], got ",
+                                                   kMaxGrpcMessageBytes, "], got ",
                                                    options.max_message_bytes));
   }
   if (options.stream_chunk_bytes <= 0 || options.stream_chunk_bytes > options.max_message_bytes) {
@@ -238,8 +231,24 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::st
   if (channel == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot create a channel to '", target, "'"));
   }
+  return channel;
+}
+
+void PrepareClientContext(const ClientOptions& options, const CallOptions& call,
+                          grpc::ClientContext* context) {
+  const absl::Duration timeout = call.timeout.value_or(options.default_deadline);
+  if (timeout != absl::InfiniteDuration()) {
+    context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  }
+  context->set_wait_for_ready(call.wait_for_ready);
+}
+
+absl::StatusOr<std::unique_ptr<AttentionClient>> AttentionClient::Create(std::string target,
+                                                                         ClientOptions options) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = CreateClientChannel(target, options);
+  if (!channel.ok()) return channel.status();
   return std::unique_ptr<AttentionClient>(
-      new AttentionClient(std::move(target), options, std::move(channel)));
+      new AttentionClient(std::move(target), options, *std::move(channel)));
 }
 
 AttentionClient::AttentionClient(std::string target, ClientOptions options,
@@ -252,11 +261,7 @@ AttentionClient::AttentionClient(std::string target, ClientOptions options,
       generic_stub_(std::make_unique<grpc::GenericStub>(channel_)) {}
 
 void AttentionClient::PrepareContext(const CallOptions& call, grpc::ClientContext* context) const {
-  const absl::Duration timeout = call.timeout.value_or(options_.default_deadline);
-  if (timeout != absl::InfiniteDuration()) {
-    context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  }
-  context->set_wait_for_ready(call.wait_for_ready);
+  PrepareClientContext(options_, call, context);
 }
 
 absl::StatusOr<v1::GetServerInfoResponse> AttentionClient::GetServerInfo(const CallOptions& call) {
@@ -301,7 +306,7 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
                                                      const CallOptions& call) {
   absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
   if (!shape.ok()) return shape.status();
-  if (inputs.PayloadBytes() > kGrpcMessageLimitBytes) {
+  if (inputs.PayloadBytes() > kMaxGrpcMessageBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("q, k and v hold ", inputs.PayloadBytes(),
                      " bytes, more than one gRPC message can carry (2 GiB); use AttendStreamed"));

@@ -22,17 +22,16 @@
 #include "grpcpp/client_context.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/status.h"
+#include "proto/anchorserve/v1/limits.h"
 
 namespace anchorserve {
-
-inline constexpr int64_t kGrpcMessageLimitBytes = 2147483647;  // int32 limit of gRPC and protobuf
 
 using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
 struct ClientOptions {
   // Largest message the channel sends or receives. The server has its own limit
   // (GetServerInfo().limits().max_message_bytes).
-  int64_t max_message_bytes = kGrpcMessageLimitBytes;
+  int64_t max_message_bytes = kMaxGrpcMessageBytes;
   // Used by calls whose CallOptions have no deadline.
   absl::Duration default_deadline = absl::Seconds(120);
   // Q/K/V bytes per TensorChunk message that AttendStreamed sends.
@@ -59,6 +58,28 @@ struct CallOptions {
   // Wait for the channel to connect instead of failing at once when the server is not up.
   bool wait_for_ready = false;
 };
+
+// Makes `canceller` (may be null) reach `context` for the lifetime of one call.
+class ScopedCallRegistration {
+ public:
+  ScopedCallRegistration(CallCanceller* canceller, grpc::ClientContext* context);
+  ~ScopedCallRegistration();
+  ScopedCallRegistration(const ScopedCallRegistration&) = delete;
+  ScopedCallRegistration& operator=(const ScopedCallRegistration&) = delete;
+
+ private:
+  CallCanceller* canceller_;
+};
+
+// Checks `options` and makes the plaintext channel to `target` that the clients of this library
+// use (message size limits from `options`; no connection is made yet).
+absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::string& target,
+                                                                   const ClientOptions& options);
+
+// Applies the deadline (`call.timeout`, else `options.default_deadline`) and wait-for-ready of
+// `call` to `context`.
+void PrepareClientContext(const ClientOptions& options, const CallOptions& call,
+                          grpc::ClientContext* context);
 
 // One causal prefill request over host memory the caller owns.
 struct AttendInputs {

@@ -39,7 +39,7 @@ absl::StatusOr<LocalRun> RunLocally(AttentionBackend& backend, const TensorView&
   task.config = config;
   absl::Status valid = ValidateTask(task);
   if (!valid.ok()) return valid;
-  absl::Status supported = backend.Supports(task);
+  absl::Status supported = backend.CanRun(ProblemOf(task));
   if (!supported.ok()) return supported;
   AttentionTask* tasks[] = {&task};
   absl::Status run = backend.Run(absl::MakeConstSpan(tasks));

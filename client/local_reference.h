@@ -9,7 +9,7 @@
 #include "client/host_tensor.h"
 #include "kernels/attention_types.h"
 #include "kernels/backend.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 
 namespace anchorserve {
 

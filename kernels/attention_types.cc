@@ -2,6 +2,7 @@
 
 #include <limits>
 
+#include "absl/base/casts.h"
 #include "absl/strings/str_cat.h"
 
 namespace anchorserve {
@@ -17,25 +18,23 @@ absl::Status ValidateAnchorConfig(const AnchorConfig& config) {
         absl::StrCat("config.step must be in [1, ", kMaxStep, "], got ", config.step));
   }
   if (config.init_groups < 0 || config.init_groups > kMaxRegionGroups) {
-    return absl::InvalidArgumentError(absl::StrCat("config.init_groups must be in [0, ",
-                                                   kMaxRegionGroups, "], got ",
-                                                   config.init_groups));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.init_groups must be in [0, ", kMaxRegionGroups, "], got ", config.init_groups));
   }
   if (config.local_groups < 1 || config.local_groups > kMaxRegionGroups) {
-    return absl::InvalidArgumentError(absl::StrCat("config.local_groups must be in [1, ",
-                                                   kMaxRegionGroups, "], got ",
-                                                   config.local_groups));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.local_groups must be in [1, ", kMaxRegionGroups, "], got ", config.local_groups));
   }
   if (!std::isfinite(config.softmax_scale) || config.softmax_scale < 0.0f) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.softmax_scale must be finite and positive (0 = default), got ",
-        config.softmax_scale));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.softmax_scale must be finite and positive (0 = default), got ",
+                     config.softmax_scale));
   }
   return absl::OkStatus();
 }
 
-absl::Status ValidateTask(const AttentionTask& task) {
-  const AttentionShape& s = task.shape;
+absl::Status ValidateProblem(const AttentionProblem& problem) {
+  const AttentionShape& s = problem.shape;
   if (s.seq_len <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("seq_len must be positive, got ", s.seq_len));
   }
@@ -61,10 +60,24 @@ absl::Status ValidateTask(const AttentionTask& task) {
   if (s.seq_len > limit / (int64_t{s.num_q_heads} * s.head_dim)) {
     return absl::InvalidArgumentError("seq_len * num_q_heads * head_dim overflows");
   }
+  return ValidateAnchorConfig(problem.config);
+}
+
+absl::Status ValidateTask(const AttentionTask& task) {
   if (task.q == nullptr || task.k == nullptr || task.v == nullptr || task.out == nullptr) {
     return absl::InvalidArgumentError("q, k, v and out must be non-null");
   }
-  return ValidateAnchorConfig(task.config);
+  return ValidateProblem(ProblemOf(task));
+}
+
+std::string AttentionBatchKey(const AttentionProblem& problem) {
+  const AnchorConfig& c = problem.config;
+  return absl::StrCat("attention/", static_cast<int>(problem.dtype), "/",
+                      static_cast<int>(problem.layout), "/", problem.shape.num_q_heads, "/",
+                      problem.shape.num_kv_heads, "/", problem.shape.head_dim, "/",
+                      static_cast<int>(c.mode), "/", absl::bit_cast<uint32_t>(c.theta), "/",
+                      c.block_size, "/", c.step, "/", c.init_groups, "/", c.local_groups, "/",
+                      absl::bit_cast<uint32_t>(c.softmax_scale));
 }
 
 }  // namespace anchorserve

@@ -1,11 +1,12 @@
-// The problem every backend solves: AnchorAttention (../shared/spec/anchorattention.md) causal
-// prefill of one or more sequences, and the statistics it reports.
+// The problem every backend solves: AnchorAttention (docs/anchorattention.md) causal prefill of
+// one or more sequences, and the statistics it reports.
 #pragma once
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -26,11 +27,11 @@ enum class AttentionMode {
 // The spec's knobs, with its defaults. One group = block_size * step query rows.
 struct AnchorConfig {
   AttentionMode mode = AttentionMode::kAnchor;
-  float theta = 12.0f;  // nats of scale*q.k; +inf = dense, -inf = anchor region only
-  int block_size = 128;  // B
-  int step = 16;         // s
-  int init_groups = 1;   // n_init
-  int local_groups = 1;  // n_loc (own group counts as 1)
+  float theta = 12.0f;         // nats of scale*q.k; +inf = dense, -inf = anchor region only
+  int block_size = 128;        // B
+  int step = 16;               // s
+  int init_groups = 1;         // n_init
+  int local_groups = 1;        // n_loc (own group counts as 1)
   float softmax_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
 
   int64_t GroupSize() const { return int64_t{block_size} * step; }
@@ -52,10 +53,10 @@ inline constexpr int kMaxHeadDim = 256;
 absl::Status ValidateAnchorConfig(const AnchorConfig& config);
 
 struct AttentionShape {
-  int64_t seq_len = 0;  // N: q_len == kv_len (causal prefill)
-  int num_q_heads = 0;  // Hq
+  int64_t seq_len = 0;   // N: q_len == kv_len (causal prefill)
+  int num_q_heads = 0;   // Hq
   int num_kv_heads = 0;  // Hkv; Hq % Hkv == 0, query head h reads KV head h / (Hq / Hkv)
-  int head_dim = 0;     // d
+  int head_dim = 0;      // d
 
   int GqaRatio() const { return num_q_heads / num_kv_heads; }
 };
@@ -69,6 +70,22 @@ inline TensorStrides StridesFor(Layout layout, int64_t seq_len, int num_heads, i
   return layout == Layout::kTokenMajor ? TensorStrides{int64_t{num_heads} * head_dim, head_dim}
                                        : TensorStrides{head_dim, seq_len * head_dim};
 }
+
+// One attention problem without its buffers: what a backend decides "can this run?" on.
+struct AttentionProblem {
+  AttentionShape shape;
+  DType dtype = DType::kBf16;
+  Layout layout = Layout::kTokenMajor;
+  AnchorConfig config;
+};
+
+// Checks shape (positive dims, Hq % Hkv, d <= kMaxHeadDim, products without overflow) and
+// config; INVALID_ARGUMENT naming the offending field. Backend limits are CanRun's.
+absl::Status ValidateProblem(const AttentionProblem& problem);
+
+// Problems with equal keys may share one backend run: everything but seq_len (theta compared
+// by bit pattern, so the key is a total order even for values validation rejects).
+std::string AttentionBatchKey(const AttentionProblem& problem);
 
 // What one query head computed (the spec's metrics, as exact counts).
 struct HeadStats {
@@ -91,12 +108,12 @@ struct StageTimes {
 // One sequence to attend. The caller owns every buffer; the backend fills the outputs.
 struct AttentionTask {
   AttentionShape shape;
-  DType dtype = DType::kBf16;  // of q, k, v and out
+  DType dtype = DType::kBf16;           // of q, k, v and out
   Layout layout = Layout::kTokenMajor;  // of q, k, v and out
-  const void* q = nullptr;  // [N, Hq, d] or [Hq, N, d]
-  const void* k = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
-  const void* v = nullptr;  // [N, Hkv, d] or [Hkv, N, d]
-  void* out = nullptr;      // like q
+  const void* q = nullptr;              // [N, Hq, d] or [Hq, N, d]
+  const void* k = nullptr;              // [N, Hkv, d] or [Hkv, N, d]
+  const void* v = nullptr;              // [N, Hkv, d] or [Hkv, N, d]
+  void* out = nullptr;                  // like q
   float* maybe_lse = nullptr;  // [Hq, N] natural-log sum of exp(s_ij) over the computed keys
   AnchorConfig config;
   // Set by whoever stops waiting for the result; backends skip or abandon the task.
@@ -112,8 +129,11 @@ struct AttentionTask {
   }
 };
 
-// Checks shape (positive dims, Hq % Hkv, d <= kMaxHeadDim, products without overflow),
-// pointers and config; messages name the offending field.
+inline AttentionProblem ProblemOf(const AttentionTask& task) {
+  return AttentionProblem{task.shape, task.dtype, task.layout, task.config};
+}
+
+// ValidateProblem plus non-null buffers.
 absl::Status ValidateTask(const AttentionTask& task);
 
 }  // namespace anchorserve

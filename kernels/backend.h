@@ -15,24 +15,34 @@ namespace anchorserve {
 struct BackendInfo {
   std::string name;    // "cpu" or "cuda"
   std::string device;  // human-readable device description
+  // Derived from CanRun (DescribeBackend): the dtypes and the common head dims it accepts.
   std::vector<DType> dtypes;
-  std::vector<int> head_dims;  // supported head dims
+  std::vector<int> head_dims;
 };
 
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
 
+  // Name, device and capabilities; implementations build it with DescribeBackend.
   virtual BackendInfo Info() const = 0;
 
-  // OK when this backend can run `task`; INVALID_ARGUMENT naming the field otherwise.
-  virtual absl::Status Supports(const AttentionTask& task) const = 0;
+  // The one answer to "can this run here?": OK, INVALID_ARGUMENT naming the field when the
+  // problem itself is invalid (ValidateProblem), FAILED_PRECONDITION naming the condition when
+  // it is valid but this backend lacks it (a dtype, a head_dim, a length limit).
+  virtual absl::Status CanRun(const AttentionProblem& problem) const = 0;
 
-  // Runs every task. Tasks of one call share dtype, layout, head counts, head_dim and config
-  // (the batcher groups them so) but may differ in seq_len. A non-OK return means the batch
+  // Runs every task. Tasks of one call share AttentionBatchKey (the batcher groups them so) but
+  // may differ in seq_len; each must pass CanRun. A non-OK return means the batch
   // failed as a whole; per-task outcomes (cancellation) go to task->status.
   virtual absl::Status Run(absl::Span<AttentionTask* const> batch) = 0;
 };
+
+// Info with dtypes and head dims probed through backend.CanRun.
+BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, std::string device);
+
+// CanRun for every task, and that all share the first one's AttentionBatchKey.
+absl::Status CheckBatch(const AttentionBackend& backend, absl::Span<AttentionTask* const> batch);
 
 enum class BackendKind { kAuto, kCpu, kCuda };
 

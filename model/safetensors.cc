@@ -82,7 +82,7 @@ absl::string_view SafetensorsDTypeName(DType dtype) {
   return "unknown";
 }
 
-std::string TensorView::ShapeString() const {
+std::string StoredTensor::ShapeString() const {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
@@ -185,7 +185,7 @@ absl::Status SafetensorsFile::Parse() {
     }
     auto shape_it = entry.find("shape");
     if (shape_it == entry.end() || !shape_it->is_array()) return invalid("shape missing");
-    TensorView view;
+    StoredTensor view;
     view.name = name;
     view.dtype = *dtype;
     view.file = &path_;
@@ -256,12 +256,12 @@ absl::Status SafetensorsFile::Parse() {
   return absl::OkStatus();
 }
 
-const TensorView* SafetensorsFile::Find(absl::string_view name) const {
+const StoredTensor* SafetensorsFile::Find(absl::string_view name) const {
   auto it = tensors_.find(std::string(name));
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
-void SafetensorsFile::Release(const TensorView& view) const {
+void SafetensorsFile::Release(const StoredTensor& view) const {
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(view.data) + page - 1) / page * page;
   const uintptr_t end = (reinterpret_cast<uintptr_t>(view.data) + view.num_bytes) / page * page;
@@ -319,7 +319,7 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
       store->file_of_path_[&file->path()] = file.get();
       store->files_.push_back(std::move(file));
     }
-    const TensorView* view = shard_it->second->Find(it.key());
+    const StoredTensor* view = shard_it->second->Find(it.key());
     if (view == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           index_path, ": tensor '", it.key(), "' is not in its shard ", shard_it->second->path()));
@@ -329,12 +329,12 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
   return store;
 }
 
-const TensorView* TensorStore::Find(absl::string_view name) const {
+const StoredTensor* TensorStore::Find(absl::string_view name) const {
   auto it = tensors_.find(std::string(name));
   return it == tensors_.end() ? nullptr : it->second;
 }
 
-void TensorStore::Release(const TensorView& view) const {
+void TensorStore::Release(const StoredTensor& view) const {
   auto it = file_of_path_.find(view.file);
   if (it != file_of_path_.end()) it->second->Release(view);
 }

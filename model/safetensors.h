@@ -26,7 +26,7 @@ inline constexpr int64_t kMaxSafetensorsHeaderBytes = int64_t{100} << 20;
 // The format's dtype strings for the element types we read ("BF16", "F16", "F32").
 absl::string_view SafetensorsDTypeName(DType dtype);
 
-struct TensorView {
+struct StoredTensor {
   std::string name;
   DType dtype = DType::kFp32;
   std::vector<int64_t> shape;
@@ -51,15 +51,15 @@ class SafetensorsFile {
 
   const std::string& path() const { return path_; }
   // Sorted by name.
-  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
-  const TensorView* Find(absl::string_view name) const;
+  const std::map<std::string, StoredTensor>& tensors() const { return tensors_; }
+  const StoredTensor* Find(absl::string_view name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // The whole mapping (header included).
   absl::Span<const char> bytes() const { return {base_, size_}; }
 
   // Tells the kernel that the pages behind `view` are no longer needed (they are dropped from
   // this process's resident set and re-read from the file if touched again).
-  void Release(const TensorView& view) const;
+  void Release(const StoredTensor& view) const;
 
  private:
   SafetensorsFile() = default;
@@ -68,7 +68,7 @@ class SafetensorsFile {
   std::string path_;
   const char* base_ = nullptr;
   size_t size_ = 0;
-  std::map<std::string, TensorView> tensors_;
+  std::map<std::string, StoredTensor> tensors_;
   std::map<std::string, std::string> metadata_;
 };
 
@@ -81,15 +81,15 @@ class TensorStore {
 
   const std::string& dir() const { return dir_; }
   // Sorted by name; pointers stay valid while the store lives.
-  const std::map<std::string, const TensorView*>& tensors() const { return tensors_; }
-  const TensorView* Find(absl::string_view name) const;
+  const std::map<std::string, const StoredTensor*>& tensors() const { return tensors_; }
+  const StoredTensor* Find(absl::string_view name) const;
   const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
-  void Release(const TensorView& view) const;
+  void Release(const StoredTensor& view) const;
 
  private:
   std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, const TensorView*> tensors_;
+  std::map<std::string, const StoredTensor*> tensors_;
   std::map<const std::string*, const SafetensorsFile*> file_of_path_;
 };
 

@@ -57,7 +57,7 @@ std::vector<WeightSpec> ExpectedWeights(const ModelConfig& c) {
 
 absl::Status CheckWeightTable(const ModelConfig& config, const TensorStore& store) {
   for (const WeightSpec& spec : ExpectedWeights(config)) {
-    const TensorView* view = store.Find(spec.name);
+    const StoredTensor* view = store.Find(spec.name);
     if (view == nullptr) {
       return absl::InvalidArgumentError(
           absl::StrCat(store.dir(), ": tensor '", spec.name, "' is missing from the checkpoint"));
@@ -100,7 +100,7 @@ absl::StatusOr<std::unique_ptr<Weights>> Weights::Load(const ModelConfig& config
 
   // fp32 view of one tensor: in place when possible, else a converted copy.
   auto fp32 = [&](const std::string& name) -> absl::StatusOr<const float*> {
-    const TensorView& view = *store->Find(name);
+    const StoredTensor& view = *store->Find(name);
     const int64_t count = view.NumElements();
     w.num_parameters_ += count;
     if (view.dtype == DType::kFp32 &&

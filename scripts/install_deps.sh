@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the build dependencies (Debian 12 / Ubuntu 24.04 packages). Idempotent and quiet when
-# everything is already there.
+# Installs the build and test dependencies (Debian 12 / Ubuntu 24.04 packages; the python3-* ones
+# run the Python client's tests). Idempotent and quiet when everything is already there.
 set -euo pipefail
 packages=(build-essential cmake ninja-build ccache pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev
-  libopenblas-dev nlohmann-json3-dev python3-numpy)
+  libopenblas-dev nlohmann-json3-dev
+  python3 python3-numpy python3-grpcio python3-protobuf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,28 +7,18 @@
 
 namespace anchorserve {
 
-bool Compatible(const AttentionTask& a, const AttentionTask& b) {
-  const AnchorConfig& x = a.config;
-  const AnchorConfig& y = b.config;
-  return a.dtype == b.dtype && a.layout == b.layout && a.shape.num_q_heads == b.shape.num_q_heads &&
-         a.shape.num_kv_heads == b.shape.num_kv_heads && a.shape.head_dim == b.shape.head_dim &&
-         x.mode == y.mode && x.theta == y.theta && x.block_size == y.block_size &&
-         x.step == y.step && x.init_groups == y.init_groups && x.local_groups == y.local_groups &&
-         x.softmax_scale == y.softmax_scale;
-}
-
-BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue, absl::Time now,
+BatchDecision DecideBatch(absl::Span<const std::shared_ptr<BatchJob>> queue, absl::Time now,
                           const BatchLimits& limits, bool flush) {
   BatchDecision decision;
   if (queue.empty()) return decision;
-  const AttentionJob& head = *queue.front();
+  const BatchJob& head = *queue.front();
   std::vector<size_t> members = {0};
   int64_t tokens = head.tokens();
   bool full =
       members.size() >= static_cast<size_t>(limits.max_requests) || tokens >= limits.max_tokens;
   for (size_t i = 1; i < queue.size() && !full; ++i) {
-    const AttentionJob& job = *queue[i];
-    if (!Compatible(head.task, job.task)) continue;
+    const BatchJob& job = *queue[i];
+    if (job.batch_key() != head.batch_key()) continue;
     if (tokens + job.tokens() > limits.max_tokens) {
       // FIFO among compatible requests: a later, smaller one does not overtake this one.
       full = true;
@@ -49,29 +39,30 @@ BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue,
   return decision;
 }
 
-absl::Status DropReason(const AttentionJob& job, absl::Time now) {
+absl::Status DropReason(const BatchJob& job, absl::Time now) {
   if (job.deadline <= now) {
     return absl::DeadlineExceededError("deadline passed while the request was queued");
   }
-  if (job.cancelled.load(std::memory_order_relaxed)) {
+  if (job.Cancelled()) {
     return absl::CancelledError("request cancelled before compute");
   }
   return absl::OkStatus();
 }
 
-DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchExecutor* executor,
-                               Clock* clock, MetricsRegistry* metrics)
+DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner,
+                               Clock* clock, MetricsRegistry* metrics, Queue queue)
     : limits_(limits),
       max_queue_size_(max_queue_size),
-      executor_(executor),
+      runner_(runner),
       clock_(clock),
-      metrics_(metrics) {
+      metrics_(metrics),
+      queue_name_(queue) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
 DynamicBatcher::~DynamicBatcher() { Stop(); }
 
-absl::Status DynamicBatcher::Enqueue(std::shared_ptr<AttentionJob> job) {
+absl::Status DynamicBatcher::Enqueue(std::shared_ptr<BatchJob> job) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("server is draining");
   if (queue_.size() >= static_cast<size_t>(max_queue_size_)) {
@@ -79,10 +70,9 @@ absl::Status DynamicBatcher::Enqueue(std::shared_ptr<AttentionJob> job) {
         absl::StrCat("queue is full: ", queue_.size(),
                      " requests waiting (--max_queue_size=", max_queue_size_, ")"));
   }
-  job->task.maybe_cancelled = &job->cancelled;
   job->enqueue_time = clock_->Now();
   queue_.push_back(std::move(job));
-  metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+  metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
   wake_.Signal();
   return absl::OkStatus();
 }
@@ -113,8 +103,7 @@ int64_t DynamicBatcher::QueueDepth() const {
   return static_cast<int64_t>(queue_.size());
 }
 
-void DynamicBatcher::TakeDeadJobs(absl::Time now,
-                                  std::vector<std::shared_ptr<AttentionJob>>* dropped) {
+void DynamicBatcher::TakeDeadJobs(absl::Time now, std::vector<std::shared_ptr<BatchJob>>* dropped) {
   size_t kept = 0;
   for (size_t i = 0; i < queue_.size(); ++i) {
     absl::Status reason = DropReason(*queue_[i], now);
@@ -131,8 +120,8 @@ void DynamicBatcher::TakeDeadJobs(absl::Time now,
 void DynamicBatcher::WorkerLoop() {
   bool exit = false;
   while (!exit) {
-    std::vector<std::shared_ptr<AttentionJob>> dropped;
-    std::vector<std::shared_ptr<AttentionJob>> batch;
+    std::vector<std::shared_ptr<BatchJob>> dropped;
+    std::vector<std::shared_ptr<BatchJob>> batch;
     {
       // Held only to move jobs in and out of the queue.
       absl::MutexLock lock(&mu_);
@@ -161,18 +150,18 @@ void DynamicBatcher::WorkerLoop() {
         for (const auto& job : queue_) wait = std::min(wait, job->deadline - now);
         wake_.WaitWithTimeout(&mu_, std::max(wait, absl::ZeroDuration()));
       }
-      metrics_->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+      metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
     }
-    for (const auto& job : dropped) job->on_done(*job);
+    for (const auto& job : dropped) job->on_done();
     dropped.clear();
     if (!batch.empty()) RunBatch(std::move(batch));
   }
 }
 
-void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch) {
+void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<BatchJob>> batch) {
   // Last look before compute: a job may have been cancelled or expired since the decision.
   const absl::Time now = clock_->Now();
-  std::vector<std::shared_ptr<AttentionJob>> live;
+  std::vector<std::shared_ptr<BatchJob>> live;
   live.reserve(batch.size());
   for (auto& job : batch) {
     absl::Status reason = DropReason(*job, now);
@@ -180,7 +169,7 @@ void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch) 
       live.push_back(std::move(job));
     } else {
       job->status = std::move(reason);
-      job->on_done(*job);
+      job->on_done();
     }
   }
   batch = std::move(live);
@@ -189,7 +178,14 @@ void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch) 
     running_.clear();
     return;
   }
-  const double compute_seconds = executor_->Run(batch);
+  std::vector<BatchJob*> jobs;
+  jobs.reserve(batch.size());
+  for (const auto& job : batch) {
+    job->batch_size = static_cast<int>(batch.size());
+    job->status = absl::OkStatus();
+    jobs.push_back(job.get());
+  }
+  const double compute_seconds = runner_->Run(jobs);
   {
     absl::MutexLock lock(&mu_);
     running_.clear();
@@ -198,11 +194,8 @@ void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch) 
   metrics_->ObserveComputeDuration(compute_seconds);
   for (const auto& job : batch) {
     metrics_->ObserveQueueDuration(job->queue_seconds);
-    if (job->status.ok()) {
-      metrics_->AddTokens(job->tokens());
-      metrics_->ObserveDensity(job->summary.density);
-    }
-    job->on_done(*job);
+    if (job->status.ok()) metrics_->AddTokens(job->tokens());
+    job->on_done();
   }
 }
 

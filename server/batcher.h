@@ -1,12 +1,12 @@
 // Dynamic batching: a bounded queue in front of one worker thread that runs batches of
-// compatible requests on the executor.
+// compatible jobs on a BatchRunner. Generic over the job kind (batch_job.h).
 //
-// A batch starts from the oldest queued request and takes, in queue order, the later requests
-// compatible with it (same dtype, layout, head counts, head_dim and effective config) while it has
-// fewer than max_requests and their seq_len sum stays within max_tokens (the first request always
-// fits, so an oversized one runs alone). It is dispatched as soon as it is full (by count or by
-// tokens), when the oldest request has waited max_delay, or at once while stopping. Requests whose
-// deadline has passed or that were cancelled are dropped before compute.
+// A batch starts from the oldest queued job and takes, in queue order, the later jobs with the
+// same batch key while it has fewer than max_requests and their token sum stays within
+// max_tokens (the first job always fits, so an oversized one runs alone). It is dispatched as soon
+// as it is full (by count or by tokens), when the oldest request has waited max_delay, or at once
+// while stopping. Requests whose deadline has passed or that were cancelled are dropped before
+// compute.
 #pragma once
 
 #include <cstdint>
@@ -19,17 +19,18 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "server/attention_job.h"
+#include "server/batch_job.h"
 #include "server/clock.h"
-#include "server/executor.h"
 #include "server/metrics.h"
 
 namespace anchorserve {
 
+// The server's come from ServerConfig (--max_batch_requests, --max_batch_tokens,
+// --max_queue_delay_ms); no defaults here.
 struct BatchLimits {
-  int max_requests = 8;
-  int64_t max_tokens = 262144;
-  absl::Duration max_delay = absl::Milliseconds(2);
+  int max_requests;
+  int64_t max_tokens;
+  absl::Duration max_delay;
 };
 
 struct BatchDecision {
@@ -40,30 +41,27 @@ struct BatchDecision {
   absl::Duration wait = absl::InfiniteDuration();
 };
 
-// Requests that may share one backend run.
-bool Compatible(const AttentionTask& a, const AttentionTask& b);
-
 // The pure batching decision: `queue` in arrival order (enqueue_time set), no dead jobs in it.
 // `flush`: dispatch whatever can be formed without waiting (the batcher is stopping).
-BatchDecision DecideBatch(absl::Span<const std::shared_ptr<AttentionJob>> queue, absl::Time now,
+BatchDecision DecideBatch(absl::Span<const std::shared_ptr<BatchJob>> queue, absl::Time now,
                           const BatchLimits& limits, bool flush);
 
 // DEADLINE_EXCEEDED when the job's deadline is at or before `now`, CANCELLED when it was
 // cancelled, OK when it should still run.
-absl::Status DropReason(const AttentionJob& job, absl::Time now);
+absl::Status DropReason(const BatchJob& job, absl::Time now);
 
 class DynamicBatcher {
  public:
-  // Starts the worker thread. `executor`, `clock` and `metrics` must outlive the batcher.
-  DynamicBatcher(BatchLimits limits, int max_queue_size, BatchExecutor* executor, Clock* clock,
-                 MetricsRegistry* metrics);
+  // Starts the worker thread. `runner`, `clock` and `metrics` must outlive the batcher.
+  DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner, Clock* clock,
+                 MetricsRegistry* metrics, Queue queue = Queue::kAttention);
   ~DynamicBatcher();  // Stop()
   DynamicBatcher(const DynamicBatcher&) = delete;
   DynamicBatcher& operator=(const DynamicBatcher&) = delete;
 
   // Queues `job`; its on_done runs later on the worker thread. Refused at once (on_done never
   // runs) with RESOURCE_EXHAUSTED when max_queue_size requests wait, UNAVAILABLE after Stop().
-  absl::Status Enqueue(std::shared_ptr<AttentionJob> job);
+  absl::Status Enqueue(std::shared_ptr<BatchJob> job);
 
   // A queued job was cancelled: let the worker drop it now rather than at its next decision.
   void Wake();
@@ -81,20 +79,21 @@ class DynamicBatcher {
  private:
   void WorkerLoop();
   // Moves dead jobs of the queue into `dropped` with their status set.
-  void TakeDeadJobs(absl::Time now, std::vector<std::shared_ptr<AttentionJob>>* dropped)
+  void TakeDeadJobs(absl::Time now, std::vector<std::shared_ptr<BatchJob>>* dropped)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RunBatch(std::vector<std::shared_ptr<AttentionJob>> batch);
+  void RunBatch(std::vector<std::shared_ptr<BatchJob>> batch);
 
   const BatchLimits limits_;
   const int max_queue_size_;
-  BatchExecutor* const executor_;
+  BatchRunner* const runner_;
   Clock* const clock_;
   MetricsRegistry* const metrics_;
+  const Queue queue_name_;
 
   mutable absl::Mutex mu_;
   absl::CondVar wake_;
-  std::vector<std::shared_ptr<AttentionJob>> queue_ ABSL_GUARDED_BY(mu_);  // arrival order
-  std::vector<std::shared_ptr<AttentionJob>> running_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<BatchJob>> queue_ ABSL_GUARDED_BY(mu_);  // arrival order
+  std::vector<std::shared_ptr<BatchJob>> running_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread worker_;
 };

@@ -39,7 +39,7 @@ void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* buil
 }  // namespace
 
 absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
-                                                  grpc::Service* service,
+                                                  absl::Span<grpc::Service* const> services,
                                                   const KeepaliveOptions& keepalive) {
   // Process-wide switch, read by the builder below.
   grpc::EnableDefaultHealthCheckService(true);
@@ -50,7 +50,7 @@ absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   ApplyKeepalive(keepalive, &builder);
-  builder.RegisterService(service);
+  for (grpc::Service* service : services) builder.RegisterService(service);
   started.server = builder.BuildAndStart();
   if (started.server == nullptr || started.port == 0) {
     if (started.server != nullptr) started.server->Shutdown(absl::ToChronoTime(absl::Now()));

@@ -6,6 +6,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "grpcpp/server.h"
 #include "server/server_config.h"
 
@@ -36,12 +37,12 @@ struct StartedGrpcServer {
 };
 
 // Builds and starts a server on config.host:config.grpc_port with config.max_message_bytes both
-// ways, `keepalive`, `service` registered and the default grpc.health.v1 service enabled. Both
+// ways, `keepalive`, `services` registered and the default grpc.health.v1 service enabled. Both
 // health names ("" and kAttentionServiceName) are NOT_SERVING when this returns; SetServingHealth
-// flips them. `service` must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when the
-// address cannot be bound.
+// flips them. The services must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when
+// the address cannot be bound.
 absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
-                                                  grpc::Service* service,
+                                                  absl::Span<grpc::Service* const> services,
                                                   const KeepaliveOptions& keepalive = {});
 
 // Sets both health names ("" and kAttentionServiceName) to SERVING or NOT_SERVING.

@@ -1,14 +1,15 @@
 // anchorserve: AnchorAttention prefill as a gRPC service.
 //
 // flags -> ServerConfig -> metrics endpoint -> gRPC server listening (health NOT_SERVING, RPCs
-// UNAVAILABLE "server is starting") -> backend -> batcher -> SERVING -> --port_file -> wait for
-// SIGTERM/SIGINT -> drain -> exit 0.
-// Exit codes: 2 invalid flags, 1 startup failure, 0 after a drain.
-#include <pthread.h>
+// UNAVAILABLE "server is starting") -> backend -> batcher -> model and prefill engine (with
+// --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain -> exit 0.
+// Exit codes: 2 invalid flags or an unusable --model, 1 startup failure, 0 after a drain.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -29,34 +30,46 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
+#include "model/cpu/cpu_prefill_engine.h"
+#include "model/model.h"
+#include "server/attention_executor.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
 #include "server/clock.h"
-#include "server/executor.h"
 #include "server/grpc_server.h"
 #include "server/logging.h"
 #include "server/metrics.h"
 #include "server/metrics_endpoint.h"
+#include "server/prefill_job.h"
+#include "server/prefill_service.h"
 #include "server/server_config.h"
 
 namespace anchorserve {
 namespace {
 
-// Waits for SIGTERM/SIGINT on its own thread (sigwait), so no work runs in a signal handler.
-// The signals must be blocked in every thread: construct this before starting any other thread.
+// Waits for SIGTERM/SIGINT on its own thread: the handler only writes the signal number into a
+// pipe, so no work runs in a signal handler.
 class SignalWaiter {
  public:
   SignalWaiter() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGTERM);
-    sigaddset(&signals_, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    if (pipe2(pipe_fds_, O_CLOEXEC) != 0) {
+      LogError("cannot create the signal pipe; SIGTERM will end the process without a drain");
+      return;
+    }
+    write_fd_.store(pipe_fds_[1]);
+    struct sigaction action {};
+    action.sa_handler = &SignalWaiter::OnSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &action, nullptr);
+    sigaction(SIGINT, &action, nullptr);
     thread_ = std::thread([this] { Loop(); });
   }
   ~SignalWaiter() {
-    stop_.store(true);
-    // Wakes the sigwait at once; stop_ marks it as ours, not a request to drain.
-    pthread_kill(thread_.native_handle(), SIGTERM);
+    if (!thread_.joinable()) return;
+    const char stop = 0;  // not a signal number: ours, not a request to drain
+    while (write(pipe_fds_[1], &stop, 1) < 0 && errno == EINTR) {
+    }
     thread_.join();
   }
 
@@ -64,22 +77,34 @@ class SignalWaiter {
   int signal_number() const { return signal_number_.load(); }
 
  private:
+  // Async-signal-safe: one byte into the pipe, whichever thread the signal lands on (libraries
+  // such as OpenBLAS start threads before main, so the signals cannot be blocked everywhere).
+  static void OnSignal(int signal) {
+    const int saved_errno = errno;
+    const char byte = static_cast<char>(signal);
+    const int fd = write_fd_.load();
+    if (fd >= 0) (void)!write(fd, &byte, 1);
+    errno = saved_errno;
+  }
+
   void Loop() {
     while (true) {
-      int signal = 0;
-      if (sigwait(&signals_, &signal) != 0) continue;
-      if (stop_.load()) return;
+      char byte = 0;
+      const ssize_t got = read(pipe_fds_[0], &byte, 1);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0 || byte == 0) return;
       if (received_.HasBeenNotified()) {
-        LogInfo(absl::StrCat("signal ", signal, " received again; already draining"));
+        LogInfo(
+            absl::StrCat("signal ", static_cast<int>(byte), " received again; already draining"));
         continue;
       }
-      signal_number_.store(signal);
+      signal_number_.store(byte);
       received_.Notify();
     }
   }
 
-  sigset_t signals_;
-  std::atomic<bool> stop_{false};
+  static inline std::atomic<int> write_fd_{-1};
+  int pipe_fds_[2] = {-1, -1};
   std::atomic<int> signal_number_{0};
   absl::Notification received_;
   std::thread thread_;
@@ -145,15 +170,25 @@ int Run(const ServerConfig& config) {
   // Created once the port listens; declared before the service and the server, which use them,
   // so that they outlive both.
   std::unique_ptr<AttentionBackend> backend;
-  std::unique_ptr<BatchExecutor> executor;
+  std::unique_ptr<AttentionExecutor> executor;
   std::unique_ptr<DynamicBatcher> batcher;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<PrefillEngine> prefill_engine;
+  std::unique_ptr<PrefillRunner> prefill_runner;
+  std::unique_ptr<DynamicBatcher> prefill_batcher;
   RealClock clock;
   AttentionServiceImpl service(config, &metrics, &clock);
+  PrefillServiceImpl prefill_service(&service);
+  auto stop_batchers = [&] {
+    if (batcher != nullptr) batcher->Stop();
+    if (prefill_batcher != nullptr) prefill_batcher->Stop();
+  };
 
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  absl::StatusOr<StartedGrpcServer> grpc_server = StartGrpcServer(config, &service);
+  absl::StatusOr<StartedGrpcServer> grpc_server =
+      StartGrpcServer(config, {&service, &prefill_service});
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;
@@ -178,14 +213,54 @@ int Run(const ServerConfig& config) {
   }
   backend = *std::move(created);
   const BackendInfo info = backend->Info();
-  executor = std::make_unique<BatchExecutor>(backend.get());
+  executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
       BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
       config.max_queue_size, executor.get(), &clock, &metrics);
+  if (!config.model_dir.empty()) {
+    absl::StatusOr<std::unique_ptr<Model>> loaded =
+        LoadModel(config.model_dir, config.backend.cpu_threads);
+    if (!loaded.ok()) {
+      LogError(
+          absl::StrCat("cannot load --model=", config.model_dir, ": ", loaded.status().message()));
+      server.Shutdown(absl::ToChronoTime(absl::Now()));
+      stop_batchers();
+      return 2;
+    }
+    model = *std::move(loaded);
+    // The CPU engine serves Prefill on every backend until a GPU engine exists.
+    absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
+        CreateCpuPrefillEngine(*model, config.backend.cpu_threads);
+    if (!engine.ok()) {
+      LogError(absl::StrCat("cannot create the prefill engine: ", engine.status().ToString()));
+      server.Shutdown(absl::ToChronoTime(absl::Now()));
+      stop_batchers();
+      return 1;
+    }
+    prefill_engine = *std::move(engine);
+    prefill_runner = std::make_unique<PrefillRunner>(prefill_engine.get());
+    // One prefill at a time: each one already uses every core (or the whole GPU).
+    prefill_batcher = std::make_unique<DynamicBatcher>(
+        BatchLimits{1, config.max_seq_len, absl::ZeroDuration()}, config.max_queue_size,
+        prefill_runner.get(), &clock, &metrics, Queue::kPrefill);
+    const ModelConfig& mc = model->config();
+    LogInfo(absl::StrCat("model ", config.model_dir, " loaded in ", model->load_seconds(), " s: ",
+                         ArchitectureName(mc.architecture), ", ", mc.num_layers, " layers, ",
+                         model->num_parameters(), " parameters, fingerprint ", model->fingerprint(),
+                         "; prefill on the ", prefill_engine->name(), " engine"));
+  }
   if (absl::Status ready = service.SetReady(backend.get(), batcher.get()); !ready.ok()) {
     LogError(ready.ToString());
     server.Shutdown(absl::ToChronoTime(absl::Now()));
-    batcher->Stop();
+    stop_batchers();
+    return 1;
+  }
+  if (absl::Status ready =
+          prefill_service.SetReady(model.get(), prefill_engine.get(), prefill_batcher.get());
+      !ready.ok()) {
+    LogError(ready.ToString());
+    server.Shutdown(absl::ToChronoTime(absl::Now()));
+    stop_batchers();
     return 1;
   }
 
@@ -198,7 +273,7 @@ int Run(const ServerConfig& config) {
         LogError(status.ToString());
         SetServingHealth(server, false);
         server.Shutdown(absl::ToChronoTime(absl::Now()));
-        batcher->Stop();
+        stop_batchers();
         return 1;
       }
     }
@@ -223,6 +298,7 @@ int Run(const ServerConfig& config) {
     LogWarning(absl::StrCat("drain timeout: cancelling ", service.InflightRpcs(),
                             " RPCs still in flight"));
     batcher->CancelAll();
+    if (prefill_batcher != nullptr) prefill_batcher->CancelAll();
     // Cancelled jobs come back at once (UNAVAILABLE); uploads that stalled do not.
     if (!service.WaitUntilIdle(absl::Now() + kShutdownGrace)) {
       LogWarning(absl::StrCat("cancelling ", service.InflightRpcs(),
@@ -233,7 +309,7 @@ int Run(const ServerConfig& config) {
   // health checking, reflection streams, stalled uploads) are cancelled, not waited for; returns
   // once every call is done.
   server.Shutdown(absl::ToChronoTime(absl::Now()));
-  batcher->Stop();
+  stop_batchers();
   (*metrics_endpoint)->Stop();
   LogInfo("drained; exiting");
   return 0;

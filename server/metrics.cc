@@ -24,12 +24,20 @@ const prometheus::Histogram::BucketBoundaries& QueueBuckets() {
 
 }  // namespace
 
+std::string_view QueueName(Queue queue) {
+  return queue == Queue::kPrefill ? "prefill" : "attention";
+}
+
 std::string_view RpcName(Rpc rpc) {
   switch (rpc) {
     case Rpc::kAttend:
       return "Attend";
     case Rpc::kAttendStream:
       return "AttendStream";
+    case Rpc::kPrefill:
+      return "Prefill";
+    case Rpc::kGetModelInfo:
+      return "GetModelInfo";
     case Rpc::kGetServerInfo:
       return "GetServerInfo";
   }
@@ -81,11 +89,18 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                   .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3,
                                                                    0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                    0.95, 0.99, 1.0});
-  queue_depth_ = &prometheus::BuildGauge()
-                      .Name("anchorserve_queue_depth")
-                      .Help("Requests waiting in the batcher queue.")
-                      .Register(*registry_)
-                      .Add({});
+  auto& queue_depth = prometheus::BuildGauge()
+                          .Name("anchorserve_queue_depth")
+                          .Help("Requests waiting in a batcher queue.")
+                          .Register(*registry_);
+  for (int q = 0; q < kNumQueues; ++q) {
+    queue_depth_[q] = &queue_depth.Add({{"queue", std::string(QueueName(static_cast<Queue>(q)))}});
+  }
+  prefill_pending_kv_bytes_ = &prometheus::BuildGauge()
+                                   .Name("anchorserve_prefill_pending_kv_bytes")
+                                   .Help("KV bytes of Prefill calls computed and not yet sent.")
+                                   .Register(*registry_)
+                                   .Add({});
   inflight_ = &prometheus::BuildGauge()
                    .Name("anchorserve_inflight_requests")
                    .Help("RPCs started and not yet finished.")
@@ -125,8 +140,12 @@ void MetricsRegistry::AddTokens(int64_t tokens) { tokens_->Increment(static_cast
 
 void MetricsRegistry::ObserveDensity(double density) { density_->Observe(density); }
 
-void MetricsRegistry::SetQueueDepth(int64_t depth) {
-  queue_depth_->Set(static_cast<double>(depth));
+void MetricsRegistry::SetQueueDepth(Queue queue, int64_t depth) {
+  queue_depth_[static_cast<int>(queue)]->Set(static_cast<double>(depth));
+}
+
+void MetricsRegistry::AddPrefillPendingKvBytes(int64_t delta) {
+  prefill_pending_kv_bytes_->Increment(static_cast<double>(delta));
 }
 
 void MetricsRegistry::RequestStarted() { inflight_->Increment(); }

@@ -15,12 +15,25 @@
 
 namespace anchorserve {
 
-enum class Rpc { kAttend, kAttendStream, kGetServerInfo };
-inline constexpr int kNumRpcs = 3;
+enum class Rpc {
+  kAttend,
+  kAttendStream,
+  kGetServerInfo,
+  kPrefill,
+  kGetModelInfo,
+  kLast = kGetModelInfo
+};
+inline constexpr int kNumRpcs = static_cast<int>(Rpc::kLast) + 1;
 // grpc::StatusCode values 0 (OK) .. 16 (UNAUTHENTICATED).
 inline constexpr int kNumGrpcCodes = 17;
 
-std::string_view RpcName(Rpc rpc);  // "Attend", "AttendStream", "GetServerInfo"
+std::string_view RpcName(Rpc rpc);
+
+// The batcher queues (label queue of anchorserve_queue_depth).
+enum class Queue { kAttention, kPrefill };
+inline constexpr int kNumQueues = 2;
+std::string_view QueueName(Queue queue);  // "attention", "prefill"  // "Attend", "AttendStream",
+                                          // "GetServerInfo", "Prefill", ...
 
 class MetricsRegistry {
  public:
@@ -45,8 +58,11 @@ class MetricsRegistry {
   void AddTokens(int64_t tokens);
   // anchorserve_density: computed fraction of the causal score matrix, per request.
   void ObserveDensity(double density);
-  // anchorserve_queue_depth: requests waiting in the batcher queue.
-  void SetQueueDepth(int64_t depth);
+  // anchorserve_queue_depth{queue}: requests waiting in a batcher queue.
+  void SetQueueDepth(Queue queue, int64_t depth);
+  // anchorserve_prefill_pending_kv_bytes: KV bytes computed and not yet handed to gRPC, over
+  // all Prefill calls (what --prefill_buffer_bytes bounds per call).
+  void AddPrefillPendingKvBytes(int64_t delta);
   // anchorserve_inflight_requests: RPCs started and not yet done.
   void RequestStarted();
   void RequestDone();
@@ -64,7 +80,8 @@ class MetricsRegistry {
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Counter* tokens_ = nullptr;
   prometheus::Histogram* density_ = nullptr;
-  prometheus::Gauge* queue_depth_ = nullptr;
+  std::array<prometheus::Gauge*, kNumQueues> queue_depth_{};
+  prometheus::Gauge* prefill_pending_kv_bytes_ = nullptr;
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Counter* received_bytes_ = nullptr;
   prometheus::Counter* sent_bytes_ = nullptr;

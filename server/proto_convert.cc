@@ -99,22 +99,12 @@ absl::StatusOr<RequestSpec> BuildSpec(const QkvGeometry& qkv, const v1::AnchorCo
   ANCHOR_ASSIGN_OR_RETURN(spec.config, AnchorConfigFromProto(config, options.defaults));
 
   if (options.backend != nullptr) {
-    const BackendInfo& info = options.backend_info;
-    if (std::find(info.dtypes.begin(), info.dtypes.end(), spec.dtype) == info.dtypes.end()) {
-      std::vector<absl::string_view> names;
-      for (DType d : info.dtypes) names.push_back(DTypeText(d));
-      return absl::FailedPreconditionError(
-          absl::StrCat("q.dtype ", DTypeText(spec.dtype), " is not supported by the ", info.name,
-                       " backend (supported: ", absl::StrJoin(names, ", "), ")"));
-    }
-    // Supports() looks at shape, dtype, layout and config only; the probe pointers are never
-    // dereferenced, they only satisfy the non-null checks.
-    static const char kProbe[1] = {0};
-    AttentionTask probe;
-    ApplySpec(spec, &probe);
-    probe.q = probe.k = probe.v = kProbe;
-    probe.out = const_cast<char*>(kProbe);
-    ANCHOR_RETURN_IF_ERROR(options.backend->Supports(probe));
+    AttentionProblem problem;
+    problem.shape = spec.shape;
+    problem.dtype = spec.dtype;
+    problem.layout = spec.layout;
+    problem.config = spec.config;
+    ANCHOR_RETURN_IF_ERROR(options.backend->CanRun(problem));
   }
   return spec;
 }
@@ -176,6 +166,21 @@ void ApplySpec(const RequestSpec& spec, AttentionTask* task) {
   task->dtype = spec.dtype;
   task->layout = spec.layout;
   task->config = spec.config;
+}
+
+std::shared_ptr<AttentionJob> MakeAttentionJob(const RequestSpec& spec, const void* q,
+                                               const void* k, const void* v, void* out,
+                                               absl::Time deadline) {
+  auto job = std::make_shared<AttentionJob>();
+  ApplySpec(spec, &job->task);
+  job->task.q = q;
+  job->task.k = k;
+  job->task.v = v;
+  job->task.out = out;
+  job->deadline = deadline;
+  job->compute_recall = spec.compute_recall;
+  job->UpdateBatchKey();
+  return job;
 }
 
 v1::TensorSpec OutputSpec(const RequestSpec& spec) {

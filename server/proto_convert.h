@@ -6,10 +6,12 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "kernels/attention_types.h"
@@ -20,13 +22,15 @@
 
 namespace anchorserve {
 
-// What requests are checked against. Limits give RESOURCE_EXHAUSTED naming their flag.
+// What requests are checked against. Limits give RESOURCE_EXHAUSTED naming their flag; their
+// defaults are ServerConfig's.
 struct ConvertOptions {
-  int64_t max_seq_len = 262144;
-  int max_heads = 256;
-  int64_t max_request_bytes = 4294967296;  // Q + K + V
-  int64_t max_message_bytes = 268435456;   // a unary response must fit one message
-  AnchorConfig defaults;
+  int64_t max_seq_len = kDefaultServerConfig.max_seq_len;
+  int max_heads = kDefaultServerConfig.max_heads;
+  int64_t max_request_bytes = kDefaultServerConfig.max_request_bytes;  // Q + K + V
+  // A unary response must fit one message.
+  int64_t max_message_bytes = kDefaultServerConfig.max_message_bytes;
+  AnchorConfig defaults = kDefaultServerConfig.defaults;
   // Capabilities; when `backend` is null the backend checks are skipped.
   const AttentionBackend* backend = nullptr;
   BackendInfo backend_info;
@@ -66,6 +70,12 @@ absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
 
 // Shape, dtype, layout and config of `spec` into `task` (buffers are the caller's).
 void ApplySpec(const RequestSpec& spec, AttentionTask* task);
+
+// The job of a validated request over buffers its RPC owns and keeps alive until on_done has
+// run: q, k and v as the spec describes them, `out` like q. The caller sets on_done.
+std::shared_ptr<AttentionJob> MakeAttentionJob(const RequestSpec& spec, const void* q,
+                                               const void* k, const void* v, void* out,
+                                               absl::Time deadline);
 
 // dtype, shape and layout of the output (those of q).
 v1::TensorSpec OutputSpec(const RequestSpec& spec);

@@ -9,38 +9,61 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
-ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC and metrics servers listen on.");
-ABSL_FLAG(int32_t, grpc_port, 50051, "gRPC port; 0 picks a free one (see --port_file).");
-ABSL_FLAG(int32_t, metrics_port, 9464,
+ABSL_FLAG(std::string, host, anchorserve::kDefaultServerConfig.host,
+          "Address the gRPC and metrics servers listen on.");
+ABSL_FLAG(int32_t, grpc_port, anchorserve::kDefaultServerConfig.grpc_port,
+          "gRPC port; 0 picks a free one (see --port_file).");
+ABSL_FLAG(int32_t, metrics_port, anchorserve::kDefaultServerConfig.metrics_port,
           "Prometheus /metrics port; 0 picks a free one (see --port_file).");
 ABSL_FLAG(std::string, port_file, "",
           "When set, written atomically with \"grpc_port=N\\nmetrics_port=M\\n\" once serving.");
 ABSL_FLAG(std::string, backend, "auto",
           "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
-ABSL_FLAG(int32_t, cpu_threads, 0, "Threads of the CPU backend; 0 = all hardware threads.");
-ABSL_FLAG(int32_t, cuda_device, 0, "CUDA device ordinal of the CUDA backend.");
-ABSL_FLAG(int32_t, max_batch_requests, 8, "Most requests in one batch.");
-ABSL_FLAG(int64_t, max_batch_tokens, 262144, "Most tokens (sum of seq_len) in one batch.");
-ABSL_FLAG(double, max_queue_delay_ms, 2,
+ABSL_FLAG(int32_t, cpu_threads, anchorserve::kDefaultServerConfig.backend.cpu_threads,
+          "Threads of the CPU backend; 0 = all hardware threads.");
+ABSL_FLAG(int32_t, cuda_device, anchorserve::kDefaultServerConfig.backend.cuda_device,
+          "CUDA device ordinal of the CUDA backend.");
+ABSL_FLAG(int32_t, max_batch_requests, anchorserve::kDefaultServerConfig.max_batch_requests,
+          "Most requests in one batch.");
+ABSL_FLAG(int64_t, max_batch_tokens, anchorserve::kDefaultServerConfig.max_batch_tokens,
+          "Most tokens (sum of seq_len) in one batch.");
+ABSL_FLAG(double, max_queue_delay_ms,
+          absl::ToDoubleMilliseconds(anchorserve::kDefaultServerConfig.max_queue_delay),
           "Longest time the oldest queued request waits for a batch to fill.");
-ABSL_FLAG(int32_t, max_queue_size, 64,
+ABSL_FLAG(int32_t, max_queue_size, anchorserve::kDefaultServerConfig.max_queue_size,
           "Requests that may wait in the queue; more are refused with RESOURCE_EXHAUSTED.");
 ABSL_FLAG(
-    int64_t, max_message_bytes, 268435456,
+    int64_t, max_message_bytes, anchorserve::kDefaultServerConfig.max_message_bytes,
     "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
-ABSL_FLAG(int64_t, max_request_bytes, int64_t{4294967296},
+ABSL_FLAG(int64_t, max_request_bytes, anchorserve::kDefaultServerConfig.max_request_bytes,
           "Largest Q + K + V byte count of one request.");
-ABSL_FLAG(int64_t, max_seq_len, 262144, "Longest sequence accepted.");
-ABSL_FLAG(int32_t, max_heads, 256, "Most query (or KV) heads accepted.");
-ABSL_FLAG(int64_t, stream_chunk_bytes, 4194304, "Bytes per output chunk of AttendStream.");
-ABSL_FLAG(double, drain_timeout_s, 30,
+ABSL_FLAG(int64_t, max_seq_len, anchorserve::kDefaultServerConfig.max_seq_len,
+          "Longest sequence accepted.");
+ABSL_FLAG(int32_t, max_heads, anchorserve::kDefaultServerConfig.max_heads,
+          "Most query (or KV) heads accepted.");
+ABSL_FLAG(int64_t, stream_chunk_bytes, anchorserve::kDefaultServerConfig.stream_chunk_bytes,
+          "Bytes per output chunk of AttendStream and of Prefill's KV stream.");
+ABSL_FLAG(double, drain_timeout_s,
+          absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.drain_timeout),
           "On SIGTERM/SIGINT, how long in-flight requests may take before they are cancelled.");
-ABSL_FLAG(double, default_theta, 12,
+ABSL_FLAG(double, default_theta, anchorserve::kDefaultServerConfig.defaults.theta,
           "Default difference threshold (nats); inf = dense, -inf = anchor region only.");
-ABSL_FLAG(int32_t, default_block_size, 128, "Default pooling block B (query rows).");
-ABSL_FLAG(int32_t, default_step, 16, "Default step s (blocks per group).");
-ABSL_FLAG(int32_t, default_init_groups, 1, "Default sink region n_init, in groups.");
-ABSL_FLAG(int32_t, default_local_groups, 1, "Default local region n_loc, in groups.");
+ABSL_FLAG(int32_t, default_block_size, anchorserve::kDefaultServerConfig.defaults.block_size,
+          "Default pooling block B (query rows).");
+ABSL_FLAG(int32_t, default_step, anchorserve::kDefaultServerConfig.defaults.step,
+          "Default step s (blocks per group).");
+ABSL_FLAG(int32_t, default_init_groups, anchorserve::kDefaultServerConfig.defaults.init_groups,
+          "Default sink region n_init, in groups.");
+ABSL_FLAG(std::string, model, "",
+          "Hugging Face model folder (config.json + safetensors) served by Prefill; empty = Q/K/V "
+          "attention only.");
+ABSL_FLAG(int64_t, prefill_buffer_bytes, anchorserve::kDefaultServerConfig.prefill_buffer_bytes,
+          "KV bytes of one Prefill that may wait to be sent; the prefill pauses above it.");
+ABSL_FLAG(int64_t, prefill_memory_bytes, anchorserve::kDefaultServerConfig.prefill_memory_bytes,
+          "Most engine workspace (beyond the weights) one Prefill may need; larger prompts get "
+          "RESOURCE_EXHAUSTED before any work.");
+ABSL_FLAG(int32_t, default_local_groups, anchorserve::kDefaultServerConfig.defaults.local_groups,
+          "Default local region n_loc, in groups.");
 
 namespace anchorserve {
 namespace {
@@ -134,6 +157,16 @@ absl::Status ServerConfig::Validate() const {
         s.message(), " (a chunk plus its framing must fit --max_message_bytes=", max_message_bytes,
         ")"));
   }
+  if (auto s =
+          CheckRange<int64_t>("prefill_buffer_bytes", prefill_buffer_bytes, 1, int64_t{1} << 40);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s =
+          CheckRange<int64_t>("prefill_memory_bytes", prefill_memory_bytes, 1, int64_t{1} << 50);
+      !s.ok()) {
+    return s;
+  }
   if (drain_timeout < absl::ZeroDuration() || drain_timeout > absl::Seconds(kMaxSecondsKnob)) {
     return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
                      absl::StrCat(absl::ToDoubleSeconds(drain_timeout)));
@@ -188,6 +221,9 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   config.max_heads = absl::GetFlag(FLAGS_max_heads);
   config.stream_chunk_bytes = absl::GetFlag(FLAGS_stream_chunk_bytes);
+  config.model_dir = absl::GetFlag(FLAGS_model);
+  config.prefill_buffer_bytes = absl::GetFlag(FLAGS_prefill_buffer_bytes);
+  config.prefill_memory_bytes = absl::GetFlag(FLAGS_prefill_memory_bytes);
 
   const double drain_s = absl::GetFlag(FLAGS_drain_timeout_s);
   if (!std::isfinite(drain_s) || drain_s < 0 || drain_s > kMaxSecondsKnob) {

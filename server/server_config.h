@@ -1,4 +1,6 @@
 // Every knob of the server, read from the command-line flags in one place and validated at start.
+// The defaults written here are the only ones: the flags, the batcher and the request
+// validation take theirs from ServerConfig{}.
 #pragma once
 
 #include <cstdint>
@@ -10,11 +12,10 @@
 #include "absl/time/time.h"
 #include "kernels/attention_types.h"
 #include "kernels/backend.h"
+#include "proto/anchorserve/v1/limits.h"
 
 namespace anchorserve {
 
-// gRPC and protobuf count message sizes in int32.
-inline constexpr int64_t kMaxGrpcMessageBytes = 2147483647;
 // Room a response needs beside tensor bytes (request id, per-head metrics of max_heads heads).
 inline constexpr int64_t kMessageOverheadBytes = 64 << 10;
 
@@ -37,7 +38,13 @@ struct ServerConfig {
   int64_t max_request_bytes = 4294967296;  // Q + K + V of one request
   int64_t max_seq_len = 262144;
   int max_heads = 256;
-  int64_t stream_chunk_bytes = 4194304;  // output chunks of AttendStream
+  int64_t stream_chunk_bytes = 4194304;  // output chunks of AttendStream and Prefill
+
+  // Prefill.
+  std::string model_dir;                     // empty: no model, Prefill answers FAILED_PRECONDITION
+  int64_t prefill_buffer_bytes = 268435456;  // KV bytes of one Prefill waiting to be sent
+  // Most engine workspace (activations, K/V, scratch beyond the weights) one Prefill may need.
+  int64_t prefill_memory_bytes = int64_t{16} << 30;
 
   absl::Duration drain_timeout = absl::Seconds(30);
 
@@ -46,6 +53,8 @@ struct ServerConfig {
   // Checks every field; the message names the flag, e.g. "--grpc_port must be in [0, 65535]".
   absl::Status Validate() const;
 };
+
+inline const ServerConfig kDefaultServerConfig{};
 
 // Reads the --flags (after absl::ParseCommandLine) and validates them.
 absl::StatusOr<ServerConfig> ServerConfigFromFlags();

@@ -22,7 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 #include "kernels/structured_inputs.h"
 
 namespace anchorserve {

@@ -11,14 +11,13 @@
 // Timing: CUDA events around each stage on the runner's stream, one warm-up, median of --reps.
 // Inputs are uploaded once per N; outputs are poisoned (0xff = NaN) before the warm-up.
 //
-// Kernel variants (--variant_lengths, at the main theta): every anchor kernel and every stripe
-// kernel of identification.h timed alone on the same inputs, plus the stripe compaction alone;
-// their pooled anchors and stripe counts are compared with the production kernels' (the table
-// above uses the production kernels).
+// Stage parts (--stage_lengths, at the main theta): the stage launchers of identification.h timed
+// one at a time, so that pooling and stripe compaction show apart from the anchor and stripe
+// stages they end.
 //
 // Usage: anchor_kernel_bench [--out=DIR] [--lengths=4096,...] [--theta=12]
 //          [--sweep_thetas=8,12,15,20] [--sweep_lengths=32768,131072] [--reps=5]
-//          [--sample_rows=256] [--sdpa_log=FILE] [--seed=0] [--variant_lengths=32768,131072]
+//          [--sample_rows=256] [--sdpa_log=FILE] [--seed=0] [--stage_lengths=32768,131072]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -40,10 +39,10 @@
 #include "bench/gpu/bench_recall.h"
 #include "bench/gpu/bench_util.h"
 #include "kernels/attention_types.h"
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 #include "kernels/cuda/identification.h"
 #include "kernels/cuda/identification_types.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 #include "kernels/structured_inputs.h"
 
 namespace anchorserve {
@@ -72,7 +71,7 @@ struct Options {
   int sample_rows = 256;
   std::string sdpa_log;
   uint64_t seed = 0;
-  std::vector<int64_t> variant_lengths;
+  std::vector<int64_t> stage_lengths;
 };
 
 template <typename T>
@@ -111,8 +110,8 @@ Options ParseOptions(int argc, char** argv) {
       options.sdpa_log = value;
     } else if (key == "--seed") {
       options.seed = std::stoull(value);
-    } else if (key == "--variant_lengths") {
-      options.variant_lengths = ParseList<int64_t>(value);
+    } else if (key == "--stage_lengths") {
+      options.stage_lengths = ParseList<int64_t>(value);
     } else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
       std::exit(2);
@@ -177,8 +176,8 @@ struct Row {
 };
 
 // fp64 evaluation of the spec for sampled (head, row) pairs with the GPU's stripe selection.
-void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const AnchorConfig& config,
-                   int sample_rows, uint64_t seed, Row* row) {
+void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
+                   const AnchorConfig& config, int sample_rows, uint64_t seed, Row* row) {
   const int64_t n = qkv.shape.seq_len;
   const int64_t group_size = config.GroupSize();
   const double scale = config.ScaleFor(kD);
@@ -276,112 +275,34 @@ void CheckAccuracy(const cuda::AnchorRunner& runner, const HostQkv& qkv, const A
   }
 }
 
-// Times each anchor and stripe kernel alone (warm-up, then the median of `reps`) on the runner's
-// current inputs and theta, and checks them against the production kernels: max |abar - abar of
-// the production anchor kernel| over the pooled anchors, and the stripe counts per list. Leaves
-// the production kernels' results in place.
-void CompareKernelVariants(cuda::AnchorRunner& runner, int64_t n, int reps, double anchor_flops,
-                           double stripe_flops) {
+// Times each stage launcher alone (warm-up, then the median of `reps`) on the runner's current
+// inputs and theta, in stage order, so that each finds its inputs; leaves the stages' results in
+// place.
+void TimeStageParts(cuda::AttentionRunner& runner, int64_t n, int reps) {
   const cudaStream_t stream = runner.stream();
-  const cuda::IdentificationParams base = runner.identification_params();
-  const int64_t pooled =
-      static_cast<int64_t>(base.num_groups) * base.num_q_heads * base.pooled_rows;
-  const int64_t lists = static_cast<int64_t>(base.num_groups) * base.num_q_heads;
+  const cuda::IdentificationParams params = runner.identification_params();
   EventTimer timer(2);
   auto time_ms = [&](auto&& launch) {
-    BENCH_CUDA(launch());
+    BENCH_LAUNCH(launch());
     BENCH_CUDA(cudaStreamSynchronize(stream));
     std::vector<double> times;
     for (int r = 0; r < reps; ++r) {
       timer.Record(0, stream);
-      BENCH_CUDA(launch());
+      BENCH_LAUNCH(launch());
       timer.Record(1, stream);
       BENCH_CUDA(cudaStreamSynchronize(stream));
       times.push_back(timer.Ms(0, 1));
     }
     return Median(times);
   };
-  auto copy_floats = [&](const float* device, int64_t count) {
-    std::vector<float> host(count);
-    BENCH_CUDA(cudaMemcpy(host.data(), device, count * sizeof(float), cudaMemcpyDeviceToHost));
-    return host;
-  };
-  auto copy_counts = [&]() {
-    std::vector<int32_t> host(lists);
-    BENCH_CUDA(
-        cudaMemcpy(host.data(), base.lists.count, lists * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    return host;
-  };
-
-  struct AnchorVariant {
-    const char* name;
-    cuda::AnchorKernelChoice choice;
-  };
-  const AnchorVariant anchors[] = {{"default", cuda::AnchorKernelChoice::kDefault},
-                                   {"wgmma-1head", cuda::AnchorKernelChoice::kWgmmaOneHead},
-                                   {"wgmma-2heads", cuda::AnchorKernelChoice::kWgmmaTwoHeads},
-                                   {"wgmma-ws", cuda::AnchorKernelChoice::kWgmmaWarpSpecialized},
-                                   {"mma.sync", cuda::AnchorKernelChoice::kMmaSync}};
-  std::vector<float> reference_anchor;
-  for (const AnchorVariant& variant : anchors) {
-    cuda::IdentificationParams p = base;
-    p.anchor_kernel = variant.choice;
-    const double ms = time_ms([&] { return cuda::LaunchAnchorStage(p, stream); });
-    const std::vector<float> abar = copy_floats(base.pooled_anchor, pooled);
-    if (reference_anchor.empty()) reference_anchor = abar;
-    double max_diff = 0;
-    int64_t nonfinite = 0;
-    for (int64_t i = 0; i < pooled; ++i) {
-      if (std::isinf(reference_anchor[i]) && reference_anchor[i] == abar[i]) continue;  // no rows
-      const double diff = std::fabs(static_cast<double>(abar[i]) - reference_anchor[i]);
-      if (!std::isfinite(diff)) {
-        ++nonfinite;
-      } else {
-        max_diff = std::max(max_diff, diff);
-      }
-    }
-    std::printf("variant N=%lld anchor %-15s %8.3f ms (%.0f TFLOP/s) max|abar - default| %.3g%s\n",
-                static_cast<long long>(n), variant.name, ms, anchor_flops / (ms * 1e9), max_diff,
-                nonfinite > 0 ? absl::StrCat(" NONFINITE ", nonfinite).c_str() : "");
-  }
-  BENCH_CUDA(cuda::LaunchAnchorStage(base, stream));  // production anchors for the stripes
-  const double pool_ms = time_ms([&] { return cuda::LaunchPooling(base, stream); });
-  std::printf("variant N=%lld anchor stage pooling alone %.3f ms\n", static_cast<long long>(n),
-              pool_ms);
-
-  struct StripeVariant {
-    const char* name;
-    cuda::StripeKernelChoice choice;
-  };
-  const StripeVariant stripes[] = {{"default", cuda::StripeKernelChoice::kDefault},
-                                   {"wgmma", cuda::StripeKernelChoice::kWgmma},
-                                   {"wgmma-2pieces", cuda::StripeKernelChoice::kWgmmaTwoPieces},
-                                   {"mma.sync", cuda::StripeKernelChoice::kMmaSync}};
-  std::vector<int32_t> reference_counts;
-  for (const StripeVariant& variant : stripes) {
-    cuda::IdentificationParams p = base;
-    p.stripe_kernel = variant.choice;
-    const double ms = time_ms([&] { return cuda::LaunchStripeStage(p, stream); });
-    const std::vector<int32_t> counts = copy_counts();
-    if (reference_counts.empty()) reference_counts = counts;
-    int64_t total = 0, reference_total = 0, lists_differing = 0, count_diff = 0;
-    for (int64_t i = 0; i < lists; ++i) {
-      total += counts[i];
-      reference_total += reference_counts[i];
-      if (counts[i] != reference_counts[i]) ++lists_differing;
-      count_diff += std::abs(counts[i] - reference_counts[i]);
-    }
-    std::printf(
-        "variant N=%lld stripes %-15s %8.3f ms (%.0f TFLOP/s real work) selected %lld "
-        "(default %lld), lists with another count %lld, sum |count diff| %lld\n",
-        static_cast<long long>(n), variant.name, ms, stripe_flops / (ms * 1e9),
-        static_cast<long long>(total), static_cast<long long>(reference_total),
-        static_cast<long long>(lists_differing), static_cast<long long>(count_diff));
-  }
-  BENCH_CUDA(cuda::LaunchStripeStage(base, stream));
-  const double compact_ms = time_ms([&] { return cuda::LaunchStripeCompaction(base, stream); });
-  std::printf("variant N=%lld stripe compaction alone %.3f ms\n", static_cast<long long>(n),
-              compact_ms);
+  const double anchor_ms = time_ms([&] { return cuda::LaunchAnchorStage(params, stream); });
+  const double pool_ms = time_ms([&] { return cuda::LaunchPooling(params, stream); });
+  const double stripe_ms = time_ms([&] { return cuda::LaunchStripeStage(params, stream); });
+  const double compact_ms = time_ms([&] { return cuda::LaunchStripeCompaction(params, stream); });
+  std::printf(
+      "stages N=%lld: anchor stage %.3f ms (of which pooling %.3f ms), stripe stage %.3f ms (of "
+      "which compaction %.3f ms)\n",
+      static_cast<long long>(n), anchor_ms, pool_ms, stripe_ms, compact_ms);
   std::fflush(stdout);
 }
 
@@ -458,9 +379,10 @@ int Main(int argc, char** argv) {
   BENCH_CUDA(cudaGetDeviceProperties(&properties, 0));
   std::printf("device: %s, %d SMs, %zu MiB\n", properties.name, properties.multiProcessorCount,
               properties.totalGlobalMem >> 20);
-  absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner_or = cuda::AnchorRunner::Create(0);
+  absl::StatusOr<std::unique_ptr<cuda::AttentionRunner>> runner_or =
+      cuda::AttentionRunner::Create(0);
   BENCH_OK(runner_or.status());
-  cuda::AnchorRunner& runner = **runner_or;
+  cuda::AttentionRunner& runner = **runner_or;
   const cudaStream_t stream = runner.stream();
   std::vector<Row> rows;
   void* dense_out = nullptr;
@@ -586,10 +508,9 @@ int Main(int argc, char** argv) {
         CheckAccuracy(runner, *qkv, config, options.sample_rows, options.seed + n, &row);
       }
       if (theta == options.theta &&
-          std::find(options.variant_lengths.begin(), options.variant_lengths.end(), n) !=
-              options.variant_lengths.end()) {
-        CompareKernelVariants(runner, n, options.reps, anchor_entries * 2 * kD,
-                              candidate_keys * kHq * config.step * 2.0 * kD);
+          std::find(options.stage_lengths.begin(), options.stage_lengths.end(), n) !=
+              options.stage_lengths.end()) {
+        TimeStageParts(runner, n, options.reps);
       }
       std::printf(
           "N=%lld theta=%g: anchor %.3f ms (%.0f TFLOP/s), stripes %.3f ms (%.0f TFLOP/s), "

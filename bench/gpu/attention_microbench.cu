@@ -10,9 +10,6 @@
 //
 // Usage: anchor_attention_microbench [--dense=4096,8192,...] [--sparse=32768,131072]
 //                                    [--densities=0.05,0.1,0.3] [--check_rows=128]
-//                                    [--all_pipelines]   (also time the other mainloop shapes)
-//                                    [--variants=baseline,ws,ws-order0,ws-chunk32,ws-d3s2,
-//                                                ws-d2s3]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -26,8 +23,6 @@
 #include <vector>
 
 #include "bench/gpu/bench_util.h"
-#include "kernels/cuda/attention_kernel.cuh"
-#include "kernels/cuda/attention_kernel_ws.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -306,48 +301,9 @@ AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const Anch
   return params;
 }
 
-using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
-
-// Software-pipeline shapes to compare; "default" is the production LaunchAttention.
-template <int kStages, bool kLoadsFirst>
-cudaError_t LaunchPipeline(const AttentionParams& params, cudaStream_t stream) {
-  using Pipe = attention_detail::Pipeline<kStages, kLoadsFirst>;
-  return attention_detail::LaunchAttentionTyped<Elem, kD, Pipe, Pipe>(params, stream);
-}
-
-// The two mainloops by name (production dispatch), and the warp-specialized kernel with other
-// ring depths / block orders.
-template <AttentionKernelVariant kVariant, int32_t kTilesPerChunk = -1>
-cudaError_t LaunchVariant(const AttentionParams& params, cudaStream_t stream) {
-  AttentionLaunchOptions options;
-  options.variant = kVariant;
-  options.tiles_per_chunk = kTilesPerChunk;
-  return LaunchAttentionWithOptions(params, options, stream);
-}
-template <int kDenseStages, int kSparseStages, int32_t kTilesPerChunk>
-cudaError_t LaunchWsStages(const AttentionParams& params, cudaStream_t stream) {
-  return attention_detail::LaunchAttentionWsTyped<Elem, kD, kDenseStages, kSparseStages>(
-      params, kTilesPerChunk, stream);
-}
-
-struct Variant {
-  const char* name;
-  Launcher launch;
-};
-
-// --variants=NAME,... (besides "default", the production LaunchAttention).
-const Variant kNamedVariants[] = {
-    {"baseline", &LaunchVariant<AttentionKernelVariant::kBaseline>},
-    {"ws", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>},
-    {"ws-order0", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
-    {"ws-chunk32", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 32>},
-    {"ws-d3s2", &LaunchWsStages<3, 2, 16>},
-    {"ws-d2s3", &LaunchWsStages<2, 3, 16>},
-};
-
 // Median milliseconds of `reps` launches after `warmup` launches.
-double TimeMs(Launcher launch, const AttentionParams& params, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) BENCH_CUDA(launch(params, nullptr));
+double TimeMs(const AttentionParams& params, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) BENCH_LAUNCH(LaunchAttention(params, nullptr));
   BENCH_CUDA(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
   BENCH_CUDA(cudaEventCreate(&start));
@@ -355,7 +311,7 @@ double TimeMs(Launcher launch, const AttentionParams& params, int warmup, int re
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
     BENCH_CUDA(cudaEventRecord(start));
-    BENCH_CUDA(launch(params, nullptr));
+    BENCH_LAUNCH(LaunchAttention(params, nullptr));
     BENCH_CUDA(cudaEventRecord(stop));
     BENCH_CUDA(cudaEventSynchronize(stop));
     float ms = 0;
@@ -463,7 +419,6 @@ int Main(int argc, char** argv) {
   std::vector<double> sparse_n = {32768, 131072};
   std::vector<double> densities = {0.05, 0.1, 0.3};
   int check_rows = 128;
-  std::vector<Variant> variants = {{"default", &LaunchAttention}};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* prefix) -> const char* {
@@ -477,31 +432,6 @@ int Main(int argc, char** argv) {
       densities = ParseList(v);
     } else if (const char* v = value("--check_rows=")) {
       check_rows = std::atoi(v);
-    } else if (const char* v = value("--variants=")) {
-      std::string names(v);
-      size_t at = 0;
-      while (at < names.size()) {
-        size_t comma = names.find(',', at);
-        if (comma == std::string::npos) comma = names.size();
-        const std::string name = names.substr(at, comma - at);
-        bool found = false;
-        for (const Variant& named : kNamedVariants) {
-          if (name == named.name) {
-            variants.push_back(named);
-            found = true;
-          }
-        }
-        if (!found) {
-          std::fprintf(stderr, "unknown variant %s\n", name.c_str());
-          return 2;
-        }
-        at = comma + 1;
-      }
-    } else if (arg == "--all_pipelines") {
-      variants.push_back({"2st-first", &LaunchPipeline<2, true>});
-      variants.push_back({"2st-after", &LaunchPipeline<2, false>});
-      variants.push_back({"3st-first", &LaunchPipeline<3, true>});
-      variants.push_back({"3st-after", &LaunchPipeline<3, false>});
     } else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -526,24 +456,21 @@ int Main(int argc, char** argv) {
   };
 
   std::printf("\n== dense causal ==\n");
-  std::vector<std::pair<int32_t, double>> dense_ms;  // default variant
+  std::vector<std::pair<int32_t, double>> dense_ms;
   for (double nd : dense_n) {
     const int32_t n = static_cast<int32_t>(nd);
     Problem p = MakeProblem(n, 1234 + n);
     const AttentionParams params = ParamsFor(p, nullptr, geo);
     const double flops = 4.0 * static_cast<double>(n) * n * kD * kHq / 2.0;
-    for (const Variant& variant : variants) {
-      Poison(p);
-      const double ms = TimeMs(variant.launch, params, 2, Reps(n));
-      const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
-      if (variant.launch == &LaunchAttention) dense_ms.push_back({n, ms});
-      std::snprintf(line, sizeof(line),
-                    "dense  %-9s N=%6d            ms=%9.3f  TFLOP/s=%6.1f  | %s", variant.name, n,
-                    ms, flops / ms * 1e-9, accuracy_text(acc).c_str());
-      std::printf("%s\n", line);
-      std::fflush(stdout);
-      summary.push_back(line);
-    }
+    Poison(p);
+    const double ms = TimeMs(params, 2, Reps(n));
+    const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
+    dense_ms.push_back({n, ms});
+    std::snprintf(line, sizeof(line), "dense  N=%6d            ms=%9.3f  TFLOP/s=%6.1f  | %s", n,
+                  ms, flops / ms * 1e-9, accuracy_text(acc).c_str());
+    std::printf("%s\n", line);
+    std::fflush(stdout);
+    summary.push_back(line);
     FreeProblem(&p);
   }
 
@@ -561,24 +488,21 @@ int Main(int argc, char** argv) {
       const double kept = stripes.kept_entries_per_head;
       const double flops = 4.0 * kD * kept * kHq;
       const double causal = static_cast<double>(n) * (n + 1) / 2.0;
-      for (const Variant& variant : variants) {
-        Poison(p);
-        const double ms = TimeMs(variant.launch, params, 2, Reps(n));
-        const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
-        char speedup[32] = "n/a";
-        if (dense_reference_ms > 0) {
-          std::snprintf(speedup, sizeof(speedup), "%.2fx", dense_reference_ms / ms);
-        }
-        std::snprintf(line, sizeof(line),
-                      "sparse %-9s N=%6d cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
-                      "stripe_density=%.4f  vs_dense=%s | %s",
-                      variant.name, n, density, ms, flops / ms * 1e-9, kept / causal,
-                      stripes.stripe_entries_per_head / causal, speedup,
-                      accuracy_text(acc).c_str());
-        std::printf("%s\n", line);
-        std::fflush(stdout);
-        summary.push_back(line);
+      Poison(p);
+      const double ms = TimeMs(params, 2, Reps(n));
+      const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
+      char speedup[32] = "n/a";
+      if (dense_reference_ms > 0) {
+        std::snprintf(speedup, sizeof(speedup), "%.2fx", dense_reference_ms / ms);
       }
+      std::snprintf(line, sizeof(line),
+                    "sparse N=%6d cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
+                    "stripe_density=%.4f  vs_dense=%s | %s",
+                    n, density, ms, flops / ms * 1e-9, kept / causal,
+                    stripes.stripe_entries_per_head / causal, speedup, accuracy_text(acc).c_str());
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      summary.push_back(line);
       cudaFree(stripes.list_offset);
       cudaFree(stripes.count);
       cudaFree(stripes.index);

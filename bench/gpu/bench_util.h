@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "kernels/cuda/launch_result.h"
+
 // Exits with file:line, the expression and the CUDA error string when `expr` is not cudaSuccess.
 #define BENCH_CUDA(expr)                                                 \
   do {                                                                   \
@@ -16,4 +18,17 @@
                    cudaGetErrorString(bench_error_));                    \
       std::exit(1);                                                      \
     }                                                                    \
+  } while (false)
+
+// Exits with file:line, the expression and the failed precondition or CUDA error string when the
+// kernel launcher call `expr` (a cuda::LaunchResult) did not succeed.
+#define BENCH_LAUNCH(expr)                                                                        \
+  do {                                                                                            \
+    const ::anchorserve::cuda::LaunchResult bench_result_ = (expr);                               \
+    if (!bench_result_.ok()) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                          \
+                   bench_result_.precondition_failed() ? bench_result_.what                       \
+                                                       : cudaGetErrorString(bench_result_.code)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (false)

@@ -37,38 +37,23 @@ class CpuBackend : public AttentionBackend {
       : pool_(threads), kernels_(kernels), model_(CpuModelName()) {}
 
   BackendInfo Info() const override {
-    BackendInfo info;
-    info.name = "cpu";
-    info.device = absl::StrCat("CPU: ", model_, ", ", pool_.num_threads(), " threads, ",
-                               kernels_.name, " kernels (any head_dim 1..", kMaxHeadDim, ")");
-    info.dtypes = {DType::kBf16, DType::kFp16, DType::kFp32};
-    info.head_dims = {32, 64, 96, 128, 256};
-    return info;
+    return DescribeBackend(
+        *this, "cpu",
+        absl::StrCat("CPU: ", model_, ", ", pool_.num_threads(), " threads, ", kernels_.name,
+                     " kernels (any head_dim 1..", kMaxHeadDim, ")"));
   }
 
-  absl::Status Supports(const AttentionTask& task) const override {
-    if (task.shape.head_dim < 1 || task.shape.head_dim > kMaxHeadDim) {
-      return absl::InvalidArgumentError(absl::StrCat("head_dim must be in [1, ", kMaxHeadDim,
-                                                     "] on the cpu backend, got ",
-                                                     task.shape.head_dim));
-    }
-    if (task.shape.seq_len > cpu::kMaxCpuSeqLen) {
-      return absl::InvalidArgumentError(absl::StrCat("seq_len must be at most ", cpu::kMaxCpuSeqLen,
-                                                     " on the cpu backend, got ",
-                                                     task.shape.seq_len));
-    }
-    if (task.dtype != DType::kBf16 && task.dtype != DType::kFp16 && task.dtype != DType::kFp32) {
-      return absl::InvalidArgumentError("dtype not supported by the cpu backend");
+  absl::Status CanRun(const AttentionProblem& problem) const override {
+    ANCHOR_RETURN_IF_ERROR(ValidateProblem(problem));
+    if (problem.shape.seq_len > cpu::kMaxCpuSeqLen) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "seq_len ", problem.shape.seq_len, " exceeds the cpu backend's ", cpu::kMaxCpuSeqLen));
     }
     return absl::OkStatus();
   }
 
   absl::Status Run(absl::Span<AttentionTask* const> batch) override {
-    for (AttentionTask* task : batch) {
-      if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
-      ANCHOR_RETURN_IF_ERROR(ValidateTask(*task));
-      ANCHOR_RETURN_IF_ERROR(Supports(*task));
-    }
+    ANCHOR_RETURN_IF_ERROR(CheckBatch(*this, batch));
     for (AttentionTask* task : batch) {
       if (task->Cancelled()) {
         task->status = absl::CancelledError("attention task cancelled before it started");

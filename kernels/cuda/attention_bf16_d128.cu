@@ -1,4 +1,4 @@
-// Instantiation of the attention kernels for bf16, head_dim 128.
+// Instantiation of the attention kernel for bf16, head_dim 128.
 #include "kernels/cuda/attention_instances.h"
 #include "kernels/cuda/attention_kernel.cuh"
 

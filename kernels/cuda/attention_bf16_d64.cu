@@ -1,4 +1,4 @@
-// Instantiation of the attention kernels for bf16, head_dim 64.
+// Instantiation of the attention kernel for bf16, head_dim 64.
 #include "kernels/cuda/attention_instances.h"
 #include "kernels/cuda/attention_kernel.cuh"
 

@@ -1,7 +1,10 @@
-// Building blocks shared by the attention kernels of attention_kernel.cuh (baseline mainloop)
-// and attention_kernel_ws.cuh (warp-specialized): tile geometry, the MMAs, key plans, the row
-// loader, the online softmax and the consumer warpgroup's QK / PV issue and epilogue. The
-// numerics described in attention_kernel.cuh live here, so both kernels share them exactly.
+// Building blocks of the attention kernel (attention_kernel.cuh): tile geometry, the MMAs, key
+// plans, the online softmax and the consumer warpgroup's QK / PV issue and epilogue.
+//
+// Numerics: fp32 q.k accumulators, softmax scale applied in fp32 (folded with log2(e) into one
+// FFMA before exp2), P rounded to the input dtype for the PV product, fp32 O accumulators,
+// output rounded once to the input dtype. LSE in natural log. One online softmax runs over the
+// union of all key tiles of a row, so every key is counted exactly once.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 #include "kernels/cuda/ptx.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -28,10 +31,7 @@ namespace anchorserve::cuda::attention_detail {
 
 // The PTX wrappers these kernels use (kernels/cuda/ptx.cuh).
 using ptx::CpAsync16;
-using ptx::CpAsyncCommit;
 using ptx::CpAsyncMbarrierArrive;
-using ptx::CpAsyncWait;
-using ptx::CpAsyncWaitAll;
 using ptx::CpAsyncWaitAllUngrouped;
 using ptx::Exp2;
 using ptx::FenceMbarrierInit;
@@ -51,9 +51,7 @@ using ptx::WgmmaCommit;
 using ptx::WgmmaFence;
 using ptx::WgmmaWait;
 
-inline constexpr int kTileRows = 128;  // query rows per CTA: 2 warpgroups x 64
-inline constexpr int kTileKeys = 128;  // keys per mainloop step
-inline constexpr int kThreads = 256;
+inline constexpr int kTileKeys = 128;       // keys per mainloop step
 inline constexpr int kPanelRowBytes = 128;  // one swizzled row of a 64-element panel
 
 // Shared-memory geometry of one head_dim. Q, K and V tiles all have 128 rows and are stored as
@@ -66,13 +64,8 @@ struct TileGeometry {
   static constexpr int kPanels = kHeadDim / 64;
   static constexpr int kPanelBytes = 128 * kPanelRowBytes;  // 16 KiB
   static constexpr int kTileBytes = kPanels * kPanelBytes;
-  static constexpr int kChunksPerRow = kHeadDim / 8;             // 16-byte pieces per row
-  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // rows one load pass covers
-  static constexpr int kPasses = 128 / kRowsPerPass;
-  // Q, K[stages], V[stages], plus slack to align the base to the 1024-byte swizzle atom
-  // (d = 128, 3 stages: 225 KiB of the 227 KiB a block may have).
-  static constexpr int SmemBytes(int stages) { return (1 + 2 * stages) * kTileBytes + 1024; }
-  static constexpr int kOutRegs = kHeadDim / 2;  // fp32 O accumulators per thread (m64 x d)
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte pieces per row
+  static constexpr int kOutRegs = kHeadDim / 2;       // fp32 O accumulators per thread (m64 x d)
 };
 
 template <typename Elem>
@@ -189,70 +182,6 @@ __device__ __forceinline__ KeyPlan MakeKeyPlan(const AttentionParams& params, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile loads: every thread copies the same 16-byte chunk column of kPasses rows. Rows that a
-// pass covers are kRowsPerPass apart (a multiple of 8), so a thread's swizzled chunk offset is
-// the same in every pass.
-
-template <int kHeadDim>
-struct TileLoader {
-  using Geo = TileGeometry<kHeadDim>;
-  int32_t row0;          // first row this thread copies
-  int32_t chunk;         // 16-byte chunk within the row (element offset chunk * 8)
-  uint32_t smem_offset;  // swizzled byte offset of (row0, chunk) inside a tile
-
-  __device__ __forceinline__ explicit TileLoader(int tid) {
-    row0 = tid / Geo::kChunksPerRow;
-    chunk = tid % Geo::kChunksPerRow;
-    const int panel = chunk / 8;
-    const int chunk_in_panel = chunk % 8;
-    smem_offset =
-        panel * Geo::kPanelBytes + row0 * kPanelRowBytes + ((chunk_in_panel ^ (row0 % 8)) << 4);
-  }
-
-  // Rows first + r, r < n_valid, of a [rows, head_dim] matrix with `token_stride` elements
-  // between rows; missing rows are zero-filled.
-  template <typename Elem>
-  __device__ __forceinline__ void Contiguous(uint32_t tile, const Elem* base, int64_t token_stride,
-                                             int32_t first, int32_t n_valid) const {
-#pragma unroll
-    for (int pass = 0; pass < Geo::kPasses; ++pass) {
-      const int r = row0 + pass * Geo::kRowsPerPass;
-      const bool valid = r < n_valid;
-      const Elem* src = base + (valid ? (first + r) * token_stride : 0) + chunk * 8;
-      CpAsync16(tile + smem_offset + pass * Geo::kRowsPerPass * kPanelRowBytes, src, valid);
-    }
-  }
-
-  // Rows positions[r], r < n_valid.
-  template <typename Elem>
-  __device__ __forceinline__ void Gathered(uint32_t tile, const Elem* base, int64_t token_stride,
-                                           const int32_t* positions, int32_t n_valid) const {
-    int32_t pos[Geo::kPasses];
-#pragma unroll
-    for (int pass = 0; pass < Geo::kPasses; ++pass) {
-      const int r = row0 + pass * Geo::kRowsPerPass;
-      pos[pass] = r < n_valid ? __ldg(positions + r) : -1;
-    }
-#pragma unroll
-    for (int pass = 0; pass < Geo::kPasses; ++pass) {
-      const bool valid = pos[pass] >= 0;
-      const Elem* src = base + (valid ? pos[pass] * token_stride : 0) + chunk * 8;
-      CpAsync16(tile + smem_offset + pass * Geo::kRowsPerPass * kPanelRowBytes, src, valid);
-    }
-  }
-
-  template <typename Elem>
-  __device__ __forceinline__ void Keys(uint32_t tile, const Elem* base, int64_t token_stride,
-                                       const KeyTile& key_tile) const {
-    if (key_tile.positions != nullptr) {
-      Gathered(tile, base, token_stride, key_tile.positions, key_tile.n_valid);
-    } else {
-      Contiguous(tile, base, token_stride, key_tile.first, key_tile.n_valid);
-    }
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
 // Online softmax over one S tile of a warpgroup. Thread layout of the m64n128 accumulator:
 // s[4j + 2h + e] is row (16 * warp + lane / 4 + 8h), column (8j + 2 * (lane % 4) + e).
 // On return s holds p = exp2(s * scale_log2 - m_scaled), alpha the factor that rescales the
@@ -329,7 +258,7 @@ __device__ __forceinline__ void RescaleO(float (&o)[kOutRegs], const float (&alp
 }
 
 // ---------------------------------------------------------------------------------------------
-// Steps of one consumer warpgroup, shared by AttentionKernel and AttentionKernelWs.
+// Steps of one consumer warpgroup.
 
 // Issues S[64 x 128] = Q K^T for the warpgroup's 64 query rows. Q (A operand) and K (B operand)
 // are K-major: k-step kk at panel kk / 4, byte offset (kk % 4) * 32 inside the 128-byte

@@ -1,4 +1,4 @@
-// Instantiation of the attention kernels for fp16, head_dim 64.
+// Instantiation of the attention kernel for fp16, head_dim 64.
 #include "kernels/cuda/attention_instances.h"
 #include "kernels/cuda/attention_kernel.cuh"
 

@@ -1,231 +1,338 @@
-// Attention compute kernels for sm_90a: dense causal attention and AnchorAttention's
-// fine-grained sparse attention, one mainloop for both. This is the baseline mainloop; the
-// warp-specialized one (attention_kernel_ws.cuh) reuses its key plans, softmax and layouts, and
-// attention_launch.cu chooses between them.
+// The attention kernel for sm_90a: dense causal attention and AnchorAttention's fine-grained
+// sparse attention, one warp-specialized mainloop for both.
 //
-// One CTA = one query tile (up to kTileRows rows of one group of one sequence) x one query head.
-// Two consumer warpgroups own 64 query rows each. Keys are visited in tiles of kTileKeys; each
-// key tile comes from a "key source":
-//   - a contiguous range [first, first + n_valid) (dense mode: [0, q_end); sparse mode: the
-//     anchor region's initial range and local range), causal-masked where it reaches the tile's
-//     rows;
-//   - a list of discrete positions (sparse mode: the stripes of the tile's group, which precede
-//     every row of the group, so they need no causal mask).
-// Both sources load rows with cp.async 16-byte pieces into the same 128-byte-swizzled shared
-// tiles, so the tensor-core part is identical: S = Q K^T by wgmma (A and B from shared memory),
-// an online softmax in fp32 registers, O += P V by wgmma with P from registers. One online
-// softmax runs over the union of all key tiles, so every key is counted exactly once.
+// One CTA = one query tile (up to 128 rows of one group of one sequence) x one query head. Keys
+// are visited in tiles of kTileKeys from a key plan (attention_common.cuh): contiguous ranges
+// (dense: [0, q_end); sparse: the anchor region's initial and local ranges), causal-masked where
+// they reach the tile's rows, then (sparse) the gathered stripe positions of the tile's group,
+// which precede every row of the group and need no causal mask. 384 threads:
+//   - warpgroup 0, the producer: issues every copy (Q once, then K and V key tiles, contiguous
+//     ranges and gathered stripe rows alike) as cp.async 16-byte row pieces into a ring of
+//     kStages K stages and kStages V stages. Each stage has a "full" mbarrier that completes
+//     when all 128 producer threads' copies have landed (cp.async.mbarrier.arrive.noinc) and an
+//     "empty" mbarrier that completes when all 8 consumer warps have finished the wgmmas that
+//     read it. No CTA-wide barrier in the mainloop. It gives most of its registers away
+//     (setmaxnreg).
+//   - warpgroups 1 and 2, the consumers: 64 query rows each, S = Q K^T and O += P V by wgmma
+//     with FA3's two overlaps: within a warpgroup the softmax of tile t runs while the tensor
+//     cores finish P_{t-1} V_{t-1}; between the warpgroups a pair of named barriers makes them
+//     issue their wgmmas in turns ("ping-pong"), so one warpgroup's softmax (MUFU/ALU) runs while
+//     the other's GEMMs occupy the tensor cores.
 //
-// Pipeline per warpgroup (FA3's intra-warpgroup overlap): while the softmax of tile t runs,
-// the tensor cores finish O += P_{t-1} V_{t-1}. K and V go through rings of 2 or 3 stages
-// (Pipeline); all 256 threads issue the copies, a CTA barrier per key tile publishes them.
-//
-// Numerics: fp32 q.k accumulators, softmax scale applied in fp32 (folded with log2(e) into one
-// FFMA before exp2), P rounded to the input dtype for the PV product, fp32 O accumulators,
-// output rounded once to the input dtype. LSE in natural log.
+// Block order: with tiles_per_chunk > 0, consecutive blocks walk `tiles_per_chunk` query tiles of
+// one head before the next head (chunks of the largest-first tile list), so the CTAs that run
+// together share stripe lists and K/V rows in L2; with 0, all heads of a tile, then the next tile.
 #pragma once
 
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "kernels/cuda/anchor_params.h"
 #include "kernels/cuda/attention_common.cuh"
 
 namespace anchorserve::cuda::attention_detail {
 
-// ---------------------------------------------------------------------------------------------
-// The kernel. Grid [num_tiles, Hq] (linearised tile-major so that the query heads of one KV
-// head run side by side and share K/V in L2, and longer tiles listed first start first).
+inline constexpr int kProducerThreads = 128;
+inline constexpr int kThreads = 3 * 128;
+// Register split: 128 x 40 + 256 x 232 = 64512 of the SM's 65536 (launch cap: 168 each).
+inline constexpr int kProducerRegisters = 40;
+inline constexpr int kConsumerRegisters = 232;
+// Named barriers: 0 = __syncthreads, 1 and 2 = per-consumer-warpgroup epilogue barriers
+// (WarpgroupBarrier), 3 and 4 = "consumer warpgroup w may issue its wgmmas" (ping-pong).
+inline constexpr int kSchedulerBarrier = 3;
+// Consumer warps that release a stage (one arrival each).
+inline constexpr int kConsumerWarps = 8;
 
-// Software-pipeline shape of the mainloop: K/V ring depth (copies run kStages - 1 key tiles
-// ahead) and whether an iteration issues its copies before or after its wgmmas.
-template <int kStagesValue, bool kLoadsFirstValue>
-struct Pipeline {
-  static_assert(kStagesValue == 2 || kStagesValue == 3, "2 or 3 stages");
-  static constexpr int kStages = kStagesValue;
-  static constexpr bool kLoadsFirst = kLoadsFirstValue;
+template <int kHeadDim>
+struct SmemLayout {
+  using Geo = TileGeometry<kHeadDim>;
+  static constexpr int kBarrierBytes = 256;
+  // Q, K[stages], V[stages], barriers, plus slack to align the base to the 1024-byte swizzle
+  // atom (d = 128, 3 stages: 225.25 KiB of the 227 KiB a block may have).
+  static constexpr int SmemBytes(int stages) {
+    return (1 + 2 * stages) * Geo::kTileBytes + kBarrierBytes + 1024;
+  }
 };
-// Chosen by measurement (H100, bench/RESULTS.md): dense is 5-9% faster with 2 stages and the
-// copies issued before the wgmmas; sparse (random stripe gathers) is within noise of that and
-// slightly ahead with 3 stages and the copies after the wgmmas at 128k.
-using DenseDefaultPipeline = Pipeline<2, true>;
-using SparseDefaultPipeline = Pipeline<3, false>;
 
-template <typename Elem, int kHeadDim, bool kSparse, typename Pipe>
+// Producer copies: 128 threads, each copying one 16-byte chunk column of kPasses rows of a
+// 128-row tile. Row sources (token position, or -1 for a zero-filled row) are looked up once per
+// tile, one row per lane, and handed to the copying threads by warp shuffles: the 32 lanes of a
+// warp hold exactly the 32 rows that warp copies.
+template <int kHeadDim>
+struct ProducerLoader {
+  static constexpr int kChunksPerRow = kHeadDim / 8;                     // 16 or 8
+  static constexpr int kRowsPerPass = kProducerThreads / kChunksPerRow;  // 8 or 16
+  static constexpr int kPasses = kTileKeys / kRowsPerPass;               // 16 or 8
+  static constexpr int kWarpRowsPerPass = 32 / kChunksPerRow;            // 2 or 4
+  static_assert(kRowsPerPass % 8 == 0, "the swizzle phase must repeat every pass");
+
+  int32_t lane;
+  int32_t chunk;
+  int32_t my_row;        // tile row whose source this lane looks up
+  uint32_t smem_offset;  // swizzled byte offset of (first row, chunk) inside a tile
+
+  __device__ __forceinline__ explicit ProducerLoader(int producer_tid) {
+    using Geo = TileGeometry<kHeadDim>;
+    lane = producer_tid % 32;
+    const int warp = producer_tid / 32;
+    const int row0 = producer_tid / kChunksPerRow;
+    chunk = producer_tid % kChunksPerRow;
+    my_row = (lane / kWarpRowsPerPass) * kRowsPerPass + warp * kWarpRowsPerPass +
+             lane % kWarpRowsPerPass;
+    const int panel = chunk / 8;
+    const int chunk_in_panel = chunk % 8;
+    smem_offset =
+        panel * Geo::kPanelBytes + row0 * kPanelRowBytes + ((chunk_in_panel ^ (row0 % 8)) << 4);
+  }
+
+  // Source token of my_row in a contiguous run [first, first + n_valid).
+  __device__ __forceinline__ int32_t ContiguousSource(int32_t first, int32_t n_valid) const {
+    return my_row < n_valid ? first + my_row : -1;
+  }
+  __device__ __forceinline__ int32_t Source(const KeyTile& tile) const {
+    if (my_row >= tile.n_valid) return -1;
+    return tile.positions != nullptr ? __ldg(tile.positions + my_row) : tile.first + my_row;
+  }
+
+  // Copies the rows whose sources the warp's lanes hold (`my_source`) into a tile.
+  template <typename Elem>
+  __device__ __forceinline__ void Copy(uint32_t tile, const Elem* base, int64_t token_stride,
+                                       int32_t my_source) const {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int32_t source =
+          __shfl_sync(0xffffffffu, my_source, pass * kWarpRowsPerPass + lane / kChunksPerRow);
+      const bool valid = source >= 0;
+      const Elem* src = base + (valid ? source * token_stride : 0) + chunk * 8;
+      CpAsync16(tile + smem_offset + pass * kRowsPerPass * kPanelRowBytes, src, valid);
+    }
+  }
+};
+
+// (query tile, head) of a block; see the file comment for the two orders.
+struct WorkItem {
+  int32_t tile_index;
+  int32_t head;
+};
+
+__host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int32_t num_tiles,
+                                                            int32_t num_q_heads,
+                                                            int32_t tiles_per_chunk) {
+  WorkItem item;
+  if (tiles_per_chunk <= 0) {
+    item.tile_index = static_cast<int32_t>(linear / num_q_heads);
+    item.head = static_cast<int32_t>(linear % num_q_heads);
+    return item;
+  }
+  const int64_t chunk_blocks = static_cast<int64_t>(tiles_per_chunk) * num_q_heads;
+  const int64_t chunk = linear / chunk_blocks;
+  const int32_t in_chunk = static_cast<int32_t>(linear - chunk * chunk_blocks);
+  const int32_t first_tile = static_cast<int32_t>(chunk * tiles_per_chunk);
+  const int32_t left = num_tiles - first_tile;
+  const int32_t chunk_tiles = left < tiles_per_chunk ? left : tiles_per_chunk;  // last: short
+  item.head = in_chunk / chunk_tiles;
+  item.tile_index = first_tile + in_chunk % chunk_tiles;
+  return item;
+}
+
+template <typename Elem, int kHeadDim, bool kSparse, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
-    AttentionKernel(const __grid_constant__ AttentionParams params) {
+    AttentionKernel(const __grid_constant__ AttentionParams params, const int32_t tiles_per_chunk) {
 #if ANCHOR_ATTENTION_HAS_WGMMA
+  static_assert(kStages >= 2 && kStages <= 3, "2 or 3 stages");
   using Geo = TileGeometry<kHeadDim>;
   constexpr int kOutRegs = Geo::kOutRegs;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem_base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_smem = smem_base;
-  // Key tile t lives in stage t % kStages of the K ring and of the V ring.
-  constexpr int kStages = Pipe::kStages;
-  constexpr int kAhead = kStages - 1;  // key tiles the copies run ahead of the compute
-  auto k_smem = [&](int t) { return smem_base + (1 + t % kStages) * Geo::kTileBytes; };
-  auto v_smem = [&](int t) { return smem_base + (1 + kStages + t % kStages) * Geo::kTileBytes; };
+  auto k_smem = [&](int stage) { return smem_base + (1 + stage) * Geo::kTileBytes; };
+  auto v_smem = [&](int stage) { return smem_base + (1 + kStages + stage) * Geo::kTileBytes; };
+  const uint32_t barriers = smem_base + (1 + 2 * kStages) * Geo::kTileBytes;
+  const uint32_t q_full = barriers;
+  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
 
   const int tid = threadIdx.x;
-  const int warpgroup = tid / 128;
-  const int lane = tid % 32;
-  const int warp_in_group = (tid % 128) / 32;
+  if (tid == 0) {
+    MbarrierInit(q_full, kProducerThreads);
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      MbarrierInit(k_full(stage), kProducerThreads);
+      MbarrierInit(v_full(stage), kProducerThreads);
+      MbarrierInit(k_empty(stage), kConsumerWarps);
+      MbarrierInit(v_empty(stage), kConsumerWarps);
+    }
+    FenceMbarrierInit();
+  }
+  __syncthreads();
 
-  const int64_t linear = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-  const int tile_index = static_cast<int>(linear / params.num_q_heads);
-  const int head = static_cast<int>(linear % params.num_q_heads);
-  const QueryTile qt = params.tiles[tile_index];
+  const WorkItem work = DecodeWorkItem(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x,
+                                       params.num_tiles, params.num_q_heads, tiles_per_chunk);
+  const int head = work.head;
+  const QueryTile qt = params.tiles[work.tile_index];
   const SeqDesc seq = params.seqs[qt.seq];
-  const int kv_head = head / (params.num_q_heads / params.num_kv_heads);
-  const Elem* q_base = static_cast<const Elem*>(params.q) + seq.q_offset + head * seq.q_head_stride;
-  const Elem* k_base =
-      static_cast<const Elem*>(params.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
-  const Elem* v_base =
-      static_cast<const Elem*>(params.v) + seq.kv_offset + kv_head * seq.kv_head_stride;
   const int q_start = qt.q_start;
-  const float scale_log2 = params.softmax_scale * 1.4426950408889634f;
-
   const KeyPlan plan = MakeKeyPlan<kSparse>(params, qt, seq, head);
   const int num_key_tiles = plan.num_tiles;
-  const TileLoader<kHeadDim> loader(tid);
 
-  // Rows of this thread: row_local (+8) within the warpgroup's 64 rows.
-  const int row_local = 16 * warp_in_group + lane / 4;
-  const int row0 = q_start + 64 * warpgroup + row_local;
+  if (tid < kProducerThreads) {
+    // ------------------------------------------------------------------ producer warpgroup
+    SetMaxRegistersDecrease<kProducerRegisters>();
+    const int kv_head = head / (params.num_q_heads / params.num_kv_heads);
+    const Elem* q_base =
+        static_cast<const Elem*>(params.q) + seq.q_offset + head * seq.q_head_stride;
+    const Elem* k_base =
+        static_cast<const Elem*>(params.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    const Elem* v_base =
+        static_cast<const Elem*>(params.v) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    const ProducerLoader<kHeadDim> loader(tid);
 
-  float o[kOutRegs];
-#pragma unroll
-  for (int i = 0; i < kOutRegs; ++i) o[i] = 0.0f;
-  float s[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.0f;
-  uint32_t p[32];
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-  float alpha[2];
-
-  auto issue_qk = [&](uint32_t k_tile) { IssueQk<Elem, kHeadDim>(s, q_smem, warpgroup, k_tile); };
-  auto issue_pv = [&](uint32_t v_tile) { IssuePv<Elem, kHeadDim>(o, p, v_tile); };
-  auto softmax = [&](const KeyTile& tile) {
-    SoftmaxKeyTile(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
-  };
-
-  // Copies run kAhead key tiles ahead: iteration t (S_t = Q K_t^T, O += P_{t-1} V_{t-1})
-  // issues K_{t+kAhead} and V_{t+kAhead-1}, one cp.async group per iteration, before or after
-  // its wgmmas (Pipe::kLoadsFirst). At the top of iteration t all but the newest kAhead - 1
-  // groups have landed, which covers K_t and V_{t-1}. A stage is rewritten only after the wgmma
-  // that read it was waited for by every thread (the barrier at the top of the iteration):
-  // K_{t+kAhead} reuses K_{t-1}'s stage, V_{t+kAhead-1} reuses V_{t-2}'s.
-  auto load_k = [&](int t) {
-    if (t < num_key_tiles) {
-      loader.Keys(k_smem(t), k_base, seq.kv_token_stride, plan.Tile(t, q_start));
+    loader.Copy(q_smem, q_base, seq.q_token_stride, loader.ContiguousSource(q_start, qt.q_len));
+    CpAsyncMbarrierArrive(q_full);
+    // Order: K_0, then K_t and V_{t-1} (what consumer iteration t needs), then V_last. A stage
+    // is refilled once both consumer warpgroups released the tile kStages earlier.
+    int32_t previous_source = -1;  // my_row's source in tile t - 1 (for V_{t-1})
+    for (int t = 0; t <= num_key_tiles; ++t) {
+      int32_t source = -1;
+      if (t < num_key_tiles) {
+        source = loader.Source(plan.Tile(t, q_start));  // look up before waiting
+        const int stage = t % kStages;
+        if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
+        loader.Copy(k_smem(stage), k_base, seq.kv_token_stride, source);
+        CpAsyncMbarrierArrive(k_full(stage));
+      }
+      if (t > 0) {
+        const int u = t - 1;
+        const int stage = u % kStages;
+        if (u >= kStages) MbarrierWait(v_empty(stage), ((u / kStages) - 1) & 1);
+        loader.Copy(v_smem(stage), v_base, seq.kv_token_stride, previous_source);
+        CpAsyncMbarrierArrive(v_full(stage));
+      }
+      previous_source = source;
     }
-  };
-  auto load_v = [&](int t) {
-    if (t < num_key_tiles) {
-      loader.Keys(v_smem(t), v_base, seq.kv_token_stride, plan.Tile(t, q_start));
-    }
-  };
-  auto load_ahead = [&](int t) {
-    load_k(t + kAhead);
-    load_v(t + kAhead - 1);
-    CpAsyncCommit();
-  };
+    CpAsyncWaitAllUngrouped();
+  } else {
+    // ------------------------------------------------------------------ consumer warpgroups
+    SetMaxRegistersIncrease<kConsumerRegisters>();
+    const int warpgroup = tid / 128 - 1;  // 0 or 1: query rows 64 * warpgroup ..
+    const int thread_in_group = tid % 128;
+    const int lane = tid % 32;
+    const int warp_in_group = thread_in_group / 32;
+    const float scale_log2 = params.softmax_scale * 1.4426950408889634f;
+    const int row_local = 16 * warp_in_group + lane / 4;
+    const int row0 = q_start + 64 * warpgroup + row_local;
 
-  // Prologue groups: {Q, K_0}, then {K_j, V_{j-1}} for 0 < j < kAhead.
-  loader.Contiguous(q_smem, q_base, seq.q_token_stride, q_start, qt.q_len);
-  load_k(0);
-  CpAsyncCommit();
+    float o[kOutRegs];
 #pragma unroll
-  for (int j = 1; j < kAhead; ++j) {
-    load_k(j);
-    load_v(j - 1);
-    CpAsyncCommit();
-  }
+    for (int i = 0; i < kOutRegs; ++i) o[i] = 0.0f;
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    uint32_t p[32];
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    float alpha[2];
 
-  if (num_key_tiles > 0) {
-    // Tile 0: S_0 = Q K_0^T and its softmax.
-    CpAsyncWait<kAhead - 1>();
-    FenceProxyAsync();
-    __syncthreads();
-    if constexpr (Pipe::kLoadsFirst) load_ahead(0);
-    WgmmaFence();
-    issue_qk(k_smem(0));
-    WgmmaCommit();
-    if constexpr (!Pipe::kLoadsFirst) load_ahead(0);
-    WgmmaWait<0>();
-    PinRegisters(s);
-    softmax(plan.Tile(0, q_start));
-    ConvertP<Elem>(s, p);
+    auto issue_qk = [&](uint32_t k_tile) { IssueQk<Elem, kHeadDim>(s, q_smem, warpgroup, k_tile); };
+    auto issue_pv = [&](uint32_t v_tile) { IssuePv<Elem, kHeadDim>(o, p, v_tile); };
+    auto softmax = [&](const KeyTile& tile) {
+      SoftmaxKeyTile(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
+    };
+    // Waits until the use-th fill of a stage has landed. The copies wrote through the generic
+    // proxy and the wgmmas read through the async proxy: each wait is followed by a proxy fence.
+    auto wait_full = [&](uint32_t barrier, int use) { MbarrierWait(barrier, use & 1); };
+    // One arrival per warp once its part of the wgmmas that read the stage has completed.
+    auto release = [&](uint32_t barrier) {
+      if (lane == 0) MbarrierArrive(barrier);
+    };
+    const int my_turn = kSchedulerBarrier + warpgroup;
+    const int other_turn = kSchedulerBarrier + 1 - warpgroup;
 
-    // Steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together; the softmax of
-    // tile t overlaps the PV product.
-    for (int t = 1; t < num_key_tiles; ++t) {
-      CpAsyncWait<kAhead - 1>();
+    MbarrierWait(q_full, 0);
+    if (num_key_tiles > 0) {
+      // Tile 0: S_0 = Q K_0^T and its softmax (both warpgroups at once, as in FA3).
+      wait_full(k_full(0), 0);
       FenceProxyAsync();
-      __syncthreads();
-      if constexpr (Pipe::kLoadsFirst) load_ahead(t);
       WgmmaFence();
-      issue_qk(k_smem(t));
+      issue_qk(k_smem(0));
       WgmmaCommit();
-      issue_pv(v_smem(t - 1));
-      WgmmaCommit();
-      if constexpr (!Pipe::kLoadsFirst) load_ahead(t);
-      WgmmaWait<1>();
+      WgmmaWait<0>();
       PinRegisters(s);
-      softmax(plan.Tile(t, q_start));
+      release(k_empty(0));
+      softmax(plan.Tile(0, q_start));
+      ConvertP<Elem>(s, p);
+      // Warpgroup 0 issues first. Each warpgroup waits for its turn before issuing an
+      // iteration's wgmmas and passes the turn on after issuing; the counts match exactly
+      // (warpgroup 1 skips the pass after its last iteration).
+      if (warpgroup == 1 && num_key_tiles > 1) NamedBarrierArrive(kSchedulerBarrier, 256);
+
+      // Steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together; the softmax
+      // of tile t overlaps the PV product and the other warpgroup's wgmmas.
+      for (int t = 1; t < num_key_tiles; ++t) {
+        const int k_stage = t % kStages;
+        const int v_stage = (t - 1) % kStages;
+        wait_full(k_full(k_stage), t / kStages);
+        wait_full(v_full(v_stage), (t - 1) / kStages);
+        FenceProxyAsync();
+        NamedBarrierSync(my_turn, 256);
+        WgmmaFence();
+        issue_qk(k_smem(k_stage));
+        WgmmaCommit();
+        issue_pv(v_smem(v_stage));
+        WgmmaCommit();
+        if (warpgroup == 0 || t + 1 < num_key_tiles) NamedBarrierArrive(other_turn, 256);
+        WgmmaWait<1>();
+        PinRegisters(s);
+        release(k_empty(k_stage));
+        softmax(plan.Tile(t, q_start));
+        WgmmaWait<0>();
+        PinRegisters(o);
+        PinRegisters(p);
+        release(v_empty(v_stage));
+        RescaleO(o, alpha);
+        ConvertP<Elem>(s, p);
+      }
+
+      // Last PV product.
+      const int v_stage = (num_key_tiles - 1) % kStages;
+      wait_full(v_full(v_stage), (num_key_tiles - 1) / kStages);
+      FenceProxyAsync();
+      WgmmaFence();
+      issue_pv(v_smem(v_stage));
+      WgmmaCommit();
       WgmmaWait<0>();
       PinRegisters(o);
-      PinRegisters(p);
-      RescaleO(o, alpha);
-      ConvertP<Elem>(s, p);
+      release(v_empty(v_stage));
     }
 
-    // Last PV product.
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    __syncthreads();
-    WgmmaFence();
-    issue_pv(v_smem(num_key_tiles - 1));
-    WgmmaCommit();
-    WgmmaWait<0>();
-    PinRegisters(o);
+    StoreOutputTile<Elem, kHeadDim>(params, seq, q_start, qt.q_len, head, q_smem, warpgroup,
+                                    thread_in_group, lane, row_local, row0, o, row_max, row_sum);
   }
-
-  // Epilogue: normalise, LSE, stage O through this warpgroup's Q rows, 16-byte stores.
-  CpAsyncWaitAll();  // (only matters without key tiles: the Q copy must land before reuse)
-  StoreOutputTile<Elem, kHeadDim>(params, seq, q_start, qt.q_len, head, q_smem, warpgroup,
-                                  tid % 128, lane, row_local, row0, o, row_max, row_sum);
 #endif  // ANCHOR_ATTENTION_HAS_WGMMA
 }
 
-template <typename Kernel>
-cudaError_t LaunchKernel(Kernel* kernel, int smem_bytes, const AttentionParams& params,
-                         cudaStream_t stream) {
-  cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-  if (error != cudaSuccess) return error;
-  const dim3 grid(static_cast<unsigned>(params.num_tiles),
-                  static_cast<unsigned>(params.num_q_heads));
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(params);
-  return cudaGetLastError();
-}
+// K/V ring depth of both modes: the random stripe gathers of sparse mode need the deeper ring,
+// and dense mode is no slower with it (bench/RESULTS.md). 225.25 KiB of shared memory at d = 128.
+inline constexpr int kRingStages = 3;
+// Block order: consecutive blocks walk this many query tiles of one head before the next head,
+// so that the CTAs resident together share stripe lists and K/V rows in L2.
+inline constexpr int32_t kTilesPerChunk = 16;
 
-// Host side: launch one instantiation. Defined here, instantiated once per (dtype, head_dim) in
-// attention_<dtype>_d<head_dim>.cu; the tests and the microbenchmark also instantiate other
-// Pipeline shapes to compare them.
-template <typename Elem, int kHeadDim, typename DensePipe = DenseDefaultPipeline,
-          typename SparsePipe = SparseDefaultPipeline>
+// Host side: launches one instantiation. Instantiated once per (dtype, head_dim) in
+// attention_<dtype>_d<head_dim>.cu.
+template <typename Elem, int kHeadDim>
 cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
-  using Geo = TileGeometry<kHeadDim>;
   if (params.num_tiles == 0) return cudaSuccess;
-  if (params.sparse) {
-    return LaunchKernel(AttentionKernel<Elem, kHeadDim, true, SparsePipe>,
-                        Geo::SmemBytes(SparsePipe::kStages), params, stream);
-  }
-  return LaunchKernel(AttentionKernel<Elem, kHeadDim, false, DensePipe>,
-                      Geo::SmemBytes(DensePipe::kStages), params, stream);
+  auto launch = [&](auto* kernel, int smem_bytes) {
+    cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (error != cudaSuccess) return error;
+    const dim3 grid(static_cast<unsigned>(params.num_tiles),
+                    static_cast<unsigned>(params.num_q_heads));
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(params, kTilesPerChunk);
+    return cudaGetLastError();
+  };
+  constexpr int kSmemBytes = SmemLayout<kHeadDim>::SmemBytes(kRingStages);
+  if (params.sparse) return launch(AttentionKernel<Elem, kHeadDim, true, kRingStages>, kSmemBytes);
+  return launch(AttentionKernel<Elem, kHeadDim, false, kRingStages>, kSmemBytes);
 }
 
 }  // namespace anchorserve::cuda::attention_detail

@@ -1,6 +1,5 @@
 // Host entry point of the attention compute kernels (dense causal and AnchorAttention sparse),
-// plain C++: include it from .cc files. The kernels themselves live in attention_kernel.cuh
-// (baseline mainloop) and attention_kernel_ws.cuh (warp-specialized mainloop).
+// plain C++: include it from .cc files. The kernel itself is in attention_kernel.cuh.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,7 +8,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
+#include "kernels/cuda/launch_result.h"
 
 namespace anchorserve::cuda {
 
@@ -25,31 +25,10 @@ inline constexpr int32_t kAttentionTileRows = 128;
 // Preconditions the launcher cannot check (device memory): every SeqDesc offset and stride is a
 // multiple of 8 elements (16-byte rows), stripe positions lie in [n_init*G, (g-n_loc+1)*G) of
 // their sequence, tiles never straddle a group and have 1 <= q_len <= kAttentionTileRows.
-// Returns cudaErrorInvalidValue for unsupported or inconsistent arguments, cudaErrorInvalidDevice
-// on a GPU other than sm_90, otherwise the launch's error. Asynchronous: no synchronisation.
-cudaError_t LaunchAttention(const AttentionParams& params, cudaStream_t stream);
-
-// The two mainloops behind LaunchAttention. kAuto is the choice attention_launch.cu makes per
-// mode from measurements (bench/RESULTS.md); tests and benchmarks name one explicitly.
-enum class AttentionKernelVariant : int32_t {
-  kAuto = 0,
-  // attention_kernel.cuh: 256 threads, every thread issues copies, one CTA barrier per key tile.
-  kBaseline = 1,
-  // attention_kernel_ws.cuh: producer warpgroup + mbarrier ring + two ping-pong consumer
-  // warpgroups (FA3's schedule).
-  kWarpSpecialized = 2,
-};
-
-struct AttentionLaunchOptions {
-  AttentionKernelVariant variant = AttentionKernelVariant::kAuto;
-  // Warp-specialized block order: blocks walk this many query tiles of one head before the next
-  // head (0: all heads of one tile first, as the baseline). Negative: the launcher's choice.
-  int32_t tiles_per_chunk = -1;
-};
-
-// LaunchAttention with an explicit mainloop; same contract and errors.
-cudaError_t LaunchAttentionWithOptions(const AttentionParams& params,
-                                       const AttentionLaunchOptions& options, cudaStream_t stream);
+// Returns the failed precondition for unsupported or inconsistent arguments (InvalidArgument)
+// and on a GPU other than sm_90 (UnsupportedDevice), otherwise the launch's CUDA error.
+// Asynchronous: no synchronisation.
+LaunchResult LaunchAttention(const AttentionParams& params, cudaStream_t stream);
 
 // Query tiles of at most kAttentionTileRows rows that never straddle a group of `group_size`
 // rows, for the sequences of `seq_lens` (QueryTile::seq = index in seq_lens). Listed with the

@@ -10,7 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/attention_types.h"
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 #include "kernels/cuda/identification_types.h"
 
 namespace anchorserve::cuda {

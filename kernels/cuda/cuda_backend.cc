@@ -15,7 +15,7 @@
 namespace anchorserve {
 namespace {
 
-using cuda::AnchorRunner;
+using cuda::AttentionRunner;
 using cuda::KernelChoice;
 
 // One CUDA event, destroyed with its owner.
@@ -46,24 +46,6 @@ double SecondsBetween(const Event& from, const Event& to) {
     return 0.0;
   }
   return ms * 1e-3;
-}
-
-bool SameConfig(const AnchorConfig& a, const AnchorConfig& b) {
-  const bool same_theta = a.theta == b.theta || (std::isnan(a.theta) && std::isnan(b.theta));
-  return a.mode == b.mode && same_theta && a.block_size == b.block_size && a.step == b.step &&
-         a.init_groups == b.init_groups && a.local_groups == b.local_groups &&
-         a.softmax_scale == b.softmax_scale;
-}
-
-absl::Status CheckSameBatch(const AttentionTask& first, const AttentionTask& task) {
-  if (task.dtype != first.dtype || task.layout != first.layout ||
-      task.shape.num_q_heads != first.shape.num_q_heads ||
-      task.shape.num_kv_heads != first.shape.num_kv_heads ||
-      task.shape.head_dim != first.shape.head_dim || !SameConfig(task.config, first.config)) {
-    return absl::InvalidArgumentError(
-        "tasks of one batch must share dtype, layout, head counts, head_dim and config");
-  }
-  return absl::OkStatus();
 }
 
 cuda::BatchPlanRequest RequestFor(absl::Span<const int64_t> seq_lens, const AttentionShape& shape,
@@ -110,40 +92,37 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
                      properties.major, ".", properties.minor,
                      "; the kernels are built for 9.0 (sm_90a: H100/H200)"));
   }
-  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AnchorRunner> runner, AnchorRunner::Create(device));
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AttentionRunner> runner, AttentionRunner::Create(device));
   const std::string name =
       absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
                    properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");
   return std::unique_ptr<CudaBackend>(new CudaBackend(device, std::move(runner), name));
 }
 
-BackendInfo CudaBackend::Info() const {
-  BackendInfo info;
-  info.name = "cuda";
-  info.device = device_name_;
-  info.dtypes = {DType::kBf16, DType::kFp16};
-  info.head_dims = {64, 128};
-  return info;
+BackendInfo CudaBackend::Info() const { return DescribeBackend(*this, "cuda", device_name_); }
+
+absl::Status CudaBackend::CanRun(const AttentionProblem& problem) const {
+  return CanRunOnCuda(problem);
 }
 
-absl::Status CudaBackend::Supports(const AttentionTask& task) const {
-  ANCHOR_RETURN_IF_ERROR(ValidateTask(task));
-  if (task.dtype != DType::kBf16 && task.dtype != DType::kFp16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dtype ", std::string(DTypeName(task.dtype)),
+absl::Status CanRunOnCuda(const AttentionProblem& problem) {
+  ANCHOR_RETURN_IF_ERROR(ValidateProblem(problem));
+  if (problem.dtype != DType::kBf16 && problem.dtype != DType::kFp16) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("dtype ", std::string(DTypeName(problem.dtype)),
                      " is not supported by the cuda backend (bf16, fp16)"));
   }
-  if (task.shape.head_dim != 64 && task.shape.head_dim != 128) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "head_dim ", task.shape.head_dim, " is not supported by the cuda backend (64, 128)"));
+  if (problem.shape.head_dim != 64 && problem.shape.head_dim != 128) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "head_dim ", problem.shape.head_dim, " is not supported by the cuda backend (64, 128)"));
   }
-  if (task.shape.seq_len > std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("seq_len ", task.shape.seq_len, " exceeds the cuda backend's 2^31 - 1"));
+  if (problem.shape.seq_len > std::numeric_limits<int32_t>::max()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("seq_len ", problem.shape.seq_len, " exceeds the cuda backend's 2^31 - 1"));
   }
-  if (task.shape.num_q_heads > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_q_heads ", task.shape.num_q_heads, " exceeds the cuda backend's 65535"));
+  if (problem.shape.num_q_heads > 65535) {
+    return absl::FailedPreconditionError(absl::StrCat("num_q_heads ", problem.shape.num_q_heads,
+                                                      " exceeds the cuda backend's 65535"));
   }
   return absl::OkStatus();
 }
@@ -151,9 +130,10 @@ absl::Status CudaBackend::Supports(const AttentionTask& task) const {
 absl::StatusOr<int64_t> CudaBackend::WorkspaceBytes(absl::Span<const int64_t> seq_lens,
                                                     const AttentionShape& shape, DType dtype,
                                                     const AnchorConfig& config) {
-  if (dtype != DType::kBf16 && dtype != DType::kFp16) {
-    return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(DTypeName(dtype)),
-                                                   " is not supported by the cuda backend"));
+  for (int64_t seq_len : seq_lens) {
+    AttentionShape one = shape;
+    one.seq_len = seq_len;
+    ANCHOR_RETURN_IF_ERROR(CanRunOnCuda(AttentionProblem{one, dtype, Layout::kTokenMajor, config}));
   }
   ANCHOR_ASSIGN_OR_RETURN(cuda::BatchPlan plan, cuda::PlanBatch(RequestFor(
                                                     seq_lens, shape, Layout::kTokenMajor, config)));
@@ -177,11 +157,7 @@ absl::Status CudaBackend::Run(absl::Span<AttentionTask* const> batch) {
 
 absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
   if (batch.empty()) return absl::OkStatus();
-  for (AttentionTask* task : batch) {
-    if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
-    ANCHOR_RETURN_IF_ERROR(Supports(*task));
-    ANCHOR_RETURN_IF_ERROR(CheckSameBatch(*batch[0], *task));
-  }
+  ANCHOR_RETURN_IF_ERROR(CheckBatch(*this, batch));
   std::vector<AttentionTask*> tasks;
   for (AttentionTask* task : batch) {
     task->status = absl::OkStatus();

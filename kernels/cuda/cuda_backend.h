@@ -12,12 +12,15 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kernels/backend.h"
-#include "kernels/cuda/anchor_runner.h"
+#include "kernels/cuda/attention_runner.h"
 
 namespace anchorserve {
 
 // CUDA devices visible to this process; 0 when there is no driver or device (never an error).
 int CudaDeviceCount();
+
+// CudaBackend::CanRun without a device: what the kernels support.
+absl::Status CanRunOnCuda(const AttentionProblem& problem);
 
 // The backend on `device`. FAILED_PRECONDITION without such a device.
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device);
@@ -27,7 +30,7 @@ class CudaBackend : public AttentionBackend {
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
 
   BackendInfo Info() const override;
-  absl::Status Supports(const AttentionTask& task) const override;
+  absl::Status CanRun(const AttentionProblem& problem) const override;
   absl::Status Run(absl::Span<AttentionTask* const> batch) override;
 
   // Device bytes one Run of these sequences needs (packed q/k/v/out, LSE, work lists, stripe
@@ -47,13 +50,13 @@ class CudaBackend : public AttentionBackend {
   StripeSnapshot LastStripesForTesting() const;
 
  private:
-  CudaBackend(int device, std::unique_ptr<cuda::AnchorRunner> runner, std::string device_name)
+  CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner, std::string device_name)
       : device_(device), runner_(std::move(runner)), device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int device_;
   mutable absl::Mutex mu_;
-  std::unique_ptr<cuda::AnchorRunner> runner_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
   StripeSnapshot snapshot_ ABSL_GUARDED_BY(mu_);

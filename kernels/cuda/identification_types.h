@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/anchor_params.h"
+#include "kernels/cuda/attention_params.h"
 
 #if defined(__CUDACC__)
 #define ANCHOR_HOST_DEVICE __host__ __device__
@@ -54,22 +54,6 @@ struct StripeItem {
   int32_t reserved;
 };
 
-// Kernel choices of the identification stages. kDefault (0, what a value-initialised params
-// struct holds) is the production choice; the others force one kernel, for the benchmark.
-enum class AnchorKernelChoice : int32_t {
-  kDefault = 0,
-  kWgmmaOneHead,          // wgmma, one query head per CTA
-  kWgmmaTwoHeads,         // wgmma, two query heads of one KV head per CTA (Hq/Hkv even; else one)
-  kMmaSync,               // mma.sync m16n8k16 (the first version)
-  kWgmmaWarpSpecialized,  // wgmma, producer + 2 consumer warpgroups, two heads (else one head)
-};
-enum class StripeKernelChoice : int32_t {
-  kDefault = 0,
-  kWgmma,           // wgmma, exact 3-piece split (shapes it supports; else kMmaSync)
-  kWgmmaTwoPieces,  // wgmma, hi + mid only (~16 bits of qbar): measurement only, bf16 d128
-  kMmaSync,         // mma.sync m16n8k16, exact 3-piece split (every shape)
-};
-
 // Same fields, order and types as anchorserve::HeadStats (checked where both are visible).
 struct DeviceHeadStats {
   int64_t computed_entries;
@@ -89,8 +73,6 @@ struct IdentificationParams {
   float theta;          // finite, or -inf (nothing selected)
   AnchorGeometry geometry;
   int32_t pooled_rows;  // step rounded up to kPooledRowTile (rows per head in pooled arrays)
-  AnchorKernelChoice anchor_kernel;
-  StripeKernelChoice stripe_kernel;
 
   const void* q;  // per SeqDesc
   const void* k;

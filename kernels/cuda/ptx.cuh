@@ -1,7 +1,7 @@
 // Inline-PTX wrappers for the sm_80/sm_90a instructions the attention and identification
 // kernels use: cp.async row pieces, ldmatrix, proxy fences, named barriers, mbarriers, register
 // reallocation, and the warpgroup MMAs (wgmma) with their shared-memory descriptors. The one home
-// of these wrappers: attention_common.cuh and identification.cuh include it.
+// of these wrappers: attention_common.cuh and identification_common.cuh include it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,9 +26,6 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
 }
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void CpAsyncWaitAll() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 // Waits until at most kPending of this thread's newest cp.async groups are still in flight.
 template <int kPending>

@@ -18,7 +18,7 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/thread_pool.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 #include "kernels/status_macros.h"
 #include "model/rope.h"
 

@@ -24,7 +24,6 @@
 #include <vector>
 
 #include "kernels/cuda/attention_kernel.cuh"
-#include "kernels/cuda/attention_kernel_ws.cuh"
 #include "kernels/cuda/attention_launch.h"
 
 namespace anchorserve::cuda {
@@ -61,50 +60,6 @@ float FromBits(uint16_t bits, ElemType type) {
 }
 
 constexpr uint16_t kNanBits = 0xFFFF;  // NaN in both bf16 and fp16
-
-using Launcher = cudaError_t (*)(const AttentionParams&, cudaStream_t);
-
-// The kernels with one software-pipeline shape for both modes (the production launcher uses
-// attention_detail::DenseDefaultPipeline / SparseDefaultPipeline); same dispatch as
-// LaunchAttention's.
-template <int kStages, bool kLoadsFirst>
-cudaError_t LaunchPipeline(const AttentionParams& p, cudaStream_t stream) {
-  using attention_detail::LaunchAttentionTyped;
-  using Pipe = attention_detail::Pipeline<kStages, kLoadsFirst>;
-  const bool bf16 = p.elem_type == ElemType::kBf16;
-  if (p.head_dim == 64) {
-    return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 64, Pipe, Pipe>(p, stream)
-                : LaunchAttentionTyped<__half, 64, Pipe, Pipe>(p, stream);
-  }
-  return bf16 ? LaunchAttentionTyped<__nv_bfloat16, 128, Pipe, Pipe>(p, stream)
-              : LaunchAttentionTyped<__half, 128, Pipe, Pipe>(p, stream);
-}
-
-// The mainloops by name, through the production launcher (argument checks and dispatch).
-template <AttentionKernelVariant kVariant, int32_t kTilesPerChunk = -1>
-cudaError_t LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
-  AttentionLaunchOptions options;
-  options.variant = kVariant;
-  options.tiles_per_chunk = kTilesPerChunk;
-  return LaunchAttentionWithOptions(p, options, stream);
-}
-
-// The warp-specialized kernel with ring depths other than the production ones.
-template <int kDenseStages, int kSparseStages, int32_t kTilesPerChunk>
-cudaError_t LaunchWsStages(const AttentionParams& p, cudaStream_t stream) {
-  using attention_detail::LaunchAttentionWsTyped;
-  const bool bf16 = p.elem_type == ElemType::kBf16;
-  if (p.head_dim == 64) {
-    return bf16 ? LaunchAttentionWsTyped<__nv_bfloat16, 64, kDenseStages, kSparseStages>(
-                      p, kTilesPerChunk, stream)
-                : LaunchAttentionWsTyped<__half, 64, kDenseStages, kSparseStages>(p, kTilesPerChunk,
-                                                                                  stream);
-  }
-  return bf16 ? LaunchAttentionWsTyped<__nv_bfloat16, 128, kDenseStages, kSparseStages>(
-                    p, kTilesPerChunk, stream)
-              : LaunchAttentionWsTyped<__half, 128, kDenseStages, kSparseStages>(p, kTilesPerChunk,
-                                                                                 stream);
-}
 
 // Device buffer that frees itself.
 class DeviceBuffer {
@@ -357,7 +312,7 @@ struct DeviceOutputs {
 };
 
 // Uploads, launches (outputs poisoned first), downloads.
-void RunOnDevice(const Batch& b, DeviceOutputs* result, Launcher launch = &LaunchAttention) {
+void RunOnDevice(const Batch& b, DeviceOutputs* result) {
   const Case& c = b.c;
   DeviceBuffer q, k, v, out, lse, seqs, tiles, offsets, counts, index;
   ASSERT_EQ(q.Upload(b.q_bits), cudaSuccess);
@@ -395,7 +350,10 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result, Launcher launch = &Launc
     params.stripes.count = counts.get<int32_t>();
     params.stripes.index = index.get<int32_t>();
   }
-  ASSERT_EQ(launch(params, nullptr), cudaSuccess);
+  const LaunchResult launched = LaunchAttention(params, nullptr);
+  ASSERT_TRUE(launched.ok()) << (launched.precondition_failed()
+                                     ? launched.what
+                                     : cudaGetErrorString(launched.code));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   result->out.assign(b.q_elems, 0);
   result->lse.assign(b.lse_elems, 0.0f);
@@ -403,12 +361,12 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result, Launcher launch = &Launc
   ASSERT_EQ(lse.Download(&result->lse), cudaSuccess);
 }
 
-void CheckCase(const Case& c, Launcher launch = &LaunchAttention) {
+void CheckCase(const Case& c) {
   if (!HasGpu()) GTEST_SKIP() << "no CUDA device";
   SCOPED_TRACE(Describe(c));
   const Batch b = MakeBatch(c);
   DeviceOutputs dev;
-  RunOnDevice(b, &dev, launch);
+  RunOnDevice(b, &dev);
   if (::testing::Test::HasFatalFailure()) return;
 
   // 1. Every output element written and finite; padding untouched.
@@ -566,19 +524,28 @@ TEST(AttentionKernelDense, LongFp16D64HeadMajor) {
 }
 
 // Same inputs twice: identical bits (a race would show here first).
-void CheckDeterministic(const Case& c, Launcher launch) {
+void CheckDeterministic(const Case& c) {
   if (!HasGpu()) GTEST_SKIP() << "no CUDA device";
   SCOPED_TRACE(Describe(c));
   const Batch b = MakeBatch(c);
   DeviceOutputs first, second;
-  RunOnDevice(b, &first, launch);
-  RunOnDevice(b, &second, launch);
+  RunOnDevice(b, &first);
+  RunOnDevice(b, &second);
   EXPECT_TRUE(first.out == second.out);
   EXPECT_EQ(std::memcmp(first.lse.data(), second.lse.data(), first.lse.size() * 4), 0);
 }
 
+TEST(AttentionKernelDense, EveryTypeOtherSeeds) {
+  CheckCase(Dense(ElemType::kBf16, 128, 8, 2, false, kMixedLens, 31));
+  CheckCase(Dense(ElemType::kBf16, 64, 8, 1, true, kMixedLens, 32));
+  CheckCase(Dense(ElemType::kFp16, 128, 4, 4, true, kMixedLens, 33));
+  CheckCase(Dense(ElemType::kFp16, 64, 8, 2, false, kMixedLens, 34));
+}
 TEST(AttentionKernelDense, Deterministic) {
-  CheckDeterministic(Dense(ElemType::kBf16, 128, 8, 2, false, {3000, 700}, 18), &LaunchAttention);
+  CheckDeterministic(Dense(ElemType::kBf16, 128, 8, 2, false, {3000, 700}, 18));
+}
+TEST(AttentionKernelDense, DeterministicFp16D64HeadMajor) {
+  CheckDeterministic(Dense(ElemType::kFp16, 64, 8, 1, true, {3000, 700}, 42));
 }
 
 // --- sparse ----------------------------------------------------------------------------------
@@ -623,78 +590,23 @@ TEST(AttentionKernelSparse, DefaultGeometryLong) {
   CheckCase(c);
 }
 
-// --- every pipeline shape in both modes (the defaults pick one per mode)
-// -------------------------------
-
-struct PipelineShape {
-  const char* name;
-  Launcher launch;
-};
-
-void PrintTo(const PipelineShape& shape, std::ostream* os) { *os << shape.name; }
-
-class AttentionKernelPipelines : public ::testing::TestWithParam<PipelineShape> {};
-
-TEST_P(AttentionKernelPipelines, DenseEveryType) {
-  CheckCase(Dense(ElemType::kBf16, 128, 8, 2, false, kMixedLens, 31), GetParam().launch);
-  CheckCase(Dense(ElemType::kBf16, 64, 8, 1, true, kMixedLens, 32), GetParam().launch);
-  CheckCase(Dense(ElemType::kFp16, 128, 4, 4, true, kMixedLens, 33), GetParam().launch);
-  CheckCase(Dense(ElemType::kFp16, 64, 8, 2, false, kMixedLens, 34), GetParam().launch);
-}
-TEST_P(AttentionKernelPipelines, Sparse) {
+TEST(AttentionKernelSparse, MixedShapesOtherSeeds) {
   CheckCase(Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {100, 257, 1000, 3001}, 35),
-                   kSmallGroups, 0.05),
-            GetParam().launch);
-  CheckCase(Sparse(Dense(ElemType::kFp16, 64, 8, 1, true, {256, 999, 2500}, 36), kSmallGroups, 0.3),
-            GetParam().launch);
+                   kSmallGroups, 0.05));
+  CheckCase(
+      Sparse(Dense(ElemType::kFp16, 64, 8, 1, true, {256, 999, 2500}, 36), kSmallGroups, 0.3));
   CheckCase(Sparse(Dense(ElemType::kBf16, 128, 4, 1, true, {191, 1000, 1500}, 37),
-                   AnchorGeometry{192, 64, 3, 1, 1}, 0.15),
-            GetParam().launch);
+                   AnchorGeometry{192, 64, 3, 1, 1}, 0.15));
 }
-
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, AttentionKernelPipelines,
-    ::testing::Values(PipelineShape{"TwoStagesLoadsFirst", &LaunchPipeline<2, true>},
-                      PipelineShape{"TwoStagesLoadsAfter", &LaunchPipeline<2, false>},
-                      PipelineShape{"ThreeStagesLoadsFirst", &LaunchPipeline<3, true>},
-                      PipelineShape{"ThreeStagesLoadsAfter", &LaunchPipeline<3, false>},
-                      PipelineShape{"Baseline", &LaunchVariant<AttentionKernelVariant::kBaseline>}),
-    [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
-
-// The warp-specialized mainloop (producer warpgroup, mbarrier ring, ping-pong consumers): its
-// production ring depths with every block order (the default, the baseline's, and chunks of 3
-// tiles, which leave a short last chunk), and the other ring depths.
-INSTANTIATE_TEST_SUITE_P(
-    WarpSpecialized, AttentionKernelPipelines,
-    ::testing::Values(
-        PipelineShape{"Production", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>},
-        PipelineShape{"TileMajorOrder",
-                      &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 0>},
-        PipelineShape{"ChunksOfThree", &LaunchVariant<AttentionKernelVariant::kWarpSpecialized, 3>},
-        PipelineShape{"DenseThreeStagesSparseTwo", &LaunchWsStages<3, 2, 5>},
-        PipelineShape{"DenseTwoStagesSparseThree", &LaunchWsStages<2, 3, 5>}),
-    [](const ::testing::TestParamInfo<PipelineShape>& info) { return info.param.name; });
-
-TEST(AttentionKernelWarpSpecialized, DeterministicSparse) {
+TEST(AttentionKernelSparse, Deterministic) {
   CheckDeterministic(
-      Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {3001, 1000}, 41), kSmallGroups, 0.2),
-      &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
+      Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {3001, 1000}, 41), kSmallGroups, 0.2));
 }
-TEST(AttentionKernelWarpSpecialized, DeterministicDense) {
-  CheckDeterministic(Dense(ElemType::kFp16, 64, 8, 1, true, {3000, 700}, 42),
-                     &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
-}
-TEST(AttentionKernelWarpSpecialized, LongSparseDefaultGeometry) {
+TEST(AttentionKernelSparse, DefaultGeometryLongOtherSeed) {
   Case c = Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {16384, 5000}, 43),
                   AnchorGeometry{2048, 128, 16, 1, 1}, 0.1);
   c.sampled_rows = 40;
-  CheckCase(c, &LaunchVariant<AttentionKernelVariant::kWarpSpecialized>);
-}
-TEST(AttentionKernelBaseline, LongSparseDefaultGeometry) {
-  Case c = Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {16384, 5000}, 44),
-                  AnchorGeometry{2048, 128, 16, 1, 1}, 0.1);
-  c.sampled_rows = 40;
-  CheckCase(c, &LaunchVariant<AttentionKernelVariant::kBaseline>);
+  CheckCase(c);
 }
 
 // --- arguments -------------------------------------------------------------------------------
@@ -715,33 +627,37 @@ TEST(AttentionKernelArgs, RejectsUnsupported) {
   alignas(16) static uint16_t buffer[8];
   p.q = p.k = p.v = buffer;
   p.out = buffer;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);  // head_dim 96
+  // Rejected with the failed precondition named, before any CUDA call.
+  auto expect_rejected = [&](const char* mentions) {
+    const LaunchResult result = LaunchAttention(p, nullptr);
+    EXPECT_EQ(result.code, cudaErrorInvalidValue) << mentions;
+    ASSERT_TRUE(result.precondition_failed()) << mentions;
+    EXPECT_NE(std::string(result.what).find(mentions), std::string::npos) << result.what;
+  };
+  expect_rejected("head_dim");  // 96
   p.head_dim = 128;
   p.num_kv_heads = 3;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);  // Hq % Hkv
+  expect_rejected("multiple of num_kv_heads");
   p.num_kv_heads = 2;
   p.softmax_scale = NAN;
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);
+  expect_rejected("softmax_scale");
   p.softmax_scale = 0.1f;
-  p.sparse = true;  // no stripe lists
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaErrorInvalidValue);
+  p.sparse = true;  // no geometry
+  expect_rejected("group_size");
+  p.geometry = AnchorGeometry{256, 64, 4, 1, 1};  // no stripe lists
+  expect_rejected("stripe lists");
   p.num_tiles = 0;  // nothing to do
-  EXPECT_EQ(LaunchAttention(p, nullptr), cudaSuccess);
-  AttentionLaunchOptions options;
-  options.variant = static_cast<AttentionKernelVariant>(7);
-  p.num_tiles = 1;
-  p.sparse = false;
-  if (HasGpu()) EXPECT_EQ(LaunchAttentionWithOptions(p, options, nullptr), cudaErrorInvalidValue);
+  EXPECT_TRUE(LaunchAttention(p, nullptr).ok());
 }
 
-// The warp-specialized block order visits every (tile, head) exactly once.
-TEST(AttentionKernelArgs, WarpSpecializedOrderIsAPermutation) {
+// The block order visits every (tile, head) exactly once, also with a short last chunk.
+TEST(AttentionKernelArgs, BlockOrderIsAPermutation) {
   for (int32_t num_tiles : {1, 5, 16, 17, 50}) {
     for (int32_t heads : {1, 4, 32}) {
-      for (int32_t chunk : {0, 1, 3, 16, 64}) {
+      for (int32_t chunk : {0, 1, 3, attention_detail::kTilesPerChunk, 64}) {
         std::vector<int> seen(static_cast<size_t>(num_tiles) * heads, 0);
         for (int64_t linear = 0; linear < int64_t{num_tiles} * heads; ++linear) {
-          const attention_detail::WsWorkItem item =
+          const attention_detail::WorkItem item =
               attention_detail::DecodeWorkItem(linear, num_tiles, heads, chunk);
           ASSERT_GE(item.tile_index, 0);
           ASSERT_LT(item.tile_index, num_tiles);

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
@@ -29,8 +30,8 @@
 #include "kernels/cpu/cpu_attention.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/cpu/tile_kernels.h"
-#include "kernels/cuda/anchor_runner.h"
-#include "kernels/cuda/identification.h"
+#include "kernels/cuda/attention_runner.h"
+#include "kernels/cuda/identification_types.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
 #include "tests/test_util/reference.h"
@@ -653,145 +654,158 @@ TEST(CudaBackendTest, LongSequenceMatchesCpuBackend) {
   }
 }
 
-// Every identification kernel variant (identification_types.h) on the same inputs, through the
-// stage launchers: row anchors x(i) within fp32 rounding of the production kernel's, and stripe
-// sets equal to the production kernel's except for keys whose fp64 margin lies within rounding
-// of the threshold (the tolerance of the reference tests). Covers the kernels the production
-// choice does not run for these shapes: the mma.sync versions, the two-heads-per-CTA anchor
-// kernel and the two-piece stripe kernel.
-TEST(CudaBackendTest, IdentificationKernelVariantsAgree) {
+// K with every KV head repeated `repeat` times (KV head h of the result is head h / repeat of
+// `qkv`): the same problem for repeat * Hkv KV heads.
+std::vector<uint8_t> RepeatKvHeads(const HostQkv& qkv, int repeat) {
+  const AttentionShape& s = qkv.shape;
+  const int64_t element = static_cast<int64_t>(ElementSize(qkv.dtype));
+  const TensorStrides from = StridesFor(qkv.layout, s.seq_len, s.num_kv_heads, s.head_dim);
+  const TensorStrides to = StridesFor(qkv.layout, s.seq_len, s.num_kv_heads * repeat, s.head_dim);
+  std::vector<uint8_t> k(qkv.k.size() * repeat);
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    for (int h = 0; h < s.num_kv_heads * repeat; ++h) {
+      std::memcpy(k.data() + (t * to.token + h * to.head) * element,
+                  qkv.k.data() + (t * from.token + (h / repeat) * from.head) * element,
+                  s.head_dim * element);
+    }
+  }
+  return k;
+}
+
+// Identification picks its kernels by shape (identification.h): for these GQA shapes the two-head
+// anchor kernel and the wgmma stripe kernel, for the same problem run as MHA (every KV head
+// repeated Hq / Hkv times) the one-head anchor kernel and the mma.sync stripe kernel. Both runs
+// must give the same row anchors x(i) and per-tile pooling sums within fp32 rounding, and the
+// same stripe sets except for keys whose fp64 margin lies within rounding of the threshold (the
+// tolerance of the reference tests).
+TEST(CudaBackendTest, IdentificationKernelsAgreeAcrossGqaDispatch) {
   SKIP_WITHOUT_CUDA_DEVICE();
   for (const CaseSpec& spec :
-       {Spec("variants_gqa4_bf16_d128", {5000}, 8, 2, 128, kBf, kTok, kRand, Config(3.5f), 51),
-        Spec("variants_gqa8_fp16_d64", {4500}, 16, 2, 64, kFp, kHead, kRand, Config(3.5f), 52),
-        Spec("variants_gqa2_step20_bf16_d64", {6100}, 4, 2, 64, kBf, kTok, kStruct,
+       {Spec("dispatch_gqa4_bf16_d128", {5000}, 8, 2, 128, kBf, kTok, kRand, Config(3.5f), 51),
+        Spec("dispatch_gqa8_fp16_d64", {4500}, 16, 2, 64, kFp, kHead, kRand, Config(3.5f), 52),
+        Spec("dispatch_gqa2_step20_bf16_d64", {6100}, 4, 2, 64, kBf, kTok, kStruct,
              Config(12, 100, 20), 53)}) {
     const int64_t n = spec.seq_lens[0];
     const std::string what = Describe(spec, n, spec.seed);
     std::unique_ptr<TaskData> data = MakeTask(spec, n, spec.seed);
     const AttentionTask& task = data->task;
-    absl::StatusOr<std::unique_ptr<cuda::AnchorRunner>> runner_or = cuda::AnchorRunner::Create(0);
-    ASSERT_TRUE(runner_or.ok()) << runner_or.status();
-    cuda::AnchorRunner& runner = **runner_or;
-    cuda::BatchPlanRequest request;
-    request.seq_lens = {n};
-    request.num_q_heads = spec.hq;
-    request.num_kv_heads = spec.hkv;
-    request.head_dim = spec.d;
-    request.layout = spec.layout;
-    request.config = spec.config;
-    ASSERT_TRUE(runner.Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok()) << what;
-    ASSERT_EQ(
-        cudaMemcpy(runner.q(), data->qkv.q.data(), data->qkv.q.size(), cudaMemcpyHostToDevice),
-        cudaSuccess);
-    ASSERT_EQ(
-        cudaMemcpy(runner.k(), data->qkv.k.data(), data->qkv.k.size(), cudaMemcpyHostToDevice),
-        cudaSuccess);
-    const cuda::IdentificationParams base = runner.identification_params();
-    const cudaStream_t stream = runner.stream();
-    const int64_t ng = NumGroups(spec.config, n);
-    const double scale = spec.config.ScaleFor(spec.d);
-    std::vector<double> anchor_tolerance(spec.hq);
-    for (int h = 0; h < spec.hq; ++h) {
-      const std::vector<double> q =
-          HeadRows(task.q, task.dtype, task.layout, n, spec.hq, spec.d, h);
-      const std::vector<double> k =
-          HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d, h / (spec.hq / spec.hkv));
-      anchor_tolerance[h] = 2e-5 * scale * MaxRowNorm(q, spec.d) * MaxRowNorm(k, spec.d) + 1e-6;
-    }
-    // Per-tile pooling sums: [num_anchor_tiles, Hq, d] q sums, then [num_anchor_tiles, Hq] x sums.
-    const int64_t qsum_count = int64_t{base.num_anchor_tiles} * spec.hq * spec.d;
-    const int64_t xsum_count = int64_t{base.num_anchor_tiles} * spec.hq;
-    auto run_anchor = [&](cuda::AnchorKernelChoice choice, std::vector<float>* row_anchor,
-                          std::vector<double>* tile_sums) {
-      cuda::IdentificationParams p = base;
-      p.anchor_kernel = choice;
+    const int repeat = spec.hq / spec.hkv;
+
+    struct Identified {
+      std::vector<float> row_anchor;  // [Hq, N]
+      std::vector<double>
+          tile_sums;  // [anchor tiles, Hq, d] q sums, then [anchor tiles, Hq] x sums
+      int64_t qsum_count = 0;
+      int pooled_rows = 0;
+      std::vector<std::vector<int64_t>> stripes;
+    };
+    // The anchor and stripe stages with `num_kv_heads` KV heads holding `k`.
+    auto identify = [&](int num_kv_heads, const std::vector<uint8_t>& k, Identified* out) {
+      absl::StatusOr<std::unique_ptr<cuda::AttentionRunner>> runner_or =
+          cuda::AttentionRunner::Create(0);
+      ASSERT_TRUE(runner_or.ok()) << runner_or.status();
+      cuda::AttentionRunner& runner = **runner_or;
+      cuda::BatchPlanRequest request;
+      request.seq_lens = {n};
+      request.num_q_heads = spec.hq;
+      request.num_kv_heads = num_kv_heads;
+      request.head_dim = spec.d;
+      request.layout = spec.layout;
+      request.config = spec.config;
+      ASSERT_TRUE(runner.Prepare(request, spec.dtype, /*keep_row_anchor=*/true).ok()) << what;
+      ASSERT_EQ(
+          cudaMemcpy(runner.q(), data->qkv.q.data(), data->qkv.q.size(), cudaMemcpyHostToDevice),
+          cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(runner.k(), k.data(), k.size(), cudaMemcpyHostToDevice), cudaSuccess);
+      const cuda::IdentificationParams p = runner.identification_params();
+      const cudaStream_t stream = runner.stream();
+      out->pooled_rows = p.pooled_rows;
+      out->qsum_count = int64_t{p.num_anchor_tiles} * spec.hq * spec.d;
+      const int64_t xsum_count = int64_t{p.num_anchor_tiles} * spec.hq;
       // Poison x(i) and the tile sums (0xff bytes: NaN) so that rows a kernel skips fail.
       ASSERT_EQ(cudaMemsetAsync(p.maybe_row_anchor, 0xff,
                                 runner.plan().lse_elements * sizeof(float), stream),
                 cudaSuccess);
-      ASSERT_EQ(cudaMemsetAsync(p.tile_qsum, 0xff, qsum_count * sizeof(double), stream),
+      ASSERT_EQ(cudaMemsetAsync(p.tile_qsum, 0xff, out->qsum_count * sizeof(double), stream),
                 cudaSuccess);
       ASSERT_EQ(cudaMemsetAsync(p.tile_xsum, 0xff, xsum_count * sizeof(double), stream),
                 cudaSuccess);
-      ASSERT_EQ(cuda::LaunchAnchorStage(p, stream), cudaSuccess);
-      ASSERT_TRUE(runner.CopyRowAnchor(row_anchor).ok());
-      tile_sums->resize(qsum_count + xsum_count);
-      ASSERT_EQ(cudaMemcpy(tile_sums->data(), p.tile_qsum, qsum_count * sizeof(double),
+      ASSERT_TRUE(runner.RunAnchorStage().ok()) << what;
+      ASSERT_TRUE(runner.CopyRowAnchor(&out->row_anchor).ok());  // synchronizes the stream
+      out->tile_sums.resize(out->qsum_count + xsum_count);
+      ASSERT_EQ(cudaMemcpy(out->tile_sums.data(), p.tile_qsum, out->qsum_count * sizeof(double),
                            cudaMemcpyDeviceToHost),
                 cudaSuccess);
-      ASSERT_EQ(cudaMemcpy(tile_sums->data() + qsum_count, p.tile_xsum, xsum_count * sizeof(double),
-                           cudaMemcpyDeviceToHost),
+      ASSERT_EQ(cudaMemcpy(out->tile_sums.data() + out->qsum_count, p.tile_xsum,
+                           xsum_count * sizeof(double), cudaMemcpyDeviceToHost),
                 cudaSuccess);
-    };
-    auto run_stripes = [&](cuda::StripeKernelChoice choice) {
-      cuda::IdentificationParams p = base;
-      p.stripe_kernel = choice;
-      EXPECT_EQ(cuda::LaunchStripeStage(p, stream), cudaSuccess);
+      ASSERT_TRUE(runner.RunStripeStage().ok()) << what;
       CudaBackend::StripeSnapshot snapshot;
       snapshot.plan = runner.plan();
-      EXPECT_TRUE(runner.CopyStripeLists(&snapshot.counts, &snapshot.index).ok());
-      return GpuStripes(snapshot, 0, task);
+      ASSERT_TRUE(runner.CopyStripeLists(&snapshot.counts, &snapshot.index).ok());
+      out->stripes = GpuStripes(snapshot, 0, task);
     };
+    Identified gqa, mha;
+    identify(spec.hkv, data->qkv.k, &gqa);
+    identify(spec.hq, RepeatKvHeads(data->qkv, repeat), &mha);
+    if (HasFatalFailure()) return;
+    // Two heads per anchor CTA need an even GQA ratio; the wgmma stripe kernel needs the
+    // 16-row units of pooled queries of one KV head to come in fours.
+    const int row_tiles = gqa.pooled_rows / cuda::kPooledRowTile;
+    ASSERT_EQ(repeat % 2, 0) << what << ": the GQA run must take the two-head anchor kernel";
+    ASSERT_EQ(repeat * row_tiles % 4, 0) << what << ": the GQA run must take the wgmma kernel";
+    ASSERT_NE(row_tiles % 4, 0) << what << ": the MHA run must take the mma.sync kernel";
+    ASSERT_EQ(gqa.tile_sums.size(), mha.tile_sums.size());
 
-    std::vector<float> expected_anchor;
-    std::vector<double> expected_sums;
-    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor, &expected_sums);
+    const double scale = spec.config.ScaleFor(spec.d);
+    std::vector<double> anchor_tolerance(spec.hq);
     double max_anchor_tolerance = 0;
-    for (double t : anchor_tolerance) max_anchor_tolerance = std::max(max_anchor_tolerance, t);
-    for (const auto& [choice, name] :
-         {std::pair{cuda::AnchorKernelChoice::kWgmmaOneHead, "wgmma one head"},
-          std::pair{cuda::AnchorKernelChoice::kWgmmaTwoHeads, "wgmma two heads"},
-          std::pair{cuda::AnchorKernelChoice::kWgmmaWarpSpecialized, "wgmma warp-specialized"},
-          std::pair{cuda::AnchorKernelChoice::kMmaSync, "mma.sync"}}) {
-      std::vector<float> got;
-      std::vector<double> got_sums;
-      run_anchor(choice, &got, &got_sums);
-      // q sums are exact in fp64 (<= 128 half-precision terms); x sums add <= 128 anchors that
-      // may each differ by the anchor tolerance.
-      int64_t bad_sums = 0;
-      for (int64_t i = 0; i < qsum_count + xsum_count; ++i) {
-        const double tolerance =
-            i < qsum_count ? 1e-9 * (1 + std::fabs(expected_sums[i])) : 128 * max_anchor_tolerance;
-        if (!(std::fabs(got_sums[i] - expected_sums[i]) <= tolerance)) ++bad_sums;
-      }
-      EXPECT_EQ(bad_sums, 0) << what << ", anchor kernel " << name
-                             << ": per-tile pooling sums differ from the production kernel's";
-      int64_t bad = 0;
-      std::string first_bad;
-      for (int h = 0; h < spec.hq; ++h) {
-        for (int64_t i = 0; i < n; ++i) {
-          const double want = expected_anchor[h * n + i];
-          const double value = got[h * n + i];
-          if (!(std::fabs(value - want) <= anchor_tolerance[h]) && bad++ == 0) {
-            first_bad = absl::StrCat("head ", h, " row ", i, ": ", value, " vs ", want);
-          }
+    for (int h = 0; h < spec.hq; ++h) {
+      const std::vector<double> q =
+          HeadRows(task.q, task.dtype, task.layout, n, spec.hq, spec.d, h);
+      const std::vector<double> k =
+          HeadRows(task.k, task.dtype, task.layout, n, spec.hkv, spec.d, h / repeat);
+      anchor_tolerance[h] = 2e-5 * scale * MaxRowNorm(q, spec.d) * MaxRowNorm(k, spec.d) + 1e-6;
+      max_anchor_tolerance = std::max(max_anchor_tolerance, anchor_tolerance[h]);
+    }
+    // q sums are exact in fp64 (<= 128 half-precision terms); x sums add <= 128 anchors that
+    // may each differ by the anchor tolerance.
+    int64_t bad_sums = 0;
+    for (size_t i = 0; i < gqa.tile_sums.size(); ++i) {
+      const double want = gqa.tile_sums[i];
+      const double tolerance = static_cast<int64_t>(i) < gqa.qsum_count
+                                   ? 1e-9 * (1 + std::fabs(want))
+                                   : 128 * max_anchor_tolerance;
+      if (!(std::fabs(mha.tile_sums[i] - want) <= tolerance)) ++bad_sums;
+    }
+    EXPECT_EQ(bad_sums, 0) << what << ": per-tile pooling sums differ between the anchor kernels";
+    int64_t bad = 0;
+    std::string first_bad;
+    for (int h = 0; h < spec.hq; ++h) {
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = gqa.row_anchor[h * n + i];
+        const double value = mha.row_anchor[h * n + i];
+        if (!(std::fabs(value - want) <= anchor_tolerance[h]) && bad++ == 0) {
+          first_bad = absl::StrCat("head ", h, " row ", i, ": ", value, " vs ", want);
         }
       }
-      EXPECT_EQ(bad, 0) << what << ", anchor kernel " << name << ": " << bad
-                        << " anchors differ from the production kernel's; first: " << first_bad;
     }
-    // The stripe kernels all read the production kernel's pooled anchors.
-    run_anchor(cuda::AnchorKernelChoice::kDefault, &expected_anchor, &expected_sums);
+    EXPECT_EQ(bad, 0) << what << ": " << bad
+                      << " anchors differ between the anchor kernels; first: " << first_bad;
 
-    const std::vector<std::vector<int64_t>> expected =
-        run_stripes(cuda::StripeKernelChoice::kDefault);
+    // The stripe kernels read different (equally valid) pooled anchors; the margin tolerance
+    // covers that.
     LazyMargins margins(task);
-    for (const auto& [choice, name] :
-         {std::pair{cuda::StripeKernelChoice::kWgmma, "wgmma"},
-          std::pair{cuda::StripeKernelChoice::kWgmmaTwoPieces, "wgmma two pieces"},
-          std::pair{cuda::StripeKernelChoice::kMmaSync, "mma.sync"}}) {
-      const std::vector<std::vector<int64_t>> got = run_stripes(choice);
-      const StripeComparison cmp =
-          CompareStripes(task, expected, got,
-                         [&](int h, int64_t g, int64_t key) { return margins.Margin(h, g, key); });
-      EXPECT_EQ(cmp.wrong, 0) << what << ", stripe kernel " << name << ": " << cmp.wrong
-                              << " decisions differ beyond rounding; first: " << cmp.first_wrong;
-      std::printf("  %s, stripe kernel %s: selected %lld of %lld, %lld differ within rounding\n",
-                  what.c_str(), name, static_cast<long long>(cmp.selected),
-                  static_cast<long long>(cmp.candidates), static_cast<long long>(cmp.disputed));
-    }
-    EXPECT_GT(ng, 2) << what << ": the case needs groups with candidates";
+    const StripeComparison cmp =
+        CompareStripes(task, gqa.stripes, mha.stripes,
+                       [&](int h, int64_t g, int64_t key) { return margins.Margin(h, g, key); });
+    EXPECT_EQ(cmp.wrong, 0) << what << ": " << cmp.wrong
+                            << " stripe decisions differ beyond rounding; first: "
+                            << cmp.first_wrong;
+    std::printf("  %s: selected %lld of %lld, %lld differ within rounding\n", what.c_str(),
+                static_cast<long long>(cmp.selected), static_cast<long long>(cmp.candidates),
+                static_cast<long long>(cmp.disputed));
+    EXPECT_GT(NumGroups(spec.config, n), 2) << what << ": the case needs groups with candidates";
   }
 }
 
@@ -805,14 +819,17 @@ TEST(CudaBackendTest, InfoAndSupports) {
 
   CaseSpec spec = Spec("fp32", {64}, 2, 1, 64, kBf, kTok, kRand, Config(12), 51);
   std::unique_ptr<TaskData> data = MakeTask(spec, 64, 51);
-  EXPECT_TRUE((*backend)->Supports(data->task).ok());
+  EXPECT_TRUE((*backend)->CanRun(ProblemOf(data->task)).ok());
   data->task.dtype = DType::kFp32;
-  const absl::Status fp32 = (*backend)->Supports(data->task);
-  EXPECT_EQ(fp32.code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status fp32 = (*backend)->CanRun(ProblemOf(data->task));
+  EXPECT_EQ(fp32.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(fp32.message().find("dtype"), std::string::npos) << fp32;
   data->task.dtype = DType::kBf16;
   data->task.shape.head_dim = 96;
-  EXPECT_EQ((*backend)->Supports(data->task).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*backend)->CanRun(ProblemOf(data->task)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(info.head_dims, (std::vector<int>{64, 128}));
+  EXPECT_EQ(info.dtypes, (std::vector<DType>{DType::kBf16, DType::kFp16}));
 
   EXPECT_FALSE(CreateCudaBackend(CudaDeviceCount()).ok());
 }

@@ -288,7 +288,9 @@ TEST(CpuDenseTest, InfiniteThetaEqualsDenseMode) {
     by_mode.task.config.mode = AttentionMode::kDense;
     auto backend = CreateCpuBackend(2);
     ASSERT_TRUE(backend.ok());
-    ASSERT_TRUE((*backend)->Run({&by_theta.task, &by_mode.task}).ok());
+    // Different configs: one batch each (a batch shares AttentionBatchKey).
+    ASSERT_TRUE((*backend)->Run({&by_theta.task}).ok());
+    ASSERT_TRUE((*backend)->Run({&by_mode.task}).ok());
     EXPECT_EQ(by_theta.out, by_mode.out);
     EXPECT_EQ(by_theta.lse, by_mode.lse);
     const ReferenceResult ref = ReferenceAttend(by_mode.task);
@@ -462,7 +464,7 @@ TEST(CpuBackendTest, RejectsInvalidTasks) {
     Problem p;
     MakeProblem(c, &p);
     p.task.shape.head_dim = 300;
-    EXPECT_EQ((*backend)->Supports(p.task).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*backend)->CanRun(ProblemOf(p.task)).code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ((*backend)->Run({&p.task}).code(), absl::StatusCode::kInvalidArgument);
   }
   EXPECT_EQ(CreateCpuBackend(-1).status().code(), absl::StatusCode::kInvalidArgument);
@@ -479,7 +481,7 @@ TEST(CpuBackendTest, InfoDescribesTheBackend) {
   Case c{64, 4, 2, 200, DType::kFp16, Layout::kTokenMajor};
   Problem p;
   MakeProblem(c, &p);
-  EXPECT_TRUE((*backend)->Supports(p.task).ok());
+  EXPECT_TRUE((*backend)->CanRun(ProblemOf(p.task)).ok());
 }
 
 TEST(CpuBackendTest, KernelVariantsCanBeForced) {

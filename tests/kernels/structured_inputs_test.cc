@@ -8,7 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "kernels/metrics.h"
+#include "kernels/sparsity_stats.h"
 
 namespace anchorserve {
 namespace {

@@ -78,7 +78,7 @@ void ExpectMatchesReference(const Model& model, const PrefillTask& task, const R
         testing::CompareKv(layer.v, task.kv_dtype, task.kv_layout, n, c.num_kv_heads, c.head_dim,
                            ref.v[layer.layer], ref.v_sigma[layer.layer]);
     EXPECT_TRUE(v.ok()) << "V of layer " << layer.layer << ": " << v.ToString();
-      printf("DBG layer %d K ratio %.3f V ratio %.3f\n", layer.layer, k.max_ratio, v.max_ratio);
+    printf("DBG layer %d K ratio %.3f V ratio %.3f\n", layer.layer, k.max_ratio, v.max_ratio);
   }
   if (!task.compute_logits) {
     EXPECT_TRUE(result.last_logits.empty());

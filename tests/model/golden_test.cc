@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 // `name` as doubles, after checking dtype F32 and `shape`.
 std::vector<double> GoldenTensor(const SafetensorsFile& file, const std::string& name,
                                  const std::vector<int64_t>& shape) {
-  const TensorView* view = file.Find(name);
+  const StoredTensor* view = file.Find(name);
   if (view == nullptr) {
     ADD_FAILURE() << file.path() << ": no tensor '" << name << "'";
     return {};

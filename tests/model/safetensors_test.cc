@@ -85,7 +85,7 @@ TEST_F(SafetensorsTest, ReadsTensorsAndMetadata) {
   ASSERT_TRUE(file.ok()) << file.status();
   ASSERT_EQ((*file)->tensors().size(), 4u);
   EXPECT_EQ((*file)->metadata().at("format"), "pt");
-  const TensorView* a = (*file)->Find("a");
+  const StoredTensor* a = (*file)->Find("a");
   ASSERT_NE(a, nullptr);
   EXPECT_EQ(a->dtype, DType::kFp32);
   EXPECT_EQ(a->shape, (std::vector<int64_t>{2, 2}));
@@ -95,14 +95,14 @@ TEST_F(SafetensorsTest, ReadsTensorsAndMetadata) {
   float values[4];
   std::memcpy(values, a->data, 16);
   EXPECT_EQ(values[3], 4.0f);
-  const TensorView* b = (*file)->Find("b");
+  const StoredTensor* b = (*file)->Find("b");
   ASSERT_NE(b, nullptr);
   EXPECT_EQ(b->dtype, DType::kBf16);
   EXPECT_EQ(b->ShapeString(), "[3]");
   uint16_t bits;
   std::memcpy(&bits, b->data + 4, 2);
   EXPECT_EQ(Bf16ToFloat(bits), -3.0f);
-  const TensorView* c = (*file)->Find("c");
+  const StoredTensor* c = (*file)->Find("c");
   ASSERT_NE(c, nullptr);
   EXPECT_EQ(c->dtype, DType::kFp16);
   EXPECT_TRUE(c->shape.empty());
@@ -235,7 +235,7 @@ TEST_F(ShardedStoreTest, OpensListedTensors) {
   ASSERT_TRUE(store.ok()) << store.status();
   EXPECT_EQ((*store)->files().size(), 2u);
   ASSERT_EQ((*store)->tensors().size(), 2u);  // "unlisted" is not in the weight_map
-  const TensorView* y = (*store)->Find("y");
+  const StoredTensor* y = (*store)->Find("y");
   ASSERT_NE(y, nullptr);
   float value;
   std::memcpy(&value, y->data, 4);

@@ -186,7 +186,8 @@ TEST(LoadModelTest, LoadsEveryPreset) {
     EXPECT_EQ(w.lm_head == w.embed_tokens, c.tie_word_embeddings);
     EXPECT_EQ(w.layers[0].q_bias != nullptr, c.qkv_bias);
     // The converted embedding equals the file's bf16 values.
-    const TensorView* embed = (*model)->weight_storage().store().Find("model.embed_tokens.weight");
+    const StoredTensor* embed =
+        (*model)->weight_storage().store().Find("model.embed_tokens.weight");
     ASSERT_NE(embed, nullptr);
     uint16_t bits;
     std::memcpy(&bits, embed->data + 2 * 77, 2);

@@ -22,9 +22,9 @@
 #include "grpcpp/server.h"
 #include "gtest/gtest.h"
 #include "prometheus/text_serializer.h"
+#include "server/attention_executor.h"
 #include "server/batcher.h"
 #include "server/clock.h"
-#include "server/executor.h"
 #include "server/grpc_server.h"
 #include "server/metrics.h"
 #include "tests/server/fake_backend.h"
@@ -135,7 +135,7 @@ class AttentionServiceTest : public ::testing::Test {
     config.grpc_port = 0;
     config_ = config;
     service_ = std::make_unique<AttentionServiceImpl>(config, &metrics_, &clock_);
-    absl::StatusOr<StartedGrpcServer> started = StartGrpcServer(config, service_.get(), keepalive);
+    absl::StatusOr<StartedGrpcServer> started = StartGrpcServer(config, {service_.get()}, keepalive);
     ASSERT_TRUE(started.ok()) << started.status();
     server_ = std::move(started->server);
     args.SetMaxReceiveMessageSize(-1);
@@ -149,7 +149,7 @@ class AttentionServiceTest : public ::testing::Test {
 
   // What main does once the backend exists.
   void MakeReady() {
-    executor_ = std::make_unique<BatchExecutor>(&backend_);
+    executor_ = std::make_unique<AttentionExecutor>(&backend_, &metrics_);
     batcher_ = std::make_unique<DynamicBatcher>(
         BatchLimits{config_.max_batch_requests, config_.max_batch_tokens, config_.max_queue_delay},
         config_.max_queue_size, executor_.get(), &clock_, &metrics_);
@@ -209,7 +209,7 @@ class AttentionServiceTest : public ::testing::Test {
   RealClock clock_;
   fakes::FakeBackend backend_;
   MetricsRegistry metrics_;
-  std::unique_ptr<BatchExecutor> executor_;
+  std::unique_ptr<AttentionExecutor> executor_;
   std::unique_ptr<DynamicBatcher> batcher_;
   std::unique_ptr<AttentionServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;

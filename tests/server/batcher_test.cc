@@ -1,13 +1,15 @@
 #include "server/batcher.h"
 
+#include <limits>
 #include <memory>
 #include <vector>
 
+#include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/attention_executor.h"
 #include "server/clock.h"
-#include "server/executor.h"
 #include "server/metrics.h"
 #include "tests/server/fake_backend.h"
 
@@ -35,8 +37,9 @@ struct TestJob {
     task.k = k.data();
     task.v = v.data();
     task.out = out.data();
-    job->on_done = [this](AttentionJob& done) {
-      done_status = done.status;
+    job->UpdateBatchKey();
+    job->on_done = [this]() {
+      done_status = job->status;
       done_count++;
       finished.Notify();
     };
@@ -49,10 +52,11 @@ struct TestJob {
   absl::Notification finished;
 };
 
-std::vector<std::shared_ptr<AttentionJob>> QueueOf(std::vector<TestJob*> jobs, absl::Time t0,
-                                                   absl::Duration spacing = absl::ZeroDuration()) {
-  std::vector<std::shared_ptr<AttentionJob>> queue;
+std::vector<std::shared_ptr<BatchJob>> QueueOf(std::vector<TestJob*> jobs, absl::Time t0,
+                                               absl::Duration spacing = absl::ZeroDuration()) {
+  std::vector<std::shared_ptr<BatchJob>> queue;
   for (size_t i = 0; i < jobs.size(); ++i) {
+    jobs[i]->job->UpdateBatchKey();
     jobs[i]->job->enqueue_time = t0 + spacing * static_cast<int64_t>(i);
     queue.push_back(jobs[i]->job);
   }
@@ -62,7 +66,8 @@ std::vector<std::shared_ptr<AttentionJob>> QueueOf(std::vector<TestJob*> jobs, a
 // --- The pure decision -----------------------------------------------------------------------
 
 TEST(DecideBatchTest, EmptyQueueWaitsForever) {
-  const BatchDecision decision = DecideBatch({}, absl::Now(), BatchLimits{}, false);
+  const BatchDecision decision =
+      DecideBatch({}, absl::Now(), BatchLimits{8, 1000, absl::Milliseconds(2)}, false);
   EXPECT_THAT(decision.members, IsEmpty());
   EXPECT_EQ(decision.wait, absl::InfiniteDuration());
 }
@@ -148,6 +153,18 @@ TEST(DecideBatchTest, IncompatibleRequestsAreNotMixed) {
       ElementsAre(0));
 }
 
+TEST(DecideBatchTest, NanThetaBatchesWithItself) {
+  // The batcher and the backends share AttentionBatchKey, so they agree on every config value.
+  FakeClock clock;
+  const absl::Time t0 = clock.Now();
+  TestJob a(16), b(16);
+  a.job->task.config.theta = std::numeric_limits<float>::quiet_NaN();
+  b.job->task.config.theta = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THAT(
+      DecideBatch(QueueOf({&a, &b}, t0), t0, BatchLimits{2, 1000, absl::Hours(1)}, false).members,
+      ElementsAre(0, 1));
+}
+
 TEST(DecideBatchTest, FlushDispatchesWithoutWaiting) {
   FakeClock clock;
   const absl::Time t0 = clock.Now();
@@ -178,8 +195,8 @@ class BatcherTest : public ::testing::Test {
 
   FakeClock clock_;
   FakeBackend backend_;
-  BatchExecutor executor_{&backend_};
   MetricsRegistry metrics_;
+  AttentionExecutor executor_{&backend_, &metrics_};
   std::unique_ptr<DynamicBatcher> batcher_;
 };
 
@@ -349,6 +366,61 @@ TEST_F(BatcherTest, RecallRunsADensePassOnTheSameBackend) {
   EXPECT_DOUBLE_EQ(job.job->recall->output_recall_tau_0_01, 1.0);
   EXPECT_DOUBLE_EQ(job.job->recall->attention_mass_mean, 1.0);
   EXPECT_EQ(job.job->task.maybe_lse, nullptr);  // no pointer left into freed memory
+}
+
+// --- Any job kind -------------------------------------------------------------------------
+
+class KeyedJob final : public BatchJob {
+ public:
+  KeyedJob(std::string key, int64_t tokens) : key_(std::move(key)), tokens_(tokens) {}
+  const std::string& batch_key() const override { return key_; }
+  int64_t tokens() const override { return tokens_; }
+
+ private:
+  std::string key_;
+  int64_t tokens_;
+};
+
+class RecordingRunner final : public BatchRunner {
+ public:
+  double Run(absl::Span<BatchJob* const> batch) override {
+    std::vector<std::string> keys;
+    for (BatchJob* job : batch) keys.push_back(job->batch_key());
+    absl::MutexLock lock(&mu_);
+    batches_.push_back(std::move(keys));
+    return 0;
+  }
+  std::vector<std::vector<std::string>> batches() const {
+    absl::MutexLock lock(&mu_);
+    return batches_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::vector<std::string>> batches_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST(GenericBatcherTest, BatchesAnyJobKindByKeyAndTokens) {
+  FakeClock clock;
+  MetricsRegistry metrics;
+  RecordingRunner runner;
+  std::vector<std::shared_ptr<KeyedJob>> jobs = {
+      std::make_shared<KeyedJob>("x", 10), std::make_shared<KeyedJob>("y", 10),
+      std::make_shared<KeyedJob>("x", 10), std::make_shared<KeyedJob>("x", 100)};
+  absl::BlockingCounter done(static_cast<int>(jobs.size()));
+  {
+    DynamicBatcher batcher(BatchLimits{8, 50, absl::Hours(1)}, 16, &runner, &clock, &metrics);
+    for (const auto& job : jobs) {
+      job->on_done = [&done] { done.DecrementCount(); };
+      ASSERT_TRUE(batcher.Enqueue(job).ok());
+    }
+    batcher.Stop();  // flushes without waiting for the delay
+  }
+  done.Wait();
+  for (const auto& job : jobs) EXPECT_TRUE(job->status.ok()) << job->status;
+  // "x" jobs batch together up to the token limit; "y" never joins them.
+  EXPECT_THAT(runner.batches(),
+              ElementsAre(ElementsAre("x", "x"), ElementsAre("y"), ElementsAre("x")));
 }
 
 }  // namespace

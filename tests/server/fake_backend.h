@@ -3,11 +3,13 @@
 //   out byte i = q[i] ^ rotl(k[i % |k|], 1) ^ rotl(v[i % |v|], 2).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/types/span.h"
@@ -52,11 +54,17 @@ class FakeBackend final : public AttentionBackend {
     info_ = std::move(info);
   }
 
-  absl::Status Supports(const AttentionTask& task) const override {
+  // The dtypes of Info(), then SetCanRun's status.
+  absl::Status CanRun(const AttentionProblem& problem) const override {
     absl::MutexLock lock(&mu_);
+    if (std::find(info_.dtypes.begin(), info_.dtypes.end(), problem.dtype) == info_.dtypes.end()) {
+      return absl::FailedPreconditionError(absl::StrCat("dtype ",
+                                                        std::string(DTypeName(problem.dtype)),
+                                                        " is not supported by the fake backend"));
+    }
     return supports_;
   }
-  void SetSupports(absl::Status status) {
+  void SetCanRun(absl::Status status) {
     absl::MutexLock lock(&mu_);
     supports_ = std::move(status);
   }

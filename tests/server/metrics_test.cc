@@ -47,7 +47,7 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   metrics.ObserveBatchSize(3);
   metrics.AddTokens(4096);
   metrics.ObserveDensity(0.4);
-  metrics.SetQueueDepth(5);
+  metrics.SetQueueDepth(Queue::kAttention, 5);
   metrics.RequestStarted();
   metrics.RequestStarted();
   metrics.RequestDone();
@@ -64,7 +64,7 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   EXPECT_THAT(text, HasSubstr("anchorserve_tokens_total 4096"));
   EXPECT_THAT(text, HasSubstr("anchorserve_density_bucket{le=\"0.5\"} 1"));
   EXPECT_THAT(text, HasSubstr("anchorserve_density_bucket{le=\"0.3\"} 0"));
-  EXPECT_THAT(text, HasSubstr("anchorserve_queue_depth 5"));
+  EXPECT_THAT(text, HasSubstr("anchorserve_queue_depth{queue=\"attention\"} 5"));
   EXPECT_THAT(text, HasSubstr("anchorserve_inflight_requests 1"));
   EXPECT_THAT(text, HasSubstr("anchorserve_received_bytes_total 1000"));
   EXPECT_THAT(text, HasSubstr("anchorserve_sent_bytes_total 500"));

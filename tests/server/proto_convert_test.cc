@@ -326,11 +326,11 @@ TEST(ProtoConvertTest, BackendCapabilities) {
 
   ExpectError(SpecFromStreamHeader(Header({8, 4, 16}, {8, 2, 16}, v1::DATA_TYPE_FP32), options),
               absl::StatusCode::kFailedPrecondition,
-              "q.dtype fp32 is not supported by the fake backend (supported: bf16, fp16)");
-  // Head dims are the backend's Supports() to judge (Info lists the tuned ones).
+              "dtype fp32 is not supported by the fake backend");
+  // Head dims are the backend's CanRun() to judge (Info lists the tuned ones).
   EXPECT_TRUE(SpecFromStreamHeader(Header({8, 4, 32}, {8, 2, 32}), options).ok());
 
-  backend.SetSupports(absl::InvalidArgumentError("seq_len too long for fake"));
+  backend.SetCanRun(absl::InvalidArgumentError("seq_len too long for fake"));
   ExpectError(SpecFromAttendRequest(ValidRequest(), options), absl::StatusCode::kInvalidArgument,
               "seq_len too long for fake");
 }

@@ -1,4 +1,4 @@
-// Naive fp64 evaluation of the AnchorAttention spec (../shared/spec/anchorattention.md) with the
+// Naive fp64 evaluation of the AnchorAttention spec (docs/anchorattention.md) with the
 // exact set-union semantics: the yardstick every backend is tested against.
 #pragma once
 

@@ -23,13 +23,14 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "anchorserve/v1/anchorserve.pb.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
 
 namespace anchorserve {
 
 // Field number of `data` in v1.Tensor.
-inline constexpr int kTensorDataField = 4;
+inline constexpr int kTensorDataField = v1::Tensor::kDataFieldNumber;
 
 // Pieces of one bytes field as received, in order; they point into SplitMessage::slices.
 struct SegmentedBytes {

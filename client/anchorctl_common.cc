@@ -1,0 +1,114 @@
+#include "client/anchorctl_common.h"
+
+#include <cstdio>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/time.h"
+
+// Connection.
+ABSL_FLAG(std::string, target, "127.0.0.1:50051", "gRPC address of the anchorserve server");
+ABSL_FLAG(double, deadline_s, 600, "deadline of each call, in seconds");
+ABSL_FLAG(int64_t, stream_chunk_bytes, int64_t{4} << 20,
+          "bytes of Q/K/V per message when streaming");
+
+// Config; unset flags take the server's defaults (see `anchorctl info`).
+ABSL_FLAG(std::string, mode, "anchor", "anchor (sparse AnchorAttention) | dense (exact)");
+ABSL_FLAG(
+    std::optional<double>, theta, std::nullopt,
+    "difference threshold in nats; inf = dense, -inf = anchor region only (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, block_size, std::nullopt,
+          "B: query rows per pooled query (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, step, std::nullopt,
+          "s: blocks per group (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, init_groups, std::nullopt,
+          "n_init: sink groups (unset: server default)");
+ABSL_FLAG(std::optional<int32_t>, local_groups, std::nullopt,
+          "n_loc: local groups, own group = 1 (unset: server default)");
+ABSL_FLAG(std::optional<double>, softmax_scale, std::nullopt, "softmax scale (unset: 1/sqrt(d))");
+
+// Requests.
+ABSL_FLAG(uint64_t, seed, 1, "seed of the generated inputs (attend, load) and of --random_ids");
+ABSL_FLAG(std::string, request_id, "", "request id (the server makes one up when empty)");
+
+namespace anchorserve::cli {
+
+void PrintError(const absl::Status& status) {
+  std::fprintf(stderr, "anchorctl: %s\n", std::string(status.message()).c_str());
+}
+
+std::string FormatBytes(int64_t bytes) {
+  if (bytes >= (int64_t{1} << 30)) return absl::StrFormat("%.2f GiB", bytes / 1073741824.0);
+  if (bytes >= (int64_t{1} << 20)) return absl::StrFormat("%.2f MiB", bytes / 1048576.0);
+  if (bytes >= (int64_t{1} << 10)) return absl::StrFormat("%.2f KiB", bytes / 1024.0);
+  return absl::StrCat(bytes, " B");
+}
+
+std::string FormatMs(double seconds) { return absl::StrFormat("%.3f ms", seconds * 1e3); }
+
+std::string DescribeConfig(const v1::AnchorConfig& config) {
+  std::vector<std::string> parts;
+  parts.push_back(
+      absl::StrCat("mode=", config.mode() == v1::ATTENTION_MODE_DENSE ? "dense" : "anchor"));
+  if (config.has_theta()) parts.push_back(absl::StrCat("theta=", config.theta()));
+  if (config.has_block_size()) parts.push_back(absl::StrCat("block_size=", config.block_size()));
+  if (config.has_step()) parts.push_back(absl::StrCat("step=", config.step()));
+  if (config.has_init_groups()) parts.push_back(absl::StrCat("init_groups=", config.init_groups()));
+  if (config.has_local_groups()) {
+    parts.push_back(absl::StrCat("local_groups=", config.local_groups()));
+  }
+  if (config.has_softmax_scale()) {
+    parts.push_back(absl::StrCat("softmax_scale=", config.softmax_scale(),
+                                 config.softmax_scale() == 0 ? " (1/sqrt(d))" : ""));
+  }
+  return absl::StrJoin(parts, " ");
+}
+
+absl::StatusOr<ClientOptions> ClientOptionsFromFlags() {
+  const double deadline_s = absl::GetFlag(FLAGS_deadline_s);
+  if (!(deadline_s > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--deadline_s must be positive, got ", deadline_s));
+  }
+  ClientOptions options;
+  options.default_deadline = absl::Seconds(deadline_s);
+  options.stream_chunk_bytes = absl::GetFlag(FLAGS_stream_chunk_bytes);
+  if (options.stream_chunk_bytes <= 0 || options.stream_chunk_bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--stream_chunk_bytes must be in [1, 1 GiB], got ", options.stream_chunk_bytes));
+  }
+  return options;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient() {
+  absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags();
+  if (!options.ok()) return options.status();
+  return AttentionClient::Create(absl::GetFlag(FLAGS_target), *options);
+}
+
+absl::StatusOr<v1::AnchorConfig> ConfigFromFlags() {
+  v1::AnchorConfig config;
+  const std::string mode = absl::GetFlag(FLAGS_mode);
+  if (mode == "anchor") {
+    config.set_mode(v1::ATTENTION_MODE_ANCHOR);
+  } else if (mode == "dense") {
+    config.set_mode(v1::ATTENTION_MODE_DENSE);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--mode must be anchor or dense, got '", mode, "'"));
+  }
+  if (auto theta = absl::GetFlag(FLAGS_theta)) config.set_theta(*theta);
+  if (auto block_size = absl::GetFlag(FLAGS_block_size)) config.set_block_size(*block_size);
+  if (auto step = absl::GetFlag(FLAGS_step)) config.set_step(*step);
+  if (auto init_groups = absl::GetFlag(FLAGS_init_groups)) config.set_init_groups(*init_groups);
+  if (auto local_groups = absl::GetFlag(FLAGS_local_groups)) {
+    config.set_local_groups(*local_groups);
+  }
+  if (auto scale = absl::GetFlag(FLAGS_softmax_scale)) config.set_softmax_scale(*scale);
+  return config;
+}
+
+}  // namespace anchorserve::cli

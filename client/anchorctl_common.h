@@ -1,0 +1,58 @@
+// What the anchorctl subcommands share: the connection and config flags, exit codes, output
+// formatting, and the subcommands defined outside anchorctl.cc.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/flags/declare.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "anchorserve/v1/anchorserve.pb.h"
+#include "client/attention_client.h"
+
+// Connection.
+ABSL_DECLARE_FLAG(std::string, target);
+ABSL_DECLARE_FLAG(double, deadline_s);
+ABSL_DECLARE_FLAG(int64_t, stream_chunk_bytes);
+// Config (unset flags take the server's defaults).
+ABSL_DECLARE_FLAG(std::string, mode);
+ABSL_DECLARE_FLAG(std::optional<double>, theta);
+ABSL_DECLARE_FLAG(std::optional<int32_t>, block_size);
+ABSL_DECLARE_FLAG(std::optional<int32_t>, step);
+ABSL_DECLARE_FLAG(std::optional<int32_t>, init_groups);
+ABSL_DECLARE_FLAG(std::optional<int32_t>, local_groups);
+ABSL_DECLARE_FLAG(std::optional<double>, softmax_scale);
+// Requests.
+ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(std::string, request_id);
+
+namespace anchorserve::cli {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailed = 1;
+inline constexpr int kExitUsage = 2;
+
+// "anchorctl: MESSAGE" on stderr.
+void PrintError(const absl::Status& status);
+
+std::string FormatBytes(int64_t bytes);  // "1.50 MiB"
+std::string FormatMs(double seconds);    // "12.345 ms"
+
+// "mode=anchor theta=12 block_size=64 ...": the fields that are set.
+std::string DescribeConfig(const v1::AnchorConfig& config);
+
+// Client options from --deadline_s and --stream_chunk_bytes.
+absl::StatusOr<ClientOptions> ClientOptionsFromFlags();
+absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient();
+
+// --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale.
+absl::StatusOr<v1::AnchorConfig> ConfigFromFlags();
+
+// Subcommands of anchorctl_prefill.cc; each returns the exit code.
+int RunPrefill();
+int RunModel();
+
+}  // namespace anchorserve::cli

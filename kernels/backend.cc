@@ -1,0 +1,47 @@
+#include "kernels/backend.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace anchorserve {
+
+BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, std::string device) {
+  // The head dims of the common model families; a backend may accept others too.
+  constexpr int kListedHeadDims[] = {32, 64, 80, 96, 128, 160, 192, 256};
+  BackendInfo info;
+  info.name = std::move(name);
+  info.device = std::move(device);
+  AttentionProblem probe;
+  probe.shape = AttentionShape{.seq_len = 1, .num_q_heads = 1, .num_kv_heads = 1, .head_dim = 128};
+  for (DType dtype : {DType::kBf16, DType::kFp16, DType::kFp32}) {
+    probe.dtype = dtype;
+    if (backend.CanRun(probe).ok()) info.dtypes.push_back(dtype);
+  }
+  if (!info.dtypes.empty()) probe.dtype = info.dtypes.front();
+  for (int head_dim : kListedHeadDims) {
+    probe.shape.head_dim = head_dim;
+    if (backend.CanRun(probe).ok()) info.head_dims.push_back(head_dim);
+  }
+  return info;
+}
+
+absl::Status CheckBatch(const AttentionBackend& backend, absl::Span<AttentionTask* const> batch) {
+  if (batch.empty()) return absl::OkStatus();
+  for (const AttentionTask* task : batch) {
+    if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
+    ANCHOR_RETURN_IF_ERROR(ValidateTask(*task));
+    ANCHOR_RETURN_IF_ERROR(backend.CanRun(ProblemOf(*task)));
+  }
+  const std::string key = AttentionBatchKey(ProblemOf(*batch[0]));
+  for (const AttentionTask* task : batch) {
+    if (AttentionBatchKey(ProblemOf(*task)) != key) {
+      return absl::InvalidArgumentError(
+          "tasks of one batch must share dtype, layout, head counts, head_dim and config");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace anchorserve

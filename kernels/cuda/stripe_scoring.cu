@@ -1,0 +1,451 @@
+// Stage 2 of stripe identification (spec: docs/anchorattention.md), stripe scoring: every
+// candidate key k_j of a group is selected for a query head when
+// max_r(scale * qbar_r.k_j - abar_r) >= -theta over the head's pooled queries (pooling.cu). One
+// CTA scores a chunk of candidate keys against the pooled queries of every query head of one KV
+// head (one K tile load serves them all) and sets one bit per selected key; compaction
+// (stripe_compaction.cu) turns the bits into lists.
+//
+// The pooled queries enter as their exact split 2^e * qbar_r = hi + mid + lo in the input dtype,
+// so that three tensor-core products with fp32 accumulation give scale * qbar_r.k_j without
+// rounding qbar_r to 16 bits. Two kernels with the same output:
+//   WgmmaStripeKernel (sm_90a): 64 pooled rows (4 units of 16 rows) per warpgroup pass, the
+//     pieces in registers as wgmma A fragments; each 128-key K tile is read once from shared
+//     memory by 3 x d/16 wgmmas that accumulate in the same fp32 registers. Serves shapes with
+//     (Hq / Hkv) * (pooled_rows / 16) a multiple of 4.
+//   MmaSyncStripeKernel: mma.sync m16n8k16, <= 4 units per pass; serves every other shape.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/identification.h"
+#include "kernels/cuda/identification_common.cuh"
+
+namespace anchorserve::cuda {
+namespace {
+
+using id_detail::Elem;
+using id_detail::kFullMask;
+using id_detail::kKeyTile;
+using id_detail::RowCopier;
+using id_detail::SmemDescriptor128;
+using id_detail::Tile;
+using ptx::CpAsync16;
+using ptx::CpAsyncCommit;
+using ptx::CpAsyncWait;
+using ptx::FenceProxyAsync;
+using ptx::LdMatrixX4;
+using ptx::PinRegisters;
+using ptx::SmemAddress;
+using ptx::WgmmaCommit;
+using ptx::WgmmaFence;
+using ptx::WgmmaWait;
+
+// 16-byte chunk index of (row, chunk) in a [rows, kChunks] tile whose chunks are XOR-swizzled by
+// row % 8, so that the 8 rows an ldmatrix reads at one logical chunk hit 8 different bank groups.
+template <int kChunks>
+__device__ __forceinline__ int SwizzledChunk(int row, int chunk) {
+  static_assert(kChunks % 8 == 0, "rows must be a multiple of 8 chunks (64 elements)");
+  return row * kChunks + (chunk ^ (row & 7));
+}
+
+// S[64 x 128] (+)= A (registers) * B^T (smem).
+template <typename T>
+__device__ __forceinline__ void WgmmaRs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                        int accumulate) {
+#if ANCHOR_ID_HAS_WGMMA
+  ptx::WgmmaRsN128<T>(d, a, desc_b, accumulate);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// mma.sync stripe scoring. CTA = one StripeItem (<= 2048 candidate keys of one group) x one KV head
+// x one pass over <= 4 "units" (unit = 16 pooled rows of one query head). A warp keeps its unit's
+// split pooled queries (hi, mid, lo) in registers and multiplies them with each 64-key K tile,
+// all pieces accumulated in the same fp32 registers (3 MMAs per B fragment). Every tile uses all
+// three pieces: a hi-only first pass with a per-key error bound costs more than the MMAs it saves.
+constexpr int kStripeKeys = 64;
+constexpr int kStripeStages = 4;
+
+template <int kDim>
+constexpr int StripeSmemBytes() {
+  return kStripeStages * kStripeKeys * kDim * 2;
+}
+
+// Column (key) c of an n8 tile: OR over the 16 rows = over lanes with lane % 4 == c / 2, from the
+// ballots of the even and odd columns.
+__device__ __forceinline__ uint32_t ColumnByte(uint32_t ballot_even, uint32_t ballot_odd) {
+  uint32_t byte = 0;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (ballot_even & (0x11111111u << q)) byte |= 1u << (2 * q);
+    if (ballot_odd & (0x11111111u << q)) byte |= 1u << (2 * q + 1);
+  }
+  return byte;
+}
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(128, 3)
+    MmaSyncStripeKernel(const IdentificationParams p, int passes, int row_tiles) {
+  constexpr int kChunks = kDim / 8;
+  constexpr int kKSteps = kDim / 16;
+  extern __shared__ __align__(128) uint4 k_smem[];  // [kStripeStages][kStripeKeys][kChunks]
+
+  const int item_index = blockIdx.x / passes;
+  const int pass = blockIdx.x % passes;
+  const StripeItem item = p.items[item_index];
+  const IdGroup group = p.groups[item.batch_group];
+  const SeqDesc seq = p.seqs[group.seq];
+  const int kv_head = blockIdx.y;
+  const int gqa = p.num_q_heads / p.num_kv_heads;
+  const int units = gqa * row_tiles;
+  const int units_here = min(4, units - pass * 4);
+  const int warps_per_unit = units_here == 1 ? 4 : (units_here == 2 ? 2 : 1);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int unit_in_pass = warp / warps_per_unit;
+  const bool active = unit_in_pass < units_here;
+  const int unit = pass * 4 + (active ? unit_in_pass : 0);
+  const int head = kv_head * gqa + unit / row_tiles;
+  const int row_tile = unit % row_tiles;
+  // n-tiles (8 keys each) of every 64-key tile this warp scores: [tile_begin, tile_begin + n).
+  const int ntiles_per_warp = 8 / warps_per_unit;
+  const int ntile_begin = (warp % warps_per_unit) * ntiles_per_warp;
+
+  // Split pooled queries of this unit: A fragments for rows (lane/4) and (lane/4 + 8).
+  const int64_t pooled_row0 =
+      (int64_t{item.batch_group} * p.num_q_heads + head) * p.pooled_rows + row_tile * 16;
+  const int quad_row = lane >> 2;
+  const int quad_col = 2 * (lane & 3);
+  uint32_t a_frag[3][kKSteps][4];
+  {
+    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
+    const uint16_t* upper = split + (pooled_row0 + quad_row) * 3 * kDim;
+    const uint16_t* lower = split + (pooled_row0 + quad_row + 8) * 3 * kDim;
+#pragma unroll
+    for (int piece = 0; piece < 3; ++piece) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const int col = piece * kDim + ks * 16 + quad_col;
+        a_frag[piece][ks][0] = *reinterpret_cast<const uint32_t*>(upper + col);
+        a_frag[piece][ks][1] = *reinterpret_cast<const uint32_t*>(lower + col);
+        a_frag[piece][ks][2] = *reinterpret_cast<const uint32_t*>(upper + col + 8);
+        a_frag[piece][ks][3] = *reinterpret_cast<const uint32_t*>(lower + col + 8);
+      }
+    }
+  }
+  float unscale[2], pooled_anchor[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = pooled_row0 + quad_row + 8 * r;
+    unscale[r] = p.pooled_unscale[row];
+    pooled_anchor[r] = p.pooled_anchor[row];
+  }
+  const float scale = p.softmax_scale;
+  const float neg_theta = -p.theta;
+  uint32_t* bitmask =
+      p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads + head] / 32;
+
+  const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+  const int num_key_tiles = (item.key_end - item.key_begin + kStripeKeys - 1) / kStripeKeys;
+  auto load_keys = [&](int t, int stage) {
+    const int key_begin = item.key_begin + t * kStripeKeys;
+    uint4* dst = k_smem + stage * kStripeKeys * kChunks;
+    for (int idx = threadIdx.x; idx < kStripeKeys * kChunks; idx += 128) {
+      const int row = idx / kChunks;
+      const int chunk = idx % kChunks;
+      const int key = key_begin + row;
+      const bool valid = key < item.key_end;
+      const T* src = k_base + int64_t{valid ? key : 0} * seq.kv_token_stride + chunk * 8;
+      CpAsync16(SmemAddress(dst + SwizzledChunk<kChunks>(row, chunk)), src, valid);
+    }
+  };
+  for (int s = 0; s < kStripeStages - 1; ++s) {
+    if (s < num_key_tiles) load_keys(s, s);
+    CpAsyncCommit();
+  }
+
+  for (int t = 0; t < num_key_tiles; ++t) {
+    CpAsyncWait<kStripeStages - 2>();
+    __syncthreads();
+    {
+      const int next = t + kStripeStages - 1;
+      if (next < num_key_tiles) load_keys(next, next % kStripeStages);
+      CpAsyncCommit();
+    }
+    if (!active) continue;
+    const uint4* stage = k_smem + (t % kStripeStages) * kStripeKeys * kChunks;
+    const int key_begin = item.key_begin + t * kStripeKeys;
+    float acc[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        if (2 * np < ntile_begin || 2 * np >= ntile_begin + ntiles_per_warp) continue;
+        uint32_t b[4];
+        const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
+        const int chunk = ks * 2 + ((lane >> 3) & 1);
+        LdMatrixX4(b, SmemAddress(stage + SwizzledChunk<kChunks>(key, chunk)));
+#pragma unroll
+        for (int piece = 0; piece < 3; ++piece) {
+          Elem<T>::Mma(acc[2 * np], a_frag[piece][ks], b[0], b[1]);
+          Elem<T>::Mma(acc[2 * np + 1], a_frag[piece][ks], b[2], b[3]);
+        }
+      }
+    }
+    // Key (8n + c) is selected when any of the 16 rows passes.
+    uint32_t words[2] = {0u, 0u};
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (n < ntile_begin || n >= ntile_begin + ntiles_per_warp) continue;
+      bool pass_even = false;
+      bool pass_odd = false;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float dot = acc[n][e] * unscale[e >> 1];  // exact: power of two
+        const float margin = dot * scale - pooled_anchor[e >> 1];
+        const bool selected = margin >= neg_theta;
+        if (e & 1) {
+          pass_odd |= selected;
+        } else {
+          pass_even |= selected;
+        }
+      }
+      const uint32_t byte =
+          ColumnByte(__ballot_sync(kFullMask, pass_even), __ballot_sync(kFullMask, pass_odd));
+      words[n / 4] |= byte << ((n % 4) * 8);
+    }
+    const int valid_keys = item.key_end - key_begin;
+    if (valid_keys < 32) words[0] &= (1u << valid_keys) - 1u;
+    if (valid_keys < 64) words[1] &= valid_keys <= 32 ? 0u : (1u << (valid_keys - 32)) - 1u;
+    const int64_t word = (key_begin - group.cand_begin) / 32;
+    const uint32_t mine = lane == 0 ? words[0] : words[1];
+    if (lane < 2 && mine != 0u) atomicOr(bitmask + word + lane, mine);
+  }
+  CpAsyncWait<0>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgmma stripe scoring. CTA (one warpgroup) = one StripeItem (<= 2048 candidate keys of one group)
+// x one KV head x one pass over 4 units (warp w: unit 4 * pass + w = 16 pooled rows of one query
+// head). Accumulator layout as in the anchor kernels; a key is selected for a unit when any of
+// its 16 rows passes, i.e. OR over the 8 lanes of equal lane % 4 and over the two row halves.
+template <int kDim>
+struct StripeShape {
+  static constexpr int kStages = kDim == 128 ? 3 : 4;
+  static constexpr int kSmemBytes = kStages * Tile<kDim>::kBytes + 1024;  // 97 KiB at d = 128
+};
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(128, 2)
+    WgmmaStripeKernel(const __grid_constant__ IdentificationParams p, int passes, int row_tiles) {
+#if ANCHOR_ID_HAS_WGMMA
+  using Geo = Tile<kDim>;
+  constexpr int kPieces = 3;  // hi, mid, lo
+  constexpr int kStages = StripeShape<kDim>::kStages;
+  constexpr int kKSteps = Geo::kKSteps;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
+  auto k_tile = [&](int t) { return base + (t % kStages) * Geo::kBytes; };
+
+  const int item_index = blockIdx.x / passes;
+  const int pass = blockIdx.x % passes;
+  const StripeItem item = p.items[item_index];
+  const IdGroup group = p.groups[item.batch_group];
+  const SeqDesc seq = p.seqs[group.seq];
+  const int kv_head = blockIdx.y;
+  const int gqa = p.num_q_heads / p.num_kv_heads;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int unit = pass * 4 + warp;
+  const int head = kv_head * gqa + unit / row_tiles;
+  const int row_tile = unit % row_tiles;
+
+  // This warp's 16 pooled rows as A fragments (mma.m16n8k16 layout): rows lane/4 and lane/4 + 8.
+  const int64_t pooled_row0 =
+      (int64_t{item.batch_group} * p.num_q_heads + head) * p.pooled_rows + row_tile * 16;
+  const int quad_row = lane >> 2;
+  const int quad_col = 2 * (lane & 3);
+  uint32_t a_frag[kPieces][kKSteps][4];
+  {
+    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
+    const uint16_t* upper = split + (pooled_row0 + quad_row) * 3 * kDim;
+    const uint16_t* lower = split + (pooled_row0 + quad_row + 8) * 3 * kDim;
+#pragma unroll
+    for (int piece = 0; piece < kPieces; ++piece) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const int col = piece * kDim + ks * 16 + quad_col;
+        a_frag[piece][ks][0] = *reinterpret_cast<const uint32_t*>(upper + col);
+        a_frag[piece][ks][1] = *reinterpret_cast<const uint32_t*>(lower + col);
+        a_frag[piece][ks][2] = *reinterpret_cast<const uint32_t*>(upper + col + 8);
+        a_frag[piece][ks][3] = *reinterpret_cast<const uint32_t*>(lower + col + 8);
+      }
+    }
+  }
+  // margin = scale * (2^-e * acc) - abar in one FFMA: 2^-e * scale is exact, and so is the
+  // product inside the FFMA, which rounds once (as MmaSyncStripeKernel's contracted FFMA).
+  float row_scale[2], pooled_anchor[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = pooled_row0 + quad_row + 8 * h;
+    row_scale[h] = p.pooled_unscale[row] * p.softmax_scale;
+    pooled_anchor[h] = p.pooled_anchor[row];  // +inf for rows without queries: never selected
+  }
+  const float neg_theta = -p.theta;
+  uint32_t* head_bits =
+      p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads + head] / 32;
+
+  const RowCopier<kDim, 128> copier(tid);
+  const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+  const int num_key_tiles = (item.key_end - item.key_begin + kKeyTile - 1) / kKeyTile;
+  auto load_keys = [&](int t) {
+    if (t < num_key_tiles) {
+      const int first = item.key_begin + t * kKeyTile;
+      copier.Copy(k_tile(t), k_base, seq.kv_token_stride, first, item.key_end - first);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_keys(s);
+    CpAsyncCommit();
+  }
+
+  const int word_lane = (lane >> 2) & 3;  // output word this lane assembles
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+  for (int t = 0; t < num_key_tiles; ++t) {
+    CpAsyncWait<kStages - 2>();
+    FenceProxyAsync();
+    __syncthreads();
+    load_keys(t + kStages - 1);
+    CpAsyncCommit();
+    const uint32_t keys = k_tile(t);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const uint64_t desc = SmemDescriptor128(keys + Geo::KStep(ks));
+#pragma unroll
+      for (int piece = 0; piece < kPieces; ++piece) {
+        WgmmaRs<T>(acc, a_frag[piece][ks], desc, (ks | piece) != 0 ? 1 : 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    PinRegisters(acc);
+#pragma unroll
+    for (int piece = 0; piece < kPieces; ++piece) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) PinRegisters(a_frag[piece][ks]);
+    }
+
+    // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
+    // thread's two rows.
+    uint32_t bits = 0;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool upper = fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]) >= neg_theta;
+        const bool lower = fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]) >= neg_theta;
+        bits |= static_cast<uint32_t>(upper | lower) << (2 * j + e);
+      }
+    }
+    // OR over the 16 rows: lanes of equal lane % 4.
+    bits |= __shfl_xor_sync(kFullMask, bits, 4);
+    bits |= __shfl_xor_sync(kFullMask, bits, 8);
+    bits |= __shfl_xor_sync(kFullMask, bits, 16);
+    // Word w (keys 32w .. 32w + 31) has bit 8j' + 2q + e from lane q's bit 2(4w + j') + e:
+    // spread byte w of lane q's bits to 2-bit fields 8 apart, shift by 2q, OR over q.
+    const uint32_t byte = (bits >> (8 * word_lane)) & 0xffu;
+    uint32_t word =
+        ((byte & 0x3u) | ((byte & 0xcu) << 6) | ((byte & 0x30u) << 12) | ((byte & 0xc0u) << 18))
+        << (2 * (lane & 3));
+    word |= __shfl_xor_sync(kFullMask, word, 1);
+    word |= __shfl_xor_sync(kFullMask, word, 2);
+    const int first = item.key_begin + t * kKeyTile;
+    const int valid = item.key_end - first;  // keys past the chunk were zero-filled
+    if (valid < 32 * (word_lane + 1)) {
+      word &= valid <= 32 * word_lane ? 0u : (1u << (valid - 32 * word_lane)) - 1u;
+    }
+    if (lane < 16 && (lane & 3) == 0 && word != 0u) {
+      atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
+    }
+  }
+  CpAsyncWait<0>();
+#endif  // ANCHOR_ID_HAS_WGMMA
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kDim>
+cudaError_t LaunchMmaSyncStripe(const IdentificationParams& p, cudaStream_t stream) {
+  const int row_tiles = p.pooled_rows / kPooledRowTile;
+  const int gqa = p.num_q_heads / p.num_kv_heads;
+  const int passes = (gqa * row_tiles + 3) / 4;
+  constexpr int kSmem = StripeSmemBytes<kDim>();
+  cudaError_t error = cudaFuncSetAttribute(MmaSyncStripeKernel<T, kDim>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(p.num_items * passes, p.num_kv_heads);
+  MmaSyncStripeKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
+  return cudaGetLastError();
+}
+
+template <typename T, int kDim>
+cudaError_t LaunchWgmmaStripe(const IdentificationParams& p, cudaStream_t stream) {
+  constexpr int kSmem = StripeShape<kDim>::kSmemBytes;
+  cudaError_t error = cudaFuncSetAttribute(WgmmaStripeKernel<T, kDim>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (error != cudaSuccess) return error;
+  const int row_tiles = p.pooled_rows / kPooledRowTile;
+  const int passes = p.num_q_heads / p.num_kv_heads * row_tiles / 4;
+  const dim3 grid(p.num_items * passes, p.num_kv_heads);
+  WgmmaStripeKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
+  return cudaGetLastError();
+}
+
+// The wgmma kernel's 64-row passes need the units (16 pooled rows of one query head) of a KV
+// head to come in fours.
+template <typename T, int kDim>
+cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
+  const int units = p.num_q_heads / p.num_kv_heads * (p.pooled_rows / kPooledRowTile);
+  return units % 4 == 0 ? LaunchWgmmaStripe<T, kDim>(p, stream)
+                        : LaunchMmaSyncStripe<T, kDim>(p, stream);
+}
+
+}  // namespace
+
+LaunchResult LaunchStripeStage(const IdentificationParams& p, cudaStream_t stream) {
+  const LaunchResult shape = id_detail::CheckShape(p);
+  if (!shape.ok()) return shape;
+  if (p.num_groups == 0) return LaunchResult::Ok();
+  if (p.bitmask_words > 0) {
+    const cudaError_t error =
+        cudaMemsetAsync(p.bitmask, 0, p.bitmask_words * sizeof(uint32_t), stream);
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
+  }
+  // theta = -inf selects nothing: the cleared bitmask compacts to empty lists.
+  if (p.num_items > 0 && !(std::isinf(p.theta) && p.theta < 0)) {
+    const bool bf16 = p.elem_type == ElemType::kBf16;
+    cudaError_t error;
+    if (p.head_dim == 128) {
+      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 128>(p, stream)
+                   : LaunchStripeTyped<__half, 128>(p, stream);
+    } else {
+      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 64>(p, stream)
+                   : LaunchStripeTyped<__half, 64>(p, stream);
+    }
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
+  }
+  return LaunchStripeCompaction(p, stream);
+}
+
+}  // namespace anchorserve::cuda

@@ -1,0 +1,84 @@
+#include "server/rpc_support.h"
+
+#include <chrono>
+#include <new>
+
+#include "server/status_convert.h"
+
+namespace anchorserve {
+namespace {
+
+const grpc::Status& DrainingStatus() {
+  static const auto* status = new grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is draining");
+  return *status;
+}
+
+// Before SetReady: the port listens while the backend is being created.
+const grpc::Status& StartingStatus() {
+  static const auto* status = new grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is starting");
+  return *status;
+}
+
+}  // namespace
+
+grpc::Status RefusalStatus(const AttentionServiceImpl& service, const ServingState* serving) {
+  if (service.draining()) return DrainingStatus();
+  if (serving == nullptr) return StartingStatus();
+  return grpc::Status::OK;
+}
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
+  const auto deadline = context.deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+grpc::Status CancelledCallStatus(absl::Time deadline, absl::Time now) {
+  if (deadline <= now) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed during compute");
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled by the client");
+}
+
+grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
+                             const grpc::CallbackServerContext& context, bool draining) {
+  if (job.status.code() == absl::StatusCode::kCancelled) {
+    if (job.deadline <= now) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed during compute");
+    }
+    if (draining && !context.IsCancelled()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "server is draining and --drain_timeout_s ran out before this request "
+                          "finished");
+    }
+  }
+  return ToGrpcStatus(job.status);
+}
+
+std::unique_ptr<char[]> AllocateBytes(int64_t bytes) {
+  return std::unique_ptr<char[]>(new (std::nothrow) char[static_cast<size_t>(bytes)]);
+}
+
+TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)
+    : service_(service),
+      serving_(service->serving_state()),
+      rpc_(rpc),
+      start_(service->clock().Now()) {
+  service_->RpcStarted();
+}
+
+void TrackedUnaryReactor::FinishOnce(const grpc::Status& status) {
+  if (finished_.exchange(true)) return;
+  service_->metrics().CountRequest(rpc_, status.error_code());
+  Finish(status);
+}
+
+void TrackedUnaryReactor::OnDone() {
+  service_->metrics().ObserveRequestDuration(
+      rpc_, absl::ToDoubleSeconds(service_->clock().Now() - start_));
+  AttentionServiceImpl* service = service_;
+  delete this;
+  service->RpcDone();  // last: the service may be torn down once nothing is in flight
+}
+
+}  // namespace anchorserve

@@ -1,0 +1,58 @@
+// Pieces every reactor of the server shares: why an arriving RPC is refused, how a failed job's
+// status reads, the deadline of a call, allocation without zero-fill, and the unary reactor base
+// that counts the RPC in flight and records its metrics.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "absl/time/time.h"
+#include "grpcpp/support/server_callback.h"
+#include "grpcpp/support/status.h"
+#include "server/attention_service.h"
+#include "server/batch_job.h"
+#include "server/metrics.h"
+
+namespace anchorserve {
+
+// Why an RPC that just arrived is refused (draining first: a server stopped during its startup
+// never becomes ready); OK when it may go on. `serving` is the reactor's snapshot.
+grpc::Status RefusalStatus(const AttentionServiceImpl& service, const ServingState* serving);
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext& context);
+
+// Why a call whose job finished is dead anyway (the client already has its status).
+grpc::Status CancelledCallStatus(absl::Time deadline, absl::Time now);
+
+// The status of a job that did not succeed. A cancelled job reports why it was cancelled: its
+// deadline passed (gRPC cancels the call then), or the drain gave up on it (the client may retry
+// elsewhere).
+grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
+                             const grpc::CallbackServerContext& context, bool draining);
+
+// Heap memory without zero-filling it; null when the allocation fails.
+std::unique_ptr<char[]> AllocateBytes(int64_t bytes);
+
+// Base of the unary reactors: counts the RPC in flight, finishes it once, records its metrics.
+class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
+ public:
+  TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc);
+
+  const ServingState* serving() const { return serving_; }
+
+  // Only the first call finishes the RPC.
+  void FinishOnce(const grpc::Status& status);
+  void OnDone() override;
+
+ protected:
+  AttentionServiceImpl* const service_;
+  const ServingState* const serving_;  // null while starting; then fixed for the call
+  const Rpc rpc_;
+  const absl::Time start_;
+
+ private:
+  std::atomic<bool> finished_{false};
+};
+
+}  // namespace anchorserve
