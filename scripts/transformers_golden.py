@@ -115,8 +115,8 @@ def golden_for(preset, tokens, device, out_dir, torch, transformers):
         head_dim = params["head_dim"] or params["hidden"] // params["heads"]
         expected = (1, params["kv_heads"], tokens, head_dim)
         if len(layers) != params["layers"]:
-            raise RuntimeError("%s: %d cache layers, expected %d" % (preset, len(layers),
-                                                                   params["layers"]))
+            raise RuntimeError("%s: %d cache layers, expected %d" %
+                               (preset, len(layers), params["layers"]))
         entries = []
         for i, (k, v) in enumerate(layers):
             for name, t in (("k", k), ("v", v)):
