@@ -134,7 +134,7 @@ int Main(int argc, char** argv) {
          model.num_parameters() / 1e6, std::string(DTypeName(model.weight_dtype())).c_str(),
          model.weight_storage().converted_bytes() / 1e9, model.load_seconds());
   printf("  fingerprint %s\n", model.fingerprint().c_str());
-  printf("  peak RSS after load: %.2f GB\n", StatusKb("VmHWM") / 1048576.0);
+  printf("  peak RSS after load: %.2f GiB\n", StatusKb("VmHWM") / 1048576.0);
 
   absl::StatusOr<std::unique_ptr<PrefillEngine>> engine = CreateCpuPrefillEngine(model, o.threads);
   if (!engine.ok()) {
@@ -192,7 +192,7 @@ int Main(int argc, char** argv) {
       }
     }
   }
-  printf("\npeak RSS (VmHWM): %.2f GB\n", StatusKb("VmHWM") / 1048576.0);
+  printf("\npeak RSS (VmHWM): %.2f GiB\n", StatusKb("VmHWM") / 1048576.0);
   return 0;
 }
 
