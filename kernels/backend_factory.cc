@@ -1,7 +1,6 @@
-#include "kernels/backend.h"
-
 #include <string>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_backend.h"
 #if ANCHOR_ENABLE_CUDA
 #include "kernels/cuda/cuda_backend.h"

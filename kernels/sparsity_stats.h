@@ -24,9 +24,9 @@ struct HeadSummary {
 };
 
 struct RequestSummary {
-  double density = 0;         // over all heads: sum computed / (Hq * N(N+1)/2)
-  double stripe_density = 0;  // likewise for stripe entries
-  StripeSummary stripes;      // over every (head, group) with candidates
+  double density = 0;              // over all heads: sum computed / (Hq * N(N+1)/2)
+  double stripe_density = 0;       // likewise for stripe entries
+  StripeSummary stripes;           // over every (head, group) with candidates
   std::vector<HeadSummary> heads;  // [Hq]
 };
 
@@ -35,7 +35,7 @@ RequestSummary SummarizeHeads(int64_t seq_len, absl::Span<const HeadStats> heads
 struct RecallStats {
   double output_recall_tau_0_01 = 0;   // fraction of elements with |O - O_dense| < 0.01
   double output_recall_tau_0_005 = 0;  // same at 0.005
-  double attention_mass_mean = 0;  // mean over rows of exp(lse_sparse - lse_dense)
+  double attention_mass_mean = 0;      // mean over rows of exp(lse_sparse - lse_dense)
   double attention_mass_min = 0;
 };
 

@@ -4,7 +4,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build_dir=${ANCHOR_BUILD_DIR:-$root/build}
-cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release)
+# compile_commands.json is for source-level tools (scripts/check_thread_safety.sh, clangd).
+cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON)
 if command -v ccache >/dev/null; then
   cmake_args+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi

@@ -67,6 +67,44 @@ AttentionRunner::~AttentionRunner() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
+absl::Status AttentionRunner::ReserveArena(int64_t bytes) {
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  if (bytes <= arena_bytes_) return absl::OkStatus();
+  // Grow-only: the old arena's contents are not needed across batches.
+  if (arena_ != nullptr) {
+    // The last batch may still run on the caller's stream.
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(active_stream_));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaFree(arena_));
+    arena_ = nullptr;
+    arena_bytes_ = 0;
+  }
+  void* memory = nullptr;
+  const cudaError_t error = cudaMalloc(&memory, bytes);
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free allocation error
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cuda workspace of ", bytes, " bytes: ", cudaGetErrorString(error)));
+  }
+  arena_ = memory;
+  arena_bytes_ = bytes;
+  return absl::OkStatus();
+}
+
+absl::Status AttentionRunner::UploadPlan() {
+  ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.seqs, plan_.seqs, active_stream_));
+  ANCHOR_RETURN_IF_ERROR(
+      Upload(base_, layout_.attention_tiles, plan_.attention_tiles, active_stream_));
+  ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.groups, plan_.groups, active_stream_));
+  if (plan_.sparse) {
+    ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.anchor_tiles, plan_.anchor_tiles, active_stream_));
+    ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.blocks, plan_.blocks, active_stream_));
+    ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.list_offset, plan_.list_offset, active_stream_));
+    ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.stripe_items, plan_.stripe_items, active_stream_));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AttentionRunner::Prepare(const BatchPlanRequest& request, DType dtype,
                                       bool keep_row_anchor) {
   prepared_ = false;
@@ -79,39 +117,142 @@ absl::Status AttentionRunner::Prepare(const BatchPlanRequest& request, DType dty
   softmax_scale_ = request.config.ScaleFor(request.head_dim);
   theta_ = request.config.theta;
   layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor);
-
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  if (layout_.total_bytes > arena_bytes_) {
-    // Grow-only: the old arena's contents are not needed across batches.
-    if (arena_ != nullptr) {
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaFree(arena_));
-      arena_ = nullptr;
-      arena_bytes_ = 0;
-    }
-    void* memory = nullptr;
-    const cudaError_t error = cudaMalloc(&memory, layout_.total_bytes);
-    if (error != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free allocation error
-      return absl::ResourceExhaustedError(absl::StrCat("cuda workspace of ", layout_.total_bytes,
-                                                       " bytes: ", cudaGetErrorString(error)));
-    }
-    arena_ = memory;
-    arena_bytes_ = layout_.total_bytes;
-  }
-  ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.seqs, plan_.seqs, stream_));
-  ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.attention_tiles, plan_.attention_tiles, stream_));
-  ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.groups, plan_.groups, stream_));
-  if (plan_.sparse) {
-    ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.anchor_tiles, plan_.anchor_tiles, stream_));
-    ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.blocks, plan_.blocks, stream_));
-    ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.list_offset, plan_.list_offset, stream_));
-    ANCHOR_RETURN_IF_ERROR(Upload(arena_, layout_.stripe_items, plan_.stripe_items, stream_));
-  }
-  // The host vectors are pageable: wait so that they may change after we return.
+  ANCHOR_RETURN_IF_ERROR(ReserveArena(layout_.total_bytes));
+  active_stream_ = stream_;
+  base_ = arena_;
+  q_ = At(layout_.q);
+  k_ = At(layout_.k);
+  v_ = At(layout_.v);
+  out_ = At(layout_.out);
+  lse_ = static_cast<float*>(At(layout_.lse));
+  ANCHOR_RETURN_IF_ERROR(UploadPlan());
+  // Callers may overwrite the packed tensors from the host right after this returns.
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   prepared_ = true;
   return absl::OkStatus();
+}
+
+namespace {
+
+BatchPlanRequest DeviceRequest(const AttentionShape& shape, const AnchorConfig& config,
+                               absl::Span<const int64_t> seq_lens) {
+  BatchPlanRequest request;
+  request.seq_lens.assign(seq_lens.begin(), seq_lens.end());
+  request.num_q_heads = shape.num_q_heads;
+  request.num_kv_heads = shape.num_kv_heads;
+  request.head_dim = shape.head_dim;
+  request.config = config;
+  request.sparse = SelectKernel(config) == KernelChoice::kSparse;
+  request.attention_tile_rows = kAttentionTileRows;
+  return request;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> AttentionRunner::DeviceWorkspaceBytes(const AttentionShape& shape,
+                                                              const AnchorConfig& config,
+                                                              DType dtype,
+                                                              absl::Span<const int64_t> seq_lens) {
+  ANCHOR_ASSIGN_OR_RETURN(BatchPlan plan, PlanBatch(DeviceRequest(shape, config, seq_lens)));
+  return LayoutWorkspace(plan, static_cast<int>(ElementSize(dtype)), false,
+                         TensorPlacement::kCallerOwned)
+      .total_bytes;
+}
+
+absl::Status AttentionRunner::PrepareOnDevice(const AttentionShape& shape,
+                                              const AnchorConfig& config, DType dtype,
+                                              const DeviceTensors& tensors, void* workspace,
+                                              int64_t workspace_bytes, cudaStream_t stream,
+                                              bool keep_row_anchor) {
+  prepared_ = false;
+  if (dtype != DType::kBf16 && dtype != DType::kFp16) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype ", std::string(DTypeName(dtype)),
+                                                   " is not supported by the cuda backend"));
+  }
+  if (tensors.q == nullptr || tensors.k == nullptr || tensors.v == nullptr ||
+      tensors.out == nullptr) {
+    return absl::InvalidArgumentError("device tensors q, k, v and out must be non-null");
+  }
+  std::vector<int64_t> seq_lens;
+  for (const DeviceSequence& seq : tensors.seqs) seq_lens.push_back(seq.seq_len);
+  ANCHOR_ASSIGN_OR_RETURN(plan_, PlanBatch(DeviceRequest(shape, config, seq_lens)));
+  for (size_t i = 0; i < tensors.seqs.size(); ++i) {
+    const DeviceSequence& from = tensors.seqs[i];
+    SeqDesc& desc = plan_.seqs[i];
+    desc.q_offset = from.q_offset;
+    desc.kv_offset = from.kv_offset;
+    desc.q_token_stride = from.q_token_stride;
+    desc.q_head_stride = from.q_head_stride;
+    desc.kv_token_stride = from.kv_token_stride;
+    desc.kv_head_stride = from.kv_head_stride;
+    desc.lse_offset = from.lse_offset;
+  }
+  elem_type_ = ToElemType(dtype);
+  softmax_scale_ = config.ScaleFor(shape.head_dim);
+  theta_ = config.theta;
+  layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor,
+                            TensorPlacement::kCallerOwned);
+  if (workspace != nullptr) {
+    if (workspace_bytes < layout_.total_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "workspace of ", workspace_bytes, " bytes, the batch needs ", layout_.total_bytes));
+    }
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    base_ = workspace;
+  } else {
+    ANCHOR_RETURN_IF_ERROR(ReserveArena(layout_.total_bytes));
+    base_ = arena_;
+  }
+  active_stream_ = stream != nullptr ? stream : stream_;
+  q_ = const_cast<void*>(tensors.q);
+  k_ = const_cast<void*>(tensors.k);
+  v_ = const_cast<void*>(tensors.v);
+  out_ = tensors.out;
+  lse_ = tensors.maybe_lse;
+  ANCHOR_RETURN_IF_ERROR(UploadPlan());
+  prepared_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status AttentionRunner::RunOnDevice(const AttentionProblem& problem,
+                                          const DeviceTensors& tensors, void* workspace,
+                                          int64_t workspace_bytes, cudaStream_t stream,
+                                          std::vector<HeadStats>* maybe_head_stats) {
+  ANCHOR_RETURN_IF_ERROR(PrepareOnDevice(problem.shape, problem.config, problem.dtype, tensors,
+                                         workspace, workspace_bytes, stream));
+  const KernelChoice choice = SelectKernel(problem.config);
+  if (choice == KernelChoice::kSparse) {
+    ANCHOR_RETURN_IF_ERROR(RunAnchorStage());
+    ANCHOR_RETURN_IF_ERROR(RunStripeStage());
+  }
+  ANCHOR_RETURN_IF_ERROR(RunHeadStats(choice == KernelChoice::kDense));
+  ANCHOR_RETURN_IF_ERROR(RunAttention(choice));
+  if (maybe_head_stats != nullptr) ANCHOR_RETURN_IF_ERROR(CopyHeadStats(maybe_head_stats));
+  return absl::OkStatus();
+}
+
+PackedCounts PackSequences(absl::Span<const int64_t> seq_lens, const AttentionShape& shape,
+                           Layout layout, DeviceTensors* tensors) {
+  PackedCounts counts;
+  tensors->seqs.clear();
+  for (int64_t seq_len : seq_lens) {
+    const TensorStrides q = StridesFor(layout, seq_len, shape.num_q_heads, shape.head_dim);
+    const TensorStrides kv = StridesFor(layout, seq_len, shape.num_kv_heads, shape.head_dim);
+    DeviceSequence seq;
+    seq.seq_len = seq_len;
+    seq.q_offset = counts.q_elements;
+    seq.kv_offset = counts.kv_elements;
+    seq.q_token_stride = q.token;
+    seq.q_head_stride = q.head;
+    seq.kv_token_stride = kv.token;
+    seq.kv_head_stride = kv.head;
+    seq.lse_offset = counts.lse_elements;
+    tensors->seqs.push_back(seq);
+    counts.q_elements += seq_len * shape.num_q_heads * shape.head_dim;
+    counts.kv_elements += seq_len * shape.num_kv_heads * shape.head_dim;
+    counts.lse_elements += seq_len * shape.num_q_heads;
+  }
+  return counts;
 }
 
 IdentificationParams AttentionRunner::identification_params() const {
@@ -181,16 +322,16 @@ AttentionParams AttentionRunner::attention_params(KernelChoice choice) const {
 absl::Status AttentionRunner::RunAnchorStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_RETURN_IF_ERROR(
-      LaunchStatus(LaunchAnchorStage(identification_params(), stream_), "LaunchAnchorStage"));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchAnchorStage(identification_params(), active_stream_),
+                                      "LaunchAnchorStage"));
   return absl::OkStatus();
 }
 
 absl::Status AttentionRunner::RunStripeStage() {
   if (!prepared_ || !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_RETURN_IF_ERROR(
-      LaunchStatus(LaunchStripeStage(identification_params(), stream_), "LaunchStripeStage"));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchStripeStage(identification_params(), active_stream_),
+                                      "LaunchStripeStage"));
   return absl::OkStatus();
 }
 
@@ -204,7 +345,7 @@ absl::Status AttentionRunner::RunAttention(KernelChoice choice, void* out_overri
   AttentionParams params = attention_params(choice);
   if (out_override != nullptr) params.out = out_override;
   if (lse_override != nullptr) params.maybe_lse = lse_override;
-  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchAttention(params, stream_), "LaunchAttention"));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(LaunchAttention(params, active_stream_), "LaunchAttention"));
   return absl::OkStatus();
 }
 
@@ -212,8 +353,8 @@ absl::Status AttentionRunner::RunHeadStats(bool dense) {
   if (!prepared_) return absl::FailedPreconditionError("Prepare first");
   if (!dense && !plan_.sparse) return absl::FailedPreconditionError("no sparse plan");
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  ANCHOR_RETURN_IF_ERROR(
-      LaunchStatus(LaunchHeadStats(identification_params(), dense, stream_), "LaunchHeadStats"));
+  ANCHOR_RETURN_IF_ERROR(LaunchStatus(
+      LaunchHeadStats(identification_params(), dense, active_stream_), "LaunchHeadStats"));
   return absl::OkStatus();
 }
 
@@ -221,8 +362,8 @@ absl::Status AttentionRunner::CopyHeadStats(std::vector<HeadStats>* stats) const
   std::vector<DeviceHeadStats> device_stats(plan_.seqs.size() * plan_.num_q_heads);
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_stats.data(), At(layout_.head_stats),
                                               device_stats.size() * sizeof(DeviceHeadStats),
-                                              cudaMemcpyDeviceToHost, stream_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+                                              cudaMemcpyDeviceToHost, active_stream_));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(active_stream_));
   stats->resize(device_stats.size());
   for (size_t i = 0; i < device_stats.size(); ++i) {
     HeadStats& s = (*stats)[i];
@@ -244,14 +385,14 @@ absl::Status AttentionRunner::CopyStripeLists(std::vector<int32_t>* counts,
   if (!counts->empty()) {
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(counts->data(), At(layout_.counts),
                                                 counts->size() * sizeof(int32_t),
-                                                cudaMemcpyDeviceToHost, stream_));
+                                                cudaMemcpyDeviceToHost, active_stream_));
   }
   if (!index->empty()) {
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(index->data(), At(layout_.index),
                                                 index->size() * sizeof(int32_t),
-                                                cudaMemcpyDeviceToHost, stream_));
+                                                cudaMemcpyDeviceToHost, active_stream_));
   }
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(active_stream_));
   return absl::OkStatus();
 }
 
@@ -260,8 +401,8 @@ absl::Status AttentionRunner::CopyRowAnchor(std::vector<float>* row_anchor) cons
   row_anchor->resize(plan_.lse_elements);
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(row_anchor->data(), At(layout_.row_anchor),
                                               row_anchor->size() * sizeof(float),
-                                              cudaMemcpyDeviceToHost, stream_));
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+                                              cudaMemcpyDeviceToHost, active_stream_));
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(active_stream_));
   return absl::OkStatus();
 }
 

@@ -147,7 +147,8 @@ absl::StatusOr<BatchPlan> PlanBatch(const BatchPlanRequest& request) {
   return plan;
 }
 
-WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool keep_row_anchor) {
+WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool keep_row_anchor,
+                                TensorPlacement tensors) {
   WorkspaceLayout layout;
   int64_t cursor = 0;
   auto take = [&cursor](int64_t bytes) {
@@ -158,11 +159,13 @@ WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool k
   const int64_t hq = plan.num_q_heads;
   const int64_t d = plan.head_dim;
   const bool sparse = plan.sparse;
-  layout.q = take(plan.q_elements * element_bytes);
-  layout.k = take(plan.kv_elements * element_bytes);
-  layout.v = take(plan.kv_elements * element_bytes);
-  layout.out = take(plan.q_elements * element_bytes);
-  layout.lse = take(plan.lse_elements * 4);
+  if (tensors == TensorPlacement::kInWorkspace) {
+    layout.q = take(plan.q_elements * element_bytes);
+    layout.k = take(plan.kv_elements * element_bytes);
+    layout.v = take(plan.kv_elements * element_bytes);
+    layout.out = take(plan.q_elements * element_bytes);
+    layout.lse = take(plan.lse_elements * 4);
+  }
   layout.seqs = take(plan.seqs.size() * sizeof(SeqDesc));
   layout.attention_tiles = take(plan.attention_tiles.size() * sizeof(QueryTile));
   layout.groups = take(plan.groups.size() * sizeof(IdGroup));

@@ -62,7 +62,12 @@ struct WorkspaceLayout {
   int64_t total_bytes = 0;
 };
 
+// Where q/k/v/out/lse live: packed in the workspace (the host-buffer backend uploads into them)
+// or in device buffers the caller owns (the workspace then holds only the plan and scratch).
+enum class TensorPlacement { kInWorkspace, kCallerOwned };
+
 // `element_bytes` of q/k/v/out; `keep_row_anchor` adds the [Hq, N] x(i) buffer (tests).
-WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool keep_row_anchor);
+WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool keep_row_anchor,
+                                TensorPlacement tensors = TensorPlacement::kInWorkspace);
 
 }  // namespace anchorserve::cuda

@@ -140,6 +140,35 @@ absl::StatusOr<int64_t> CudaBackend::WorkspaceBytes(absl::Span<const int64_t> se
   return cuda::LayoutWorkspace(plan, static_cast<int>(ElementSize(dtype)), false).total_bytes;
 }
 
+CudaBackend::~CudaBackend() {
+  if (tensor_buffer_ != nullptr) {
+    cudaSetDevice(device_);
+    cudaFree(tensor_buffer_);
+  }
+}
+
+absl::Status CudaBackend::ReserveTensorBuffer(int64_t bytes) {
+  if (bytes <= tensor_buffer_bytes_) return absl::OkStatus();
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  if (tensor_buffer_ != nullptr) {
+    // A batch that failed midway may still run.
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(runner_->stream()));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaFree(tensor_buffer_));
+    tensor_buffer_ = nullptr;
+    tensor_buffer_bytes_ = 0;
+  }
+  void* memory = nullptr;
+  const cudaError_t error = cudaMalloc(&memory, bytes);
+  if (error != cudaSuccess) {
+    cudaGetLastError();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cuda tensors of ", bytes, " bytes: ", cudaGetErrorString(error)));
+  }
+  tensor_buffer_ = memory;
+  tensor_buffer_bytes_ = bytes;
+  return absl::OkStatus();
+}
+
 void CudaBackend::KeepStripesForTesting(bool keep) {
   absl::MutexLock lock(&mu_);
   keep_stripes_ = keep;
@@ -187,8 +216,23 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
   const size_t element_bytes = ElementSize(first.dtype);
   std::vector<int64_t> seq_lens;
   for (AttentionTask* task : tasks) seq_lens.push_back(task->shape.seq_len);
-  ANCHOR_RETURN_IF_ERROR(runner_->Prepare(RequestFor(seq_lens, shape, first.layout, first.config),
-                                          first.dtype, keep_stripes_));
+  // Upload into this backend's packed tensors, then run on them as on any device tensors.
+  cuda::DeviceTensors device;
+  const cuda::PackedCounts counts = cuda::PackSequences(seq_lens, shape, first.layout, &device);
+  const int64_t q_bytes_all = counts.q_elements * static_cast<int64_t>(element_bytes);
+  const int64_t kv_bytes_all = counts.kv_elements * static_cast<int64_t>(element_bytes);
+  const int64_t offsets[5] = {0, q_bytes_all, q_bytes_all + kv_bytes_all,
+                              q_bytes_all + 2 * kv_bytes_all, 2 * q_bytes_all + 2 * kv_bytes_all};
+  ANCHOR_RETURN_IF_ERROR(
+      ReserveTensorBuffer(offsets[4] + counts.lse_elements * static_cast<int64_t>(sizeof(float))));
+  char* base = static_cast<char*>(tensor_buffer_);
+  device.q = base + offsets[0];
+  device.k = base + offsets[1];
+  device.v = base + offsets[2];
+  device.out = base + offsets[3];
+  device.maybe_lse = reinterpret_cast<float*>(base + offsets[4]);
+  ANCHOR_RETURN_IF_ERROR(runner_->PrepareOnDevice(shape, first.config, first.dtype, device, nullptr,
+                                                  0, nullptr, keep_stripes_));
   const cuda::BatchPlan& plan = runner_->plan();
   const cudaStream_t stream = runner_->stream();
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));

@@ -1,5 +1,6 @@
-// The CUDA AttentionBackend: packs a batch's host tensors into device buffers, runs stripe
-// identification and the sparse (or dense) attention kernel, and copies outputs and metrics back.
+// The CUDA AttentionBackend: uploads a batch's host tensors into its packed device buffers, runs
+// them as caller-owned device tensors through AttentionRunner::PrepareOnDevice (the path the
+// prefill engine takes on tensors already on the GPU), and copies outputs and metrics back.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +29,7 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device);
 class CudaBackend : public AttentionBackend {
  public:
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
+  ~CudaBackend() override;
 
   BackendInfo Info() const override;
   absl::Status CanRun(const AttentionProblem& problem) const override;
@@ -53,12 +55,16 @@ class CudaBackend : public AttentionBackend {
   CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner, std::string device_name)
       : device_(device), runner_(std::move(runner)), device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Grows the packed q/k/v/out/lse buffer of uploaded batches to `bytes`.
+  absl::Status ReserveTensorBuffer(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int device_;
   mutable absl::Mutex mu_;
   std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
+  void* tensor_buffer_ ABSL_GUARDED_BY(mu_) = nullptr;  // packed tensors of the last batch
+  int64_t tensor_buffer_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   StripeSnapshot snapshot_ ABSL_GUARDED_BY(mu_);
 };
 

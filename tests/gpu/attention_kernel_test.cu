@@ -50,13 +50,13 @@ uint16_t ToBits(float x, ElemType type) {
 
 float FromBits(uint16_t bits, ElemType type) {
   if (type == ElemType::kBf16) {
-    __nv_bfloat16 value;
-    std::memcpy(&value, &bits, 2);
-    return __bfloat162float(value);
+    __nv_bfloat16_raw raw;
+    raw.x = bits;
+    return __bfloat162float(__nv_bfloat16(raw));
   }
-  __half value;
-  std::memcpy(&value, &bits, 2);
-  return __half2float(value);
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
 }
 
 constexpr uint16_t kNanBits = 0xFFFF;  // NaN in both bf16 and fp16

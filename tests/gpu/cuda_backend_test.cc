@@ -242,7 +242,9 @@ std::vector<std::vector<int64_t>> GpuStripes(const CudaBackend::StripeSnapshot& 
       for (size_t c = 0; c < keys.size(); ++c) {
         EXPECT_TRUE(keys[c] >= geo.cand_begin && keys[c] < geo.cand_end)
             << "head " << h << " group " << g << " key " << keys[c];
-        if (c > 0) EXPECT_LT(keys[c - 1], keys[c]) << "head " << h << " group " << g;
+        if (c > 0) {
+          EXPECT_LT(keys[c - 1], keys[c]) << "head " << h << " group " << g;
+        }
       }
     }
   }
