@@ -168,7 +168,8 @@ def write_safetensors(path, entries, metadata=None):
     header = {}
     offset = 0
     for name, code, shape, nbytes, _ in entries:
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": code, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = metadata

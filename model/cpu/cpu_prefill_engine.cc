@@ -38,7 +38,7 @@ double SecondsSince(Clock::time_point start) {
 template <typename T>
 class Buffer {
  public:
-  absl::Status Allocate(int64_t count, absl::string_view what) {
+  absl::Status Allocate(int64_t count, absl::string_view what, bool poison) {
     const size_t bytes =
         (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
     data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
@@ -47,6 +47,7 @@ class Buffer {
           absl::StrCat("cpu prefill: cannot allocate ", bytes, " bytes for ", what));
     }
     count_ = count;
+    if (poison) std::memset(data_.get(), 0xff, bytes);  // NaN in bf16, fp16 and fp32
     return absl::OkStatus();
   }
   T* get() const { return data_.get(); }
@@ -87,10 +88,12 @@ void RmsNormRow(const float* x, const float* w, int h, float eps, float* y) {
 
 class CpuPrefillEngine : public PrefillEngine {
  public:
-  CpuPrefillEngine(const Model& model, int threads, std::unique_ptr<AttentionBackend> attention)
+  CpuPrefillEngine(const Model& model, int threads, bool poison,
+                   std::unique_ptr<AttentionBackend> attention)
       : model_(model),
         config_(model.config()),
         threads_(threads),
+        poison_(poison),
         pool_(threads),
         attention_(std::move(attention)),
         inv_freq_(RopeInverseFrequencies(model.config())) {
@@ -139,6 +142,7 @@ class CpuPrefillEngine : public PrefillEngine {
   const Model& model_;
   const ModelConfig& config_;
   const int threads_;
+  const bool poison_;
   cpu::ThreadPool pool_;
   std::unique_ptr<AttentionBackend> attention_;
   const std::vector<float> inv_freq_;  // [d/2]
@@ -236,20 +240,20 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
 
   Buffer<float> x, normed, q, k, v, attn, gate, up, cos, sin;
   Buffer<char> k_out, v_out;
-  ANCHOR_RETURN_IF_ERROR(x.Allocate(n * h, "the residual stream"));          // [N, H]
-  ANCHOR_RETURN_IF_ERROR(normed.Allocate(n * h, "normed activations"));      // [N, H]
-  ANCHOR_RETURN_IF_ERROR(q.Allocate(n * q_dim, "Q"));                        // [N, Hq, d]
-  ANCHOR_RETURN_IF_ERROR(k.Allocate(n * kv_dim, "K"));                       // [N, Hkv, d]
-  ANCHOR_RETURN_IF_ERROR(v.Allocate(n * kv_dim, "V"));                       // [N, Hkv, d]
-  ANCHOR_RETURN_IF_ERROR(attn.Allocate(n * q_dim, "the attention output"));  // [N, Hq, d]
-  ANCHOR_RETURN_IF_ERROR(gate.Allocate(mlp_rows * inter, "the MLP gate"));   // [rows, I]
-  ANCHOR_RETURN_IF_ERROR(up.Allocate(mlp_rows * inter, "the MLP up"));       // [rows, I]
-  ANCHOR_RETURN_IF_ERROR(cos.Allocate(n * half, "RoPE cos"));                // [N, d/2]
-  ANCHOR_RETURN_IF_ERROR(sin.Allocate(n * half, "RoPE sin"));                // [N, d/2]
+  ANCHOR_RETURN_IF_ERROR(x.Allocate(n * h, "the residual stream", poison_));          // [N, H]
+  ANCHOR_RETURN_IF_ERROR(normed.Allocate(n * h, "normed activations", poison_));      // [N, H]
+  ANCHOR_RETURN_IF_ERROR(q.Allocate(n * q_dim, "Q", poison_));                        // [N, Hq, d]
+  ANCHOR_RETURN_IF_ERROR(k.Allocate(n * kv_dim, "K", poison_));                       // [N, Hkv, d]
+  ANCHOR_RETURN_IF_ERROR(v.Allocate(n * kv_dim, "V", poison_));                       // [N, Hkv, d]
+  ANCHOR_RETURN_IF_ERROR(attn.Allocate(n * q_dim, "the attention output", poison_));  // [N, Hq, d]
+  ANCHOR_RETURN_IF_ERROR(gate.Allocate(mlp_rows * inter, "the MLP gate", poison_));   // [rows, I]
+  ANCHOR_RETURN_IF_ERROR(up.Allocate(mlp_rows * inter, "the MLP up", poison_));       // [rows, I]
+  ANCHOR_RETURN_IF_ERROR(cos.Allocate(n * half, "RoPE cos", poison_));                // [N, d/2]
+  ANCHOR_RETURN_IF_ERROR(sin.Allocate(n * half, "RoPE sin", poison_));                // [N, d/2]
   const int64_t kv_bytes = n * kv_dim * static_cast<int64_t>(ElementSize(task.kv_dtype));
   if (export_kv) {
-    ANCHOR_RETURN_IF_ERROR(k_out.Allocate(kv_bytes, "exported K"));
-    ANCHOR_RETURN_IF_ERROR(v_out.Allocate(kv_bytes, "exported V"));
+    ANCHOR_RETURN_IF_ERROR(k_out.Allocate(kv_bytes, "exported K", poison_));
+    ANCHOR_RETURN_IF_ERROR(v_out.Allocate(kv_bytes, "exported V", poison_));
   }
 
   // Embedding and RoPE tables (positions 0..N-1).
@@ -376,13 +380,22 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
 
 absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCpuPrefillEngine(const Model& model,
                                                                       int threads) {
+  CpuPrefillOptions options;
+  options.threads = threads;
+  return CreateCpuPrefillEngine(model, options);
+}
+
+absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCpuPrefillEngine(
+    const Model& model, const CpuPrefillOptions& options) {
+  int threads = options.threads;
   if (threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("threads must be >= 0 (0 = all hardware threads), got ", threads));
   }
   if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AttentionBackend> attention, CreateCpuBackend(threads));
-  return std::unique_ptr<PrefillEngine>(new CpuPrefillEngine(model, threads, std::move(attention)));
+  return std::unique_ptr<PrefillEngine>(
+      new CpuPrefillEngine(model, threads, options.poison_workspace, std::move(attention)));
 }
 
 }  // namespace anchorserve

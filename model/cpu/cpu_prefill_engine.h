@@ -17,11 +17,20 @@ namespace anchorserve {
 inline constexpr int64_t kMlpChunkFloats = int64_t{8} << 20;
 inline constexpr int64_t kMinMlpChunkRows = 64;
 
+struct CpuPrefillOptions {
+  int threads = 0;  // 0 = all hardware threads
+  // Fill every workspace buffer with NaN bytes before use, so that a value the engine fails to
+  // write shows up in its outputs (for tests; costs one pass over the workspace per Run).
+  bool poison_workspace = false;
+};
+
 // `model` must outlive the engine. `threads` workers for the elementwise work, the attention
 // backend and OpenBLAS (0 = all hardware threads; negative is INVALID_ARGUMENT). OpenBLAS's
 // thread count is process-wide: the engine sets it at creation and before every Run.
 // Runs are serialized: a concurrent Run waits for the one in progress.
 absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCpuPrefillEngine(const Model& model,
                                                                       int threads);
+absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCpuPrefillEngine(
+    const Model& model, const CpuPrefillOptions& options);
 
 }  // namespace anchorserve
