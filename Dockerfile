@@ -7,7 +7,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
       build-essential cmake ninja-build pkg-config \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev \
-      libopenblas-dev nlohmann-json3-dev \
+      libblis-pthread-dev nlohmann-json3-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -21,7 +21,7 @@ RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DANCHOR_ENABLE_CUDA
 FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends \
       libgrpc++1.51t64 libprotobuf32t64 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 \
-      libabsl20220623t64 libopenblas0-pthread \
+      libabsl20220623t64 libblis4-pthread \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/build/bin/anchorserve /src/build/bin/anchorctl /usr/local/bin/
 # UID 1000 is taken by the image's `ubuntu` user; run as a dedicated unprivileged one.

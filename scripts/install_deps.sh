@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(build-essential cmake ninja-build ccache pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev
-  libopenblas-dev nlohmann-json3-dev
+  libblis-pthread-dev nlohmann-json3-dev
   python3 python3-numpy python3-grpcio python3-protobuf
   # Source checks: check_format.sh (clang-format pinned to 14: other releases format the same
   # code differently) and check_thread_safety.sh (any clang).

@@ -1,5 +1,6 @@
 #include "model/cpu/cpu_prefill_engine.h"
 
+#include <blis.h>
 #include <cblas.h>
 
 #include <algorithm>
@@ -71,9 +72,9 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // out[m, n] = beta * out[m, n] + a[m, k] . w[n, k]^T (w is a [out, in] linear weight).
 void Linear(const float* a, int64_t m, int64_t k, const float* w, int64_t n, float beta,
             float* out) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, a, static_cast<blasint>(k), w,
-              static_cast<blasint>(k), beta, out, static_cast<blasint>(n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<f77_int>(m),
+              static_cast<f77_int>(n), static_cast<f77_int>(k), 1.0f, a, static_cast<f77_int>(k), w,
+              static_cast<f77_int>(k), beta, out, static_cast<f77_int>(n));
 }
 
 // y = x * rsqrt(mean(x^2) + eps) * w for one row of h elements. In fp32 the cast back to the
@@ -97,7 +98,7 @@ class CpuPrefillEngine : public PrefillEngine {
         pool_(threads),
         attention_(std::move(attention)),
         inv_freq_(RopeInverseFrequencies(model.config())) {
-    openblas_set_num_threads(threads_);
+    bli_thread_set_num_threads(threads_);
   }
 
   std::string name() const override { return "cpu"; }
@@ -223,7 +224,7 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   const auto run_start = Clock::now();
   double sink_seconds = 0;
-  openblas_set_num_threads(threads_);
+  bli_thread_set_num_threads(threads_);
 
   const ModelConfig& c = config_;
   const ModelWeights& weights = model_.weights();
@@ -368,8 +369,8 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
     if (cancelled()) return absl::CancelledError("prefill cancelled before the logits");
     RmsNormRow(x.get() + (n - 1) * h, weights.final_norm, h, eps, normed.get());
     result.last_logits.resize(static_cast<size_t>(c.vocab_size));
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(c.vocab_size),
-                static_cast<blasint>(h), 1.0f, weights.lm_head, static_cast<blasint>(h),
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<f77_int>(c.vocab_size),
+                static_cast<f77_int>(h), 1.0f, weights.lm_head, static_cast<f77_int>(h),
                 normed.get(), 1, 0.0f, result.last_logits.data(), 1);
   }
   result.compute_seconds = SecondsSince(run_start) - sink_seconds;

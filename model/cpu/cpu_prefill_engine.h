@@ -1,5 +1,5 @@
 // The CPU PrefillEngine: fp32 forward pass of a loaded Model, layer by layer over the whole
-// prompt (only one layer's activations are alive), GEMMs through OpenBLAS, attention through
+// prompt (only one layer's activations are alive), GEMMs through BLIS (CBLAS), attention through
 // the CPU AttentionBackend.
 #pragma once
 
@@ -25,7 +25,7 @@ struct CpuPrefillOptions {
 };
 
 // `model` must outlive the engine. `threads` workers for the elementwise work, the attention
-// backend and OpenBLAS (0 = all hardware threads; negative is INVALID_ARGUMENT). OpenBLAS's
+// backend and BLIS (0 = all hardware threads; negative is INVALID_ARGUMENT). BLIS's
 // thread count is process-wide: the engine sets it at creation and before every Run.
 // Runs are serialized: a concurrent Run waits for the one in progress.
 absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCpuPrefillEngine(const Model& model,
