@@ -572,6 +572,99 @@ INSTANTIATE_TEST_SUITE_P(
         Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f), 25)),
     [](const testing::TestParamInfo<CaseSpec>& info) { return info.param.name; });
 
+// Attention on caller-owned device tensors, as the prefill engine calls it: Q, K and V are slices
+// of one fused [N, Hq + 2 Hkv, d] projection output, the output goes to its own buffer, with the
+// caller's workspace and stream. The same kernels as the host-buffer backend, so the output and
+// the head statistics equal the backend's bit for bit.
+TEST(CudaBackendTest, DeviceViewsOfAFusedQkvMatchTheBackend) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  for (const bool sparse : {true, false}) {
+    SCOPED_TRACE(sparse ? "sparse" : "dense");
+    const CaseSpec spec = Spec("fused", {5000}, 8, 2, 128, kBf, kTok, kStruct,
+                               sparse ? Config(12, 128, 8) : Config(INFINITY), 61);
+    const int64_t n = spec.seq_lens[0];
+    std::unique_ptr<TaskData> host = MakeTask(spec, n, 61);
+    absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    ASSERT_TRUE((*backend)->Run({&host->task}).ok());
+    ASSERT_TRUE(host->task.status.ok()) << host->task.status;
+
+    const int heads = spec.hq + 2 * spec.hkv;
+    const size_t row_bytes = static_cast<size_t>(spec.d) * ElementSize(spec.dtype);
+    std::vector<uint8_t> fused(static_cast<size_t>(n) * heads * row_bytes);
+    for (int64_t t = 0; t < n; ++t) {
+      uint8_t* dst = fused.data() + static_cast<size_t>(t) * heads * row_bytes;
+      std::memcpy(dst, host->qkv.q.data() + t * spec.hq * row_bytes, spec.hq * row_bytes);
+      std::memcpy(dst + spec.hq * row_bytes, host->qkv.k.data() + t * spec.hkv * row_bytes,
+                  spec.hkv * row_bytes);
+      std::memcpy(dst + (spec.hq + spec.hkv) * row_bytes,
+                  host->qkv.v.data() + t * spec.hkv * row_bytes, spec.hkv * row_bytes);
+    }
+    const AttentionShape shape{n, spec.hq, spec.hkv, spec.d};
+    absl::StatusOr<int64_t> workspace_bytes =
+        cuda::AttentionRunner::DeviceWorkspaceBytes(shape, spec.config, spec.dtype, {n});
+    ASSERT_TRUE(workspace_bytes.ok()) << workspace_bytes.status();
+    void* fused_device = nullptr;
+    void* workspace = nullptr;
+    ASSERT_EQ(cudaMalloc(&fused_device, fused.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&workspace, *workspace_bytes), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(fused_device, fused.data(), fused.size(), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+
+    cuda::DeviceTensors tensors;
+    char* base = static_cast<char*>(fused_device);
+    tensors.q = base;
+    tensors.k = base + spec.hq * row_bytes;
+    tensors.v = base + (spec.hq + spec.hkv) * row_bytes;
+    cuda::DeviceSequence seq;
+    seq.seq_len = n;
+    seq.q_token_stride = int64_t{heads} * spec.d;
+    seq.q_head_stride = spec.d;
+    seq.kv_token_stride = int64_t{heads} * spec.d;
+    seq.kv_head_stride = spec.d;
+    tensors.seqs = {seq};
+    // The output is written with q's strides: a fused-width buffer, NaN-poisoned (0xffff in bf16).
+    void* out_fused = nullptr;
+    ASSERT_EQ(cudaMalloc(&out_fused, fused.size()), cudaSuccess);
+    ASSERT_EQ(cudaMemset(out_fused, 0xff, fused.size()), cudaSuccess);
+    tensors.out = out_fused;
+
+    absl::StatusOr<std::unique_ptr<cuda::AttentionRunner>> runner =
+        cuda::AttentionRunner::Create(0);
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    std::vector<HeadStats> stats;
+    const AttentionProblem problem{shape, spec.dtype, spec.layout, spec.config};
+    ASSERT_TRUE(
+        (*runner)->RunOnDevice(problem, tensors, workspace, *workspace_bytes, stream, &stats).ok());
+    ASSERT_EQ((*runner)->stream(), stream);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<uint8_t> got(fused.size());
+    ASSERT_EQ(cudaMemcpy(got.data(), out_fused, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t differing_rows = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      if (std::memcmp(got.data() + static_cast<size_t>(t) * heads * row_bytes,
+                      host->out.data() + t * spec.hq * row_bytes, spec.hq * row_bytes) != 0) {
+        ++differing_rows;
+      }
+    }
+    EXPECT_EQ(differing_rows, 0);
+    ASSERT_EQ(stats.size(), host->task.head_stats.size());
+    for (size_t h = 0; h < stats.size(); ++h) {
+      EXPECT_EQ(stats[h].computed_entries, host->task.head_stats[h].computed_entries) << h;
+      EXPECT_EQ(stats[h].stripes_total, host->task.head_stats[h].stripes_total) << h;
+    }
+    if (sparse) {
+      EXPECT_LT(stats[0].computed_entries, CausalEntries(n));
+    }
+    cudaStreamDestroy(stream);
+    cudaFree(out_fused);
+    cudaFree(fused_device);
+    cudaFree(workspace);
+  }
+}
+
 TEST(CudaBackendTest, DenseModeMatchesReference) {
   SKIP_WITHOUT_CUDA_DEVICE();
   AnchorConfig config = Config(12);
