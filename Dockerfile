@@ -16,9 +16,10 @@ RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DANCHOR_ENABLE_CUDA
     && cmake --build build --target anchorserve anchorctl \
     && strip build/bin/anchorserve build/bin/anchorctl
 
-# Runtime stage: shared libraries only; the CUDA runtime is linked statically, the driver comes
-# from the host through the NVIDIA container toolkit.
-FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+# Runtime stage: shared libraries only; the CUDA runtime is linked statically, cuBLASLt (the
+# prefill engine's GEMMs) comes with the runtime image, the driver from the host through the
+# NVIDIA container toolkit.
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends \
       libgrpc++1.51t64 libprotobuf32t64 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 \
       libabsl20220623t64 libblis4-pthread \

@@ -10,9 +10,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/attention_types.h"
 #include "kernels/dtype.h"
+#include "model/model_config.h"
 
 namespace anchorserve {
 
@@ -49,6 +51,12 @@ class KvSink {
   // The spans are valid only during the call.
   virtual absl::Status OnLayer(int layer, absl::Span<const char> k, absl::Span<const char> v) = 0;
 };
+
+// What every engine checks before a run: ids in [0, vocab), at most `max_tokens` of them, the
+// layer range, dtype and layout of the KV, a sink when KV is asked for, the config, and a softmax
+// scale that is the model's. INVALID_ARGUMENT naming the field; `engine` names the engine.
+absl::Status ValidatePrefillTask(const ModelConfig& config, const PrefillTask& task,
+                                 const KvSink* sink, int64_t max_tokens, absl::string_view engine);
 
 class PrefillEngine {
  public:

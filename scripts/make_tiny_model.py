@@ -48,6 +48,18 @@ PRESETS = {
         architecture="Qwen2ForCausalLM", layers=2, hidden=64, intermediate=160, heads=4,
         kv_heads=2, head_dim=None, vocab=544, rope_theta=1000000.0, rope_scaling=None, tie=False,
         eps=1e-6, max_positions=32768, seed=3, dtype="bf16"),
+    # Head dims the CUDA attention kernels serve (64, 128): what the GPU engine is tested on.
+    # Llama 3 style, GQA 4 (an even ratio), d 128.
+    "llama3-gpu-tiny": dict(
+        architecture="LlamaForCausalLM", layers=2, hidden=256, intermediate=512, heads=8,
+        kv_heads=2, head_dim=128, vocab=1024, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+        tie=True, eps=1e-5, max_positions=131072, seed=5, dtype="bf16"),
+    # Qwen2 style with biases, GQA 3 (an odd ratio: the one-head anchor and mma.sync stripe
+    # kernels), d 64.
+    "qwen2-gpu-tiny": dict(
+        architecture="Qwen2ForCausalLM", layers=2, hidden=384, intermediate=640, heads=6,
+        kv_heads=2, head_dim=None, vocab=768, rope_theta=1000000.0, rope_scaling=None, tie=False,
+        eps=1e-6, max_positions=32768, seed=6, dtype="bf16"),
     # Llama-3.2-1B shape (about 1.24 B parameters) for throughput measurements.
     "llama-1b": dict(
         architecture="LlamaForCausalLM", layers=16, hidden=2048, intermediate=8192, heads=32,

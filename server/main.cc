@@ -30,8 +30,8 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
-#include "model/cpu/cpu_prefill_engine.h"
 #include "model/model.h"
+#include "model/prefill_engine_factory.h"
 #include "server/attention_executor.h"
 #include "server/attention_service.h"
 #include "server/batcher.h"
@@ -228,9 +228,13 @@ int Run(const ServerConfig& config) {
       return 2;
     }
     model = *std::move(loaded);
-    // The CPU engine serves Prefill on every backend until a GPU engine exists.
+    // Prefill runs where attention runs: the CUDA engine with the CUDA backend.
+    PrefillEngineOptions engine_options;
+    engine_options.use_cuda = info.name == "cuda";
+    engine_options.cuda_device = config.backend.cuda_device;
+    engine_options.cpu_threads = config.backend.cpu_threads;
     absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
-        CreateCpuPrefillEngine(*model, config.backend.cpu_threads);
+        CreatePrefillEngine(*model, engine_options);
     if (!engine.ok()) {
       LogError(absl::StrCat("cannot create the prefill engine: ", engine.status().ToString()));
       server.Shutdown(absl::ToChronoTime(absl::Now()));

@@ -1,6 +1,7 @@
-// anchor_prefill_bench: throughput of the CPU prefill engine on a checkpoint directory.
+// anchor_prefill_bench: throughput of a prefill engine (CPU, or CUDA with --engine=cuda) on a
+// checkpoint directory.
 //
-//   anchor_prefill_bench --model=DIR --tokens=1024[,2048...] [--dense | --theta=12]
+//   anchor_prefill_bench --model=DIR --tokens=1024[,2048...] [--dense | --theta=12] [--engine=cpu]
 //                        [--block_size=128] [--step=16] [--threads=0] [--kv_dtype=bf16]
 //                        [--repeats=1] [--per_layer]
 //
@@ -19,8 +20,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "kernels/attention_types.h"
-#include "model/cpu/cpu_prefill_engine.h"
 #include "model/model.h"
+#include "model/prefill_engine_factory.h"
 
 namespace anchorserve {
 namespace {
@@ -35,6 +36,7 @@ struct Options {
   DType kv_dtype = DType::kBf16;
   int repeats = 1;
   bool per_layer = false;
+  bool cuda = false;
 };
 
 bool ParseFlags(int argc, char** argv, Options* o) {
@@ -75,6 +77,9 @@ bool ParseFlags(int argc, char** argv, Options* o) {
       }
     } else if (key == "--repeats") {
       ok = absl::SimpleAtoi(value, &o->repeats) && o->repeats > 0;
+    } else if (key == "--engine") {
+      ok = value == "cpu" || value == "cuda";
+      o->cuda = value == "cuda";
     } else if (key == "--per_layer") {
       o->per_layer = true;
     } else {
@@ -136,7 +141,8 @@ int Main(int argc, char** argv) {
   printf("  fingerprint %s\n", model.fingerprint().c_str());
   printf("  peak RSS after load: %.2f GiB\n", StatusKb("VmHWM") / 1048576.0);
 
-  absl::StatusOr<std::unique_ptr<PrefillEngine>> engine = CreateCpuPrefillEngine(model, o.threads);
+  absl::StatusOr<std::unique_ptr<PrefillEngine>> engine = CreatePrefillEngine(
+      model, PrefillEngineOptions{.use_cuda = o.cuda, .cuda_device = 0, .cpu_threads = o.threads});
   if (!engine.ok()) {
     fprintf(stderr, "%s\n", engine.status().ToString().c_str());
     return 1;

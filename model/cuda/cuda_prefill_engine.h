@@ -1,0 +1,30 @@
+// The CUDA prefill engine: the whole forward pass of a Llama/Qwen2-family model on one GPU.
+//
+// Weights are uploaded once in bf16 (q separately, k|v and gate|up fused along the output dim;
+// Qwen2's q/k/v biases in the GEMM epilogue). Layer-major over the whole prompt: the residual
+// stream stays in fp32 on the device, the GEMMs run on cuBLASLt (bf16 in, fp32 accumulate), the
+// elementwise work in fused kernels (kernels/cuda/layer_ops.h), attention through
+// AttentionRunner::RunOnDevice on views of the projection outputs (no copies of Q/K/V). The MLP
+// runs over row chunks to bound its intermediate. Each finished layer's K/V is converted on the
+// device, copied on a second stream into a pinned two-slot ring and handed to the sink while
+// the next layer computes.
+//
+// Device memory is allocated per run from WorkspaceBytes and returned afterwards, so a prompt
+// that does not fit fails before any layer runs (RESOURCE_EXHAUSTED), and an idle engine holds
+// only its weights.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "model/model.h"
+#include "model/prefill_engine.h"
+
+namespace anchorserve {
+
+// `model` must outlive the engine. FAILED_PRECONDITION when the model's head_dim is not one the
+// CUDA attention serves (64, 128) or no such device exists.
+absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCudaPrefillEngine(const Model& model,
+                                                                       int device);
+
+}  // namespace anchorserve
