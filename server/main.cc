@@ -159,13 +159,18 @@ int Run(const ServerConfig& config) {
   grpc_init();
 
   MetricsRegistry metrics;
-  absl::StatusOr<std::unique_ptr<MetricsEndpoint>> metrics_endpoint =
-      MetricsEndpoint::Start(config.host, config.metrics_port, metrics.registry());
-  if (!metrics_endpoint.ok()) {
-    LogError(std::string(metrics_endpoint.status().message()));
-    return 1;
+  // --metrics_port=-1: no endpoint (the registry still counts, nobody scrapes it).
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint;
+  if (config.metrics_port >= 0) {
+    absl::StatusOr<std::unique_ptr<MetricsEndpoint>> started =
+        MetricsEndpoint::Start(config.host, config.metrics_port, metrics.registry());
+    if (!started.ok()) {
+      LogError(std::string(started.status().message()));
+      return 1;
+    }
+    metrics_endpoint = *std::move(started);
   }
-  const int metrics_port = (*metrics_endpoint)->port();
+  const int metrics_port = metrics_endpoint != nullptr ? metrics_endpoint->port() : -1;
 
   // Created once the port listens; declared before the service and the server, which use them,
   // so that they outlive both.
@@ -281,9 +286,11 @@ int Run(const ServerConfig& config) {
         return 1;
       }
     }
-    LogInfo(absl::StrCat("serving gRPC on ", grpc_address, ", metrics on ",
-                         JoinHostPort(config.host, metrics_port), "/metrics, backend=", info.name,
-                         " (", info.device, "), version ", ServerVersion()));
+    LogInfo(absl::StrCat(
+        "serving gRPC on ", grpc_address, ", metrics ",
+        metrics_port >= 0 ? absl::StrCat("on ", JoinHostPort(config.host, metrics_port), "/metrics")
+                          : std::string("off (--metrics_port=-1)"),
+        ", backend=", info.name, " (", info.device, "), version ", ServerVersion()));
   }
 
   signals.received().WaitForNotification();
@@ -314,7 +321,7 @@ int Run(const ServerConfig& config) {
   // once every call is done.
   server.Shutdown(absl::ToChronoTime(absl::Now()));
   stop_batchers();
-  (*metrics_endpoint)->Stop();
+  if (metrics_endpoint != nullptr) metrics_endpoint->Stop();
   LogInfo("drained; exiting");
   return 0;
 }

@@ -115,7 +115,7 @@ std::string JoinHostPort(absl::string_view host, int port) {
 absl::Status ServerConfig::Validate() const {
   if (host.empty()) return FlagError("host", "must not be empty", "''");
   if (auto s = CheckRange("grpc_port", grpc_port, 0, 65535); !s.ok()) return s;
-  if (auto s = CheckRange("metrics_port", metrics_port, 0, 65535); !s.ok()) return s;
+  if (auto s = CheckRange("metrics_port", metrics_port, -1, 65535); !s.ok()) return s;
   if (grpc_port != 0 && grpc_port == metrics_port) {
     return FlagError("metrics_port", "must differ from --grpc_port", absl::StrCat(metrics_port));
   }

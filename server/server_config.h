@@ -22,7 +22,7 @@ inline constexpr int64_t kMessageOverheadBytes = 64 << 10;
 struct ServerConfig {
   std::string host = "0.0.0.0";
   int grpc_port = 50051;    // 0 = pick a free port
-  int metrics_port = 9464;  // 0 = pick a free port
+  int metrics_port = 9464;  // 0 = pick a free port, -1 = no metrics endpoint
   std::string port_file;    // written with the chosen ports once serving; empty = none
 
   BackendOptions backend;

@@ -45,6 +45,7 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.grpc_port = 65536; }, "--grpc_port"},
       {[](ServerConfig& c) { c.metrics_port = 70000; }, "--metrics_port"},
       {[](ServerConfig& c) { c.metrics_port = c.grpc_port; }, "--metrics_port must differ"},
+      {[](ServerConfig& c) { c.metrics_port = -2; }, "--metrics_port must be in [-1, 65535]"},
       {[](ServerConfig& c) { c.backend.cpu_threads = -2; }, "--cpu_threads"},
       {[](ServerConfig& c) { c.backend.cuda_device = -1; }, "--cuda_device"},
       {[](ServerConfig& c) { c.max_batch_requests = 0; }, "--max_batch_requests"},
