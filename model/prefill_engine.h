@@ -39,7 +39,9 @@ struct PrefillLayerStats {
 struct PrefillResult {
   std::vector<float> last_logits;         // [vocab] fp32 when compute_logits
   std::vector<PrefillLayerStats> layers;  // [num_layers]
-  double compute_seconds = 0;             // the whole Run excluding time spent in the sink
+  // The whole Run: excluding time spent in the sink (CPU engine); the GPU's time from the
+  // embedding to the logits (CUDA engine, whose sink waits overlap the GPU work).
+  double compute_seconds = 0;
 };
 
 class KvSink {

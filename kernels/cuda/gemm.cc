@@ -21,11 +21,15 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace anchorserve::cuda {
 namespace {
+
+// The loaded cuBLASLt; only called once GemmRunner::Create has loaded it.
+const CublasLtApi& Lt() { return **LoadCublasLt(); }
 
 // Plans kept before the cache is dropped and rebuilt (prompt lengths vary, so m does).
 constexpr size_t kMaxPlans = 1024;
@@ -33,7 +37,8 @@ constexpr size_t kMaxPlans = 1024;
 constexpr int kHeuristicResults = 8;
 
 std::string CublasStatusString(cublasStatus_t status) {
-  return absl::StrCat(cublasLtGetStatusName(status), ": ", cublasLtGetStatusString(status));
+  return absl::StrCat(Lt().cublasLtGetStatusName(status), ": ",
+                      Lt().cublasLtGetStatusString(status));
 }
 
 // Largest power of two <= 256 that divides the address (cuBLASLt's alignment preferences).
@@ -77,10 +82,10 @@ struct Plan {
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
   ~Plan() {
-    if (out_layout != nullptr) cublasLtMatrixLayoutDestroy(out_layout);
-    if (a_layout != nullptr) cublasLtMatrixLayoutDestroy(a_layout);
-    if (w_layout != nullptr) cublasLtMatrixLayoutDestroy(w_layout);
-    if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
+    if (out_layout != nullptr) Lt().cublasLtMatrixLayoutDestroy(out_layout);
+    if (a_layout != nullptr) Lt().cublasLtMatrixLayoutDestroy(a_layout);
+    if (w_layout != nullptr) Lt().cublasLtMatrixLayoutDestroy(w_layout);
+    if (desc != nullptr) Lt().cublasLtMatmulDescDestroy(desc);
   }
 };
 
@@ -90,7 +95,7 @@ class PreferenceGuard {
   PreferenceGuard(const PreferenceGuard&) = delete;
   PreferenceGuard& operator=(const PreferenceGuard&) = delete;
   ~PreferenceGuard() {
-    if (preference != nullptr) cublasLtMatmulPreferenceDestroy(preference);
+    if (preference != nullptr) Lt().cublasLtMatmulPreferenceDestroy(preference);
   }
   cublasLtMatmulPreference_t preference = nullptr;
 };
@@ -131,51 +136,51 @@ absl::StatusOr<Plan*> GemmRunner::State::GetPlan(const PlanKey& key, const uint1
   auto plan = std::make_unique<Plan>();
   const cudaDataType_t out_type = key.f32_out ? CUDA_R_32F : CUDA_R_16BF;
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), key);
+      Lt().cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), key);
   const int32_t trans_a = CUBLAS_OP_T;
   const int32_t trans_b = CUBLAS_OP_N;
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
-                                     sizeof(trans_a)),
+      Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
+                                          sizeof(trans_a)),
       key);
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
-                                     sizeof(trans_b)),
+      Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
+                                          sizeof(trans_b)),
       key);
   if (key.bias) {
     const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     const int32_t bias_type = CUDA_R_16BF;
     ANCHOR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
-                                       sizeof(epilogue)),
+        Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                            sizeof(epilogue)),
         key);
     ANCHOR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                       sizeof(bias_type)),
+        Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                            &bias_type, sizeof(bias_type)),
         key);
     const void* bias_pointer = bias;
     ANCHOR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_pointer,
-                                       sizeof(bias_pointer)),
+        Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                            &bias_pointer, sizeof(bias_pointer)),
         key);
   }
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&plan->w_layout, CUDA_R_16BF, static_cast<uint64_t>(key.k),
-                                 static_cast<uint64_t>(key.n), key.k),
+      Lt().cublasLtMatrixLayoutCreate(&plan->w_layout, CUDA_R_16BF, static_cast<uint64_t>(key.k),
+                                      static_cast<uint64_t>(key.n), key.k),
       key);
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&plan->a_layout, CUDA_R_16BF, static_cast<uint64_t>(key.k),
-                                 static_cast<uint64_t>(key.m), key.k),
+      Lt().cublasLtMatrixLayoutCreate(&plan->a_layout, CUDA_R_16BF, static_cast<uint64_t>(key.k),
+                                      static_cast<uint64_t>(key.m), key.k),
       key);
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&plan->out_layout, out_type, static_cast<uint64_t>(key.n),
-                                 static_cast<uint64_t>(key.m), key.n),
+      Lt().cublasLtMatrixLayoutCreate(&plan->out_layout, out_type, static_cast<uint64_t>(key.n),
+                                      static_cast<uint64_t>(key.m), key.n),
       key);
 
   PreferenceGuard guard;
-  ANCHOR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&guard.preference), key);
+  ANCHOR_CUBLAS_RETURN_IF_ERROR(Lt().cublasLtMatmulPreferenceCreate(&guard.preference), key);
   const uint64_t workspace_bytes = kWorkspaceBytes;
-  ANCHOR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+  ANCHOR_CUBLAS_RETURN_IF_ERROR(Lt().cublasLtMatmulPreferenceSetAttribute(
                                     guard.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                     &workspace_bytes, sizeof(workspace_bytes)),
                                 key);
@@ -189,16 +194,16 @@ absl::StatusOr<Plan*> GemmRunner::State::GetPlan(const PlanKey& key, const uint1
       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_out},
   };
   for (const auto& [attribute, value] : uint_preferences) {
-    ANCHOR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulPreferenceSetAttribute(guard.preference, attribute, &value, sizeof(value)),
-        key);
+    ANCHOR_CUBLAS_RETURN_IF_ERROR(Lt().cublasLtMatmulPreferenceSetAttribute(
+                                      guard.preference, attribute, &value, sizeof(value)),
+                                  key);
   }
   cublasLtMatmulHeuristicResult_t results[kHeuristicResults] = {};
   int returned = 0;
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->w_layout, plan->a_layout,
-                                     plan->out_layout, plan->out_layout, guard.preference,
-                                     kHeuristicResults, results, &returned),
+      Lt().cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->w_layout, plan->a_layout,
+                                          plan->out_layout, plan->out_layout, guard.preference,
+                                          kHeuristicResults, results, &returned),
       key);
   int chosen = -1;
   for (int i = 0; i < returned; ++i) {
@@ -227,9 +232,10 @@ absl::StatusOr<std::unique_ptr<GemmRunner>> GemmRunner::Create(int device) {
         absl::StrCat("cuda device ", device, " requested but ", count, " device(s) are visible"));
   }
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  if (absl::StatusOr<const CublasLtApi*> api = LoadCublasLt(); !api.ok()) return api.status();
   auto state = std::make_unique<State>();
   state->device = device;
-  const cublasStatus_t status = cublasLtCreate(&state->handle);
+  const cublasStatus_t status = Lt().cublasLtCreate(&state->handle);
   if (status != CUBLAS_STATUS_SUCCESS) {
     state->handle = nullptr;
     return absl::InternalError(
@@ -249,7 +255,7 @@ GemmRunner::~GemmRunner() {
     state_->plans.clear();
   }
   if (state_->workspace != nullptr) cudaFree(state_->workspace);  // waits for pending work
-  if (state_->handle != nullptr) cublasLtDestroy(state_->handle);
+  if (state_->handle != nullptr) Lt().cublasLtDestroy(state_->handle);
 }
 
 int GemmRunner::device() const { return state_->device; }
@@ -302,16 +308,16 @@ absl::Status GemmRunner::Run(const uint16_t* a, int64_t m, int64_t k, const uint
   if (bias != nullptr) {
     const void* bias_pointer = bias;
     ANCHOR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_pointer,
-                                       sizeof(bias_pointer)),
+        Lt().cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                            &bias_pointer, sizeof(bias_pointer)),
         key);
   }
   const float alpha = 1.0f;
   const float beta = 0.0f;
   ANCHOR_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmul(state_->handle, plan->desc, &alpha, w, plan->w_layout, a, plan->a_layout,
-                     &beta, out, plan->out_layout, out, plan->out_layout, &plan->algo,
-                     state_->workspace, kWorkspaceBytes, stream),
+      Lt().cublasLtMatmul(state_->handle, plan->desc, &alpha, w, plan->w_layout, a, plan->a_layout,
+                          &beta, out, plan->out_layout, out, plan->out_layout, &plan->algo,
+                          state_->workspace, kWorkspaceBytes, stream),
       key);
   return absl::OkStatus();
 }
