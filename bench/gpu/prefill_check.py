@@ -103,6 +103,20 @@ def main():
 
     # Continuation from our cache (dense, then theta 12) vs transformers' own prefill (bf16).
     own = greedy(bf16, ids, None, args.generate)
+    # How well-conditioned the comparison is: transformers' own fp32 cache of ids[:-1], handed to
+    # the bf16 model the same way ours is (on random weights the next-token distribution is
+    # nearly flat, so greedy decoding can flip on bf16-sized differences).
+    from transformers import DynamicCache
+    ref_partial, _ = hf_prefill(AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation='eager').cuda().eval(), ids[:-1])
+    ref_cache = DynamicCache()
+    for layer, (k, v) in enumerate(ref_partial):
+        ref_cache.update(torch.from_numpy(k).unsqueeze(0).to('cuda', torch.bfloat16),
+                         torch.from_numpy(v).unsqueeze(0).to('cuda', torch.bfloat16), layer)
+    from_ref = greedy(bf16, ids, ref_cache, args.generate)
+    ref_prefix = next((i for i, (a, b) in enumerate(zip(from_ref, own)) if a != b), len(own))
+    print(f'INFO continuation from transformers fp32 cache: {ref_prefix}/{len(own)} tokens '
+          f'identical before the first difference (the conditioning of this check)')
     for label, kwargs in (('dense', dict(dense=True)), ('theta 12', dict(theta=12.0))):
         partial = anchorserve_client.prefill(args.target, ids[:-1], kv_dtype='bf16',
                                              timeout=600, **kwargs)
