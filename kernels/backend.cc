@@ -2,10 +2,26 @@
 
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve {
+namespace {
+
+constexpr char kDeviceUnusablePayload[] = "type.anchorserve.dev/DeviceUnusable";
+
+}  // namespace
+
+absl::Status DeviceUnusableError(absl::string_view message) {
+  absl::Status status = absl::InternalError(message);
+  status.SetPayload(kDeviceUnusablePayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsDeviceUnusable(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kDeviceUnusablePayload).has_value();
+}
 
 BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, std::string device) {
   // The head dims of the common model families; a backend may accept others too.

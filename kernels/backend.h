@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/attention_types.h"
 
@@ -37,6 +38,12 @@ class AttentionBackend {
   // failed as a whole; per-task outcomes (cancellation) go to task->status.
   virtual absl::Status Run(absl::Span<AttentionTask* const> batch) = 0;
 };
+
+// A failure after which this process cannot use its device again (a sticky CUDA error: an illegal
+// address, an uncorrectable ECC error, ...): INTERNAL, marked so that the server can report
+// NOT_SERVING and let the orchestrator restart it.
+absl::Status DeviceUnusableError(absl::string_view message);
+bool IsDeviceUnusable(const absl::Status& status);
 
 // Info with dtypes and head dims probed through backend.CanRun.
 BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, std::string device);

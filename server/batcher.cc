@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
 
 namespace anchorserve {
 
@@ -50,13 +51,15 @@ absl::Status DropReason(const BatchJob& job, absl::Time now) {
 }
 
 DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner,
-                               Clock* clock, MetricsRegistry* metrics, Queue queue)
+                               Clock* clock, MetricsRegistry* metrics, Queue queue,
+                               absl::AnyInvocable<void(const absl::Status&)> on_device_unusable)
     : limits_(limits),
       max_queue_size_(max_queue_size),
       runner_(runner),
       clock_(clock),
       metrics_(metrics),
-      queue_name_(queue) {
+      queue_name_(queue),
+      on_device_unusable_(std::move(on_device_unusable)) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -195,6 +198,10 @@ void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<BatchJob>> batch) {
   for (const auto& job : batch) {
     metrics_->ObserveQueueDuration(job->queue_seconds);
     if (job->status.ok()) metrics_->AddTokens(job->tokens());
+    if (on_device_unusable_ != nullptr && IsDeviceUnusable(job->status)) {
+      on_device_unusable_(job->status);
+      on_device_unusable_ = nullptr;  // once
+    }
     job->on_done();
   }
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -53,8 +54,11 @@ absl::Status DropReason(const BatchJob& job, absl::Time now);
 class DynamicBatcher {
  public:
   // Starts the worker thread. `runner`, `clock` and `metrics` must outlive the batcher.
+  // `on_device_unusable` (optional) is called on the worker thread with the first job status that
+  // IsDeviceUnusable (kernels/backend.h) reports, once.
   DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner, Clock* clock,
-                 MetricsRegistry* metrics, Queue queue = Queue::kAttention);
+                 MetricsRegistry* metrics, Queue queue = Queue::kAttention,
+                 absl::AnyInvocable<void(const absl::Status&)> on_device_unusable = nullptr);
   ~DynamicBatcher();  // Stop()
   DynamicBatcher(const DynamicBatcher&) = delete;
   DynamicBatcher& operator=(const DynamicBatcher&) = delete;
@@ -89,6 +93,7 @@ class DynamicBatcher {
   Clock* const clock_;
   MetricsRegistry* const metrics_;
   const Queue queue_name_;
+  absl::AnyInvocable<void(const absl::Status&)> on_device_unusable_;  // worker thread only
 
   mutable absl::Mutex mu_;
   absl::CondVar wake_;

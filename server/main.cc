@@ -218,10 +218,17 @@ int Run(const ServerConfig& config) {
   }
   backend = *std::move(created);
   const BackendInfo info = backend->Info();
+  // A sticky device error: the process cannot compute any more. Health goes NOT_SERVING so that
+  // the orchestrator's probes restart the pod; calls in flight fail with INTERNAL.
+  auto on_device_unusable = [&server](const absl::Status& status) {
+    LogError(absl::StrCat("the device is unusable, reporting NOT_SERVING: ", status.message()));
+    SetServingHealth(server, false);
+  };
   executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
       BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
-      config.max_queue_size, executor.get(), &clock, &metrics);
+      config.max_queue_size, executor.get(), &clock, &metrics, Queue::kAttention,
+      on_device_unusable);
   if (!config.model_dir.empty()) {
     absl::StatusOr<std::unique_ptr<Model>> loaded =
         LoadModel(config.model_dir, config.backend.cpu_threads);
@@ -251,7 +258,7 @@ int Run(const ServerConfig& config) {
     // One prefill at a time: each one already uses every core (or the whole GPU).
     prefill_batcher = std::make_unique<DynamicBatcher>(
         BatchLimits{1, config.max_seq_len, absl::ZeroDuration()}, config.max_queue_size,
-        prefill_runner.get(), &clock, &metrics, Queue::kPrefill);
+        prefill_runner.get(), &clock, &metrics, Queue::kPrefill, on_device_unusable);
     const ModelConfig& mc = model->config();
     LogInfo(absl::StrCat("model ", config.model_dir, " loaded in ", model->load_seconds(), " s: ",
                          ArchitectureName(mc.architecture), ", ", mc.num_layers, " layers, ",

@@ -27,7 +27,7 @@ static_assert(static_cast<int>(ElemType::kBf16) == static_cast<int>(DType::kBf16
 ElemType ToElemType(DType dtype) { return static_cast<ElemType>(dtype); }
 
 // A launcher's result as a Status: the failed precondition as INVALID_ARGUMENT (arguments) or
-// FAILED_PRECONDITION (GPU), a CUDA error as INTERNAL.
+// FAILED_PRECONDITION (GPU), a CUDA error as INTERNAL (marked DeviceUnusable when sticky).
 absl::Status LaunchStatus(const LaunchResult& result, const char* launcher) {
   if (result.ok()) return absl::OkStatus();
   if (result.precondition_failed()) {
@@ -35,8 +35,7 @@ absl::Status LaunchStatus(const LaunchResult& result, const char* launcher) {
     return result.code == cudaErrorInvalidDevice ? absl::FailedPreconditionError(message)
                                                  : absl::InvalidArgumentError(message);
   }
-  return absl::InternalError(absl::StrCat(launcher, ": ", cudaGetErrorName(result.code), ": ",
-                                          cudaGetErrorString(result.code)));
+  return CudaErrorToStatus(result.code, launcher, __FILE__, __LINE__);
 }
 
 template <typename T>

@@ -5,11 +5,36 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
 
 namespace anchorserve::cuda {
 
+// Errors after which the CUDA context is unusable until the process exits.
+inline bool IsStickyCudaError(cudaError_t error) {
+  switch (error) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorAssert:
+    case cudaErrorNvlinkUncorrectable:
+      return true;
+    default:
+      return false;
+  }
+}
+
 inline absl::Status CudaErrorToStatus(cudaError_t error, const char* expression, const char* file,
                                       int line) {
+  if (IsStickyCudaError(error)) {
+    return DeviceUnusableError(
+        absl::StrCat(file, ":", line, ": ", expression, ": ", cudaGetErrorName(error), ": ",
+                     cudaGetErrorString(error), " (the device is unusable until restart)"));
+  }
   return absl::InternalError(absl::StrCat(file, ":", line, ": ", expression, ": ",
                                           cudaGetErrorName(error), ": ",
                                           cudaGetErrorString(error)));

@@ -38,8 +38,7 @@ constexpr int64_t kMlpChunkElements = int64_t{128} << 20;
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
   if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat(what, ": ", cudaGetErrorName(error), ": ", cudaGetErrorString(error)));
+  return cuda::CudaErrorToStatus(error, what, __FILE__, __LINE__);
 }
 
 // Device memory freed on destruction.

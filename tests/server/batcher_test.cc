@@ -423,5 +423,43 @@ TEST(GenericBatcherTest, BatchesAnyJobKindByKeyAndTokens) {
               ElementsAre(ElementsAre("x", "x"), ElementsAre("y"), ElementsAre("x")));
 }
 
+class FailingRunner final : public BatchRunner {
+ public:
+  explicit FailingRunner(absl::Status status) : status_(std::move(status)) {}
+  double Run(absl::Span<BatchJob* const> batch) override {
+    for (BatchJob* job : batch) job->status = status_;
+    return 0;
+  }
+
+ private:
+  absl::Status status_;
+};
+
+TEST(GenericBatcherTest, ReportsAnUnusableDeviceOnce) {
+  FakeClock clock;
+  MetricsRegistry metrics;
+  FailingRunner runner(DeviceUnusableError("illegal address"));
+  std::vector<absl::Status> reported;
+  auto a = std::make_shared<KeyedJob>("x", 1);
+  auto b = std::make_shared<KeyedJob>("y", 1);
+  {
+    DynamicBatcher batcher(BatchLimits{1, 10, absl::ZeroDuration()}, 4, &runner, &clock, &metrics,
+                           Queue::kAttention,
+                           [&reported](const absl::Status& status) { reported.push_back(status); });
+    for (const auto& job : {a, b}) {
+      job->on_done = [] {};
+      ASSERT_TRUE(batcher.Enqueue(job).ok());
+    }
+    batcher.Stop();
+  }
+  ASSERT_EQ(reported.size(), 1u);
+  EXPECT_TRUE(IsDeviceUnusable(reported[0]));
+  EXPECT_EQ(a->status.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(b->status.code(), absl::StatusCode::kInternal);
+  // An ordinary failure is not a device failure.
+  EXPECT_FALSE(IsDeviceUnusable(absl::InternalError("cuBLASLt failed")));
+  EXPECT_FALSE(IsDeviceUnusable(absl::OkStatus()));
+}
+
 }  // namespace
 }  // namespace anchorserve
