@@ -247,6 +247,14 @@ int Run(const ServerConfig& config) {
     engine_options.cpu_threads = config.backend.cpu_threads;
     absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
         CreatePrefillEngine(*model, engine_options);
+    if (!engine.ok() && engine_options.use_cuda &&
+        engine.status().code() == absl::StatusCode::kFailedPrecondition) {
+      // A shape the CUDA kernels do not serve (e.g. a head_dim other than 64/128): the CPU
+      // engine still serves it, slowly, rather than no Prefill at all.
+      LogWarning(absl::StrCat("prefill falls back to the cpu engine: ", engine.status().message()));
+      engine_options.use_cuda = false;
+      engine = CreatePrefillEngine(*model, engine_options);
+    }
     if (!engine.ok()) {
       LogError(absl::StrCat("cannot create the prefill engine: ", engine.status().ToString()));
       server.Shutdown(absl::ToChronoTime(absl::Now()));
