@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_event.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve {
@@ -18,35 +19,8 @@ namespace {
 using cuda::AttentionRunner;
 using cuda::KernelChoice;
 
-// One CUDA event, destroyed with its owner.
-class Event {
- public:
-  Event() = default;
-  ~Event() {
-    if (event_ != nullptr) cudaEventDestroy(event_);
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  absl::Status Record(cudaStream_t stream) {
-    if (event_ == nullptr) ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&event_));
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream));
-    return absl::OkStatus();
-  }
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-double SecondsBetween(const Event& from, const Event& to) {
-  float ms = 0.0f;
-  if (from.get() == nullptr || to.get() == nullptr ||
-      cudaEventElapsedTime(&ms, from.get(), to.get()) != cudaSuccess) {
-    cudaGetLastError();
-    return 0.0;
-  }
-  return ms * 1e-3;
-}
+using cuda::Event;
+using cuda::SecondsBetween;
 
 cuda::BatchPlanRequest RequestFor(absl::Span<const int64_t> seq_lens, const AttentionShape& shape,
                                   Layout layout, const AnchorConfig& config) {

@@ -18,6 +18,7 @@
 #include "kernels/cuda/attention_runner.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_event.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/layer_ops.h"
 #include "kernels/sparsity_stats.h"
@@ -103,32 +104,8 @@ class PinnedBuffer {
   void* data_ = nullptr;
 };
 
-class Event {
- public:
-  Event() = default;
-  ~Event() {
-    if (event_ != nullptr) cudaEventDestroy(event_);
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  absl::Status Create() {
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&event_));
-    return absl::OkStatus();
-  }
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-double EventSeconds(cudaEvent_t from, cudaEvent_t to) {
-  float ms = 0;
-  if (cudaEventElapsedTime(&ms, from, to) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return ms * 1e-3;
-}
+using cuda::Event;
+using cuda::SecondsBetween;
 
 // One layer's weights on the device, bf16 bit patterns.
 struct DeviceLayer {
@@ -361,7 +338,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_RETURN_IF_ERROR(copied[s].Create());
   }
 
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(run_begin.get(), compute_));
+  ANCHOR_RETURN_IF_ERROR(run_begin.Record(compute_));
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), task.token_ids.data(), n * 4,
                                               cudaMemcpyHostToDevice, compute_));
   ANCHOR_RETURN_IF_ERROR(
@@ -402,7 +379,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     if (cancelled())
       return absl::CancelledError(absl::StrCat("prefill cancelled before layer ", l));
     const DeviceLayer& w = layers_[l];
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(layer_start[l].get(), compute_));
+    ANCHOR_RETURN_IF_ERROR(layer_start[l].Record(compute_));
 
     // Attention block.
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(
@@ -420,7 +397,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(
         cuda::LaunchRope(kv.as<uint16_t>(), n, 2 * kv_dim, hkv, d, inv_freq_.as<float>(), compute_),
         "LaunchRope(k)"));
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(attention_start[l].get(), compute_));
+    ANCHOR_RETURN_IF_ERROR(attention_start[l].Record(compute_));
     ANCHOR_RETURN_IF_ERROR(attention_->PrepareOnDevice(shape, attention_config, DType::kBf16, views,
                                                        attention_ws.as<void>(), attention_bytes,
                                                        compute_));
@@ -429,10 +406,10 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
       ANCHOR_RETURN_IF_ERROR(attention_->RunStripeStage());
       ANCHOR_RETURN_IF_ERROR(attention_->RunHeadStats(false));
     }
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(attention_mid[l].get(), compute_));
+    ANCHOR_RETURN_IF_ERROR(attention_mid[l].Record(compute_));
     ANCHOR_RETURN_IF_ERROR(attention_->RunAttention(sparse ? cuda::KernelChoice::kSparse
                                                            : cuda::KernelChoice::kDense));
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(attention_end[l].get(), compute_));
+    ANCHOR_RETURN_IF_ERROR(attention_end[l].Record(compute_));
     if (sparse) {
       // One small copy per layer for the density metric (the only synchronisation of a layer).
       ANCHOR_RETURN_IF_ERROR(attention_->CopyHeadStats(&head_stats[l]));
@@ -458,13 +435,13 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
           cuda::LaunchExtractKv(kv.as<uint16_t>() + kv_dim, n, 2 * kv_dim, hkv, d, dtype_code,
                                 head_major, v_slot[slot].as<void>(), compute_),
           "LaunchExtractKv(v)"));
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(exported[slot].get(), compute_));
+      ANCHOR_RETURN_IF_ERROR(exported[slot].Record(compute_));
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy_, exported[slot].get(), 0));
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k_host[slot].get(), k_slot[slot].as<void>(),
                                                   kv_bytes, cudaMemcpyDeviceToHost, copy_));
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v_host[slot].get(), v_slot[slot].as<void>(),
                                                   kv_bytes, cudaMemcpyDeviceToHost, copy_));
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(copied[slot].get(), copy_));
+      ANCHOR_RETURN_IF_ERROR(copied[slot].Record(copy_));
     }
 
     // MLP block over row chunks: x += down(silu(gate(m)) * up(m)), m = RMSNorm(x).
@@ -487,7 +464,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(),
                                                                 n, static_cast<int>(h), compute_),
                                         "LaunchResidualAdd"));
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(layer_end[l].get(), compute_));
+    ANCHOR_RETURN_IF_ERROR(layer_end[l].Record(compute_));
 
     // The previous exported layer has had this layer's compute to arrive: hand it over now.
     if (pending >= 0) {
@@ -513,16 +490,16 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
                                                 c.vocab_size * sizeof(float),
                                                 cudaMemcpyDeviceToHost, compute_));
   }
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(run_end.get(), compute_));
+  ANCHOR_RETURN_IF_ERROR(run_end.Record(compute_));
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(compute_));
-  result->compute_seconds = EventSeconds(run_begin.get(), run_end.get());
+  result->compute_seconds = SecondsBetween(run_begin, run_end);
   for (int l = 0; l < num_layers; ++l) {
     PrefillLayerStats& stats = result->layers[l];
     stats.density = sparse ? SummarizeHeads(n, head_stats[l]).density : 1.0;
     stats.identification_seconds =
-        sparse ? EventSeconds(attention_start[l].get(), attention_mid[l].get()) : 0.0;
-    stats.attention_seconds = EventSeconds(attention_mid[l].get(), attention_end[l].get());
-    stats.layer_seconds = EventSeconds(layer_start[l].get(), layer_end[l].get());
+        sparse ? SecondsBetween(attention_start[l], attention_mid[l]) : 0.0;
+    stats.attention_seconds = SecondsBetween(attention_mid[l], attention_end[l]);
+    stats.layer_seconds = SecondsBetween(layer_start[l], layer_end[l]);
   }
   return absl::OkStatus();
 }
