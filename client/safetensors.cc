@@ -39,18 +39,6 @@ std::string ErrnoText() { return std::strerror(errno); }
 
 }  // namespace
 
-absl::string_view SafetensorsDTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kBf16:
-      return "BF16";
-    case DType::kFp16:
-      return "F16";
-    case DType::kFp32:
-      return "F32";
-  }
-  return "";
-}
-
 absl::StatusOr<int64_t> SafetensorsEntryBytes(const SafetensorsEntry& entry) {
   int64_t elements = 1;
   for (size_t i = 0; i < entry.shape.size(); ++i) {

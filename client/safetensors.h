@@ -29,9 +29,6 @@ struct SafetensorsEntry {
   std::vector<int64_t> shape;
 };
 
-// "BF16", "F16" or "F32".
-absl::string_view SafetensorsDTypeName(DType dtype);
-
 // Bytes of one entry's data; fails when a dim is negative or the size overflows.
 absl::StatusOr<int64_t> SafetensorsEntryBytes(const SafetensorsEntry& entry);
 

@@ -16,6 +16,18 @@ std::string_view DTypeName(DType dtype) {
   return "unknown";
 }
 
+absl::string_view SafetensorsDTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kBf16:
+      return "BF16";
+    case DType::kFp16:
+      return "F16";
+    case DType::kFp32:
+      return "F32";
+  }
+  return "unknown";
+}
+
 float Fp16ToFloat(uint16_t bits) {
   const uint32_t sign = uint32_t{bits & 0x8000u} << 16;
   const uint32_t exponent = (bits >> 10) & 0x1fu;

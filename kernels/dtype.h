@@ -6,12 +6,17 @@
 #include <cstring>
 #include <string_view>
 
+#include "absl/strings/string_view.h"
+
 namespace anchorserve {
 
 enum class DType { kBf16, kFp16, kFp32 };
 
 constexpr size_t ElementSize(DType dtype) { return dtype == DType::kFp32 ? 4 : 2; }
 std::string_view DTypeName(DType dtype);
+// The safetensors format's name of the element type: "BF16", "F16" or "F32" (the model loader
+// reads it, the client's KV writer writes it).
+absl::string_view SafetensorsDTypeName(DType dtype);
 
 // bf16: upper half of an fp32; rounding to nearest even, NaN kept quiet.
 inline float Bf16ToFloat(uint16_t bits) {

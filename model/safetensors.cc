@@ -70,18 +70,6 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
 
 }  // namespace
 
-absl::string_view SafetensorsDTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kBf16:
-      return "BF16";
-    case DType::kFp16:
-      return "F16";
-    case DType::kFp32:
-      return "F32";
-  }
-  return "unknown";
-}
-
 std::string StoredTensor::ShapeString() const {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }

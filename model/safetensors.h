@@ -23,9 +23,6 @@ namespace anchorserve {
 // Largest header accepted (the format's reference parser uses the same cap).
 inline constexpr int64_t kMaxSafetensorsHeaderBytes = int64_t{100} << 20;
 
-// The format's dtype strings for the element types we read ("BF16", "F16", "F32").
-absl::string_view SafetensorsDTypeName(DType dtype);
-
 struct StoredTensor {
   std::string name;
   DType dtype = DType::kFp32;

@@ -31,6 +31,9 @@ TEST(DTypeTest, SizesAndNames) {
   EXPECT_EQ(DTypeName(DType::kBf16), "bf16");
   EXPECT_EQ(DTypeName(DType::kFp16), "fp16");
   EXPECT_EQ(DTypeName(DType::kFp32), "fp32");
+  EXPECT_EQ(SafetensorsDTypeName(DType::kBf16), "BF16");
+  EXPECT_EQ(SafetensorsDTypeName(DType::kFp16), "F16");
+  EXPECT_EQ(SafetensorsDTypeName(DType::kFp32), "F32");
 }
 
 TEST(Bf16Test, EveryPatternRoundTrips) {
