@@ -35,6 +35,7 @@ struct ReceivedAttend {
   std::unique_ptr<char[]> copies[3];  // q, k, v when not usable in place
   const char* inputs[3] = {};         // q, k, v in one piece each
   std::array<int64_t, 3> data_bytes{};
+  int64_t copied_bytes = 0;  // of `copies`
 };
 
 ReceivedAttend ReceiveAttend(const grpc::ByteBuffer& request) {
@@ -66,6 +67,7 @@ ReceivedAttend ReceiveAttend(const grpc::ByteBuffer& request) {
       return received;
     }
     data.CopyTo(received.copies[i].get());
+    received.copied_bytes += static_cast<int64_t>(data.size);
     received.inputs[i] = received.copies[i].get();
   }
   return received;
@@ -92,6 +94,13 @@ class AttendReactor final : public TrackedUnaryReactor {
         SpecFromAttendRequest(received_.head, received_.data_bytes, serving_->convert_options);
     if (!spec.ok()) return FinishOnce(ToGrpcStatus(spec.status()));
     spec_ = *std::move(spec);
+    // The received message (held until the call is done), copies of misaligned inputs and the
+    // output (held until gRPC has sent it).
+    absl::StatusOr<MemoryCharge> charge = service_->memory_budget().Charge(
+        static_cast<int64_t>(request_->Length()) + received_.copied_bytes + spec_.q_bytes,
+        "Attend request (message, input copies and output)");
+    if (!charge.ok()) return FinishOnce(ToGrpcStatus(charge.status()));
+    charge_ = *std::move(charge);
     const char* const* inputs = received_.inputs;
     // Not zero-filled: the compute writes every element. It becomes the response's data slice.
     output_ = AllocateBytes(spec_.q_bytes);
@@ -157,6 +166,7 @@ class AttendReactor final : public TrackedUnaryReactor {
   grpc::ByteBuffer* const response_;
   RequestSpec spec_;
   std::unique_ptr<char[]> output_;  // like q; handed to the response's slice
+  MemoryCharge charge_;             // given back when the reactor is deleted (OnDone)
   absl::Mutex mu_;
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);
 };

@@ -37,7 +37,8 @@ class AttendStreamReactor final
                   chunk->set_tensor(static_cast<v1::TensorName>(tag));
                   chunk->set_offset(offset);
                   chunk->mutable_data()->assign(bytes.data(), bytes.size());
-                }) {
+                }),
+        upload_([this] { OnUploadStalled(); }) {
     service_->RpcStarted();
   }
 
@@ -49,10 +50,13 @@ class AttendStreamReactor final
       }
       return FinishNow(refused);
     }
+    service_->upload_watchdog().Watch(&upload_);
+    watched_ = true;
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
+    if (ok) upload_.Touch(service_->clock().Now());
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -115,6 +119,8 @@ class AttendStreamReactor final
   }
 
   void OnDone() override {
+    // After this no stall callback runs, so deleting the reactor is safe.
+    if (watched_) service_->upload_watchdog().Unwatch(&upload_);
     service_->metrics().ObserveRequestDuration(
         Rpc::kAttendStream, absl::ToDoubleSeconds(service_->clock().Now() - start_));
     AttentionServiceImpl* service = service_;
@@ -153,6 +159,25 @@ class AttendStreamReactor final
     if (next.read) StartRead(&request_);
   }
 
+  // On the watchdog's thread: no message arrived for --upload_stall_timeout_s.
+  void OnUploadStalled() {
+    Next next;
+    {
+      absl::MutexLock lock(&mu_);
+      if (phase_ != Phase::kHeader && phase_ != Phase::kReceiving) return;
+      service_->metrics().CountRefusal(Refusal::kUploadStall);
+      RequestFinishLocked(
+          grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                       absl::StrCat("upload stalled: no message for ",
+                                    absl::FormatDuration(service_->upload_watchdog().timeout()),
+                                    " (--upload_stall_timeout_s) before ",
+                                    phase_ == Phase::kHeader ? "the header arrived"
+                                                             : "all tensor data arrived")),
+          &next);
+    }
+    Apply(next);
+  }
+
   void FinishNow(const grpc::Status& status) {
     service_->metrics().CountRequest(Rpc::kAttendStream, status.error_code());
     Finish(status);  // `this` may be gone after this call
@@ -167,6 +192,7 @@ class AttendStreamReactor final
       return;
     }
     phase_ = Phase::kFinished;
+    upload_.Done();
     ReleaseBuffersLocked();
     next->finish = status;
   }
@@ -217,6 +243,15 @@ class AttendStreamReactor final
     absl::StatusOr<RequestSpec> spec = SpecFromStreamHeader(header, serving_->convert_options);
     if (!spec.ok()) return spec.status();
     spec_ = *std::move(spec);
+    // Refused now when the whole request (inputs and output) cannot fit in what is free; its
+    // bytes are charged as they arrive, so a stalled upload holds only what it sent.
+    if (absl::Status fits = service_->memory_budget().CheckFits(
+            spec_.q_bytes + spec_.k_bytes + spec_.v_bytes + spec_.q_bytes,
+            "AttendStream request (q, k, v and output)");
+        !fits.ok()) {
+      return fits;
+    }
+    charge_ = service_->memory_budget().EmptyCharge();
     request_id_ = service_->RequestIdFor(header.request_id());
     const int64_t sizes[3] = {spec_.q_bytes, spec_.k_bytes, spec_.v_bytes};
     const absl::string_view names[3] = {"q", "k", "v"};
@@ -280,6 +315,10 @@ class AttendStreamReactor final
           "chunk of ", input.name, " at chunk.offset ", chunk.offset(), " carries ", bytes,
           " bytes, beyond the ", input.size, " bytes its header spec declares"));
     }
+    if (absl::Status charged = charge_.Grow(bytes, absl::StrCat("chunk of ", input.name));
+        !charged.ok()) {
+      return charged;
+    }
     std::memcpy(input.data.get() + input.received, chunk.data().data(), static_cast<size_t>(bytes));
     input.received += bytes;
     if (AllReceivedLocked()) return StartComputeLocked();
@@ -305,6 +344,10 @@ class AttendStreamReactor final
   }
 
   absl::Status StartComputeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    upload_.Done();
+    if (absl::Status charged = charge_.Grow(spec_.q_bytes, "output"); !charged.ok()) {
+      return charged;
+    }
     output_ = AllocateBytes(spec_.q_bytes);
     if (output_ == nullptr) {
       return absl::ResourceExhaustedError(
@@ -328,7 +371,10 @@ class AttendStreamReactor final
     {
       absl::MutexLock lock(&mu_);
       job_.reset();
-      for (Input& in : inputs_) in.data.reset();  // inputs are no longer needed
+      for (Input& in : inputs_) {  // inputs are no longer needed
+        in.data.reset();
+        charge_.Shrink(in.received);
+      }
       const absl::Time now = service_->clock().Now();
       if (!pending_error_.ok()) {
         RequestFinishLocked(ToGrpcStatus(pending_error_), &next);
@@ -377,6 +423,7 @@ class AttendStreamReactor final
     for (Input& in : inputs_) in.data.reset();
     output_.reset();
     writer_.Clear();
+    charge_.Release();
   }
 
   AttentionServiceImpl* const service_;
@@ -403,6 +450,10 @@ class AttendStreamReactor final
   v1::AttendStreamResponse final_metrics_ ABSL_GUARDED_BY(mu_);
   ChunkedTensorWriter<v1::AttendStreamResponse> writer_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);
+  // Bytes of this call in the server's memory budget: inputs as received, then the output.
+  MemoryCharge charge_ ABSL_GUARDED_BY(mu_);
+  WatchedUpload upload_;
+  bool watched_ = false;  // set in Start, before any reaction
 };
 
 }  // namespace

@@ -24,7 +24,9 @@ AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, MetricsRe
     : config_(config),
       metrics_(metrics),
       clock_(clock),
-      request_id_prefix_(std::random_device{}()) {}
+      request_id_prefix_(std::random_device{}()),
+      memory_budget_(ResolveInflightBytesLimit(config.max_inflight_bytes), metrics),
+      upload_watchdog_(config.upload_stall_timeout, clock) {}
 
 absl::Status AttentionServiceImpl::SetReady(AttentionBackend* backend, DynamicBatcher* batcher) {
   if (backend == nullptr || batcher == nullptr) {

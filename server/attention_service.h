@@ -38,9 +38,11 @@
 #include "kernels/backend.h"
 #include "server/batcher.h"
 #include "server/clock.h"
+#include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
 #include "server/server_config.h"
+#include "server/upload_watchdog.h"
 
 namespace anchorserve {
 
@@ -95,6 +97,9 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   const ServerConfig& config() const { return config_; }
   MetricsRegistry& metrics() { return *metrics_; }
   Clock& clock() { return *clock_; }
+  // Shared by every call of both services (Prefill's KV buffers too).
+  MemoryBudget& memory_budget() { return memory_budget_; }
+  UploadWatchdog& upload_watchdog() { return upload_watchdog_; }
   void RpcStarted();
   void RpcDone();
   // `requested` when non-empty, else a new id unique within this process ("req-<hex>-<n>").
@@ -107,6 +112,8 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   const uint64_t request_id_prefix_;
   std::atomic<uint64_t> next_request_id_{1};
   std::atomic<bool> draining_{false};
+  MemoryBudget memory_budget_;
+  UploadWatchdog upload_watchdog_;
 
   absl::Mutex ready_mu_;  // serializes SetReady
   std::unique_ptr<const ServingState> owned_serving_ ABSL_GUARDED_BY(ready_mu_);

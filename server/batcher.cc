@@ -40,15 +40,28 @@ BatchDecision DecideBatch(absl::Span<const std::shared_ptr<BatchJob>> queue, abs
   return decision;
 }
 
-absl::Status DropReason(const BatchJob& job, absl::Time now) {
+absl::Status DropReason(const BatchJob& job, absl::Time now, absl::Duration max_queue_time) {
   if (job.deadline <= now) {
     return absl::DeadlineExceededError("deadline passed while the request was queued");
   }
   if (job.Cancelled()) {
     return absl::CancelledError("request cancelled before compute");
   }
+  if (max_queue_time > absl::ZeroDuration() && now - job.enqueue_time >= max_queue_time) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request waited ", absl::FormatDuration(now - job.enqueue_time),
+                     " in the queue without starting (--max_queue_time_ms=",
+                     absl::ToDoubleMilliseconds(max_queue_time), "); retry later"));
+  }
   return absl::OkStatus();
 }
+
+namespace {
+
+// Weight of the newest batch in the moving average of seconds per token.
+constexpr double kThroughputSmoothing = 0.2;
+
+}  // namespace
 
 DynamicBatcher::DynamicBatcher(BatchLimits limits, int max_queue_size, BatchRunner* runner,
                                Clock* clock, MetricsRegistry* metrics, Queue queue,
@@ -69,11 +82,26 @@ absl::Status DynamicBatcher::Enqueue(std::shared_ptr<BatchJob> job) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("server is draining");
   if (queue_.size() >= static_cast<size_t>(max_queue_size_)) {
+    metrics_->CountRefusal(Refusal::kQueueFull);
     return absl::ResourceExhaustedError(
         absl::StrCat("queue is full: ", queue_.size(),
                      " requests waiting (--max_queue_size=", max_queue_size_, ")"));
   }
-  job->enqueue_time = clock_->Now();
+  const absl::Time now = clock_->Now();
+  // Only the queued work counts (not the running batch's rest, nor the job itself): a refusal
+  // means the deadline is out of reach even on that optimistic estimate.
+  const absl::Duration queued_work =
+      absl::Seconds(seconds_per_token_ * static_cast<double>(queued_tokens_));
+  if (queued_work > absl::ZeroDuration() && job->deadline != absl::InfiniteFuture() &&
+      now + queued_work > job->deadline) {
+    metrics_->CountRefusal(Refusal::kDeadline);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the deadline (in ", absl::FormatDuration(job->deadline - now), ") cannot be met: about ",
+        absl::FormatDuration(queued_work), " of work is queued ahead (", queue_.size(),
+        " requests); retry later or elsewhere"));
+  }
+  job->enqueue_time = now;
+  queued_tokens_ += job->tokens();
   queue_.push_back(std::move(job));
   metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
   wake_.Signal();
@@ -106,13 +134,20 @@ int64_t DynamicBatcher::QueueDepth() const {
   return static_cast<int64_t>(queue_.size());
 }
 
+double DynamicBatcher::SecondsPerToken() const {
+  absl::MutexLock lock(&mu_);
+  return seconds_per_token_;
+}
+
 void DynamicBatcher::TakeDeadJobs(absl::Time now, std::vector<std::shared_ptr<BatchJob>>* dropped) {
   size_t kept = 0;
   for (size_t i = 0; i < queue_.size(); ++i) {
-    absl::Status reason = DropReason(*queue_[i], now);
+    absl::Status reason = DropReason(*queue_[i], now, limits_.max_queue_time);
     if (reason.ok()) {
       queue_[kept++] = std::move(queue_[i]);
     } else {
+      if (absl::IsResourceExhausted(reason)) metrics_->CountRefusal(Refusal::kQueueTime);
+      queued_tokens_ -= queue_[i]->tokens();
       queue_[i]->status = std::move(reason);
       dropped->push_back(std::move(queue_[i]));
     }
@@ -141,6 +176,7 @@ void DynamicBatcher::WorkerLoop() {
         if (!decision.members.empty()) {
           for (size_t index : decision.members) {
             queue_[index]->queue_seconds = absl::ToDoubleSeconds(now - queue_[index]->enqueue_time);
+            queued_tokens_ -= queue_[index]->tokens();
             batch.push_back(std::move(queue_[index]));
           }
           std::erase(queue_, nullptr);
@@ -150,7 +186,12 @@ void DynamicBatcher::WorkerLoop() {
         if (!dropped.empty()) break;  // finish those first, then decide again
         // Also wake for the earliest deadline, so an expired job leaves the queue promptly.
         absl::Duration wait = decision.wait;
-        for (const auto& job : queue_) wait = std::min(wait, job->deadline - now);
+        for (const auto& job : queue_) {
+          wait = std::min(wait, job->deadline - now);
+          if (limits_.max_queue_time > absl::ZeroDuration()) {
+            wait = std::min(wait, job->enqueue_time + limits_.max_queue_time - now);
+          }
+        }
         wake_.WaitWithTimeout(&mu_, std::max(wait, absl::ZeroDuration()));
       }
       metrics_->SetQueueDepth(queue_name_, static_cast<int64_t>(queue_.size()));
@@ -189,9 +230,18 @@ void DynamicBatcher::RunBatch(std::vector<std::shared_ptr<BatchJob>> batch) {
     jobs.push_back(job.get());
   }
   const double compute_seconds = runner_->Run(jobs);
+  int64_t batch_tokens = 0;
+  for (const BatchJob* job : jobs) batch_tokens += job->tokens();
   {
     absl::MutexLock lock(&mu_);
     running_.clear();
+    if (batch_tokens > 0 && compute_seconds > 0) {
+      const double measured = compute_seconds / static_cast<double>(batch_tokens);
+      seconds_per_token_ =
+          seconds_per_token_ == 0
+              ? measured
+              : (1 - kThroughputSmoothing) * seconds_per_token_ + kThroughputSmoothing * measured;
+    }
   }
   metrics_->ObserveBatchSize(static_cast<int>(batch.size()));
   metrics_->ObserveComputeDuration(compute_seconds);

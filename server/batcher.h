@@ -32,6 +32,8 @@ struct BatchLimits {
   int max_requests;
   int64_t max_tokens;
   absl::Duration max_delay;
+  // Longest a job may wait in the queue (--max_queue_time_ms); zero = no bound.
+  absl::Duration max_queue_time = absl::ZeroDuration();
 };
 
 struct BatchDecision {
@@ -48,8 +50,10 @@ BatchDecision DecideBatch(absl::Span<const std::shared_ptr<BatchJob>> queue, abs
                           const BatchLimits& limits, bool flush);
 
 // DEADLINE_EXCEEDED when the job's deadline is at or before `now`, CANCELLED when it was
-// cancelled, OK when it should still run.
-absl::Status DropReason(const BatchJob& job, absl::Time now);
+// cancelled, RESOURCE_EXHAUSTED when it has waited `max_queue_time` (when non-zero), OK when it
+// should still run.
+absl::Status DropReason(const BatchJob& job, absl::Time now,
+                        absl::Duration max_queue_time = absl::ZeroDuration());
 
 class DynamicBatcher {
  public:
@@ -64,7 +68,9 @@ class DynamicBatcher {
   DynamicBatcher& operator=(const DynamicBatcher&) = delete;
 
   // Queues `job`; its on_done runs later on the worker thread. Refused at once (on_done never
-  // runs) with RESOURCE_EXHAUSTED when max_queue_size requests wait, UNAVAILABLE after Stop().
+  // runs) with RESOURCE_EXHAUSTED when max_queue_size requests wait or when the work queued
+  // ahead would, at the throughput measured so far, outlast the job's deadline; UNAVAILABLE
+  // after Stop().
   absl::Status Enqueue(std::shared_ptr<BatchJob> job);
 
   // A queued job was cancelled: let the worker drop it now rather than at its next decision.
@@ -79,6 +85,8 @@ class DynamicBatcher {
   void CancelAll();
 
   int64_t QueueDepth() const;
+  // Measured compute seconds per token (moving average over batches); 0 before the first batch.
+  double SecondsPerToken() const;
 
  private:
   void WorkerLoop();
@@ -100,6 +108,8 @@ class DynamicBatcher {
   std::vector<std::shared_ptr<BatchJob>> queue_ ABSL_GUARDED_BY(mu_);  // arrival order
   std::vector<std::shared_ptr<BatchJob>> running_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t queued_tokens_ ABSL_GUARDED_BY(mu_) = 0;  // over queue_
+  double seconds_per_token_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread worker_;
 };
 

@@ -201,7 +201,8 @@ int Run(const ServerConfig& config) {
   grpc::Server& server = *grpc_server->server;
   const std::string grpc_address = JoinHostPort(config.host, grpc_server->port);
   LogInfo(absl::StrCat("listening on ", grpc_address, " (NOT_SERVING until ready); creating the ",
-                       BackendKindName(config.backend.kind), " backend"));
+                       BackendKindName(config.backend.kind), " backend; memory budget ",
+                       service.memory_budget().limit(), " bytes (--max_inflight_bytes)"));
 
   BackendOptions backend_options = config.backend;
   std::string fallback_reason;
@@ -226,7 +227,8 @@ int Run(const ServerConfig& config) {
   };
   executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
-      BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay},
+      BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay,
+                  config.max_queue_time},
       config.max_queue_size, executor.get(), &clock, &metrics, Queue::kAttention,
       on_device_unusable);
   if (!config.model_dir.empty()) {
@@ -265,8 +267,9 @@ int Run(const ServerConfig& config) {
     prefill_runner = std::make_unique<PrefillRunner>(prefill_engine.get());
     // One prefill at a time: each one already uses every core (or the whole GPU).
     prefill_batcher = std::make_unique<DynamicBatcher>(
-        BatchLimits{1, config.max_seq_len, absl::ZeroDuration()}, config.max_queue_size,
-        prefill_runner.get(), &clock, &metrics, Queue::kPrefill, on_device_unusable);
+        BatchLimits{1, config.max_seq_len, absl::ZeroDuration(), config.max_queue_time},
+        config.max_queue_size, prefill_runner.get(), &clock, &metrics, Queue::kPrefill,
+        on_device_unusable);
     const ModelConfig& mc = model->config();
     LogInfo(absl::StrCat("model ", config.model_dir, " loaded in ", model->load_seconds(), " s: ",
                          ArchitectureName(mc.architecture), ", ", mc.num_layers, " layers, ",

@@ -28,6 +28,22 @@ std::string_view QueueName(Queue queue) {
   return queue == Queue::kPrefill ? "prefill" : "attention";
 }
 
+std::string_view RefusalName(Refusal reason) {
+  switch (reason) {
+    case Refusal::kMemoryBudget:
+      return "memory_budget";
+    case Refusal::kQueueFull:
+      return "queue_full";
+    case Refusal::kDeadline:
+      return "deadline";
+    case Refusal::kQueueTime:
+      return "queue_time";
+    case Refusal::kUploadStall:
+      return "upload_stall";
+  }
+  return "unknown";
+}
+
 std::string_view RpcName(Rpc rpc) {
   switch (rpc) {
     case Rpc::kAttend:
@@ -116,6 +132,25 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                      .Help("Serialized bytes of response messages sent.")
                      .Register(*registry_)
                      .Add({});
+  inflight_bytes_ = &prometheus::BuildGauge()
+                         .Name("anchorserve_inflight_bytes")
+                         .Help(
+                             "Request bytes received, queued and running plus output bytes "
+                             "waiting to be sent, over all calls (the memory budget in use).")
+                         .Register(*registry_)
+                         .Add({});
+  inflight_bytes_limit_ = &prometheus::BuildGauge()
+                               .Name("anchorserve_inflight_bytes_limit")
+                               .Help("The memory budget (--max_inflight_bytes, resolved).")
+                               .Register(*registry_)
+                               .Add({});
+  auto& refusals = prometheus::BuildCounter()
+                       .Name("anchorserve_refusals_total")
+                       .Help("Calls refused or stopped for lack of room, by reason.")
+                       .Register(*registry_);
+  for (int r = 0; r < kNumRefusals; ++r) {
+    refusals_[r] = &refusals.Add({{"reason", std::string(RefusalName(static_cast<Refusal>(r)))}});
+  }
 }
 
 void MetricsRegistry::CountRequest(Rpc rpc, grpc::StatusCode code) {
@@ -158,6 +193,18 @@ void MetricsRegistry::AddReceivedBytes(int64_t bytes) {
 
 void MetricsRegistry::AddSentBytes(int64_t bytes) {
   sent_bytes_->Increment(static_cast<double>(bytes));
+}
+
+void MetricsRegistry::AddInflightBytes(int64_t delta) {
+  inflight_bytes_->Increment(static_cast<double>(delta));
+}
+
+void MetricsRegistry::SetInflightBytesLimit(int64_t bytes) {
+  inflight_bytes_limit_->Set(static_cast<double>(bytes));
+}
+
+void MetricsRegistry::CountRefusal(Refusal reason) {
+  refusals_[static_cast<int>(reason)]->Increment();
 }
 
 }  // namespace anchorserve

@@ -35,6 +35,19 @@ inline constexpr int kNumQueues = 2;
 std::string_view QueueName(Queue queue);  // "attention", "prefill"  // "Attend", "AttendStream",
                                           // "GetServerInfo", "Prefill", ...
 
+// Why a call was refused or stopped for lack of room (label reason of anchorserve_refusals_total).
+enum class Refusal {
+  kMemoryBudget,  // --max_inflight_bytes would be exceeded
+  kQueueFull,     // --max_queue_size requests already wait
+  kDeadline,      // the work queued ahead would outlast the call's deadline
+  kQueueTime,     // waited longer than --max_queue_time_ms
+  kUploadStall,   // no message for --upload_stall_timeout_s during an upload
+  kLast = kUploadStall
+};
+inline constexpr int kNumRefusals = static_cast<int>(Refusal::kLast) + 1;
+// "memory_budget", "queue_full", "deadline", "queue_time", "upload_stall".
+std::string_view RefusalName(Refusal reason);
+
 class MetricsRegistry {
  public:
   MetricsRegistry();
@@ -69,6 +82,12 @@ class MetricsRegistry {
   // anchorserve_received_bytes_total / anchorserve_sent_bytes_total: serialized message bytes.
   void AddReceivedBytes(int64_t bytes);
   void AddSentBytes(int64_t bytes);
+  // anchorserve_inflight_bytes / anchorserve_inflight_bytes_limit: what the memory budget holds
+  // now and its size (--max_inflight_bytes, resolved).
+  void AddInflightBytes(int64_t delta);
+  void SetInflightBytesLimit(int64_t bytes);
+  // anchorserve_refusals_total{reason}: calls refused (or stopped) for lack of room.
+  void CountRefusal(Refusal reason);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -85,6 +104,9 @@ class MetricsRegistry {
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Counter* received_bytes_ = nullptr;
   prometheus::Counter* sent_bytes_ = nullptr;
+  prometheus::Gauge* inflight_bytes_ = nullptr;
+  prometheus::Gauge* inflight_bytes_limit_ = nullptr;
+  std::array<prometheus::Counter*, kNumRefusals> refusals_{};
 };
 
 }  // namespace anchorserve

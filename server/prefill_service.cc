@@ -268,6 +268,15 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
                        " bytes of engine workspace, more than --prefill_memory_bytes=",
                        host_->config().prefill_memory_bytes))));
     }
+    // The KV waiting to be sent: at most --prefill_buffer_bytes plus the one layer that may go
+    // past it (OnLayer), never more than the whole requested KV.
+    const int64_t layer_bytes = 2 * spec->tensor_bytes;
+    const int64_t kv_total = layer_bytes * (spec->kv_layer_end - spec->kv_layer_begin);
+    absl::StatusOr<MemoryCharge> charge = host_->memory_budget().Charge(
+        std::min(kv_total, host_->config().prefill_buffer_bytes + layer_bytes),
+        "Prefill KV output buffer");
+    if (!charge.ok()) return FinishEarly(ToGrpcStatus(charge.status()));
+    charge_ = *std::move(charge);
     request_id_ = host_->RequestIdFor(request.request_id());
 
     auto job = std::make_shared<PrefillJob>(std::move(spec->token_ids));
@@ -549,6 +558,8 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   int64_t kv_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t accounted_pending_ ABSL_GUARDED_BY(mu_) = 0;  // in the pending-bytes gauge
   double first_kv_seconds_ ABSL_GUARDED_BY(mu_) = -1;
+  MemoryCharge charge_;  // the KV output buffer in the memory budget; set in Start, given back
+                         // when the reactor is deleted
 };
 
 }  // namespace

@@ -32,6 +32,17 @@ ABSL_FLAG(double, max_queue_delay_ms,
           "Longest time the oldest queued request waits for a batch to fill.");
 ABSL_FLAG(int32_t, max_queue_size, anchorserve::kDefaultServerConfig.max_queue_size,
           "Requests that may wait in the queue; more are refused with RESOURCE_EXHAUSTED.");
+ABSL_FLAG(double, max_queue_time_ms,
+          absl::ToDoubleMilliseconds(anchorserve::kDefaultServerConfig.max_queue_time),
+          "Longest a request may wait in the queue before RESOURCE_EXHAUSTED; 0 = no bound.");
+ABSL_FLAG(int64_t, max_inflight_bytes, anchorserve::kDefaultServerConfig.max_inflight_bytes,
+          "Budget for request bytes received, queued and running plus output bytes waiting to be "
+          "sent, over all calls; over it a call gets RESOURCE_EXHAUSTED at once. 0 = half of "
+          "the machine's (or the container's) memory.");
+ABSL_FLAG(double, upload_stall_timeout_s,
+          absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.upload_stall_timeout),
+          "A streaming upload that receives no message for this long is cancelled "
+          "(DEADLINE_EXCEEDED) and its memory freed.");
 ABSL_FLAG(
     int64_t, max_message_bytes, anchorserve::kDefaultServerConfig.max_message_bytes,
     "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
@@ -134,6 +145,21 @@ absl::Status ServerConfig::Validate() const {
                      absl::StrCat(absl::ToDoubleMilliseconds(max_queue_delay)));
   }
   if (auto s = CheckRange("max_queue_size", max_queue_size, 1, 1 << 20); !s.ok()) return s;
+  if (max_queue_time < absl::ZeroDuration() || max_queue_time > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("max_queue_time_ms",
+                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+                     absl::StrCat(absl::ToDoubleMilliseconds(max_queue_time)));
+  }
+  if (auto s = CheckRange<int64_t>("max_inflight_bytes", max_inflight_bytes, 0, int64_t{1} << 50);
+      !s.ok()) {
+    return s;
+  }
+  if (upload_stall_timeout <= absl::ZeroDuration() ||
+      upload_stall_timeout > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("upload_stall_timeout_s",
+                     absl::StrCat("must be in (0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(absl::ToDoubleSeconds(upload_stall_timeout)));
+  }
 
   // The stream chunk, the header and the metrics message must each fit one message.
   if (auto s = CheckRange<int64_t>("max_message_bytes", max_message_bytes,
@@ -215,6 +241,20 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   }
   config.max_queue_delay = absl::Microseconds(std::llround(delay_ms * 1e3));
   config.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  const double queue_time_ms = absl::GetFlag(FLAGS_max_queue_time_ms);
+  if (!std::isfinite(queue_time_ms) || queue_time_ms < 0 || queue_time_ms > kMaxSecondsKnob * 1e3) {
+    return FlagError("max_queue_time_ms",
+                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+                     absl::StrCat(queue_time_ms));
+  }
+  config.max_queue_time = absl::Microseconds(std::llround(queue_time_ms * 1e3));
+  config.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
+  const double stall_s = absl::GetFlag(FLAGS_upload_stall_timeout_s);
+  if (!std::isfinite(stall_s) || stall_s <= 0 || stall_s > kMaxSecondsKnob) {
+    return FlagError("upload_stall_timeout_s",
+                     absl::StrCat("must be in (0, ", kMaxSecondsKnob, "]"), absl::StrCat(stall_s));
+  }
+  config.upload_stall_timeout = absl::Milliseconds(std::llround(stall_s * 1e3));
 
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);

@@ -32,6 +32,9 @@ struct ServerConfig {
   int64_t max_batch_tokens = 262144;  // sum of seq_len over a batch
   absl::Duration max_queue_delay = absl::Milliseconds(2);
   int max_queue_size = 64;
+  // Longest a request may wait in the queue before it is refused; zero = no bound (its deadline
+  // still applies).
+  absl::Duration max_queue_time = absl::ZeroDuration();
 
   // Request limits.
   int64_t max_message_bytes = 268435456;   // one gRPC message (a whole unary Attend)
@@ -39,6 +42,13 @@ struct ServerConfig {
   int64_t max_seq_len = 262144;
   int max_heads = 256;
   int64_t stream_chunk_bytes = 4194304;  // output chunks of AttendStream and Prefill
+
+  // Memory admission (server/memory_budget.h). Request bytes received, queued and running plus
+  // output bytes waiting to be sent, over all calls; 0 = half of the machine's (or the cgroup's)
+  // memory, resolved at start.
+  int64_t max_inflight_bytes = 0;
+  // A streaming upload (AttendStream) that receives no message for this long is cancelled.
+  absl::Duration upload_stall_timeout = absl::Seconds(30);
 
   // Prefill.
   std::string model_dir;                     // empty: no model, Prefill answers FAILED_PRECONDITION

@@ -282,6 +282,67 @@ TEST_F(BatcherTest, DeadlinePassingWhileQueuedDropsTheJob) {
   EXPECT_FALSE(backend_.Computed(waiting.q.data()));
 }
 
+TEST_F(BatcherTest, JobWaitingLongerThanMaxQueueTimeIsRefused) {
+  MakeBatcher({1, 1000, absl::ZeroDuration(), absl::Milliseconds(500)}, 16);
+  // Waited 499 ms behind a running batch: still runs.
+  backend_.CloseGate();
+  TestJob busy1(16), in_time(16);
+  ASSERT_TRUE(batcher_->Enqueue(busy1.job).ok());
+  backend_.WaitForRuns(1);
+  ASSERT_TRUE(batcher_->Enqueue(in_time.job).ok());
+  clock_.Advance(absl::Milliseconds(499));
+  backend_.OpenGate();
+  in_time.finished.WaitForNotification();
+  EXPECT_TRUE(in_time.done_status.ok()) << in_time.done_status;
+
+  // Waited 500 ms: refused without compute.
+  backend_.CloseGate();
+  TestJob busy2(16), too_late(16);
+  ASSERT_TRUE(batcher_->Enqueue(busy2.job).ok());
+  backend_.WaitForRuns(3);
+  ASSERT_TRUE(batcher_->Enqueue(too_late.job).ok());
+  clock_.Advance(absl::Milliseconds(500));
+  backend_.OpenGate();
+  too_late.finished.WaitForNotification();
+  EXPECT_EQ(too_late.done_status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(too_late.done_status.message(), HasSubstr("--max_queue_time_ms=500"));
+  batcher_->Stop();
+  EXPECT_FALSE(backend_.Computed(too_late.q.data()));
+}
+
+TEST_F(BatcherTest, DeadlineThatTheQueuedWorkWouldOutlastIsRefusedAtAdmission) {
+  MakeBatcher({1, 1000, absl::ZeroDuration()}, 16);
+  // Nothing measured yet: no estimate, no refusal.
+  TestJob first(16);
+  first.job->deadline = clock_.Now() + absl::Nanoseconds(1);
+  backend_.CloseGate();
+  ASSERT_TRUE(batcher_->Enqueue(first.job).ok());
+  backend_.WaitForRuns(1);
+  absl::SleepFor(absl::Milliseconds(20));  // real compute time, measured by the executor
+  backend_.OpenGate();
+  first.finished.WaitForNotification();
+  ASSERT_GT(batcher_->SecondsPerToken(), 0);
+
+  backend_.CloseGate();
+  TestJob busy(16), queued(16), hopeless(16), patient(16);
+  ASSERT_TRUE(batcher_->Enqueue(busy.job).ok());
+  backend_.WaitForRuns(2);
+  ASSERT_TRUE(batcher_->Enqueue(queued.job).ok());
+  hopeless.job->deadline = clock_.Now() + absl::Nanoseconds(1);
+  const absl::Status refused = batcher_->Enqueue(hopeless.job);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.message(), HasSubstr("cannot be met"));
+  patient.job->deadline = clock_.Now() + absl::Hours(1);
+  EXPECT_TRUE(batcher_->Enqueue(patient.job).ok());
+  backend_.OpenGate();
+  for (TestJob* job : {&busy, &queued, &patient}) {
+    job->finished.WaitForNotification();
+    EXPECT_TRUE(job->done_status.ok()) << job->done_status;
+  }
+  batcher_->Stop();
+  EXPECT_EQ(hopeless.done_count, 0);
+}
+
 TEST_F(BatcherTest, CancelledJobIsNotComputed) {
   MakeBatcher({1, 1000, absl::ZeroDuration()}, 16);
   backend_.CloseGate();

@@ -14,6 +14,9 @@
 ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int32_t, grpc_port);
 ABSL_DECLARE_FLAG(double, max_queue_delay_ms);
+ABSL_DECLARE_FLAG(double, max_queue_time_ms);
+ABSL_DECLARE_FLAG(int64_t, max_inflight_bytes);
+ABSL_DECLARE_FLAG(double, upload_stall_timeout_s);
 ABSL_DECLARE_FLAG(double, default_theta);
 ABSL_DECLARE_FLAG(int64_t, max_message_bytes);
 ABSL_DECLARE_FLAG(double, drain_timeout_s);
@@ -52,6 +55,10 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.max_batch_tokens = 0; }, "--max_batch_tokens"},
       {[](ServerConfig& c) { c.max_queue_delay = absl::Milliseconds(-1); }, "--max_queue_delay_ms"},
       {[](ServerConfig& c) { c.max_queue_size = 0; }, "--max_queue_size"},
+      {[](ServerConfig& c) { c.max_queue_time = absl::Milliseconds(-1); }, "--max_queue_time_ms"},
+      {[](ServerConfig& c) { c.max_inflight_bytes = -1; }, "--max_inflight_bytes"},
+      {[](ServerConfig& c) { c.upload_stall_timeout = absl::ZeroDuration(); },
+       "--upload_stall_timeout_s"},
       {[](ServerConfig& c) { c.max_message_bytes = int64_t{1} << 31; }, "--max_message_bytes"},
       {[](ServerConfig& c) { c.max_message_bytes = 0; }, "--max_message_bytes"},
       {[](ServerConfig& c) { c.max_request_bytes = 0; }, "--max_request_bytes"},
@@ -96,12 +103,18 @@ TEST(ServerConfigTest, FromFlags) {
   absl::SetFlag(&FLAGS_max_queue_delay_ms, 0.5);
   absl::SetFlag(&FLAGS_default_theta, std::numeric_limits<double>::infinity());
   absl::SetFlag(&FLAGS_drain_timeout_s, 1.5);
+  absl::SetFlag(&FLAGS_max_queue_time_ms, 250.0);
+  absl::SetFlag(&FLAGS_max_inflight_bytes, int64_t{1} << 30);
+  absl::SetFlag(&FLAGS_upload_stall_timeout_s, 2.5);
   absl::StatusOr<ServerConfig> config = ServerConfigFromFlags();
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->backend.kind, BackendKind::kCpu);
   EXPECT_EQ(config->grpc_port, 0);
   EXPECT_EQ(config->max_queue_delay, absl::Microseconds(500));
   EXPECT_EQ(config->drain_timeout, absl::Milliseconds(1500));
+  EXPECT_EQ(config->max_queue_time, absl::Milliseconds(250));
+  EXPECT_EQ(config->max_inflight_bytes, int64_t{1} << 30);
+  EXPECT_EQ(config->upload_stall_timeout, absl::Milliseconds(2500));
   EXPECT_TRUE(std::isinf(config->defaults.theta));
 
   absl::SetFlag(&FLAGS_backend, "gpu");
