@@ -29,11 +29,11 @@ constexpr uintptr_t kInPlaceAlignment = 64;
 // A received Attend request, split before its reactor exists (as gRPC would have parsed it):
 // the tensor bytes stay where gRPC received them, or are copied once into one piece each.
 struct ReceivedAttend {
-  absl::Status status;                // INVALID_ARGUMENT when the message does not parse
-  v1::AttendRequest head;             // the request without tensor bytes
-  SplitMessage split;                 // the tensor bytes where gRPC received them
-  std::unique_ptr<char[]> copies[3];  // q, k, v when not usable in place
-  const char* inputs[3] = {};         // q, k, v in one piece each
+  absl::Status status;         // INVALID_ARGUMENT when the message does not parse
+  v1::AttendRequest head;      // the request without tensor bytes
+  SplitMessage split;          // the tensor bytes where gRPC received them
+  HostBuffer copies[3];        // q, k, v when not usable in place
+  const char* inputs[3] = {};  // q, k, v in one piece each
   std::array<int64_t, 3> data_bytes{};
   int64_t copied_bytes = 0;  // of `copies`
 };
@@ -150,9 +150,11 @@ class AttendReactor final : public TrackedUnaryReactor {
     slices.emplace_back(head.SerializeAsString());
     if (!spec_.metrics_only) {
       // The slice owns the output from here on and frees it once gRPC has written it.
+      auto* owned = new HostBuffer(std::move(output_));
       AppendTensorData(kResponseOutputField,
-                       grpc::Slice(output_.release(), static_cast<size_t>(spec_.q_bytes),
-                                   [](void* bytes) { delete[] static_cast<char*>(bytes); }),
+                       grpc::Slice(
+                           owned->get(), static_cast<size_t>(spec_.q_bytes),
+                           [](void* buffer) { delete static_cast<HostBuffer*>(buffer); }, owned),
                        &slices);
     }
     *response_ = grpc::ByteBuffer(slices.data(), slices.size());
@@ -165,8 +167,8 @@ class AttendReactor final : public TrackedUnaryReactor {
   ReceivedAttend received_;  // read by the job until it is done
   grpc::ByteBuffer* const response_;
   RequestSpec spec_;
-  std::unique_ptr<char[]> output_;  // like q; handed to the response's slice
-  MemoryCharge charge_;             // given back when the reactor is deleted (OnDone)
+  HostBuffer output_;    // like q; handed to the response's slice
+  MemoryCharge charge_;  // given back when the reactor is deleted (OnDone)
   absl::Mutex mu_;
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);
 };

@@ -140,7 +140,7 @@ class AttendStreamReactor final
   // One input tensor being received.
   struct Input {
     absl::string_view name;
-    std::unique_ptr<char[]> data;
+    HostBuffer data;
     int64_t size = 0;
     int64_t received = 0;
   };
@@ -445,8 +445,8 @@ class AttendStreamReactor final
 
   RequestSpec spec_ ABSL_GUARDED_BY(mu_);
   std::string request_id_ ABSL_GUARDED_BY(mu_);
-  Input inputs_[3] ABSL_GUARDED_BY(mu_);                 // q, k, v
-  std::unique_ptr<char[]> output_ ABSL_GUARDED_BY(mu_);  // like q; the writer's once computed
+  Input inputs_[3] ABSL_GUARDED_BY(mu_);    // q, k, v
+  HostBuffer output_ ABSL_GUARDED_BY(mu_);  // like q; the writer's once computed
   v1::AttendStreamResponse final_metrics_ ABSL_GUARDED_BY(mu_);
   ChunkedTensorWriter<v1::AttendStreamResponse> writer_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);

@@ -15,6 +15,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/string_view.h"
+#include "server/host_buffer.h"
 
 namespace anchorserve {
 
@@ -35,7 +36,7 @@ class ChunkedTensorWriter {
   }
 
   // `bytes` ([size]) are freed once their last chunk has been handed out.
-  void PushTensor(int tag, std::unique_ptr<char[]> bytes, int64_t size) {
+  void PushTensor(int tag, HostBuffer bytes, int64_t size) {
     Item item;
     item.tag = tag;
     item.bytes = std::move(bytes);
@@ -84,7 +85,7 @@ class ChunkedTensorWriter {
   struct Item {
     std::optional<Response> message;
     int tag = 0;
-    std::unique_ptr<char[]> bytes;
+    HostBuffer bytes;
     int64_t size = 0;
     int64_t taken = 0;
   };

@@ -82,17 +82,18 @@ void MemoryBudget::Give(int64_t bytes) {
   if (metrics_ != nullptr) metrics_->AddInflightBytes(-bytes);
 }
 
-absl::Status MemoryBudget::Exhausted(int64_t bytes, absl::string_view what,
-                                     int64_t in_use) const {
+absl::Status MemoryBudget::Exhausted(int64_t bytes, absl::string_view what, int64_t in_use) const {
   if (metrics_ != nullptr) metrics_->CountRefusal(Refusal::kMemoryBudget);
   if (bytes > limit_) {
     return absl::ResourceExhaustedError(
-        absl::StrCat(what, " needs ", bytes, " bytes, more than the server's whole memory budget "
-                     "(--max_inflight_bytes=", limit_, ")"));
+        absl::StrCat(what, " needs ", bytes,
+                     " bytes, more than the server's whole memory budget "
+                     "(--max_inflight_bytes=",
+                     limit_, ")"));
   }
-  return absl::ResourceExhaustedError(absl::StrCat(
-      what, " needs ", bytes, " bytes; the server's memory budget holds ", in_use, " of ", limit_,
-      " bytes (--max_inflight_bytes) for other calls; retry later"));
+  return absl::ResourceExhaustedError(
+      absl::StrCat(what, " needs ", bytes, " bytes; the server's memory budget holds ", in_use,
+                   " of ", limit_, " bytes (--max_inflight_bytes) for other calls; retry later"));
 }
 
 namespace {

@@ -55,10 +55,6 @@ grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
   return ToGrpcStatus(job.status);
 }
 
-std::unique_ptr<char[]> AllocateBytes(int64_t bytes) {
-  return std::unique_ptr<char[]>(new (std::nothrow) char[static_cast<size_t>(bytes)]);
-}
-
 TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)
     : service_(service),
       serving_(service->serving_state()),

@@ -12,6 +12,7 @@
 #include "grpcpp/support/status.h"
 #include "server/attention_service.h"
 #include "server/batch_job.h"
+#include "server/host_buffer.h"
 #include "server/metrics.h"
 
 namespace anchorserve {
@@ -30,9 +31,6 @@ grpc::Status CancelledCallStatus(absl::Time deadline, absl::Time now);
 // elsewhere).
 grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
                              const grpc::CallbackServerContext& context, bool draining);
-
-// Heap memory without zero-filling it; null when the allocation fails.
-std::unique_ptr<char[]> AllocateBytes(int64_t bytes);
 
 // Base of the unary reactors: counts the RPC in flight, finishes it once, records its metrics.
 class TrackedUnaryReactor : public grpc::ServerUnaryReactor {

@@ -27,8 +27,8 @@ Message Whole(const std::string& text) {
   return message;
 }
 
-std::unique_ptr<char[]> Bytes(const std::string& text) {
-  auto bytes = std::make_unique<char[]>(text.size());
+HostBuffer Bytes(const std::string& text) {
+  HostBuffer bytes = AllocateBytes(static_cast<int64_t>(text.size()));
   std::memcpy(bytes.get(), text.data(), text.size());
   return bytes;
 }
