@@ -120,109 +120,112 @@ class OverlayTest(unittest.TestCase):
     def setUpClass(cls):
         cls.rendered = {o: Rendered(os.path.join(K8S, "overlays", o)) for o in OVERLAYS}
 
-    def each(self):
+    def test_backend_is_explicit_and_gpu_pods_never_fall_back_to_cpu(self):
         for name, r in self.rendered.items():
             with self.subTest(overlay=name):
-                yield name, r
-
-    def test_backend_is_explicit_and_gpu_pods_never_fall_back_to_cpu(self):
-        for name, r in self.each():
-            backend = r.flag("backend")
-            limits = r.container["resources"]["limits"]
-            if name in ("gpu", "tls"):
-                # auto would serve on the CPU with readiness SERVING when the GPU is unusable.
-                self.assertEqual(backend, "cuda")
-                self.assertEqual(str(limits.get("nvidia.com/gpu")), "1")
-                self.assertEqual(str(r.container["resources"]["requests"]["nvidia.com/gpu"]), "1")
-                self.assertTrue(any(t.get("key") == "nvidia.com/gpu"
-                                    for t in r.spec.get("tolerations", [])))
-            else:
-                self.assertEqual(backend, "cpu")
-                self.assertNotIn("nvidia.com/gpu", limits)
+                backend = r.flag("backend")
+                limits = r.container["resources"]["limits"]
+                if name in ("gpu", "tls"):
+                    # auto would serve on the CPU with readiness SERVING when the GPU is unusable.
+                    self.assertEqual(backend, "cuda")
+                    self.assertEqual(str(limits.get("nvidia.com/gpu")), "1")
+                    self.assertEqual(str(r.container["resources"]["requests"]["nvidia.com/gpu"]), "1")
+                    self.assertTrue(any(t.get("key") == "nvidia.com/gpu"
+                                        for t in r.spec.get("tolerations", [])))
+                else:
+                    self.assertEqual(backend, "cpu")
+                    self.assertNotIn("nvidia.com/gpu", limits)
 
     def test_flags_are_server_flags(self):
         known = server_flag_names()
-        for _, r in self.each():
-            for flag in r.flags:
-                self.assertTrue(flag in known or flag in PENDING_FLAGS,
-                                f"--{flag} is not a flag of server/server_config.cc")
-            for flag in ("host", "grpc_port", "metrics_port"):
-                self.assertNotIn(flag, r.flags, "the image's entrypoint sets it")
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                for flag in r.flags:
+                    self.assertTrue(flag in known or flag in PENDING_FLAGS,
+                                    f"--{flag} is not a flag of server/server_config.cc")
+                for flag in ("host", "grpc_port", "metrics_port"):
+                    self.assertNotIn(flag, r.flags, "the image's entrypoint sets it")
 
     def test_rollout_fits_scarce_gpus_and_hpa_owns_replicas(self):
-        for _, r in self.each():
-            strategy = r.deployment["spec"]["strategy"]
-            self.assertEqual(strategy["type"], "RollingUpdate")
-            self.assertEqual(strategy["rollingUpdate"]["maxSurge"], 0)
-            self.assertEqual(strategy["rollingUpdate"]["maxUnavailable"], 1)
-            self.assertNotIn("replicas", r.deployment["spec"])
-            pdb = one(r.objects, "PodDisruptionBudget")
-            self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
-            self.assertEqual(pdb["spec"]["selector"]["matchLabels"], self.pod_labels(r))
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                strategy = r.deployment["spec"]["strategy"]
+                self.assertEqual(strategy["type"], "RollingUpdate")
+                self.assertEqual(strategy["rollingUpdate"]["maxSurge"], 0)
+                self.assertEqual(strategy["rollingUpdate"]["maxUnavailable"], 1)
+                self.assertNotIn("replicas", r.deployment["spec"])
+                pdb = one(r.objects, "PodDisruptionBudget")
+                self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
+                self.assertEqual(pdb["spec"]["selector"]["matchLabels"], self.pod_labels(r))
 
     def test_image_is_registry_name_tag_if_not_present(self):
-        for _, r in self.each():
-            image = r.container["image"]
-            m = re.fullmatch(r"([a-z0-9.-]+\.[a-z]+(:\d+)?)/([a-z0-9._/-]+):([\w.-]+)", image)
-            self.assertIsNotNone(m, f"image {image} is not registry/name:tag")
-            self.assertNotEqual(m.group(4), "latest")
-            self.assertEqual(r.container["imagePullPolicy"], "IfNotPresent")
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                image = r.container["image"]
+                m = re.fullmatch(r"([a-z0-9.-]+\.[a-z]+(:\d+)?)/([a-z0-9._/-]+):([\w.-]+)", image)
+                self.assertIsNotNone(m, f"image {image} is not registry/name:tag")
+                self.assertNotEqual(m.group(4), "latest")
+                self.assertEqual(r.container["imagePullPolicy"], "IfNotPresent")
 
     def test_security_context(self):
-        for _, r in self.each():
-            self.assertIs(r.spec["automountServiceAccountToken"], False)
-            pod_sc = r.spec["securityContext"]
-            self.assertIs(pod_sc["runAsNonRoot"], True)
-            self.assertNotEqual(pod_sc.get("runAsUser", 0), 0)
-            self.assertEqual(pod_sc["seccompProfile"]["type"], "RuntimeDefault")
-            sc = r.container["securityContext"]
-            self.assertIs(sc["readOnlyRootFilesystem"], True)
-            self.assertIs(sc["allowPrivilegeEscalation"], False)
-            self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
-            self.assertNotIn("add", sc["capabilities"])
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                self.assertIs(r.spec["automountServiceAccountToken"], False)
+                pod_sc = r.spec["securityContext"]
+                self.assertIs(pod_sc["runAsNonRoot"], True)
+                self.assertNotEqual(pod_sc.get("runAsUser", 0), 0)
+                self.assertEqual(pod_sc["seccompProfile"]["type"], "RuntimeDefault")
+                sc = r.container["securityContext"]
+                self.assertIs(sc["readOnlyRootFilesystem"], True)
+                self.assertIs(sc["allowPrivilegeEscalation"], False)
+                self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
+                self.assertNotIn("add", sc["capabilities"])
 
     def test_memory_limit_covers_the_server_limits(self):
         # Host memory the configured limits admit: every queued or batched request holds its
         # inputs and an output of Q's size (<= the inputs), the model's fp32 weights (4 bytes per
         # parameter, model/model.h), the KV waiting to be sent, the CPU prefill engine's
         # workspace (on the device with the CUDA engine), and 1 GiB for the process itself.
-        for name, r in self.each():
-            admitted = int(r.flag("max_queue_size")) + int(r.flag("max_batch_requests"))
-            need = admitted * 2 * int(r.flag("max_request_bytes"))
-            need += 4 * int(r.annotation("anchorserve.io/model-parameters"))
-            need += int(r.flag("prefill_buffer_bytes"))
-            if r.flag("backend") == "cpu":
-                need += int(r.flag("prefill_memory_bytes"))
-            need += GIB
-            resources = r.container["resources"]
-            limit = quantity_bytes(resources["limits"]["memory"])
-            self.assertGreaterEqual(limit, need, f"{name}: {limit / GIB:.1f} GiB < "
-                                    f"{need / GIB:.1f} GiB the flags admit")
-            self.assertLess(limit, need * 1.25, f"{name}: limit far above the need")
-            # Guaranteed QoS, and a CPU limit that --cpu_threads follows.
-            self.assertEqual(resources["requests"]["memory"], resources["limits"]["memory"])
-            self.assertEqual(str(resources["requests"]["cpu"]), str(resources["limits"]["cpu"]))
-            self.assertEqual(r.flag("cpu_threads"), "<ANCHOR_CPU_THREADS>")
-            cpu_ref = next(e for e in r.container["env"] if e["name"] == "ANCHOR_CPU_THREADS")
-            self.assertEqual(cpu_ref["valueFrom"]["resourceFieldRef"]["resource"], "limits.cpu")
-            self.assertGreaterEqual(int(r.flag("max_seq_len")), 1)
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                admitted = int(r.flag("max_queue_size")) + int(r.flag("max_batch_requests"))
+                need = admitted * 2 * int(r.flag("max_request_bytes"))
+                need += 4 * int(r.annotation("anchorserve.io/model-parameters"))
+                need += int(r.flag("prefill_buffer_bytes"))
+                if r.flag("backend") == "cpu":
+                    need += int(r.flag("prefill_memory_bytes"))
+                need += GIB
+                resources = r.container["resources"]
+                limit = quantity_bytes(resources["limits"]["memory"])
+                self.assertGreaterEqual(limit, need, f"{name}: {limit / GIB:.1f} GiB < "
+                                        f"{need / GIB:.1f} GiB the flags admit")
+                self.assertLess(limit, need * 1.25, f"{name}: limit far above the need")
+                # Guaranteed QoS, and a CPU limit that --cpu_threads follows.
+                self.assertEqual(resources["requests"]["memory"], resources["limits"]["memory"])
+                self.assertEqual(str(resources["requests"]["cpu"]), str(resources["limits"]["cpu"]))
+                self.assertEqual(r.flag("cpu_threads"), "<ANCHOR_CPU_THREADS>")
+                cpu_ref = next(e for e in r.container["env"] if e["name"] == "ANCHOR_CPU_THREADS")
+                self.assertEqual(cpu_ref["valueFrom"]["resourceFieldRef"]["resource"], "limits.cpu")
+                self.assertGreaterEqual(int(r.flag("max_seq_len")), 1)
 
     def test_grace_period_covers_drain_and_longest_prefill(self):
-        for _, r in self.each():
-            drain = float(r.flag("drain_timeout_s"))
-            self.assertGreaterEqual(drain,
-                                    float(r.annotation("anchorserve.io/longest-prefill-seconds")))
-            pre_stop = r.container["lifecycle"]["preStop"]["exec"]["command"]
-            self.assertEqual(pre_stop[0], "sleep")
-            needed = float(pre_stop[1]) + drain + SERVER_SHUTDOWN_GRACE_S
-            self.assertGreaterEqual(r.spec["terminationGracePeriodSeconds"], needed)
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                drain = float(r.flag("drain_timeout_s"))
+                self.assertGreaterEqual(drain,
+                                        float(r.annotation("anchorserve.io/longest-prefill-seconds")))
+                pre_stop = r.container["lifecycle"]["preStop"]["exec"]["command"]
+                self.assertEqual(pre_stop[0], "sleep")
+                needed = float(pre_stop[1]) + drain + SERVER_SHUTDOWN_GRACE_S
+                self.assertGreaterEqual(r.spec["terminationGracePeriodSeconds"], needed)
 
     def test_configmap_hash_suffix_is_referenced(self):
-        for _, r in self.each():
-            self.assertEqual(len(r.configmaps), 1)
-            (name,) = r.configmaps
-            self.assertRegex(name, r"^anchorserve-flags-[a-z0-9]{6,}$")
-            self.assertEqual(r.container["envFrom"][0]["configMapRef"]["name"], name)
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                self.assertEqual(len(r.configmaps), 1)
+                (name,) = r.configmaps
+                self.assertRegex(name, r"^anchorserve-flags-[a-z0-9]{6,}$")
+                self.assertEqual(r.container["envFrom"][0]["configMapRef"]["name"], name)
 
     def test_configmap_change_renames_it_and_rolls_pods(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -242,85 +245,91 @@ class OverlayTest(unittest.TestCase):
         self.assertIn(after.container["envFrom"][0]["configMapRef"]["name"], after.configmaps)
 
     def test_probes_wait_for_model_and_follow_health(self):
-        for name, r in self.each():
-            startup = r.container["startupProbe"]
-            # Model loads of several minutes (an 8B model from network storage) before liveness.
-            self.assertGreaterEqual(startup["periodSeconds"] * startup["failureThreshold"], 600)
-            readiness = r.container["readinessProbe"]
-            liveness = r.container["livenessProbe"]
-            for probe in (startup, readiness, liveness):
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                startup = r.container["startupProbe"]
+                # Model loads of several minutes (an 8B model from network storage) before liveness.
+                self.assertGreaterEqual(startup["periodSeconds"] * startup["failureThreshold"], 600)
+                readiness = r.container["readinessProbe"]
+                liveness = r.container["livenessProbe"]
+                for probe in (startup, readiness, liveness):
+                    if name == "tls":
+                        # kubelet's gRPC probe cannot speak TLS.
+                        command = probe["exec"]["command"]
+                        self.assertEqual(command[0], "anchorctl")
+                        self.assertIn("health", command)
+                        self.assertTrue(any(a.startswith("--tls_ca_file=/etc/anchorserve/tls/")
+                                            for a in command))
+                    else:
+                        self.assertEqual(probe["grpc"]["port"], 50051)
+                # Readiness asks for the attention service: NOT_SERVING until the model is loaded.
                 if name == "tls":
-                    # kubelet's gRPC probe cannot speak TLS.
-                    command = probe["exec"]["command"]
-                    self.assertEqual(command[0], "anchorctl")
-                    self.assertIn("health", command)
-                    self.assertTrue(any(a.startswith("--tls_ca_file=/etc/anchorserve/tls/")
-                                        for a in command))
+                    self.assertIn("--service=anchorserve.v1.AttentionService",
+                                  readiness["exec"]["command"])
                 else:
-                    self.assertEqual(probe["grpc"]["port"], 50051)
-            # Readiness asks for the attention service: NOT_SERVING until the model is loaded.
-            if name == "tls":
-                self.assertIn("--service=anchorserve.v1.AttentionService",
-                              readiness["exec"]["command"])
-            else:
-                self.assertEqual(readiness["grpc"]["service"], "anchorserve.v1.AttentionService")
+                    self.assertEqual(readiness["grpc"]["service"], "anchorserve.v1.AttentionService")
 
     def test_model_is_a_read_only_volume(self):
-        for _, r in self.each():
-            self.assertEqual(r.flag("model"), "/model")
-            mount = next(m for m in r.container["volumeMounts"] if m["mountPath"] == "/model")
-            self.assertIs(mount["readOnly"], True)
-            volume = next(v for v in r.spec["volumes"] if v["name"] == mount["name"])
-            claim = volume["persistentVolumeClaim"]["claimName"]
-            pvc = r.objects[("PersistentVolumeClaim", claim)]
-            self.assertIn(pvc["spec"]["accessModes"][0], ("ReadOnlyMany", "ReadWriteMany"))
-            # readOnlyRootFilesystem: the one writable place is an emptyDir.
-            tmp = next(m for m in r.container["volumeMounts"] if m["mountPath"] == "/tmp")
-            self.assertIn("emptyDir", next(v for v in r.spec["volumes"] if v["name"] == tmp["name"]))
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                self.assertEqual(r.flag("model"), "/model")
+                mount = next(m for m in r.container["volumeMounts"] if m["mountPath"] == "/model")
+                self.assertIs(mount["readOnly"], True)
+                volume = next(v for v in r.spec["volumes"] if v["name"] == mount["name"])
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                pvc = r.objects[("PersistentVolumeClaim", claim)]
+                self.assertIn(pvc["spec"]["accessModes"][0], ("ReadOnlyMany", "ReadWriteMany"))
+                # readOnlyRootFilesystem: the one writable place is an emptyDir.
+                tmp = next(m for m in r.container["volumeMounts"] if m["mountPath"] == "/tmp")
+                self.assertIn("emptyDir", next(v for v in r.spec["volumes"] if v["name"] == tmp["name"]))
 
     def test_topology_spread(self):
-        for _, r in self.each():
-            keys = {c["topologyKey"]: c for c in r.spec["topologySpreadConstraints"]}
-            self.assertIn("kubernetes.io/hostname", keys)
-            self.assertIn("topology.kubernetes.io/zone", keys)
-            for c in keys.values():
-                self.assertEqual(c["labelSelector"]["matchLabels"], self.pod_labels(r))
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                keys = {c["topologyKey"]: c for c in r.spec["topologySpreadConstraints"]}
+                self.assertIn("kubernetes.io/hostname", keys)
+                self.assertIn("topology.kubernetes.io/zone", keys)
+                for c in keys.values():
+                    self.assertEqual(c["labelSelector"]["matchLabels"], self.pod_labels(r))
 
     def test_network_policy(self):
-        for _, r in self.each():
-            policy = one(r.objects, "NetworkPolicy")["spec"]
-            self.assertEqual(policy["podSelector"]["matchLabels"], self.pod_labels(r))
-            self.assertEqual(set(policy["policyTypes"]), {"Ingress", "Egress"})
-            self.assertEqual(policy.get("egress") or [], [])
-            ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-            self.assertEqual(ports, {50051, 9464})
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                policy = one(r.objects, "NetworkPolicy")["spec"]
+                self.assertEqual(policy["podSelector"]["matchLabels"], self.pod_labels(r))
+                self.assertEqual(set(policy["policyTypes"]), {"Ingress", "Egress"})
+                self.assertEqual(policy.get("egress") or [], [])
+                ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+                self.assertEqual(ports, {50051, 9464})
 
     def test_one_scrape_path(self):
-        for _, r in self.each():
-            kinds = {k for k, _ in r.objects}
-            self.assertFalse(kinds & {"ServiceMonitor", "PodMonitor"})
-            annotations = r.pod["metadata"]["annotations"]
-            self.assertEqual(annotations["prometheus.io/scrape"], "true")
-            metrics_port = next(p["containerPort"] for p in r.container["ports"]
-                                if p["name"] == "metrics")
-            self.assertEqual(int(annotations["prometheus.io/port"]), metrics_port)
-            self.assertEqual(annotations["prometheus.io/path"], "/metrics")
-            for (kind, _), obj in r.objects.items():
-                if kind == "Service":
-                    self.assertFalse(any(a.startswith("prometheus.io/")
-                                         for a in obj["metadata"].get("annotations", {})))
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                kinds = {k for k, _ in r.objects}
+                self.assertFalse(kinds & {"ServiceMonitor", "PodMonitor"})
+                annotations = r.pod["metadata"]["annotations"]
+                self.assertEqual(annotations["prometheus.io/scrape"], "true")
+                metrics_port = next(p["containerPort"] for p in r.container["ports"]
+                                    if p["name"] == "metrics")
+                self.assertEqual(int(annotations["prometheus.io/port"]), metrics_port)
+                self.assertEqual(annotations["prometheus.io/path"], "/metrics")
+                for (kind, _), obj in r.objects.items():
+                    if kind == "Service":
+                        self.assertFalse(any(a.startswith("prometheus.io/")
+                                             for a in obj["metadata"].get("annotations", {})))
 
     def test_services_headless_and_cluster_ip(self):
-        for _, r in self.each():
-            headless = r.objects[("Service", "anchorserve-headless")]["spec"]
-            cluster_ip = r.objects[("Service", "anchorserve")]["spec"]
-            self.assertEqual(headless["clusterIP"], "None")
-            self.assertEqual(cluster_ip.get("type", "ClusterIP"), "ClusterIP")
-            self.assertNotIn("clusterIP", cluster_ip)
-            for svc in (headless, cluster_ip):
-                self.assertEqual(svc["selector"], self.pod_labels(r))
-                self.assertEqual([(p["name"], p["port"]) for p in svc["ports"]],
-                                 [("grpc", 50051)])
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                headless = r.objects[("Service", "anchorserve-headless")]["spec"]
+                cluster_ip = r.objects[("Service", "anchorserve")]["spec"]
+                self.assertEqual(headless["clusterIP"], "None")
+                self.assertEqual(cluster_ip.get("type", "ClusterIP"), "ClusterIP")
+                self.assertNotIn("clusterIP", cluster_ip)
+                for svc in (headless, cluster_ip):
+                    self.assertEqual(svc["selector"], self.pod_labels(r))
+                    self.assertEqual([(p["name"], p["port"]) for p in svc["ports"]],
+                                     [("grpc", 50051)])
 
     def test_hpa_scales_on_queue_depth_served_by_the_adapter_rule(self):
         gauges = set(re.findall(r'BuildGauge\(\)\s*\.Name\("(\w+)"\)', read("server/metrics.cc")))
@@ -332,16 +341,17 @@ class OverlayTest(unittest.TestCase):
         self.assertIn(series, gauges)
         self.assertTrue(re.search(rules[0]["name"]["matches"], series))
         served_as = rules[0]["name"]["as"]
-        for _, r in self.each():
-            hpa = one(r.objects, "HorizontalPodAutoscaler")
-            self.assertEqual(hpa["apiVersion"], "autoscaling/v2")
-            self.assertEqual(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment")
-            self.assertEqual(hpa["spec"]["scaleTargetRef"]["name"],
-                             r.deployment["metadata"]["name"])
-            (metric,) = hpa["spec"]["metrics"]
-            self.assertEqual(metric["type"], "Pods")
-            self.assertEqual(metric["pods"]["metric"]["name"], served_as)
-            self.assertGreaterEqual(hpa["spec"]["minReplicas"], 2)
+        for name, r in self.rendered.items():
+            with self.subTest(overlay=name):
+                hpa = one(r.objects, "HorizontalPodAutoscaler")
+                self.assertEqual(hpa["apiVersion"], "autoscaling/v2")
+                self.assertEqual(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment")
+                self.assertEqual(hpa["spec"]["scaleTargetRef"]["name"],
+                                 r.deployment["metadata"]["name"])
+                (metric,) = hpa["spec"]["metrics"]
+                self.assertEqual(metric["type"], "Pods")
+                self.assertEqual(metric["pods"]["metric"]["name"], served_as)
+                self.assertGreaterEqual(hpa["spec"]["minReplicas"], 2)
 
     def test_tls_overlay_mounts_secrets_as_folders(self):
         r = self.rendered["tls"]
