@@ -11,23 +11,28 @@
 #      the image's own anchorctl: health SERVING, an Attend verified, a Prefill, and SIGTERM during
 #      a request: the request succeeds, the server logs its drain and exits 0.
 #
-#   scripts/build_image.sh [--tag=NAME:TAG] [--archive=FILE.tar] [--keep]
-#     --tag      image name (default localhost/anchorserve:cpu)
-#     --archive  also write the image as a docker-archive (docker load / podman load)
-#     --keep     keep the image store (default: removed on exit, it holds several GiB)
+#   scripts/build_image.sh [--tag=NAME:TAG] [--archive=FILE.tar] [--keep] [--probe_only]
+#     --tag         image name (default localhost/anchorserve:cpu)
+#     --archive     also write the image as a docker-archive (docker load / podman load)
+#     --keep        keep the run folder (logs) and the image store (default: both removed on
+#                   exit; the store holds several GiB)
+#     --probe_only  skip steps 1-2: probe the image already in ANCHOR_IMAGE_STORE
 # Environment: ANCHOR_IMAGE_WORK (work folder, default /var/tmp/anchorserve-image; the debootstrap
-# tarball is cached there), ANCHOR_DEBIAN_MIRROR, ANCHOR_BUILD_JOBS (compile jobs, default all
+# tarball is cached there), ANCHOR_IMAGE_STORE (a buildah store to use and keep; default a fresh
+# one in the run folder), ANCHOR_DEBIAN_MIRROR, ANCHOR_BUILD_JOBS (compile jobs, default all
 # cores), ANCHOR_BUILD_LOCK (a file: the compile step runs under flock on it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tag=localhost/anchorserve:cpu
 archive=""
 keep=0
+probe_only=0
 for arg in "$@"; do
   case "$arg" in
     --tag=*) tag=${arg#--tag=} ;;
     --archive=*) archive=${arg#--archive=} ;;
     --keep) keep=1 ;;
+    --probe_only) probe_only=1 ;;
     *)
       echo "build_image.sh: unknown argument $arg (see the comment at the top)" >&2
       exit 2
@@ -54,7 +59,8 @@ base_tag=localhost/anchorserve-base:bookworm
 mkdir -p "$work"
 run_dir=$(mktemp -d "$work/run.XXXXXX")
 # A store of our own: nothing of the host's container storage is touched, and it goes away whole.
-store=$run_dir/store
+store=${ANCHOR_IMAGE_STORE:-$run_dir/store}
+[ "$probe_only" = 0 ] || [ -n "${ANCHOR_IMAGE_STORE:-}" ] || die "--probe_only needs ANCHOR_IMAGE_STORE"
 store_args=(--root "$store/root" --runroot "$store/run" --storage-driver vfs)
 bh() { buildah "${store_args[@]}" "$@"; }
 
@@ -74,10 +80,15 @@ cleanup() {
     bh umount "$ctr" >/dev/null 2>&1
     bh rm "$ctr" >/dev/null 2>&1
   done
-  if [ "$keep" = 1 ]; then
-    echo "build_image.sh: image store kept: buildah ${store_args[*]} images" >&2
+  if [ "$keep" = 1 ] || [ -n "${ANCHOR_IMAGE_STORE:-}" ]; then
+    echo "build_image.sh: image store kept: ANCHOR_IMAGE_STORE=$store" \
+      "(buildah ${store_args[*]} images)" >&2
   else
     bh rmi --all --force >/dev/null 2>&1
+  fi
+  if [ "$keep" = 1 ]; then
+    echo "build_image.sh: logs kept in $run_dir" >&2
+  else
     rm -rf "$run_dir"
   fi
   exit "$rc"
@@ -86,6 +97,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- 1. base image ------------------------------------------------------------------------------
+if [ "$probe_only" = 0 ]; then
 rootfs_tar=$work/bookworm-minbase.tar
 if [ ! -s "$rootfs_tar" ]; then
   log "debootstrap bookworm from $mirror"
@@ -131,18 +143,22 @@ log "buildah bud --target=cpu -t $tag"
 if [ -n "${ANCHOR_BUILD_LOCK:-}" ]; then bud=(flock "$ANCHOR_BUILD_LOCK" "${bud[@]}"); fi
 "${bud[@]}" >"$run_dir/bud.log" 2>&1 ||
   die "buildah bud failed; last lines of its log:$(echo; tail -n 40 "$run_dir/bud.log")"
-grep -E '^(STEP|runtime packages:)' "$run_dir/bud.log" | sed 's/^/  /' >&2 || true
+grep -E '^runtime packages:' "$run_dir/bud.log" | sed 's/^/  /' >&2 || true
 log "image built: $(bh images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag")"
 if [ -n "$archive" ]; then
   rm -f "$archive"
   bh push --quiet "$tag" "docker-archive:$archive:$tag" || die "cannot write $archive"
   log "image written to $archive"
 fi
+fi  # probe_only
 
 # ---- 3. start the image's entrypoint and probe it -------------------------------------------------
-config_json=$(bh inspect --type image --format '{{json .OCIv1.Config}}' "$tag")
-config_field() { python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' \
-  "$config_json" "$1"; }
+image_json=$(bh inspect --type image "$tag") || die "no image $tag in the store"
+# config_field EXPR: a Python expression over c, the image's OCI config.
+config_field() {
+  python3 -c 'import json,sys; c=json.loads(sys.argv[1])["OCIv1"]["config"]; print(eval(sys.argv[2]))' \
+    "$image_json" "$1"
+}
 mapfile -t entrypoint < <(config_field '"\n".join(c.get("Entrypoint") or [])')
 mapfile -t image_env < <(config_field '"\n".join(c.get("Env") or [])')
 user=$(config_field 'c.get("User", "")')
@@ -155,7 +171,7 @@ containers+=("$ctr")
 mnt=$(bh mount "$ctr")
 [ -d "$mnt/model" ] || die "the image has no /model mount point"
 model=$run_dir/model
-python3 "$root/scripts/make_tiny_model.py" --preset=llama3-tiny --out="$model" >/dev/null ||
+/usr/bin/python3 "$root/scripts/make_tiny_model.py" --preset=llama3-tiny --out="$model" >/dev/null ||
   die "cannot write the tiny model (python3-numpy missing? scripts/install_deps.sh installs it)"
 # The server runs as the image's user: the model and the folders above it must be readable.
 chmod 0755 "$run_dir"
@@ -163,12 +179,13 @@ chmod -R a+rX "$model"
 
 # in_image USER:GROUP CMD...: runs CMD as the image would, on the host's network: chrooted into the
 # mounted image in a private mount namespace (its mounts vanish with it) with the root read-only,
-# /dev and /proc from the host, a tmpfs /tmp and the model read-only at /model. unshare, sh and
-# chroot exec one another, so the caller's $! is the command's own pid.
+# /dev and /proc from the host, a tmpfs /tmp and the model read-only at /model. It replaces the
+# calling shell (exec; unshare, sh and chroot exec one another too), so call it in a subshell:
+# `in_image ... &` makes $! the command's own pid.
 in_image() {
   local as=$1
   shift
-  unshare --mount --propagation private -- /bin/sh -ec '
+  exec unshare --mount --propagation private -- /bin/sh -ec '
     root=$1 model=$2 as=$3; shift 3
     mount --bind "$root" "$root"
     mount -o remount,bind,ro "$root"
@@ -180,7 +197,7 @@ in_image() {
     exec chroot --userspec="$as" "$root" "$@"' sh "$mnt" "$model" "$as" \
     env -i "${image_env[@]}" "$@"
 }
-ctl() { in_image "$user" anchorctl --target="127.0.0.1:$grpc_port" "$@"; }
+ctl() ( in_image "$user" anchorctl --target="127.0.0.1:$grpc_port" "$@"; )
 
 server_log=$run_dir/server.log
 log "starting the entrypoint as $user: ${entrypoint[*]} --model=/model (read-only root)"
