@@ -8,8 +8,9 @@
 #   3. the image's root is mounted (`buildah mount`) and its ENTRYPOINT, user and environment are
 #      run in a chroot, in a private mount namespace, with the root read-only, a tmpfs at /tmp and
 #      a tiny model mounted read-only at /model (as the Kubernetes manifests do), then probed with
-#      the image's own anchorctl: health SERVING, an Attend verified, a Prefill, and SIGTERM during
-#      a request: the request succeeds, the server logs its drain and exits 0.
+#      the image's own anchorctl: --backend=cuda without a GPU exits 1 at start; then health
+#      SERVING, an Attend verified, a Prefill, and SIGTERM during a request: the request succeeds,
+#      the server logs its drain and exits 0.
 #
 #   scripts/build_image.sh [--tag=NAME:TAG] [--archive=FILE.tar] [--keep] [--probe_only]
 #     --tag         image name (default localhost/anchorserve:cpu)
@@ -185,6 +186,7 @@ chmod -R a+rX "$model"
 in_image() {
   local as=$1
   shift
+  # shellcheck disable=SC2016  # the script runs in the child shell, with its own $1...
   exec unshare --mount --propagation private -- /bin/sh -ec '
     root=$1 model=$2 as=$3; shift 3
     mount --bind "$root" "$root"
@@ -198,6 +200,24 @@ in_image() {
     env -i "${image_env[@]}" "$@"
 }
 ctl() ( in_image "$user" anchorctl --target="127.0.0.1:$grpc_port" "$@"; )
+
+# What the Kubernetes GPU overlays rely on: --backend=cuda without a usable GPU (here: a build
+# without CUDA) stops the server at start, never serving on the CPU.
+in_image "$user" "${entrypoint[@]}" --grpc_port=0 --metrics_port=-1 --backend=cuda \
+  >"$run_dir/cuda.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 300); do
+  kill -0 "$server_pid" 2>/dev/null || break
+  sleep 0.2
+done
+kill -0 "$server_pid" 2>/dev/null && die "--backend=cuda without a GPU is still running after 60 s"
+cuda_rc=0
+wait "$server_pid" || cuda_rc=$?
+server_pid=""
+if [ "$cuda_rc" -ne 1 ] || ! grep -q 'cannot create backend --backend=cuda' "$run_dir/cuda.log"; then
+  die "--backend=cuda without a GPU did not fail at start (exit $cuda_rc):$(echo; cat "$run_dir/cuda.log")"
+fi
+log "probe 0/4 --backend=cuda without a GPU: exit 1 before serving"
 
 server_log=$run_dir/server.log
 log "starting the entrypoint as $user: ${entrypoint[*]} --model=/model (read-only root)"
