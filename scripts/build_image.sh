@@ -51,7 +51,8 @@ start=$(date +%s)
 [ "$(id -u)" -eq 0 ] || die "needs root (buildah with the vfs driver, chroot, mounts)"
 "$root/scripts/install_deps.sh" image
 for tool in buildah debootstrap unshare chroot python3; do
-  command -v "$tool" >/dev/null || die "$tool is missing (scripts/install_deps.sh image installs it)"
+  command -v "$tool" >/dev/null ||
+    die "$tool is missing (scripts/install_deps.sh image installs it)"
 done
 
 work=${ANCHOR_IMAGE_WORK:-/var/tmp/anchorserve-image}
@@ -61,7 +62,9 @@ mkdir -p "$work"
 run_dir=$(mktemp -d "$work/run.XXXXXX")
 # A store of our own: nothing of the host's container storage is touched, and it goes away whole.
 store=${ANCHOR_IMAGE_STORE:-$run_dir/store}
-[ "$probe_only" = 0 ] || [ -n "${ANCHOR_IMAGE_STORE:-}" ] || die "--probe_only needs ANCHOR_IMAGE_STORE"
+if [ "$probe_only" = 1 ] && [ -z "${ANCHOR_IMAGE_STORE:-}" ]; then
+  die "--probe_only needs ANCHOR_IMAGE_STORE"
+fi
 store_args=(--root "$store/root" --runroot "$store/run" --storage-driver vfs)
 bh() { buildah "${store_args[@]}" "$@"; }
 
@@ -136,7 +139,7 @@ bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 bh commit --quiet "$base_ctr" "$base_tag" >/dev/null
 log "base image $base_tag committed"
 
-# ---- 2. the cpu target ----------------------------------------------------------------------------
+# ---- 2. the cpu target --------------------------------------------------------------------------
 bud=(buildah "${store_args[@]}" bud --isolation=chroot --format=docker --pull=never --target=cpu
   --build-arg "CPU_BASE=$base_tag" --build-arg "ANCHOR_BUILD_JOBS=${ANCHOR_BUILD_JOBS:-0}"
   -f "$root/Dockerfile" -t "$tag" "$root")
@@ -153,11 +156,13 @@ if [ -n "$archive" ]; then
 fi
 fi  # probe_only
 
-# ---- 3. start the image's entrypoint and probe it -------------------------------------------------
+# ---- 3. start the image's entrypoint and probe it -----------------------------------------------
 image_json=$(bh inspect --type image "$tag") || die "no image $tag in the store"
 # config_field EXPR: a Python expression over c, the image's OCI config.
 config_field() {
-  python3 -c 'import json,sys; c=json.loads(sys.argv[1])["OCIv1"]["config"]; print(eval(sys.argv[2]))' \
+  python3 -c 'import json, sys
+c = json.loads(sys.argv[1])["OCIv1"]["config"]
+print(eval(sys.argv[2]))' \
     "$image_json" "$1"
 }
 mapfile -t entrypoint < <(config_field '"\n".join(c.get("Entrypoint") or [])')
