@@ -387,6 +387,17 @@ int RunAttend() {
       FormatBytes(result->output ? static_cast<int64_t>(result->output->bytes.size()) : 0).c_str(),
       seq_len / absl::ToDoubleSeconds(latency));
 
+  if (result->streamed) {
+    const double up_s = absl::ToDoubleSeconds(result->upload_time);
+    const double down_s = absl::ToDoubleSeconds(result->download_time);
+    const int64_t out_bytes =
+        result->output ? static_cast<int64_t>(result->output->bytes.size()) : 0;
+    std::printf("wire:               upload %s in %s (%.2f GB/s), download %s in %s (%.2f GB/s)\n",
+                FormatBytes(inputs.PayloadBytes()).c_str(), FormatMs(up_s).c_str(),
+                up_s > 0 ? static_cast<double>(inputs.PayloadBytes()) / up_s / 1e9 : 0.0,
+                FormatBytes(out_bytes).c_str(), FormatMs(down_s).c_str(),
+                down_s > 0 ? static_cast<double>(out_bytes) / down_s / 1e9 : 0.0);
+  }
   const std::string out_path = absl::GetFlag(FLAGS_out);
   if (!out_path.empty()) {
     absl::Status written = WriteTensorNpy(out_path, *result->output);

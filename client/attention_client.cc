@@ -396,6 +396,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
   grpc::ClientContext context;
   PrepareContext(call, &context);
   ScopedCallRegistration registration(call.canceller, &context);
+  const absl::Time call_start = absl::Now();
   std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>
       stream = stub_->AttendStream(&context);
 
@@ -432,10 +433,13 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
     }
   }
   if (writes_ok) stream->WritesDone();
+  const absl::Time upload_end = absl::Now();
 
   // Receive: output_spec, output chunks in order, metrics last.
   AttendResult result;
   result.streamed = true;
+  result.upload_time = upload_end - call_start;
+  absl::Time download_start = absl::InfiniteFuture();
   const bool want_output = !inputs.options.metrics_only();
   std::optional<HostTensor> output;  // allocated at output_spec when the output is wanted
   bool have_spec = false;
@@ -459,6 +463,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
         protocol_error = std::string(status.message());
       } else if (want_output) {
         have_spec = true;
+        download_start = absl::Now();
         absl::StatusOr<HostTensor> allocated =
             AllocateHostTensor(inputs.q.dtype, inputs.q.layout, inputs.q.shape);
         if (!allocated.ok()) return allocated.status();
@@ -486,6 +491,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
       } else {
         std::copy(chunk.data().begin(), chunk.data().end(), output->bytes.begin() + received);
         received += size;
+        result.download_time = absl::Now() - download_start;
       }
     } else if (response.has_metrics()) {
       if (want_output && !output.has_value()) {

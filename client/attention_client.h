@@ -101,6 +101,10 @@ struct AttendResult {
   std::optional<HostTensor> output;  // like q; absent when options.metrics_only
   v1::AttentionMetrics metrics;
   bool streamed = false;  // came over AttendStream
+  // AttendStream only, client-measured: call start to the last input chunk handed to gRPC (flow
+  // control makes that follow the server's reading), and output_spec to the last output chunk.
+  absl::Duration upload_time = absl::ZeroDuration();
+  absl::Duration download_time = absl::ZeroDuration();
 };
 
 // Builds the unary request; copies the tensor bytes. Validates shapes and byte counts first.

@@ -20,6 +20,7 @@ using cuda::AttentionRunner;
 using cuda::KernelChoice;
 
 using cuda::Event;
+using cuda::PinnedStaging;
 using cuda::SecondsBetween;
 
 cuda::BatchPlanRequest RequestFor(absl::Span<const int64_t> seq_lens, const AttentionShape& shape,
@@ -47,6 +48,10 @@ int CudaDeviceCount() {
   return count;
 }
 
+// Pinned staging slices: large enough that per-slice overheads vanish, small enough that the
+// first DMA starts soon.
+constexpr int64_t kStagingSliceBytes = int64_t{8} << 20;
+
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device) {
   ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(device));
   return std::unique_ptr<AttentionBackend>(std::move(backend));
@@ -67,10 +72,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
                      "; the kernels are built for 9.0 (sm_90a: H100/H200)"));
   }
   ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AttentionRunner> runner, AttentionRunner::Create(device));
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<PinnedStaging> staging,
+                          PinnedStaging::Create(kStagingSliceBytes));
   const std::string name =
       absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
                    properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");
-  return std::unique_ptr<CudaBackend>(new CudaBackend(device, std::move(runner), name));
+  return std::unique_ptr<CudaBackend>(
+      new CudaBackend(device, std::move(runner), std::move(staging), name));
 }
 
 BackendInfo CudaBackend::Info() const { return DescribeBackend(*this, "cuda", device_name_); }
@@ -222,12 +230,9 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     char* q = static_cast<char*>(runner_->q()) + seq.q_offset * element_bytes;
     char* k = static_cast<char*>(runner_->k()) + seq.kv_offset * element_bytes;
     char* v = static_cast<char*>(runner_->v()) + seq.kv_offset * element_bytes;
-    ANCHOR_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(q, task.q, q_bytes, cudaMemcpyHostToDevice, stream));
-    ANCHOR_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(k, task.k, kv_bytes, cudaMemcpyHostToDevice, stream));
-    ANCHOR_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(v, task.v, kv_bytes, cudaMemcpyHostToDevice, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(q, task.q, q_bytes, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(k, task.k, kv_bytes, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(v, task.v, kv_bytes, stream));
   }
   ANCHOR_RETURN_IF_ERROR(uploaded.Record(stream));
   if (choice == KernelChoice::kSparse) {
@@ -249,9 +254,9 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     if (task.Cancelled()) continue;
     const cuda::SeqDesc& seq = plan.seqs[t];
     const int64_t q_bytes = task.shape.seq_len * shape.num_q_heads * shape.head_dim * element_bytes;
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+    ANCHOR_RETURN_IF_ERROR(staging_->Download(
         task.out, static_cast<const char*>(runner_->out()) + seq.q_offset * element_bytes, q_bytes,
-        cudaMemcpyDeviceToHost, stream));
+        stream));
     if (task.maybe_lse != nullptr) {
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
           task.maybe_lse, runner_->lse() + seq.lse_offset,

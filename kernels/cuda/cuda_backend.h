@@ -14,6 +14,7 @@
 #include "absl/types/span.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/attention_runner.h"
+#include "kernels/cuda/pinned_staging.h"
 
 namespace anchorserve {
 
@@ -52,8 +53,12 @@ class CudaBackend : public AttentionBackend {
   StripeSnapshot LastStripesForTesting() const;
 
  private:
-  CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner, std::string device_name)
-      : device_(device), runner_(std::move(runner)), device_name_(std::move(device_name)) {}
+  CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner,
+              std::unique_ptr<cuda::PinnedStaging> staging, std::string device_name)
+      : device_(device),
+        runner_(std::move(runner)),
+        staging_(std::move(staging)),
+        device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Grows the packed q/k/v/out/lse buffer of uploaded batches to `bytes`.
   absl::Status ReserveTensorBuffer(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -61,6 +66,8 @@ class CudaBackend : public AttentionBackend {
   const int device_;
   mutable absl::Mutex mu_;
   std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
+  // Request tensors are pageable host memory: copies go through these pinned buffers.
+  std::unique_ptr<cuda::PinnedStaging> staging_ ABSL_GUARDED_BY(mu_);
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
   void* tensor_buffer_ ABSL_GUARDED_BY(mu_) = nullptr;  // packed tensors of the last batch
