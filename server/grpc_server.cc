@@ -38,15 +38,16 @@ void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* buil
 
 }  // namespace
 
-absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
-                                                  absl::Span<grpc::Service* const> services,
-                                                  const KeepaliveOptions& keepalive) {
+absl::StatusOr<StartedGrpcServer> StartGrpcServer(
+    const ServerConfig& config, absl::Span<grpc::Service* const> services,
+    const KeepaliveOptions& keepalive, std::shared_ptr<grpc::ServerCredentials> credentials) {
   // Process-wide switch, read by the builder below.
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   const std::string address = JoinHostPort(config.host, config.grpc_port);
   StartedGrpcServer started;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &started.port);
+  if (credentials == nullptr) credentials = grpc::InsecureServerCredentials();
+  builder.AddListeningPort(address, credentials, &started.port);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   ApplyKeepalive(keepalive, &builder);
