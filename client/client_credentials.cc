@@ -98,8 +98,7 @@ absl::Status CheckBearerToken(absl::string_view token) {
   if (token.empty()) return absl::InvalidArgumentError("the token is empty");
   for (char c : token) {
     if (c <= ' ' || c >= 0x7f) {
-      return absl::InvalidArgumentError(
-          "the token holds a space or a non-printable character");
+      return absl::InvalidArgumentError("the token holds a space or a non-printable character");
     }
   }
   return absl::OkStatus();

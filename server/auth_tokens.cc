@@ -72,8 +72,8 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view path, absl::strin
     if (token.empty()) return error(absl::StrCat("empty token for '", name, "'"));
     for (char c : token) {
       if (!IsTokenChar(c)) {
-        return error(absl::StrCat("the token of '", name,
-                                  "' holds a space or a non-printable character"));
+        return error(
+            absl::StrCat("the token of '", name, "' holds a space or a non-printable character"));
       }
     }
     if (!names.insert(std::string(name)).second) {
@@ -178,8 +178,7 @@ absl::StatusOr<std::string> TokenStore::Authenticate(bool present,
   constexpr absl::string_view kScheme = "bearer ";
   if (token.size() < kScheme.size() ||
       !absl::EqualsIgnoreCase(token.substr(0, kScheme.size()), kScheme)) {
-    return absl::UnauthenticatedError(
-        "the authorization metadata must read 'Bearer <token>'");
+    return absl::UnauthenticatedError("the authorization metadata must read 'Bearer <token>'");
   }
   token = absl::StripLeadingAsciiWhitespace(token.substr(kScheme.size()));
   std::shared_ptr<const TokenTable> table;
@@ -231,13 +230,13 @@ grpc::Status CallerGate::Admit(const grpc::CallbackServerContext& context, Calle
   slot->caller_ = *std::move(caller);
   if (!limited_) return grpc::Status::OK;
   if (!limiter_.TryAcquire(slot->caller_)) {
-    RejectionLog().Write(LogLevel::kWarning,
-                         absl::StrCat("caller ", slot->caller_,
-                                      " refused: over --max_inflight_per_caller"));
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("caller '", slot->caller_, "' already has ",
-                                     limiter_.InFlight(slot->caller_),
-                                     " RPCs in flight (--max_inflight_per_caller)"));
+    RejectionLog().Write(
+        LogLevel::kWarning,
+        absl::StrCat("caller ", slot->caller_, " refused: over --max_inflight_per_caller"));
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("caller '", slot->caller_, "' already has ", limiter_.InFlight(slot->caller_),
+                     " RPCs in flight (--max_inflight_per_caller)"));
   }
   slot->limiter_ = &limiter_;
   return grpc::Status::OK;

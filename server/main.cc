@@ -212,7 +212,9 @@ int Run(const ServerConfig& config) {
 
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
-  if (config.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  // Registers reflection with every ServerBuilder of the process (linking the library alone does
+  // too); StartGrpcServer takes it out again for --reflection=false.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   absl::StatusOr<StartedGrpcServer> grpc_server =
       StartGrpcServer(config, {&service, &prefill_service}, KeepaliveOptions{}, *credentials);
   if (!grpc_server.ok()) {

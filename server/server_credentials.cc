@@ -31,8 +31,7 @@ struct TokenCheck {
 
 // grpc_auth_metadata_processor::process: runs for every call on the port, before the handler.
 void ProcessAuthMetadata(void* state, grpc_auth_context* /*context*/, const grpc_metadata* md,
-                         size_t num_md, grpc_process_auth_metadata_done_cb done,
-                         void* user_data) {
+                         size_t num_md, grpc_process_auth_metadata_done_cb done, void* user_data) {
   auto* check = static_cast<TokenCheck*>(state);
   absl::string_view path;
   absl::string_view authorization;
@@ -50,14 +49,16 @@ void ProcessAuthMetadata(void* state, grpc_auth_context* /*context*/, const grpc
     done(user_data, nullptr, 0, nullptr, 0, GRPC_STATUS_OK, nullptr);
     return;
   }
-  absl::StatusOr<std::string> caller = check->tokens->Authenticate(has_authorization, authorization);
+  absl::StatusOr<std::string> caller =
+      check->tokens->Authenticate(has_authorization, authorization);
   if (caller.ok()) {
     done(user_data, nullptr, 0, nullptr, 0, GRPC_STATUS_OK, nullptr);
     return;
   }
   check->metrics->CountUnauthenticated();
-  check->log.Write(LogLevel::kWarning, absl::StrCat("refused ", path, " with UNAUTHENTICATED: ",
-                                                    caller.status().message()));
+  check->log.Write(
+      LogLevel::kWarning,
+      absl::StrCat("refused ", path, " with UNAUTHENTICATED: ", caller.status().message()));
   const std::string message(caller.status().message());
   done(user_data, nullptr, 0, nullptr, 0, GRPC_STATUS_UNAUTHENTICATED, message.c_str());
 }
