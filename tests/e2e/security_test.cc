@@ -4,9 +4,9 @@
 // and a token.
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <iterator>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -172,9 +172,9 @@ TEST_F(SecurityTest, TokensGuardEveryRpcButHealthOverTls) {
   // The caller's name is a label of the metrics and the refused calls are counted.
   absl::StatusOr<std::string> metrics = HttpGet(server_->metrics_port(), "/metrics");
   ASSERT_TRUE(metrics.ok()) << metrics.status();
-  absl::StatusOr<double> served = FindMetricValue(
-      *metrics, "anchorserve_caller_requests_total",
-      {"caller=\"alice\"", "rpc=\"GetServerInfo\"", "code=\"OK\""});
+  absl::StatusOr<double> served =
+      FindMetricValue(*metrics, "anchorserve_caller_requests_total",
+                      {"caller=\"alice\"", "rpc=\"GetServerInfo\"", "code=\"OK\""});
   ASSERT_TRUE(served.ok()) << served.status();
   EXPECT_GE(*served, 1);
   absl::StatusOr<double> refused =
@@ -210,8 +210,9 @@ TEST_F(SecurityTest, TokenFileChangesArePickedUpAndABadFileKeepsTheOldTokens) {
   ASSERT_NO_FATAL_FAILURE(StartSecureServer());
   ASSERT_TRUE(Client("bob-token-9876543210")->GetServerInfo().ok());
 
-  ASSERT_NO_FATAL_FAILURE(WriteFile(dir_ + "/tokens", "alice:alice-token-0123456789\n"
-                                                      "carol:carol-token-5555555555\n"));
+  ASSERT_NO_FATAL_FAILURE(WriteFile(dir_ + "/tokens",
+                                    "alice:alice-token-0123456789\n"
+                                    "carol:carol-token-5555555555\n"));
   EXPECT_TRUE(Eventually([&] { return Client("carol-token-5555555555")->GetServerInfo().ok(); }));
   EXPECT_EQ(Client("bob-token-9876543210")->GetServerInfo().status().code(),
             absl::StatusCode::kUnauthenticated);
@@ -219,9 +220,8 @@ TEST_F(SecurityTest, TokenFileChangesArePickedUpAndABadFileKeepsTheOldTokens) {
   // A duplicate name: logged, and the previous table stays.
   ASSERT_NO_FATAL_FAILURE(
       WriteFile(dir_ + "/tokens", "carol:carol-token-5555555555\ncarol:other-token-1\n"));
-  EXPECT_TRUE(Eventually([&] {
-    return server_->Log().find("duplicate name 'carol'") != std::string::npos;
-  }));
+  EXPECT_TRUE(Eventually(
+      [&] { return server_->Log().find("duplicate name 'carol'") != std::string::npos; }));
   EXPECT_TRUE(Client("alice-token-0123456789")->GetServerInfo().ok());
   EXPECT_TRUE(Client("carol-token-5555555555")->GetServerInfo().ok());
 }
@@ -245,8 +245,7 @@ TEST_F(SecurityTest, RotatedServerCertificateIsServedToNewConnections) {
   ASSERT_TRUE(Client(token, "certs")->GetServerInfo().ok());
   // A new CA and a server certificate it signed replace the served files.
   ASSERT_NO_FATAL_FAILURE(MakeCerts(dir_ + "/next", "next"));
-  ASSERT_EQ(Client(token, "next")->GetServerInfo().status().code(),
-            absl::StatusCode::kUnavailable);
+  ASSERT_EQ(Client(token, "next")->GetServerInfo().status().code(), absl::StatusCode::kUnavailable);
   for (const char* file : {"server.key", "server.pem"}) {
     std::ifstream in(dir_ + "/next/" + file);
     std::string contents((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -292,10 +291,10 @@ TEST_F(SecurityTest, PlaintextPortChecksTokensAndReflectionCanBeTurnedOff) {
 
 TEST_F(SecurityTest, BadTokenFileStopsStartupNamingFileAndLine) {
   ASSERT_NO_FATAL_FAILURE(WriteFile(dir_ + "/bad", "alice:a-token\n# fine\nbob:\n"));
-  absl::StatusOr<ProcessResult> run = RunProcess(
-      {AnchorserveBinary(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=-1",
-       "--backend=cpu", "--auth_token_file=" + dir_ + "/bad"},
-      absl::Seconds(30));
+  absl::StatusOr<ProcessResult> run =
+      RunProcess({AnchorserveBinary(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=-1",
+                  "--backend=cpu", "--auth_token_file=" + dir_ + "/bad"},
+                 absl::Seconds(30));
   ASSERT_TRUE(run.ok()) << run.status();
   EXPECT_EQ(run->exit_code, 2) << run->output;
   EXPECT_NE(run->output.find(dir_ + "/bad:3: empty token for 'bob'"), std::string::npos)
