@@ -1,9 +1,10 @@
 // anchorserve: AnchorAttention prefill as a gRPC service.
 //
-// flags -> ServerConfig -> metrics endpoint -> gRPC server listening (health NOT_SERVING, RPCs
-// UNAVAILABLE "server is starting") -> backend -> batcher -> model and prefill engine (with
-// --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain -> exit 0.
-// Exit codes: 2 invalid flags or an unusable --model, 1 startup failure, 0 after a drain.
+// flags -> ServerConfig -> metrics endpoint -> tokens and port credentials -> gRPC server listening
+// (health NOT_SERVING, RPCs UNAVAILABLE "server is starting") -> backend -> batcher -> model and
+// prefill engine (with --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain ->
+// exit 0. Exit codes: 2 invalid flags (a bad token file or TLS file included) or an unusable
+// --model, 1 startup failure, 0 after a drain.
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
