@@ -111,6 +111,11 @@ commands:
            --deadline_ms=MS; prints the header, progress per layer (stderr), per-layer density
            and times, the first generated token (argmax) and throughput
 
+security (servers started with --tls_cert_file / --auth_token_file):
+  --tls_ca_file=CA.pem (TLS), --tls_cert_file=C.pem --tls_key_file=K.pem (mTLS),
+  --tls_server_name=NAME (when the --target host is not in the certificate),
+  --token_file=F or the ANCHOR_TOKEN environment variable (bearer token)
+
 examples:
   anchorctl --target=127.0.0.1:50051 info
   anchorctl --deadline_s=4 health

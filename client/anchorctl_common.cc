@@ -1,19 +1,35 @@
 #include "client/anchorctl_common.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
+#include "client/client_credentials.h"
 
 // Connection.
 ABSL_FLAG(std::string, target, "127.0.0.1:50051", "gRPC address of the anchorserve server");
 ABSL_FLAG(double, deadline_s, 600, "deadline of each call, in seconds");
 ABSL_FLAG(int64_t, stream_chunk_bytes, int64_t{4} << 20,
           "bytes of Q/K/V per message when streaming");
+
+// Security (the server's --tls_* and --auth_token_file).
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "PEM CA certificates that signed the server's certificate; set (or --tls_cert_file) to "
+          "connect with TLS");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate chain for mTLS (with --tls_key_file)");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name the server's certificate must carry when the --target host is not it");
+ABSL_FLAG(std::string, token_file, "",
+          "file holding the bearer token sent as 'authorization: Bearer <token>'; empty: the "
+          "ANCHOR_TOKEN environment variable, if set");
 
 // Config; unset flags take the server's defaults (see `anchorctl info`).
 ABSL_FLAG(std::string, mode, "anchor", "anchor (sparse AnchorAttention) | dense (exact)");
@@ -80,7 +96,53 @@ absl::StatusOr<ClientOptions> ClientOptionsFromFlags() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--stream_chunk_bytes must be in [1, 1 GiB], got ", options.stream_chunk_bytes));
   }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      ChannelCredentialsFromFlags();
+  if (!credentials.ok()) return credentials.status();
+  options.channel_credentials = *std::move(credentials);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  if (!options.tls_server_name.empty() && options.channel_credentials == nullptr) {
+    return absl::InvalidArgumentError("--tls_server_name needs --tls_ca_file (TLS)");
+  }
+  absl::StatusOr<std::string> token = BearerTokenFromFlags();
+  if (!token.ok()) return token.status();
+  options.bearer_token = *std::move(token);
   return options;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFromFlags() {
+  TlsFiles files;
+  files.ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  files.cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  files.key_file = absl::GetFlag(FLAGS_tls_key_file);
+  if (files.ca_file.empty() && files.cert_file.empty() && files.key_file.empty()) {
+    return std::shared_ptr<grpc::ChannelCredentials>();  // plaintext
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      TlsChannelCredentials(files);
+  if (!credentials.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--tls_ca_file/--tls_cert_file/--tls_key_file: ",
+                                                   credentials.status().message()));
+  }
+  return credentials;
+}
+
+absl::StatusOr<std::string> BearerTokenFromFlags() {
+  const std::string path = absl::GetFlag(FLAGS_token_file);
+  if (!path.empty()) {
+    absl::StatusOr<std::string> token = ReadTokenFile(path);
+    if (!token.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--token_file: ", token.status().message()));
+    }
+    return token;
+  }
+  const char* env = std::getenv("ANCHOR_TOKEN");
+  if (env == nullptr || *env == '\0') return std::string();
+  std::string token(absl::StripAsciiWhitespace(env));
+  if (absl::Status status = CheckBearerToken(token); !status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("ANCHOR_TOKEN: ", status.message()));
+  }
+  return token;
 }
 
 absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient() {

@@ -12,11 +12,18 @@
 #include "absl/status/statusor.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "client/attention_client.h"
+#include "grpcpp/security/credentials.h"
 
 // Connection.
 ABSL_DECLARE_FLAG(std::string, target);
 ABSL_DECLARE_FLAG(double, deadline_s);
 ABSL_DECLARE_FLAG(int64_t, stream_chunk_bytes);
+// Security.
+ABSL_DECLARE_FLAG(std::string, tls_ca_file);
+ABSL_DECLARE_FLAG(std::string, tls_cert_file);
+ABSL_DECLARE_FLAG(std::string, tls_key_file);
+ABSL_DECLARE_FLAG(std::string, tls_server_name);
+ABSL_DECLARE_FLAG(std::string, token_file);
 // Config (unset flags take the server's defaults).
 ABSL_DECLARE_FLAG(std::string, mode);
 ABSL_DECLARE_FLAG(std::optional<double>, theta);
@@ -44,8 +51,16 @@ std::string FormatMs(double seconds);    // "12.345 ms"
 // "mode=anchor theta=12 block_size=64 ...": the fields that are set.
 std::string DescribeConfig(const v1::AnchorConfig& config);
 
-// Client options from --deadline_s and --stream_chunk_bytes.
+// Client options from --deadline_s, --stream_chunk_bytes and the security flags below.
 absl::StatusOr<ClientOptions> ClientOptionsFromFlags();
+
+// TLS credentials from --tls_ca_file, --tls_cert_file and --tls_key_file; null (plaintext) when
+// none is set.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFromFlags();
+
+// The bearer token of --token_file, else of the ANCHOR_TOKEN environment variable; empty when
+// neither is set.
+absl::StatusOr<std::string> BearerTokenFromFlags();
 absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient();
 
 // --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale.

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
+#include "client/client_credentials.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -226,8 +227,24 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::st
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (!options.tls_server_name.empty()) {
+    if (options.channel_credentials == nullptr) {
+      return absl::InvalidArgumentError("tls_server_name needs TLS channel_credentials");
+    }
+    args.SetSslTargetNameOverride(options.tls_server_name);
+  }
+  const std::shared_ptr<grpc::ChannelCredentials> credentials =
+      options.channel_credentials != nullptr ? options.channel_credentials
+                                             : grpc::InsecureChannelCredentials();
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
+  if (!options.bearer_token.empty()) {
+    if (absl::Status status = CheckBearerToken(options.bearer_token); !status.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("bearer_token: ", status.message()));
+    }
+    interceptors.push_back(BearerTokenInterceptor(options.bearer_token));
+  }
+  std::shared_ptr<grpc::Channel> channel = grpc::experimental::CreateCustomChannelWithInterceptors(
+      target, credentials, args, std::move(interceptors));
   if (channel == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot create a channel to '", target, "'"));
   }

@@ -21,6 +21,7 @@
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/support/status.h"
 #include "proto/anchorserve/v1/limits.h"
 
@@ -36,6 +37,13 @@ struct ClientOptions {
   absl::Duration default_deadline = absl::Seconds(120);
   // Q/K/V bytes per TensorChunk message that AttendStreamed sends.
   int64_t stream_chunk_bytes = int64_t{4} << 20;
+  // Transport security (client_credentials.h: TlsChannelCredentials); null = plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> channel_credentials;
+  // The name the server's certificate must carry when it is not the target's host (e.g. the
+  // target is an IP address); empty = the target's host.
+  std::string tls_server_name;
+  // Sent as "authorization: Bearer <token>" with every call; empty = none.
+  std::string bearer_token;
 };
 
 // Cancels a call from another thread. Cancel() before the call starts cancels it as it starts.
@@ -71,8 +79,9 @@ class ScopedCallRegistration {
   CallCanceller* canceller_;
 };
 
-// Checks `options` and makes the plaintext channel to `target` that the clients of this library
-// use (message size limits from `options`; no connection is made yet).
+// Checks `options` and makes the channel to `target` that the clients of this library use
+// (message size limits, credentials, TLS server name and bearer token from `options`; no
+// connection is made yet).
 absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::string& target,
                                                                    const ClientOptions& options);
 

@@ -10,6 +10,8 @@ packages=(build-essential cmake ninja-build ccache pkg-config
   libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev
   libblis-pthread-dev nlohmann-json3-dev
   python3 python3-numpy python3-grpcio python3-protobuf python3-yaml
+  # scripts/make_test_certs.sh (the TLS end-to-end tests and the README's TLS setup).
+  openssl
   # Source checks: check_format.sh (clang-format pinned to 14: other releases format the same
   # code differently) and check_thread_safety.sh (any clang).
   clang-format-14 clang)

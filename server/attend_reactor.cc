@@ -85,7 +85,8 @@ class AttendReactor final : public TrackedUnaryReactor {
         response_(response) {}
 
   void Start() {
-    if (grpc::Status refused = RefusalStatus(*service_, serving_); !refused.ok()) {
+    if (grpc::Status refused = AdmissionStatus(*service_, serving_, *context_, &caller_slot_);
+        !refused.ok()) {
       return FinishOnce(refused);
     }
     service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_->Length()));

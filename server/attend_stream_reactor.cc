@@ -43,7 +43,8 @@ class AttendStreamReactor final
   }
 
   void Start() {
-    if (grpc::Status refused = RefusalStatus(*service_, serving_); !refused.ok()) {
+    if (grpc::Status refused = AdmissionStatus(*service_, serving_, *context_, &caller_slot_);
+        !refused.ok()) {
       {
         absl::MutexLock lock(&mu_);
         phase_ = Phase::kFinished;
@@ -179,7 +180,8 @@ class AttendStreamReactor final
   }
 
   void FinishNow(const grpc::Status& status) {
-    service_->metrics().CountRequest(Rpc::kAttendStream, status.error_code());
+    service_->metrics().CountRequest(Rpc::kAttendStream, status.error_code(),
+                                     caller_slot_.caller());
     Finish(status);  // `this` may be gone after this call
   }
 
@@ -430,6 +432,7 @@ class AttendStreamReactor final
   // Null while starting (Start refuses the call then, so nothing below runs); then fixed.
   const ServingState* const serving_;
   grpc::CallbackServerContext* const context_;
+  CallerSlot caller_slot_;  // the caller's name and its --max_inflight_per_caller slot
   const absl::Time start_;
 
   absl::Mutex mu_;

@@ -20,10 +20,11 @@ namespace anchorserve {
 absl::string_view ServerVersion() { return ANCHOR_VERSION; }
 
 AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics,
-                                           Clock* clock)
+                                           Clock* clock, CallerGate* callers)
     : config_(config),
       metrics_(metrics),
       clock_(clock),
+      callers_(callers),
       request_id_prefix_(std::random_device{}()),
       memory_budget_(ResolveInflightBytesLimit(config.max_inflight_bytes), metrics),
       upload_watchdog_(config.upload_stall_timeout, clock) {}
@@ -59,7 +60,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
     v1::GetServerInfoResponse* response) {
   auto* reactor = new TrackedUnaryReactor(this, Rpc::kGetServerInfo);
-  if (grpc::Status refused = RefusalStatus(*this, reactor->serving()); !refused.ok()) {
+  if (grpc::Status refused =
+          AdmissionStatus(*this, reactor->serving(), *context, reactor->caller_slot());
+      !refused.ok()) {
     reactor->FinishOnce(refused);
     return reactor;
   }

@@ -36,6 +36,7 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/server_callback.h"
 #include "kernels/backend.h"
+#include "server/auth_tokens.h"
 #include "server/batcher.h"
 #include "server/clock.h"
 #include "server/memory_budget.h"
@@ -68,7 +69,9 @@ using AttentionServiceBase = v1::AttentionService::WithRawCallbackMethod_Attend<
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
   // Everything passed in must outlive the service (and the gRPC server it is registered with).
-  AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics, Clock* clock);
+  // `callers` (null: no authentication) checks tokens and per-caller limits.
+  AttentionServiceImpl(const ServerConfig& config, MetricsRegistry* metrics, Clock* clock,
+                       CallerGate* callers = nullptr);
 
   // The backend exists and the batcher runs: RPCs that start from now on are served. Both must
   // outlive the service. FAILED_PRECONDITION when called again.
@@ -100,6 +103,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // Shared by every call of both services (Prefill's KV buffers too).
   MemoryBudget& memory_budget() { return memory_budget_; }
   UploadWatchdog& upload_watchdog() { return upload_watchdog_; }
+  CallerGate* callers() { return callers_; }
   void RpcStarted();
   void RpcDone();
   // `requested` when non-empty, else a new id unique within this process ("req-<hex>-<n>").
@@ -109,6 +113,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   const ServerConfig config_;
   MetricsRegistry* const metrics_;
   Clock* const clock_;
+  CallerGate* const callers_;
   const uint64_t request_id_prefix_;
   std::atomic<uint64_t> next_request_id_{1};
   std::atomic<bool> draining_{false};

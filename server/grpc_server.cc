@@ -3,12 +3,17 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "grpc/grpc.h"  // GRPC_ARG_*
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "server/attention_service.h"
@@ -36,21 +41,44 @@ void ApplyKeepalive(const KeepaliveOptions& keepalive, grpc::ServerBuilder* buil
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
 }
 
+// Takes a builder plugin out by name. Plugins such as reflection register with every
+// ServerBuilder of the process, so leaving one out of a server needs an option.
+class WithoutPlugin final : public grpc::ServerBuilderOption {
+ public:
+  explicit WithoutPlugin(std::string name) : name_(std::move(name)) {}
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [this](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                                    return plugin->name() == name_;
+                                  }),
+                   plugins->end());
+  }
+
+ private:
+  const std::string name_;
+};
+
+// grpc::reflection::ProtoServerReflectionPlugin::name().
+constexpr char kReflectionPluginName[] = "proto_server_reflection";
+
 }  // namespace
 
-absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
-                                                  absl::Span<grpc::Service* const> services,
-                                                  const KeepaliveOptions& keepalive) {
+absl::StatusOr<StartedGrpcServer> StartGrpcServer(
+    const ServerConfig& config, absl::Span<grpc::Service* const> services,
+    const KeepaliveOptions& keepalive, std::shared_ptr<grpc::ServerCredentials> credentials) {
   // Process-wide switch, read by the builder below.
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   const std::string address = JoinHostPort(config.host, config.grpc_port);
   StartedGrpcServer started;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &started.port);
+  if (credentials == nullptr) credentials = grpc::InsecureServerCredentials();
+  builder.AddListeningPort(address, credentials, &started.port);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   ApplyKeepalive(keepalive, &builder);
   for (grpc::Service* service : services) builder.RegisterService(service);
+  if (!config.reflection) builder.SetOption(std::make_unique<WithoutPlugin>(kReflectionPluginName));
   started.server = builder.BuildAndStart();
   if (started.server == nullptr || started.port == 0) {
     if (started.server != nullptr) started.server->Shutdown(absl::ToChronoTime(absl::Now()));

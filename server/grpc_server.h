@@ -12,6 +12,7 @@
 
 namespace grpc {
 class Service;
+class ServerCredentials;
 }  // namespace grpc
 
 namespace anchorserve {
@@ -40,10 +41,12 @@ struct StartedGrpcServer {
 // ways, `keepalive`, `services` registered and the default grpc.health.v1 service enabled. Both
 // health names ("" and kAttentionServiceName) are NOT_SERVING when this returns; SetServingHealth
 // flips them. The services must outlive the server. UNAVAILABLE (naming --host/--grpc_port) when
-// the address cannot be bound.
-absl::StatusOr<StartedGrpcServer> StartGrpcServer(const ServerConfig& config,
-                                                  absl::Span<grpc::Service* const> services,
-                                                  const KeepaliveOptions& keepalive = {});
+// the address cannot be bound. `credentials` (MakeServerCredentials) null: plaintext without a
+// token check.
+absl::StatusOr<StartedGrpcServer> StartGrpcServer(
+    const ServerConfig& config, absl::Span<grpc::Service* const> services,
+    const KeepaliveOptions& keepalive = {},
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
 // Sets both health names ("" and kAttentionServiceName) to SERVING or NOT_SERVING.
 void SetServingHealth(grpc::Server& server, bool serving);

@@ -4,6 +4,9 @@
 
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
 namespace anchorserve {
 
 void Log(LogLevel level, std::string_view message) {
@@ -29,6 +32,24 @@ void Log(LogLevel level, std::string_view message) {
     data += written;
     left -= static_cast<size_t>(written);
   }
+}
+
+void ThrottledLog::Write(LogLevel level, std::string_view message) {
+  int64_t left_out = 0;
+  {
+    const absl::Time now = absl::Now();
+    absl::MutexLock lock(&mu_);
+    if (now < next_) {
+      ++left_out_;
+      return;
+    }
+    next_ = now + interval_;
+    left_out = left_out_;
+    left_out_ = 0;
+  }
+  if (left_out == 0) return Log(level, message);
+  Log(level, absl::StrCat(absl::string_view(message.data(), message.size()), " (", left_out,
+                          " similar lines left out)"));
 }
 
 }  // namespace anchorserve

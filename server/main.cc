@@ -1,9 +1,10 @@
 // anchorserve: AnchorAttention prefill as a gRPC service.
 //
-// flags -> ServerConfig -> metrics endpoint -> gRPC server listening (health NOT_SERVING, RPCs
-// UNAVAILABLE "server is starting") -> backend -> batcher -> model and prefill engine (with
-// --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain -> exit 0.
-// Exit codes: 2 invalid flags or an unusable --model, 1 startup failure, 0 after a drain.
+// flags -> ServerConfig -> metrics endpoint -> tokens and port credentials -> gRPC server listening
+// (health NOT_SERVING, RPCs UNAVAILABLE "server is starting") -> backend -> batcher -> model and
+// prefill engine (with --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain ->
+// exit 0. Exit codes: 2 invalid flags (a bad token file or TLS file included) or an unusable
+// --model, 1 startup failure, 0 after a drain.
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
@@ -34,6 +35,7 @@
 #include "model/prefill_engine_factory.h"
 #include "server/attention_executor.h"
 #include "server/attention_service.h"
+#include "server/auth_tokens.h"
 #include "server/batcher.h"
 #include "server/clock.h"
 #include "server/grpc_server.h"
@@ -43,6 +45,7 @@
 #include "server/prefill_job.h"
 #include "server/prefill_service.h"
 #include "server/server_config.h"
+#include "server/server_credentials.h"
 
 namespace anchorserve {
 namespace {
@@ -163,7 +166,7 @@ int Run(const ServerConfig& config) {
   std::unique_ptr<MetricsEndpoint> metrics_endpoint;
   if (config.metrics_port >= 0) {
     absl::StatusOr<std::unique_ptr<MetricsEndpoint>> started =
-        MetricsEndpoint::Start(config.host, config.metrics_port, metrics.registry());
+        MetricsEndpoint::Start(config.MetricsHost(), config.metrics_port, metrics.registry());
     if (!started.ok()) {
       LogError(std::string(started.status().message()));
       return 1;
@@ -171,6 +174,25 @@ int Run(const ServerConfig& config) {
     metrics_endpoint = *std::move(started);
   }
   const int metrics_port = metrics_endpoint != nullptr ? metrics_endpoint->port() : -1;
+
+  // Tokens and credentials before the service and the server, which use them.
+  std::unique_ptr<TokenStore> tokens;
+  if (!config.auth_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<TokenStore>> opened =
+        TokenStore::Open(config.auth_token_file, config.credential_reload_interval);
+    if (!opened.ok()) {
+      LogError(absl::StrCat("invalid flags: ", opened.status().message()));
+      return 2;
+    }
+    tokens = *std::move(opened);
+  }
+  CallerGate callers(tokens.get(), config.max_inflight_per_caller);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeServerCredentials(config, tokens.get(), &metrics);
+  if (!credentials.ok()) {
+    LogError(absl::StrCat("invalid flags: ", credentials.status().message()));
+    return 2;
+  }
 
   // Created once the port listens; declared before the service and the server, which use them,
   // so that they outlive both.
@@ -182,7 +204,7 @@ int Run(const ServerConfig& config) {
   std::unique_ptr<PrefillRunner> prefill_runner;
   std::unique_ptr<DynamicBatcher> prefill_batcher;
   RealClock clock;
-  AttentionServiceImpl service(config, &metrics, &clock);
+  AttentionServiceImpl service(config, &metrics, &clock, &callers);
   PrefillServiceImpl prefill_service(&service);
   auto stop_batchers = [&] {
     if (batcher != nullptr) batcher->Stop();
@@ -191,18 +213,26 @@ int Run(const ServerConfig& config) {
 
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
+  // Registers reflection with every ServerBuilder of the process (linking the library alone does
+  // too); StartGrpcServer takes it out again for --reflection=false.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   absl::StatusOr<StartedGrpcServer> grpc_server =
-      StartGrpcServer(config, {&service, &prefill_service});
+      StartGrpcServer(config, {&service, &prefill_service}, KeepaliveOptions{}, *credentials);
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;
   }
   grpc::Server& server = *grpc_server->server;
   const std::string grpc_address = JoinHostPort(config.host, grpc_server->port);
-  LogInfo(absl::StrCat("listening on ", grpc_address, " (NOT_SERVING until ready); creating the ",
-                       BackendKindName(config.backend.kind), " backend; memory budget ",
-                       service.memory_budget().limit(), " bytes (--max_inflight_bytes)"));
+  LogInfo(absl::StrCat(
+      "listening on ", grpc_address, " (",
+      config.tls_cert_file.empty()        ? "plaintext"
+      : config.tls_client_ca_file.empty() ? "TLS"
+                                          : "mTLS: client certificates required",
+      config.auth_token_file.empty() ? ", no token check" : ", bearer tokens required",
+      config.reflection ? "" : ", no reflection", "; NOT_SERVING until ready); creating the ",
+      BackendKindName(config.backend.kind), " backend; memory budget ",
+      service.memory_budget().limit(), " bytes (--max_inflight_bytes)"));
 
   BackendOptions backend_options = config.backend;
   std::string fallback_reason;
@@ -306,8 +336,9 @@ int Run(const ServerConfig& config) {
     }
     LogInfo(absl::StrCat(
         "serving gRPC on ", grpc_address, ", metrics ",
-        metrics_port >= 0 ? absl::StrCat("on ", JoinHostPort(config.host, metrics_port), "/metrics")
-                          : std::string("off (--metrics_port=-1)"),
+        metrics_port >= 0
+            ? absl::StrCat("on ", JoinHostPort(config.MetricsHost(), metrics_port), "/metrics")
+            : std::string("off (--metrics_port=-1)"),
         ", backend=", info.name, " (", info.device, "), version ", ServerVersion()));
   }
 

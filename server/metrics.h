@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "grpcpp/support/status_code_enum.h"
 #include "prometheus/counter.h"
@@ -57,8 +58,14 @@ class MetricsRegistry {
   // For the exposer (which keeps a weak_ptr) and for tests.
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
-  // anchorserve_requests_total{rpc, code}: one finished RPC.
-  void CountRequest(Rpc rpc, grpc::StatusCode code);
+  // anchorserve_requests_total{rpc, code}: one finished RPC; with a `caller` (a token's name)
+  // also anchorserve_caller_requests_total.
+  void CountRequest(Rpc rpc, grpc::StatusCode code, const std::string& caller = std::string());
+  // anchorserve_caller_requests_total{caller, rpc, code}: one finished RPC of a token's caller
+  // (only with --auth_token_file; the names come from that file).
+  void CountCallerRequest(const std::string& caller, Rpc rpc, grpc::StatusCode code);
+  // anchorserve_unauthenticated_total: calls refused for a missing or unknown token.
+  void CountUnauthenticated();
   // anchorserve_request_duration_seconds{rpc}: receipt to completion of one RPC.
   void ObserveRequestDuration(Rpc rpc, double seconds);
   // anchorserve_queue_duration_seconds: one request's wait in the batcher queue.
@@ -93,6 +100,8 @@ class MetricsRegistry {
   std::shared_ptr<prometheus::Registry> registry_;
   // [rpc][code]
   std::array<std::array<prometheus::Counter*, kNumGrpcCodes>, kNumRpcs> requests_{};
+  prometheus::Family<prometheus::Counter>* caller_requests_ = nullptr;
+  prometheus::Counter* unauthenticated_ = nullptr;
   std::array<prometheus::Histogram*, kNumRpcs> request_duration_{};
   prometheus::Histogram* queue_duration_ = nullptr;
   prometheus::Histogram* compute_duration_ = nullptr;

@@ -249,7 +249,8 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   }
 
   void Start(const v1::PrefillRequest& request) {
-    if (grpc::Status refused = RefusalStatus(*host_, host_serving_); !refused.ok()) {
+    if (grpc::Status refused = AdmissionStatus(*host_, host_serving_, *context_, &caller_slot_);
+        !refused.ok()) {
       return FinishEarly(refused);
     }
     if (serving_ == nullptr) {
@@ -401,7 +402,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   }
 
   void FinishNow(const grpc::Status& status) {
-    host_->metrics().CountRequest(Rpc::kPrefill, status.error_code());
+    host_->metrics().CountRequest(Rpc::kPrefill, status.error_code(), caller_slot_.caller());
     Finish(status);  // `this` may be gone after this call
   }
 
@@ -541,6 +542,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   const ServingState* const host_serving_;  // null while starting
   const PrefillServing* const serving_;     // null while starting
   grpc::CallbackServerContext* const context_;
+  CallerSlot caller_slot_;  // the caller's name and its --max_inflight_per_caller slot
   const absl::Time start_;
   PrefillSpec spec_;        // set in Start, read-only after
   std::string request_id_;  // set in Start, read-only after
@@ -587,7 +589,9 @@ grpc::ServerUnaryReactor* PrefillServiceImpl::GetModelInfo(grpc::CallbackServerC
                                                            const v1::GetModelInfoRequest* request,
                                                            v1::ModelInfo* response) {
   auto* reactor = new TrackedUnaryReactor(host_, Rpc::kGetModelInfo);
-  if (grpc::Status refused = RefusalStatus(*host_, reactor->serving()); !refused.ok()) {
+  if (grpc::Status refused =
+          AdmissionStatus(*host_, reactor->serving(), *context, reactor->caller_slot());
+      !refused.ok()) {
     reactor->FinishOnce(refused);
     return reactor;
   }

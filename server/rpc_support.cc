@@ -27,6 +27,13 @@ grpc::Status RefusalStatus(const AttentionServiceImpl& service, const ServingSta
   return grpc::Status::OK;
 }
 
+grpc::Status AdmissionStatus(AttentionServiceImpl& service, const ServingState* serving,
+                             const grpc::CallbackServerContext& context, CallerSlot* slot) {
+  if (grpc::Status refused = RefusalStatus(service, serving); !refused.ok()) return refused;
+  if (service.callers() == nullptr) return grpc::Status::OK;
+  return service.callers()->Admit(context, slot);
+}
+
 absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
@@ -65,7 +72,7 @@ TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)
 
 void TrackedUnaryReactor::FinishOnce(const grpc::Status& status) {
   if (finished_.exchange(true)) return;
-  service_->metrics().CountRequest(rpc_, status.error_code());
+  service_->metrics().CountRequest(rpc_, status.error_code(), caller_slot_.caller());
   Finish(status);
 }
 

@@ -21,6 +21,11 @@ namespace anchorserve {
 // never becomes ready); OK when it may go on. `serving` is the reactor's snapshot.
 grpc::Status RefusalStatus(const AttentionServiceImpl& service, const ServingState* serving);
 
+// RefusalStatus, then the caller's token and --max_inflight_per_caller (CallerGate): what every
+// RPC of our services checks first. Fills `slot`, which the reactor keeps until it is destroyed.
+grpc::Status AdmissionStatus(AttentionServiceImpl& service, const ServingState* serving,
+                             const grpc::CallbackServerContext& context, CallerSlot* slot);
+
 absl::Time DeadlineOf(const grpc::CallbackServerContext& context);
 
 // Why a call whose job finished is dead anyway (the client already has its status).
@@ -38,6 +43,7 @@ class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
   TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc);
 
   const ServingState* serving() const { return serving_; }
+  CallerSlot* caller_slot() { return &caller_slot_; }
 
   // Only the first call finishes the RPC.
   void FinishOnce(const grpc::Status& status);
@@ -48,6 +54,7 @@ class TrackedUnaryReactor : public grpc::ServerUnaryReactor {
   const ServingState* const serving_;  // null while starting; then fixed for the call
   const Rpc rpc_;
   const absl::Time start_;
+  CallerSlot caller_slot_;
 
  private:
   std::atomic<bool> finished_{false};

@@ -17,6 +17,28 @@ ABSL_FLAG(int32_t, metrics_port, anchorserve::kDefaultServerConfig.metrics_port,
           "Prometheus /metrics port; 0 picks a free one (see --port_file).");
 ABSL_FLAG(std::string, port_file, "",
           "When set, written atomically with \"grpc_port=N\\nmetrics_port=M\\n\" once serving.");
+ABSL_FLAG(std::string, metrics_host, anchorserve::kDefaultServerConfig.metrics_host,
+          "Address of the /metrics endpoint; empty = --host (127.0.0.1 keeps it local).");
+ABSL_FLAG(bool, reflection, anchorserve::kDefaultServerConfig.reflection,
+          "Serve gRPC server reflection (grpc.reflection.v1alpha).");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain of the gRPC port; with --tls_key_file the port speaks TLS only. "
+          "Re-read when it changes.");
+ABSL_FLAG(std::string, tls_key_file, "",
+          "PEM private key of --tls_cert_file. Re-read when it changes.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA certificates; when set, clients must present a certificate they signed (mTLS).");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File of \"name:token\" lines (# comments); when set, every RPC except "
+          "grpc.health.v1.Health needs \"authorization: Bearer <token>\". Re-read when it "
+          "changes.");
+ABSL_FLAG(int32_t, max_inflight_per_caller,
+          anchorserve::kDefaultServerConfig.max_inflight_per_caller,
+          "RPCs one token name may have in flight; more get RESOURCE_EXHAUSTED. 0 = unlimited. "
+          "Needs --auth_token_file.");
+ABSL_FLAG(double, credential_reload_s,
+          absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.credential_reload_interval),
+          "How often the TLS and token files are checked for changes, in whole seconds.");
 ABSL_FLAG(std::string, backend, "auto",
           "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
 ABSL_FLAG(int32_t, cpu_threads, anchorserve::kDefaultServerConfig.backend.cpu_threads,
@@ -99,6 +121,33 @@ absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view name) {
   return FlagError("backend", "must be one of auto, cpu, cuda", absl::StrCat("'", name, "'"));
 }
 
+absl::Status ValidateSecurity(const ServerConfig& config) {
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert_file and --tls_key_file go together: set both (TLS) or neither (plaintext)");
+  }
+  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_client_ca_file needs --tls_cert_file and --tls_key_file (mTLS is TLS first)");
+  }
+  if (auto s = CheckRange("max_inflight_per_caller", config.max_inflight_per_caller, 0, 1 << 20);
+      !s.ok()) {
+    return s;
+  }
+  if (config.max_inflight_per_caller > 0 && config.auth_token_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--max_inflight_per_caller needs --auth_token_file (callers are token names)");
+  }
+  if (config.credential_reload_interval < absl::Seconds(1) ||
+      config.credential_reload_interval > absl::Hours(24) ||
+      config.credential_reload_interval !=
+          absl::Trunc(config.credential_reload_interval, absl::Seconds(1))) {
+    return FlagError("credential_reload_s", "must be a whole number of seconds in [1, 86400]",
+                     absl::StrCat(absl::ToDoubleSeconds(config.credential_reload_interval)));
+  }
+  return absl::OkStatus();
+}
+
 // Longest delay or drain that still converts to absl::Duration and int milliseconds safely.
 constexpr double kMaxSecondsKnob = 24.0 * 3600.0;
 
@@ -116,6 +165,10 @@ absl::string_view BackendKindName(BackendKind kind) {
   return "unknown";
 }
 
+const std::string& ServerConfig::MetricsHost() const {
+  return metrics_host.empty() ? host : metrics_host;
+}
+
 std::string JoinHostPort(absl::string_view host, int port) {
   if (absl::StrContains(host, ':') && !absl::StartsWith(host, "[")) {
     return absl::StrCat("[", host, "]:", port);
@@ -125,11 +178,16 @@ std::string JoinHostPort(absl::string_view host, int port) {
 
 absl::Status ServerConfig::Validate() const {
   if (host.empty()) return FlagError("host", "must not be empty", "''");
+  if (metrics_host.find_first_of(" \t/") != std::string::npos) {
+    return FlagError("metrics_host", "must be an address or host name",
+                     absl::StrCat("'", metrics_host, "'"));
+  }
   if (auto s = CheckRange("grpc_port", grpc_port, 0, 65535); !s.ok()) return s;
   if (auto s = CheckRange("metrics_port", metrics_port, -1, 65535); !s.ok()) return s;
   if (grpc_port != 0 && grpc_port == metrics_port) {
     return FlagError("metrics_port", "must differ from --grpc_port", absl::StrCat(metrics_port));
   }
+  if (auto s = ValidateSecurity(*this); !s.ok()) return s;
   if (auto s = CheckRange("cpu_threads", backend.cpu_threads, 0, 4096); !s.ok()) return s;
   if (auto s = CheckRange("cuda_device", backend.cuda_device, 0, 1023); !s.ok()) return s;
 
@@ -224,6 +282,20 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.grpc_port = absl::GetFlag(FLAGS_grpc_port);
   config.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   config.port_file = absl::GetFlag(FLAGS_port_file);
+  config.metrics_host = absl::GetFlag(FLAGS_metrics_host);
+  config.reflection = absl::GetFlag(FLAGS_reflection);
+  config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  config.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  config.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  config.max_inflight_per_caller = absl::GetFlag(FLAGS_max_inflight_per_caller);
+  const double reload_s = absl::GetFlag(FLAGS_credential_reload_s);
+  if (!std::isfinite(reload_s) || reload_s < 1 || reload_s > 86400 ||
+      reload_s != std::floor(reload_s)) {
+    return FlagError("credential_reload_s", "must be a whole number of seconds in [1, 86400]",
+                     absl::StrCat(reload_s));
+  }
+  config.credential_reload_interval = absl::Seconds(static_cast<int64_t>(reload_s));
 
   absl::StatusOr<BackendKind> kind = ParseBackendKind(absl::GetFlag(FLAGS_backend));
   if (!kind.ok()) return kind.status();

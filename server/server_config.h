@@ -24,6 +24,18 @@ struct ServerConfig {
   int grpc_port = 50051;    // 0 = pick a free port
   int metrics_port = 9464;  // 0 = pick a free port, -1 = no metrics endpoint
   std::string port_file;    // written with the chosen ports once serving; empty = none
+  // Where /metrics listens; empty = --host. 127.0.0.1 keeps it off the network.
+  std::string metrics_host;
+  bool reflection = true;  // grpc.reflection.v1alpha on the gRPC port
+
+  // Transport security and authentication (security.h). No cert/key: plaintext.
+  std::string tls_cert_file;        // PEM chain; with tls_key_file the gRPC port speaks TLS
+  std::string tls_key_file;         // PEM private key
+  std::string tls_client_ca_file;   // PEM roots; when set, clients must present a cert (mTLS)
+  std::string auth_token_file;      // "name:token" lines; when set, every RPC but health needs one
+  int max_inflight_per_caller = 0;  // per token name; 0 = unlimited
+  // How often the certificate and token files are checked for changes.
+  absl::Duration credential_reload_interval = absl::Seconds(10);
 
   BackendOptions backend;
 
@@ -59,6 +71,9 @@ struct ServerConfig {
   absl::Duration drain_timeout = absl::Seconds(30);
 
   AnchorConfig defaults;  // applied to unset request config fields
+
+  // --metrics_host, or --host when that is empty.
+  const std::string& MetricsHost() const;
 
   // Checks every field; the message names the flag, e.g. "--grpc_port must be in [0, 65535]".
   absl::Status Validate() const;

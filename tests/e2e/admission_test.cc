@@ -125,8 +125,8 @@ TEST_F(AdmissionE2eTest, StalledAndSlowUploadsStayWithinTheBudgetAndGoodRequests
   EXPECT_TRUE(good_request().ok()) << "served while uploads stall";
   for (std::thread& t : threads) t.join();
   threads.clear();
-  EXPECT_EQ(stalled_deadline.load(), kAbusers) << stalled_other.load() << " ended otherwise, e.g. "
-                                               << stalled_example;
+  EXPECT_EQ(stalled_deadline.load(), kAbusers)
+      << stalled_other.load() << " ended otherwise, e.g. " << stalled_example;
 
   // 2. Uploads that send slowly (6 MiB each in 256 KiB chunks, 64 of them: 4x the budget).
   std::atomic<int> slow_ok{0}, slow_refused{0}, slow_other{0};
@@ -176,11 +176,12 @@ TEST_F(AdmissionE2eTest, StalledAndSlowUploadsStayWithinTheBudgetAndGoodRequests
   good.join();
 
   const int64_t peak_rss = ProcessMemory(server_->pid(), "VmHWM");
-  std::printf("idle RSS %.1f MiB, peak RSS %.1f MiB, budget %.0f MiB; slow uploads: %d served, "
-              "%d refused; good requests: %d served, %d failed\n",
-              static_cast<double>(idle_rss) / kMiB, static_cast<double>(peak_rss) / kMiB,
-              static_cast<double>(kBudgetBytes) / kMiB, slow_ok.load(), slow_refused.load(),
-              good_ok.load(), good_failed.load());
+  std::printf(
+      "idle RSS %.1f MiB, peak RSS %.1f MiB, budget %.0f MiB; slow uploads: %d served, "
+      "%d refused; good requests: %d served, %d failed\n",
+      static_cast<double>(idle_rss) / kMiB, static_cast<double>(peak_rss) / kMiB,
+      static_cast<double>(kBudgetBytes) / kMiB, slow_ok.load(), slow_refused.load(), good_ok.load(),
+      good_failed.load());
   EXPECT_LE(peak_rss, idle_rss + kBudgetBytes + kOverheadBytes);
   EXPECT_GT(slow_ok.load(), 0);
   EXPECT_GT(slow_refused.load(), 0) << "64 x 10 MiB cannot fit a 96 MiB budget at once";

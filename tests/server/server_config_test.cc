@@ -36,6 +36,11 @@ TEST(ServerConfigTest, DefaultsAreValidAndMatchTheContract) {
   EXPECT_EQ(config.stream_chunk_bytes, 4194304);
   EXPECT_EQ(config.max_queue_delay, absl::Milliseconds(2));
   EXPECT_TRUE(ValidateAnchorConfig(config.defaults).ok());
+  // Plaintext, no tokens, reflection on, metrics where the gRPC port is: local use as before.
+  EXPECT_TRUE(config.tls_cert_file.empty());
+  EXPECT_TRUE(config.auth_token_file.empty());
+  EXPECT_TRUE(config.reflection);
+  EXPECT_EQ(config.MetricsHost(), config.host);
 }
 
 TEST(ServerConfigTest, EveryBadKnobIsNamed) {
@@ -44,6 +49,14 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
     const char* flag;
   } cases[] = {
       {[](ServerConfig& c) { c.host = ""; }, "--host"},
+      {[](ServerConfig& c) { c.tls_cert_file = "c.pem"; }, "--tls_cert_file and --tls_key_file"},
+      {[](ServerConfig& c) { c.tls_key_file = "k.pem"; }, "--tls_cert_file and --tls_key_file"},
+      {[](ServerConfig& c) { c.tls_client_ca_file = "ca.pem"; }, "--tls_client_ca_file needs"},
+      {[](ServerConfig& c) { c.max_inflight_per_caller = 2; }, "needs --auth_token_file"},
+      {[](ServerConfig& c) { c.max_inflight_per_caller = -1; }, "--max_inflight_per_caller"},
+      {[](ServerConfig& c) { c.credential_reload_interval = absl::Milliseconds(1500); },
+       "--credential_reload_s"},
+      {[](ServerConfig& c) { c.metrics_host = "a b"; }, "--metrics_host"},
       {[](ServerConfig& c) { c.grpc_port = -1; }, "--grpc_port"},
       {[](ServerConfig& c) { c.grpc_port = 65536; }, "--grpc_port"},
       {[](ServerConfig& c) { c.metrics_port = 70000; }, "--metrics_port"},

@@ -7,11 +7,12 @@
     result.layers[0].k      # numpy [num_kv_heads, num_tokens, head_dim]
     result.argmax_token_id  # greedy next token
 
-See client/python/README.md.
+For a server with TLS and tokens, pass ``connect('host:port', tls_ca_file=..., token=...)`` in
+place of the address. See client/python/README.md.
 """
 
 from ._client import (AnchorServeError, LayerKV, PrefillResult, StreamProtocolError,
-                      build_request, model_info, prefill)
+                      build_request, connect, model_info, prefill)
 from ._hf import to_dynamic_cache
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     'PrefillResult',
     'StreamProtocolError',
     'build_request',
+    'connect',
     'model_info',
     'prefill',
     'to_dynamic_cache',

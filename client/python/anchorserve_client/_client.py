@@ -7,8 +7,10 @@ logits, then its metrics. :func:`prefill` checks every message against that orde
 cancelled at the first violation.
 """
 
+import collections
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -488,6 +490,120 @@ def _enum_name(enum, value) -> str:
         return f'unknown value {value}'
 
 
+# ---- channels -----------------------------------------------------------------------------------
+
+
+class _CallDetails(
+        collections.namedtuple('_CallDetails', ('method', 'timeout', 'metadata', 'credentials',
+                                                'wait_for_ready', 'compression')),
+        grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call (plaintext channels too, where
+    gRPC's call credentials are never sent)."""
+
+    def __init__(self, token: str):
+        self._header = ('authorization', f'Bearer {token}')
+
+    def _details(self, details):
+        metadata = list(details.metadata or []) + [self._header]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, getattr(details, 'compression', None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as error:
+        raise ValueError(f'{what} {path}: {error.strerror}') from None
+
+
+def _check_token(token: str, source: str) -> str:
+    token = token.strip()
+    if not token or any(c <= ' ' or c >= '\x7f' for c in token):
+        raise ValueError(f'{source}: the token must be non-empty printable ASCII without spaces')
+    return token
+
+
+def _resolve_token(token: Optional[str], token_file: Optional[str]) -> Optional[str]:
+    if token is not None and token_file is not None:
+        raise ValueError('pass token or token_file, not both')
+    if token is not None:
+        return _check_token(token, 'token')
+    if token_file is not None:
+        lines = [line for line in _read(token_file, 'token_file').decode().splitlines()
+                 if line.strip()]
+        if not lines:
+            raise ValueError(f'token_file {token_file} is empty')
+        return _check_token(lines[0], f'token_file {token_file}')
+    env = os.environ.get('ANCHOR_TOKEN')
+    return _check_token(env, 'ANCHOR_TOKEN') if env else None
+
+
+def connect(target: str, *, tls_ca_file: Optional[str] = None,
+            tls_cert_file: Optional[str] = None, tls_key_file: Optional[str] = None,
+            tls_server_name: Optional[str] = None, token: Optional[str] = None,
+            token_file: Optional[str] = None) -> grpc.Channel:
+    """A channel to ``target`` for servers started with TLS and/or ``--auth_token_file``.
+
+    Pass it to :func:`prefill` and :func:`model_info` in place of the address; close it when
+    done (``channel.close()`` or ``with connect(...) as channel``).
+
+    Args:
+      target: ``'host:port'``.
+      tls_ca_file: PEM CA certificates that signed the server's certificate. Setting it (or a
+        client certificate) makes the channel TLS; otherwise it is plaintext.
+      tls_cert_file, tls_key_file: the client certificate chain and key, for servers started
+        with ``--tls_client_ca_file`` (mTLS); both or neither.
+      tls_server_name: the name the server's certificate must carry when the target's host is
+        not it.
+      token: bearer token sent as ``authorization: Bearer <token>`` with every call.
+      token_file: file whose first non-empty line is the token (instead of ``token``). With
+        neither, the ``ANCHOR_TOKEN`` environment variable is used when set.
+
+    Raises:
+      ValueError: a file cannot be read, a bad token, or inconsistent options.
+    """
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target must be 'host:port', got {target!r}")
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise ValueError('tls_cert_file and tls_key_file go together')
+    use_tls = tls_ca_file is not None or tls_cert_file is not None
+    if tls_server_name is not None and not use_tls:
+        raise ValueError('tls_server_name needs tls_ca_file (TLS)')
+    bearer = _resolve_token(token, token_file)
+    options = list(_CHANNEL_OPTIONS)
+    if use_tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls_ca_file, 'tls_ca_file') if tls_ca_file else None,
+            private_key=_read(tls_key_file, 'tls_key_file') if tls_key_file else None,
+            certificate_chain=_read(tls_cert_file, 'tls_cert_file') if tls_cert_file else None)
+        if tls_server_name is not None:
+            options.append(('grpc.ssl_target_name_override', tls_server_name))
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if bearer is not None:
+        channel = grpc.intercept_channel(channel, _BearerToken(bearer))
+    return channel
+
+
 # ---- calls --------------------------------------------------------------------------------------
 
 
@@ -521,7 +637,8 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
     """Runs the model's prefill over ``ids`` on the server; returns every returned layer's K/V.
 
     Args:
-      target: ``'host:port'`` (plaintext) or an existing ``grpc.Channel``.
+      target: ``'host:port'`` (plaintext) or an existing ``grpc.Channel`` (e.g. from
+        :func:`connect`, for TLS and tokens).
       ids: the prompt's token ids.
       theta: AnchorAttention's difference threshold (server default when None).
       dense: exact dense attention instead (not with ``theta``).
