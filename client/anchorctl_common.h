@@ -12,11 +12,13 @@
 #include "absl/status/statusor.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "client/attention_client.h"
+#include "client/channel_target.h"
 
 // Connection.
 ABSL_DECLARE_FLAG(std::string, target);
 ABSL_DECLARE_FLAG(double, deadline_s);
 ABSL_DECLARE_FLAG(int64_t, stream_chunk_bytes);
+ABSL_DECLARE_FLAG(int32_t, stream_attempts);
 // Config (unset flags take the server's defaults).
 ABSL_DECLARE_FLAG(std::string, mode);
 ABSL_DECLARE_FLAG(std::optional<double>, theta);
@@ -47,6 +49,10 @@ std::string DescribeConfig(const v1::AnchorConfig& config);
 // Client options from --deadline_s and --stream_chunk_bytes.
 absl::StatusOr<ClientOptions> ClientOptionsFromFlags();
 absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient();
+
+// --stream_attempts: whole-call retries of streamed calls (AttendStream, Prefill) that failed
+// with UNAVAILABLE before a response reached anchorctl. gRPC retries the unary calls itself.
+absl::StatusOr<WholeCallRetry> StreamRetryFromFlags();
 
 // --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale.
 absl::StatusOr<v1::AnchorConfig> ConfigFromFlags();
