@@ -21,8 +21,8 @@ namespace anchorserve {
 namespace {
 
 // Schemes of gRPC 1.51's resolvers: a target that starts with one is a URI, commas and all.
-constexpr absl::string_view kResolverSchemes[] = {"dns:",  "ipv4:",          "ipv6:",
-                                                  "unix:", "unix-abstract:", "vsock:"};
+constexpr absl::string_view kResolverSchemes[] = {
+    "dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:"};
 
 bool HasResolverScheme(absl::string_view target) {
   for (absl::string_view scheme : kResolverSchemes) {

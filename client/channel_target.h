@@ -41,8 +41,8 @@ absl::StatusOr<std::string> NormalizeTarget(absl::string_view target);
 // resolves to, so that each request may go to another replica, and retries of the unary RPCs
 // (Attend, GetServerInfo, GetModelInfo) and of Prefill (until its first response message) on
 // UNAVAILABLE, which a draining or vanished replica answers, and on CANCELLED, which a replica
-// that has begun to shut down answers to calls that crossed its GOAWAY. AttendStream is not retried by
-// gRPC: its input may be far larger than kRetryBufferBytes (see anchorctl for a whole-request
+// that has begun to shut down answers to calls that crossed its GOAWAY. AttendStream is not retried
+// by gRPC: its input may be far larger than kRetryBufferBytes (see anchorctl for a whole-request
 // retry). Health/Check is not retried either: a probe reports what it sees.
 const std::string& ReplicaServiceConfigJson();
 
@@ -56,7 +56,7 @@ grpc::ChannelArguments ChannelArgumentsForReplicas(int64_t max_message_bytes);
 // UNAVAILABLE before the server computed anything the caller kept, so sending it again (to the
 // next replica, round_robin) is safe.
 struct WholeCallRetry {
-  int max_attempts = 3;  // the first try included; 1 = no retries
+  int max_attempts = 3;                                    // the first try included; 1 = no retries
   absl::Duration first_backoff = absl::Milliseconds(100);  // doubles, with jitter
   absl::Duration max_backoff = absl::Seconds(2);
 };

@@ -20,11 +20,10 @@ namespace {
 using ::testing::HasSubstr;
 
 TEST(NormalizeTargetTest, SingleTargetsAndUrisPassThrough) {
-  for (const char* target :
-       {"127.0.0.1:50051", "localhost:50051", "anchorserve.default.svc:50051",
-        "dns:///anchorserve-headless:50051", "dns://10.0.0.10:53/anchorserve:50051",
-        "ipv4:10.0.0.1:1,10.0.0.2:2", "IPV6:[::1]:1,[::1]:2", "unix:/tmp/anchorserve.sock",
-        "[::1]:50051"}) {
+  for (const char* target : {"127.0.0.1:50051", "localhost:50051", "anchorserve.default.svc:50051",
+                             "dns:///anchorserve-headless:50051",
+                             "dns://10.0.0.10:53/anchorserve:50051", "ipv4:10.0.0.1:1,10.0.0.2:2",
+                             "IPV6:[::1]:1,[::1]:2", "unix:/tmp/anchorserve.sock", "[::1]:50051"}) {
     absl::StatusOr<std::string> normalized = NormalizeTarget(target);
     ASSERT_TRUE(normalized.ok()) << target << ": " << normalized.status();
     EXPECT_EQ(*normalized, target);
@@ -36,7 +35,8 @@ TEST(NormalizeTargetTest, ListsBecomeOneFamilyUri) {
             "ipv4:10.0.0.1:50051,10.0.0.2:50052");
   EXPECT_EQ(NormalizeTarget(" 127.0.0.1:1 , 127.0.0.2:2,127.0.0.3:3 ").value_or("?"),
             "ipv4:127.0.0.1:1,127.0.0.2:2,127.0.0.3:3");
-  EXPECT_EQ(NormalizeTarget("[::1]:1,[fd00::2]:65535").value_or("?"), "ipv6:[::1]:1,[fd00::2]:65535");
+  EXPECT_EQ(NormalizeTarget("[::1]:1,[fd00::2]:65535").value_or("?"),
+            "ipv6:[::1]:1,[fd00::2]:65535");
 }
 
 TEST(NormalizeTargetTest, BadListsNameTheElement) {

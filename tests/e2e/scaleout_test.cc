@@ -176,8 +176,8 @@ TEST_F(ScaleOutE2eTest, AnchorctlBalancesOverAListTarget) {
   ASSERT_NO_FATAL_FAILURE(StartReplicas({"--cpu_threads=1"}));
   const std::string target_flag = absl::StrCat("--target=", ListTarget());
   absl::StatusOr<ProcessResult> load = RunProcess(
-      {AnchorctlBinary(), target_flag, "load", "--requests=30", "--concurrency=3",
-       "--seq_len=256", "--q_heads=4", "--kv_heads=2", "--head_dim=64", "--metrics_only"},
+      {AnchorctlBinary(), target_flag, "load", "--requests=30", "--concurrency=3", "--seq_len=256",
+       "--q_heads=4", "--kv_heads=2", "--head_dim=64", "--metrics_only"},
       absl::Seconds(120));
   ASSERT_TRUE(load.ok()) << load.status();
   EXPECT_EQ(load->exit_code, 0) << load->output;
@@ -198,10 +198,10 @@ TEST_F(ScaleOutE2eTest, AnchorctlBalancesOverAListTarget) {
   EXPECT_THAT(stream->output, HasSubstr("verification passed"));
 
   // A list with a name in it is a usage error that names the element.
-  absl::StatusOr<ProcessResult> bad = RunProcess(
-      {AnchorctlBinary(), absl::StrCat("--target=", replicas_[0]->target(), ",replica-b:50051"),
-       "info"},
-      absl::Seconds(30));
+  absl::StatusOr<ProcessResult> bad =
+      RunProcess({AnchorctlBinary(),
+                  absl::StrCat("--target=", replicas_[0]->target(), ",replica-b:50051"), "info"},
+                 absl::Seconds(30));
   ASSERT_TRUE(bad.ok()) << bad.status();
   EXPECT_EQ(bad->exit_code, 2) << bad->output;
   EXPECT_THAT(bad->output, HasSubstr("'replica-b:50051' is not an IP address"));
