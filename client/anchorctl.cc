@@ -1,5 +1,6 @@
 // anchorctl: command-line client of anchorserve.
 //
+// --target is HOST:PORT, dns:///NAME:PORT or a list IP:PORT,IP:PORT (client/channel_target.h).
 //   anchorctl [--target=HOST:PORT] info
 //   anchorctl [--target=HOST:PORT] [--service=NAME] health
 //   anchorctl [--target=HOST:PORT] attend [shape | --q/--k/--v files] [config] [--verify] ...
@@ -115,9 +116,15 @@ security (servers started with --tls_cert_file / --auth_token_file):
   --tls_ca_file=CA.pem (TLS), --tls_cert_file=C.pem --tls_key_file=K.pem (mTLS),
   --tls_server_name=NAME (when the --target host is not in the certificate),
   --token_file=F or the ANCHOR_TOKEN environment variable (bearer token)
+replicas: --target=dns:///NAME:PORT (every address NAME resolves to, e.g. a Kubernetes headless
+  Service) or --target=IP:PORT,IP:PORT,... balances requests round-robin over the replicas;
+  a request refused with UNAVAILABLE (a replica draining or gone) is sent again to another one
+  (gRPC's retry policy for unary calls, --stream_attempts for streamed ones)
 
 examples:
   anchorctl --target=127.0.0.1:50051 info
+  anchorctl --target=dns:///anchorserve-headless.default.svc.cluster.local:50051 load --requests=100
+  anchorctl --target=10.0.0.11:50051,10.0.0.12:50051,10.0.0.13:50051 attend --seq_len=8192
   anchorctl --deadline_s=4 health
   anchorctl attend --seq_len=16384 --q_heads=32 --kv_heads=8 --head_dim=128 --dtype=bf16 --verify
   anchorctl load --requests=200 --concurrency=8 --seq_len=2048 --metrics_only
@@ -253,7 +260,28 @@ struct PreparedRequest {
   v1::GetServerInfoResponse info;
   LoadedInputs loaded;  // owns the tensors `inputs` views
   AttendInputs inputs;
+  WholeCallRetry stream_retry;
 };
+
+// One attend call: streamed calls are retried whole on UNAVAILABLE (the output is only kept
+// once complete, so nothing received is lost); gRPC has already retried unary ones.
+absl::StatusOr<AttendResult> AttendOnce(PreparedRequest& prepared, bool stream) {
+  const int64_t server_limit = prepared.info.limits().max_message_bytes();
+  if (!stream) return prepared.client->AttendAuto(prepared.inputs, server_limit);
+  return RetryWholeCall(
+      prepared.stream_retry,
+      [&] {
+        return prepared.client->AttendAuto(prepared.inputs, server_limit, /*force_stream=*/true);
+      },
+      [] { return true; });
+}
+
+// Whether AttendAuto streams `inputs`: asked to, or too large for a unary message.
+bool WillStream(const PreparedRequest& prepared, bool force_stream) {
+  return force_stream ||
+         EstimateUnaryRequestBytes(prepared.inputs) > prepared.info.limits().max_message_bytes() ||
+         EstimateUnaryRequestBytes(prepared.inputs) > prepared.client->options().max_message_bytes;
+}
 
 // Config and inputs from the flags, and the server's info. On failure prints the error and
 // returns the exit code (kExitUsage for a bad command line, kExitFailed for a failed call);
@@ -264,6 +292,12 @@ int PrepareRequest(PreparedRequest* prepared) {
     PrintError(config.status());
     return kExitUsage;
   }
+  absl::StatusOr<WholeCallRetry> stream_retry = StreamRetryFromFlags();
+  if (!stream_retry.ok()) {
+    PrintError(stream_retry.status());
+    return kExitUsage;
+  }
+  prepared->stream_retry = *stream_retry;
   absl::StatusOr<std::unique_ptr<AttentionClient>> client = MakeClient();
   if (!client.ok()) {
     PrintError(client.status());
@@ -367,15 +401,13 @@ int RunAttend() {
   }
   PreparedRequest prepared;
   if (const int exit_code = PrepareRequest(&prepared); exit_code != kExitOk) return exit_code;
-  AttentionClient& client = *prepared.client;
   const AttendInputs& inputs = prepared.inputs;
-  const int64_t unary_limit = prepared.info.limits().max_message_bytes();
-  const bool force_stream = absl::GetFlag(FLAGS_stream);
   std::printf("inputs:             %s (%s)\n", prepared.loaded.description.c_str(),
               FormatBytes(inputs.PayloadBytes()).c_str());
 
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttendResult> result = client.AttendAuto(inputs, unary_limit, force_stream);
+  absl::StatusOr<AttendResult> result =
+      AttendOnce(prepared, WillStream(prepared, absl::GetFlag(FLAGS_stream)));
   const absl::Duration latency = absl::Now() - start;
   if (!result.ok()) {
     PrintError(result.status());
@@ -478,10 +510,7 @@ int RunLoad() {
   if (const int exit_code = PrepareRequest(&prepared); exit_code != kExitOk) return exit_code;
   AttentionClient& client = *prepared.client;
   const AttendInputs& inputs = prepared.inputs;
-  const int64_t server_limit = prepared.info.limits().max_message_bytes();
-  const bool stream = absl::GetFlag(FLAGS_stream) ||
-                      EstimateUnaryRequestBytes(inputs) > server_limit ||
-                      EstimateUnaryRequestBytes(inputs) > client.options().max_message_bytes;
+  const bool stream = WillStream(prepared, absl::GetFlag(FLAGS_stream));
   // Unary requests are built once and shared read-only by all workers.
   std::optional<v1::AttendRequest> unary_request;
   if (!stream) {
@@ -513,7 +542,7 @@ int RunLoad() {
       const absl::Time call_start = absl::Now();
       absl::Status status;
       if (stream) {
-        status = client.AttendAuto(inputs, server_limit, /*force_stream=*/true).status();
+        status = AttendOnce(prepared, /*stream=*/true).status();
       } else {
         status = client.Attend(*unary_request).status();
       }

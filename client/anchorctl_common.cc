@@ -13,10 +13,16 @@
 #include "client/client_credentials.h"
 
 // Connection.
-ABSL_FLAG(std::string, target, "127.0.0.1:50051", "gRPC address of the anchorserve server");
+ABSL_FLAG(std::string, target, "127.0.0.1:50051",
+          "the server: HOST:PORT, dns:///NAME:PORT (every address of NAME, e.g. a headless "
+          "Service) or a list IP:PORT,IP:PORT,... ([IPv6]:PORT); requests are balanced "
+          "round-robin over the replicas and retried on another one when refused (UNAVAILABLE)");
 ABSL_FLAG(double, deadline_s, 600, "deadline of each call, in seconds");
 ABSL_FLAG(int64_t, stream_chunk_bytes, int64_t{4} << 20,
           "bytes of Q/K/V per message when streaming");
+ABSL_FLAG(int32_t, stream_attempts, 3,
+          "tries of a streamed call (AttendStream, Prefill) that fails with UNAVAILABLE before any "
+          "response arrived, e.g. on a replica that began draining (1 = no retry)");
 
 // Security (the server's --tls_* and --auth_token_file).
 ABSL_FLAG(std::string, tls_ca_file, "",
@@ -149,6 +155,16 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient() {
   absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags();
   if (!options.ok()) return options.status();
   return AttentionClient::Create(absl::GetFlag(FLAGS_target), *options);
+}
+
+absl::StatusOr<WholeCallRetry> StreamRetryFromFlags() {
+  WholeCallRetry retry;
+  retry.max_attempts = absl::GetFlag(FLAGS_stream_attempts);
+  if (retry.max_attempts < 1 || retry.max_attempts > 100) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--stream_attempts must be in [1, 100], got ", retry.max_attempts));
+  }
+  return retry;
 }
 
 absl::StatusOr<v1::AnchorConfig> ConfigFromFlags() {

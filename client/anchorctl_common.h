@@ -13,6 +13,7 @@
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "client/attention_client.h"
 #include "grpcpp/security/credentials.h"
+#include "client/channel_target.h"
 
 // Connection.
 ABSL_DECLARE_FLAG(std::string, target);
@@ -24,6 +25,7 @@ ABSL_DECLARE_FLAG(std::string, tls_cert_file);
 ABSL_DECLARE_FLAG(std::string, tls_key_file);
 ABSL_DECLARE_FLAG(std::string, tls_server_name);
 ABSL_DECLARE_FLAG(std::string, token_file);
+ABSL_DECLARE_FLAG(int32_t, stream_attempts);
 // Config (unset flags take the server's defaults).
 ABSL_DECLARE_FLAG(std::string, mode);
 ABSL_DECLARE_FLAG(std::optional<double>, theta);
@@ -62,6 +64,10 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFrom
 // neither is set.
 absl::StatusOr<std::string> BearerTokenFromFlags();
 absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient();
+
+// --stream_attempts: whole-call retries of streamed calls (AttendStream, Prefill) that failed
+// with UNAVAILABLE before a response reached anchorctl. gRPC retries the unary calls itself.
+absl::StatusOr<WholeCallRetry> StreamRetryFromFlags();
 
 // --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale.
 absl::StatusOr<v1::AnchorConfig> ConfigFromFlags();

@@ -332,6 +332,11 @@ int RunPrefill() {
     PrintError(client.status());
     return kExitUsage;
   }
+  absl::StatusOr<WholeCallRetry> stream_retry = StreamRetryFromFlags();
+  if (!stream_retry.ok()) {
+    PrintError(stream_retry.status());
+    return kExitUsage;
+  }
   bool usage_error = false;
   absl::StatusOr<std::vector<int32_t>> ids = PromptFromFlags(**client, &usage_error);
   if (!ids.ok()) {
@@ -384,8 +389,18 @@ int RunPrefill() {
   std::printf("sending:         %d token ids to %s\n", request->token_ids_size(),
               (*client)->target().c_str());
   std::fflush(stdout);
-  absl::StatusOr<PrefillSummary> summary =
-      (*client)->PrefillStreamed(*request, std::move(callbacks), call);
+  // Retried whole only while no header has arrived: after it, output went to the terminal and
+  // to --kv_out. (gRPC's retry policy covers most of these; this also covers requests too large
+  // for its retry buffer.)
+  bool header_seen = false;
+  PrefillCallbacks counted = callbacks;
+  counted.on_header = [&](const v1::PrefillHeader& header, absl::string_view request_id) {
+    header_seen = true;
+    return callbacks.on_header(header, request_id);
+  };
+  absl::StatusOr<PrefillSummary> summary = RetryWholeCall(
+      *stream_retry, [&] { return (*client)->PrefillStreamed(*request, counted, call); },
+      [&] { return !header_seen; });
   progress.End();
   if (!summary.ok()) {
     PrintError(summary.status());

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
+#include "client/channel_target.h"
 #include "client/client_credentials.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -224,9 +225,9 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::st
   if (options.default_deadline <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("default_deadline must be positive");
   }
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  absl::StatusOr<std::string> grpc_target = NormalizeTarget(target);
+  if (!grpc_target.ok()) return grpc_target.status();
+  grpc::ChannelArguments args = ChannelArgumentsForReplicas(options.max_message_bytes);
   if (!options.tls_server_name.empty()) {
     if (options.channel_credentials == nullptr) {
       return absl::InvalidArgumentError("tls_server_name needs TLS channel_credentials");
@@ -244,7 +245,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::st
     interceptors.push_back(BearerTokenInterceptor(options.bearer_token));
   }
   std::shared_ptr<grpc::Channel> channel = grpc::experimental::CreateCustomChannelWithInterceptors(
-      target, credentials, args, std::move(interceptors));
+      *grpc_target, credentials, args, std::move(interceptors));
   if (channel == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot create a channel to '", target, "'"));
   }

@@ -79,9 +79,11 @@ class ScopedCallRegistration {
   CallCanceller* canceller_;
 };
 
-// Checks `options` and makes the channel to `target` that the clients of this library use
-// (message size limits, credentials, TLS server name and bearer token from `options`; no
-// connection is made yet).
+// Checks `options` and makes the channel to `target` that the clients of this library use:
+// `target` in any form of client/channel_target.h (one server, dns:///name:port, a list of
+// addresses), requests balanced round-robin over the replicas and retried on UNAVAILABLE
+// (ChannelArgumentsForReplicas); message size limits, credentials, TLS server name and bearer
+// token from `options`. No connection is made yet.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateClientChannel(const std::string& target,
                                                                    const ClientOptions& options);
 
@@ -129,7 +131,8 @@ int64_t EstimateUnaryRequestBytes(const AttendInputs& inputs);
 
 class AttentionClient {
  public:
-  // `target` is a gRPC target such as "127.0.0.1:50051" (plaintext; no connection is made yet).
+  // `target`: "127.0.0.1:50051", "dns:///anchorserve:50051" or "10.0.0.1:50051,10.0.0.2:50051"
+  // (see CreateClientChannel; plaintext; no connection is made yet).
   static absl::StatusOr<std::unique_ptr<AttentionClient>> Create(std::string target,
                                                                  ClientOptions options = {});
 

@@ -62,6 +62,19 @@ class WithoutPlugin final : public grpc::ServerBuilderOption {
 // grpc::reflection::ProtoServerReflectionPlugin::name().
 constexpr char kReflectionPluginName[] = "proto_server_reflection";
 
+// Clients balance over the addresses they resolved when they connected: a connection that ends
+// now and then makes them resolve again and spread over the replicas there are now.
+void ApplyConnectionAge(const ServerConfig& config, grpc::ServerBuilder* builder) {
+  if (config.max_connection_age > absl::ZeroDuration()) {
+    builder->AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                                Milliseconds(config.max_connection_age));
+  }
+  if (config.max_connection_age_grace > absl::ZeroDuration()) {
+    builder->AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                                Milliseconds(config.max_connection_age_grace));
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<StartedGrpcServer> StartGrpcServer(
@@ -77,6 +90,7 @@ absl::StatusOr<StartedGrpcServer> StartGrpcServer(
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   ApplyKeepalive(keepalive, &builder);
+  ApplyConnectionAge(config, &builder);
   for (grpc::Service* service : services) builder.RegisterService(service);
   if (!config.reflection) builder.SetOption(std::make_unique<WithoutPlugin>(kReflectionPluginName));
   started.server = builder.BuildAndStart();
@@ -97,6 +111,21 @@ void SetServingHealth(grpc::Server& server, bool serving) {
   if (health == nullptr) return;  // the default service is always on in StartGrpcServer
   health->SetServingStatus("", serving);
   health->SetServingStatus(kAttentionServiceName, serving);
+}
+
+GoawayNotice::GoawayNotice(grpc::Server& server)
+    : queue_(grpc_completion_queue_create_for_next(nullptr)) {
+  grpc_server_shutdown_and_notify(server.c_server(), queue_, this);
+}
+
+GoawayNotice::~GoawayNotice() {
+  // Server::Shutdown has returned, so gRPC has posted our tag; the loop takes it and then the
+  // queue's own shutdown event.
+  grpc_completion_queue_shutdown(queue_);
+  while (grpc_completion_queue_next(queue_, gpr_inf_future(GPR_CLOCK_REALTIME), nullptr).type !=
+         GRPC_QUEUE_SHUTDOWN) {
+  }
+  grpc_completion_queue_destroy(queue_);
 }
 
 }  // namespace anchorserve

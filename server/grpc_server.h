@@ -1,5 +1,6 @@
 // The gRPC server around AttentionServiceImpl: listening port, message limits, HTTP/2 keepalive
-// policy and the standard health service, which starts NOT_SERVING.
+// and connection age policy, the standard health service (which starts NOT_SERVING), and the
+// GOAWAY that starts a drain.
 #pragma once
 
 #include <memory>
@@ -9,6 +10,8 @@
 #include "absl/types/span.h"
 #include "grpcpp/server.h"
 #include "server/server_config.h"
+
+struct grpc_completion_queue;
 
 namespace grpc {
 class Service;
@@ -50,5 +53,21 @@ absl::StatusOr<StartedGrpcServer> StartGrpcServer(
 
 // Sets both health names ("" and kAttentionServiceName) to SERVING or NOT_SERVING.
 void SetServingHealth(grpc::Server& server, bool serving);
+
+// Starts gRPC's shutdown of `server` without waiting for it: the port stops listening and every
+// connection gets GOAWAY, so clients send their next calls to other replicas at once (calls that
+// crossed the GOAWAY are retried by the client's gRPC transparently), while the calls in flight
+// go on. server.Shutdown() must still be called; it finishes the shutdown, and this object must
+// be destroyed after it has returned.
+class GoawayNotice {
+ public:
+  explicit GoawayNotice(grpc::Server& server);
+  ~GoawayNotice();
+  GoawayNotice(const GoawayNotice&) = delete;
+  GoawayNotice& operator=(const GoawayNotice&) = delete;
+
+ private:
+  grpc_completion_queue* queue_;  // receives gRPC's "shutdown finished" event
+};
 
 }  // namespace anchorserve

@@ -2,7 +2,8 @@
 //
 // flags -> ServerConfig -> metrics endpoint -> tokens and port credentials -> gRPC server listening
 // (health NOT_SERVING, RPCs UNAVAILABLE "server is starting") -> backend -> batcher -> model and
-// prefill engine (with --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain ->
+// prefill engine (with --model) -> SERVING -> --port_file -> wait for SIGTERM/SIGINT -> drain
+// (NOT_SERVING, new RPCs UNAVAILABLE, GOAWAY and the port closed, calls in flight finish) ->
 // exit 0. Exit codes: 2 invalid flags (a bad token file or TLS file included) or an unusable
 // --model, 1 startup failure, 0 after a drain.
 #include <fcntl.h>
@@ -345,9 +346,12 @@ int Run(const ServerConfig& config) {
   signals.received().WaitForNotification();
   LogInfo(absl::StrCat("signal ", signals.signal_number(), ": draining (up to ",
                        absl::FormatDuration(config.drain_timeout), ")"));
-  // Readiness first so that balancers move away, then refuse new calls, let the rest finish.
+  // Readiness first so that balancers move away, then refuse new calls (UNAVAILABLE, which the
+  // clients retry on another replica), then GOAWAY: clients stop sending here at once rather
+  // than when the drain is over. The calls in flight go on.
   SetServingHealth(server, false);
   service.StartDraining();
+  GoawayNotice goaway(server);
   // Should a backend never give cancelled work back, do not hang past the pod's grace period.
   std::thread([limit = config.drain_timeout + 2 * kShutdownGrace] {
     absl::SleepFor(limit);

@@ -79,6 +79,14 @@ ABSL_FLAG(int64_t, stream_chunk_bytes, anchorserve::kDefaultServerConfig.stream_
 ABSL_FLAG(double, drain_timeout_s,
           absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.drain_timeout),
           "On SIGTERM/SIGINT, how long in-flight requests may take before they are cancelled.");
+ABSL_FLAG(double, max_connection_age_s,
+          absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.max_connection_age),
+          "Connections older than this (+-10% jitter) get GOAWAY so that clients reconnect and "
+          "re-resolve (new replicas get traffic); 0 = no limit.");
+ABSL_FLAG(double, max_connection_age_grace_s,
+          absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.max_connection_age_grace),
+          "How long calls may still run on a connection closed for its age before they are "
+          "cancelled; 0 = no limit.");
 ABSL_FLAG(double, default_theta, anchorserve::kDefaultServerConfig.defaults.theta,
           "Default difference threshold (nats); inf = dense, -inf = anchor region only.");
 ABSL_FLAG(int32_t, default_block_size, anchorserve::kDefaultServerConfig.defaults.block_size,
@@ -150,6 +158,15 @@ absl::Status ValidateSecurity(const ServerConfig& config) {
 
 // Longest delay or drain that still converts to absl::Duration and int milliseconds safely.
 constexpr double kMaxSecondsKnob = 24.0 * 3600.0;
+
+// A --*_s flag of seconds as a duration in [0, kMaxSecondsKnob], to the millisecond.
+absl::StatusOr<absl::Duration> SecondsFlag(absl::string_view flag, double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0 || seconds > kMaxSecondsKnob) {
+    return FlagError(flag, absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(seconds));
+  }
+  return absl::Milliseconds(std::llround(seconds * 1e3));
+}
 
 }  // namespace
 
@@ -256,6 +273,22 @@ absl::Status ServerConfig::Validate() const {
                      absl::StrCat(absl::ToDoubleSeconds(drain_timeout)));
   }
 
+  if (max_connection_age < absl::ZeroDuration() ||
+      max_connection_age > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("max_connection_age_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(absl::ToDoubleSeconds(max_connection_age)));
+  }
+  if (max_connection_age > absl::ZeroDuration() && max_connection_age < absl::Seconds(1)) {
+    return FlagError("max_connection_age_s", "must be 0 (no limit) or at least 1",
+                     absl::StrCat(absl::ToDoubleSeconds(max_connection_age)));
+  }
+  if (max_connection_age_grace < absl::ZeroDuration() ||
+      max_connection_age_grace > absl::Seconds(kMaxSecondsKnob)) {
+    return FlagError("max_connection_age_grace_s",
+                     absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
+                     absl::StrCat(absl::ToDoubleSeconds(max_connection_age_grace)));
+  }
+
   // The defaults, named by their flags; ValidateAnchorConfig below stays the backstop.
   if (std::isnan(defaults.theta)) return FlagError("default_theta", "must not be NaN", "nan");
   if (auto s = CheckRange("default_block_size", defaults.block_size, 1, kMaxBlockSize); !s.ok()) {
@@ -343,6 +376,14 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
                      absl::StrCat(drain_s));
   }
   config.drain_timeout = absl::Milliseconds(std::llround(drain_s * 1e3));
+  absl::StatusOr<absl::Duration> age =
+      SecondsFlag("max_connection_age_s", absl::GetFlag(FLAGS_max_connection_age_s));
+  if (!age.ok()) return age.status();
+  config.max_connection_age = *age;
+  absl::StatusOr<absl::Duration> age_grace =
+      SecondsFlag("max_connection_age_grace_s", absl::GetFlag(FLAGS_max_connection_age_grace_s));
+  if (!age_grace.ok()) return age_grace.status();
+  config.max_connection_age_grace = *age_grace;
 
   const double theta = absl::GetFlag(FLAGS_default_theta);
   if (std::isnan(theta)) return FlagError("default_theta", "must not be NaN", "nan");

@@ -70,6 +70,14 @@ struct ServerConfig {
 
   absl::Duration drain_timeout = absl::Seconds(30);
 
+  // Connections older than this get GOAWAY (gRPC adds +-10% jitter): clients reconnect and
+  // re-resolve, so replicas added since (scale-out, rollouts) get their share of the requests.
+  // Zero: no limit.
+  absl::Duration max_connection_age = absl::Seconds(300);
+  // Calls still running on a connection that got GOAWAY for its age may take this long before
+  // they are cancelled. Zero: no limit (a long Prefill is never cut off by a reconnect).
+  absl::Duration max_connection_age_grace = absl::ZeroDuration();
+
   AnchorConfig defaults;  // applied to unset request config fields
 
   // --metrics_host, or --host when that is empty.

@@ -122,19 +122,18 @@ absl::StatusOr<ProcessResult> RunProcess(const std::vector<std::string>& argv,
 }
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
-    const std::vector<std::string>& extra_flags, absl::Duration startup_timeout) {
+    const std::vector<std::string>& extra_flags, absl::Duration startup_timeout,
+    const std::string& host) {
   absl::StatusOr<std::string> dir = MakeTempDir("anchor_e2e_server_");
   if (!dir.ok()) return dir.status();
   std::unique_ptr<ServerProcess> server(new ServerProcess());
   server->dir_ = *dir;
   server->log_path_ = *dir + "/server.log";
+  server->host_ = host;
   const std::string port_file = *dir + "/ports";
-  std::vector<std::string> argv = {AnchorserveBinary(),
-                                   "--host=127.0.0.1",
-                                   "--grpc_port=0",
-                                   "--metrics_port=0",
-                                   absl::StrCat("--port_file=", port_file),
-                                   "--backend=cpu"};
+  std::vector<std::string> argv = {
+      AnchorserveBinary(), absl::StrCat("--host=", host),           "--grpc_port=0",
+      "--metrics_port=0",  absl::StrCat("--port_file=", port_file), "--backend=cpu"};
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
   absl::StatusOr<pid_t> pid = Spawn(argv, server->log_path_);
   if (!pid.ok()) return pid.status();
@@ -182,7 +181,7 @@ ServerProcess::~ServerProcess() {
   ::rmdir(dir_.c_str());
 }
 
-std::string ServerProcess::target() const { return absl::StrCat("127.0.0.1:", grpc_port_); }
+std::string ServerProcess::target() const { return absl::StrCat(host_, ":", grpc_port_); }
 
 absl::Status ServerProcess::Signal(int signal_number) {
   if (pid_ <= 0) return absl::FailedPreconditionError("server is not running");
@@ -271,7 +270,8 @@ void OwnServerTest::StartServer(const std::vector<std::string>& flags,
 
 void OwnServerTest::TearDown() { PrintLogIfFailed(server_.get()); }
 
-absl::StatusOr<std::string> HttpGet(int port, absl::string_view path, absl::Duration timeout) {
+absl::StatusOr<std::string> HttpGet(int port, absl::string_view path, absl::Duration timeout,
+                                    const std::string& host) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", ErrnoText()));
   struct Closer {
@@ -286,12 +286,14 @@ absl::StatusOr<std::string> HttpGet(int port, absl::string_view path, absl::Dura
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::inet_pton(AF_INET, host.c_str(), &address.sin_addr) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("HttpGet: '", host, "' is not an IPv4 address"));
+  }
   if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    return absl::UnavailableError(absl::StrCat("connect 127.0.0.1:", port, ": ", ErrnoText()));
+    return absl::UnavailableError(absl::StrCat("connect ", host, ":", port, ": ", ErrnoText()));
   }
   const std::string request =
-      absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+      absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: ", host, "\r\nConnection: close\r\n\r\n");
   if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
       static_cast<ssize_t>(request.size())) {
     return absl::InternalError(absl::StrCat("send: ", ErrnoText()));

@@ -38,20 +38,23 @@ struct ProcessResult {
 absl::StatusOr<ProcessResult> RunProcess(const std::vector<std::string>& argv,
                                          absl::Duration timeout);
 
-// `anchorserve --host=127.0.0.1 --grpc_port=0 --metrics_port=0 --port_file=... --backend=cpu`
-// plus `extra_flags`. Start() returns once the port file appears (the server is serving).
+// `anchorserve --host=HOST --grpc_port=0 --metrics_port=0 --port_file=... --backend=cpu` plus
+// `extra_flags` (a later --grpc_port=N overrides the 0). Start() returns once the port file
+// appears (the server is serving). `host` is an IPv4 loopback address: Linux answers on all of
+// 127.0.0.0/8, so several servers can stand for several replicas.
 class ServerProcess {
  public:
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
       const std::vector<std::string>& extra_flags,
-      absl::Duration startup_timeout = absl::Seconds(60));
+      absl::Duration startup_timeout = absl::Seconds(60), const std::string& host = "127.0.0.1");
   ~ServerProcess();  // Stop()
   ServerProcess(const ServerProcess&) = delete;
   ServerProcess& operator=(const ServerProcess&) = delete;
 
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_port_; }
-  std::string target() const;  // "127.0.0.1:PORT"
+  const std::string& host() const { return host_; }
+  std::string target() const;  // "HOST:PORT"
   pid_t pid() const { return pid_; }
 
   absl::Status Signal(int signal_number);
@@ -69,6 +72,7 @@ class ServerProcess {
   ServerProcess() = default;
 
   pid_t pid_ = -1;
+  std::string host_;
   int grpc_port_ = 0;
   int metrics_port_ = 0;
   std::string dir_;
@@ -108,9 +112,11 @@ class OwnServerTest : public ::testing::Test {
   std::unique_ptr<AttentionClient> client_;  // of server_, made by StartServer
 };
 
-// GET http://127.0.0.1:port/path; returns the whole response (status line, headers, body).
+// GET http://HOST:port/path (HOST an IPv4 address); returns the whole response (status line,
+// headers, body).
 absl::StatusOr<std::string> HttpGet(int port, absl::string_view path,
-                                    absl::Duration timeout = absl::Seconds(10));
+                                    absl::Duration timeout = absl::Seconds(10),
+                                    const std::string& host = "127.0.0.1");
 
 // grpc.health.v1.Health/Check.
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(

@@ -20,6 +20,8 @@ ABSL_DECLARE_FLAG(double, upload_stall_timeout_s);
 ABSL_DECLARE_FLAG(double, default_theta);
 ABSL_DECLARE_FLAG(int64_t, max_message_bytes);
 ABSL_DECLARE_FLAG(double, drain_timeout_s);
+ABSL_DECLARE_FLAG(double, max_connection_age_s);
+ABSL_DECLARE_FLAG(double, max_connection_age_grace_s);
 
 namespace anchorserve {
 namespace {
@@ -35,6 +37,8 @@ TEST(ServerConfigTest, DefaultsAreValidAndMatchTheContract) {
   EXPECT_EQ(config.max_request_bytes, int64_t{4294967296});
   EXPECT_EQ(config.stream_chunk_bytes, 4194304);
   EXPECT_EQ(config.max_queue_delay, absl::Milliseconds(2));
+  EXPECT_EQ(config.max_connection_age, absl::Seconds(300));
+  EXPECT_EQ(config.max_connection_age_grace, absl::ZeroDuration());
   EXPECT_TRUE(ValidateAnchorConfig(config.defaults).ok());
   // Plaintext, no tokens, reflection on, metrics where the gRPC port is: local use as before.
   EXPECT_TRUE(config.tls_cert_file.empty());
@@ -80,6 +84,12 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.stream_chunk_bytes = 0; }, "--stream_chunk_bytes"},
       {[](ServerConfig& c) { c.stream_chunk_bytes = c.max_message_bytes; }, "--stream_chunk_bytes"},
       {[](ServerConfig& c) { c.drain_timeout = absl::Seconds(-1); }, "--drain_timeout_s"},
+      {[](ServerConfig& c) { c.max_connection_age = absl::Seconds(-1); }, "--max_connection_age_s"},
+      {[](ServerConfig& c) { c.max_connection_age = absl::Milliseconds(500); },
+       "--max_connection_age_s must be 0 (no limit) or at least 1"},
+      {[](ServerConfig& c) { c.max_connection_age = absl::Hours(25); }, "--max_connection_age_s"},
+      {[](ServerConfig& c) { c.max_connection_age_grace = absl::Seconds(-1); },
+       "--max_connection_age_grace_s"},
       {[](ServerConfig& c) { c.defaults.theta = std::nanf(""); }, "--default_theta"},
       {[](ServerConfig& c) { c.defaults.block_size = 0; }, "--default_block_size"},
       {[](ServerConfig& c) { c.defaults.block_size = kMaxBlockSize + 1; }, "--default_block_size"},
@@ -103,6 +113,8 @@ TEST(ServerConfigTest, EdgeValuesAreAccepted) {
   config.max_message_bytes = kMaxGrpcMessageBytes;
   config.max_queue_delay = absl::ZeroDuration();
   config.drain_timeout = absl::ZeroDuration();
+  config.max_connection_age = absl::ZeroDuration();  // no limit
+  config.max_connection_age_grace = absl::Hours(24);
   config.defaults.theta = std::numeric_limits<float>::infinity();
   EXPECT_TRUE(config.Validate().ok()) << config.Validate();
   config.defaults.theta = -std::numeric_limits<float>::infinity();
@@ -119,6 +131,8 @@ TEST(ServerConfigTest, FromFlags) {
   absl::SetFlag(&FLAGS_max_queue_time_ms, 250.0);
   absl::SetFlag(&FLAGS_max_inflight_bytes, int64_t{1} << 30);
   absl::SetFlag(&FLAGS_upload_stall_timeout_s, 2.5);
+  absl::SetFlag(&FLAGS_max_connection_age_s, 60);
+  absl::SetFlag(&FLAGS_max_connection_age_grace_s, 0.25);
   absl::StatusOr<ServerConfig> config = ServerConfigFromFlags();
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->backend.kind, BackendKind::kCpu);
@@ -128,6 +142,8 @@ TEST(ServerConfigTest, FromFlags) {
   EXPECT_EQ(config->max_queue_time, absl::Milliseconds(250));
   EXPECT_EQ(config->max_inflight_bytes, int64_t{1} << 30);
   EXPECT_EQ(config->upload_stall_timeout, absl::Milliseconds(2500));
+  EXPECT_EQ(config->max_connection_age, absl::Seconds(60));
+  EXPECT_EQ(config->max_connection_age_grace, absl::Milliseconds(250));
   EXPECT_TRUE(std::isinf(config->defaults.theta));
 
   absl::SetFlag(&FLAGS_backend, "gpu");
@@ -141,6 +157,10 @@ TEST(ServerConfigTest, FromFlags) {
   absl::SetFlag(&FLAGS_default_theta, std::nan(""));
   EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
               HasSubstr("--default_theta"));
+  absl::SetFlag(&FLAGS_default_theta, 12.0);
+  absl::SetFlag(&FLAGS_max_connection_age_grace_s, std::nan(""));
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--max_connection_age_grace_s must be in [0, 86400]"));
 }
 
 TEST(ServerConfigTest, JoinHostPort) {

@@ -9,6 +9,8 @@ cancelled at the first violation.
 
 import collections
 import dataclasses
+import ipaddress
+import json
 import math
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -35,8 +37,6 @@ _LAYOUT_NAMES = {value: name for name, value in _LAYOUTS.items()}
 _K = anchorserve_pb2.TENSOR_NAME_K
 _V = anchorserve_pb2.TENSOR_NAME_V
 _MAX_TOKEN_ID = 2**31 - 1
-# No client-side limit on received messages (the server chooses its chunk size).
-_CHANNEL_OPTIONS = [('grpc.max_receive_message_length', -1)]
 
 Target = Union[str, grpc.Channel]
 
@@ -492,6 +492,115 @@ def _enum_name(enum, value) -> str:
 
 # ---- channels -----------------------------------------------------------------------------------
 
+# Schemes of gRPC's resolvers: a target that starts with one is a URI, commas and all.
+_RESOLVER_SCHEMES = ('dns:', 'ipv4:', 'ipv6:', 'unix:', 'unix-abstract:', 'vsock:')
+
+# Requests whose buffered messages exceed this are not retried by gRPC (it keeps what was sent
+# until the server answers).
+RETRY_BUFFER_BYTES = 64 << 20
+
+# The same service config as the C++ client (client/channel_target.cc): round_robin over every
+# address the target resolves to, so that each request may go to another replica, and retries on
+# UNAVAILABLE (a replica draining or gone) and CANCELLED (calls that crossed the GOAWAY of a
+# replica that began to shut down; the server never answers CANCELLED otherwise). Prefill is
+# retried only until its first response message arrives (gRPC commits the call then).
+SERVICE_CONFIG = {
+    'loadBalancingConfig': [{'round_robin': {}}],
+    'methodConfig': [{
+        'name': [
+            {'service': 'anchorserve.v1.AttentionService', 'method': 'Attend'},
+            {'service': 'anchorserve.v1.AttentionService', 'method': 'GetServerInfo'},
+            {'service': 'anchorserve.v1.PrefillService', 'method': 'Prefill'},
+            {'service': 'anchorserve.v1.PrefillService', 'method': 'GetModelInfo'},
+        ],
+        'retryPolicy': {
+            'maxAttempts': 5,
+            'initialBackoff': '0.05s',
+            'maxBackoff': '1s',
+            'backoffMultiplier': 2,
+            'retryableStatusCodes': ['UNAVAILABLE', 'CANCELLED'],
+        },
+    }],
+}
+
+
+def _list_address(target: str, element: str) -> Tuple[int, str]:
+    """(IP version, element) of one 'ip:port' or '[ipv6]:port' list element."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"target {target!r}: list element {element!r} {why}; a list holds IP "
+                          'addresses with ports (IPv6 in brackets: [fd00::1]:50051), a name goes '
+                          'alone, e.g. dns:///anchorserve:50051')
+
+    if not element:
+        raise bad('is empty')
+    if element.startswith('['):
+        host, bracket, port = element[1:].partition(']:')
+        if not bracket:
+            raise bad("has no ']:port' after its IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad('is not an IPv6 address in brackets') from None
+        version = 6
+    else:
+        host, colon, port = element.rpartition(':')
+        if not colon:
+            raise bad('has no port')
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise bad('is an IPv6 address without brackets' if ':' in host
+                      else 'is not an IP address') from None
+        version = 4
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise bad('has no port in [1, 65535]')
+    return version, element
+
+
+def grpc_target(target: str) -> str:
+    """The gRPC target for ``target``.
+
+    ``'host:port'`` and ``'dns:///name:port'`` (every address the name resolves to, e.g. a
+    Kubernetes headless Service) and other gRPC URIs are returned unchanged; a comma-separated list
+    of IP literals with ports (``'10.0.0.1:50051,10.0.0.2:50051'``, IPv6 in brackets) becomes
+    gRPC's ``ipv4:``/``ipv6:`` target (one address family per list). ValueError names the element
+    that is not an address with a port.
+    """
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target must be 'host:port', 'dns:///name:port', a list "
+                         f"'ip:port,ip:port' or a grpc.Channel, got {target!r}")
+    if ',' not in target or target.lower().startswith(_RESOLVER_SCHEMES):
+        return target
+    addresses = [_list_address(target, element.strip()) for element in target.split(',')]
+    versions = {version for version, _ in addresses}
+    if len(versions) > 1:
+        raise ValueError(f'target {target!r} mixes IPv4 and IPv6 addresses; gRPC takes one '
+                         'address family per list (use a dns:/// name that resolves to both)')
+    return f'ipv{versions.pop()}:' + ','.join(text for _, text in addresses)
+
+
+def channel_options() -> List[Tuple[str, Any]]:
+    """gRPC channel options of the client: the service config above, retries, no receive limit."""
+    return [
+        # No client-side limit on received messages (the server chooses its chunk size).
+        ('grpc.max_receive_message_length', -1),
+        ('grpc.service_config', json.dumps(SERVICE_CONFIG)),
+        # Ours, not one from DNS TXT records.
+        ('grpc.service_config_disable_resolution', 1),
+        ('grpc.enable_retries', 1),
+        ('grpc.per_rpc_retry_buffer_size', RETRY_BUFFER_BYTES),
+    ]
+
+
+def create_channel(target: str) -> grpc.Channel:
+    """A plaintext channel to ``target`` (any form of :func:`grpc_target`).
+
+    Requests on it are balanced round-robin over the replicas. Reuse it for many calls (pass it as
+    ``target``): a channel per call would connect anew each time and balance nothing.
+    """
+    return grpc.insecure_channel(grpc_target(target), options=channel_options())
+
 
 class _CallDetails(
         collections.namedtuple('_CallDetails', ('method', 'timeout', 'metadata', 'credentials',
@@ -566,7 +675,7 @@ def connect(target: str, *, tls_ca_file: Optional[str] = None,
     done (``channel.close()`` or ``with connect(...) as channel``).
 
     Args:
-      target: ``'host:port'``.
+      target: any form of :func:`grpc_target` (one server, ``dns:///name:port``, a list).
       tls_ca_file: PEM CA certificates that signed the server's certificate. Setting it (or a
         client certificate) makes the channel TLS; otherwise it is plaintext.
       tls_cert_file, tls_key_file: the client certificate chain and key, for servers started
@@ -580,15 +689,14 @@ def connect(target: str, *, tls_ca_file: Optional[str] = None,
     Raises:
       ValueError: a file cannot be read, a bad token, or inconsistent options.
     """
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"target must be 'host:port', got {target!r}")
+    address = grpc_target(target)
     if (tls_cert_file is None) != (tls_key_file is None):
         raise ValueError('tls_cert_file and tls_key_file go together')
     use_tls = tls_ca_file is not None or tls_cert_file is not None
     if tls_server_name is not None and not use_tls:
         raise ValueError('tls_server_name needs tls_ca_file (TLS)')
     bearer = _resolve_token(token, token_file)
-    options = list(_CHANNEL_OPTIONS)
+    options = channel_options()
     if use_tls:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(tls_ca_file, 'tls_ca_file') if tls_ca_file else None,
@@ -596,9 +704,9 @@ def connect(target: str, *, tls_ca_file: Optional[str] = None,
             certificate_chain=_read(tls_cert_file, 'tls_cert_file') if tls_cert_file else None)
         if tls_server_name is not None:
             options.append(('grpc.ssl_target_name_override', tls_server_name))
-        channel = grpc.secure_channel(target, credentials, options=options)
+        channel = grpc.secure_channel(address, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(target, options=options)
+        channel = grpc.insecure_channel(address, options=options)
     if bearer is not None:
         channel = grpc.intercept_channel(channel, _BearerToken(bearer))
     return channel
@@ -613,11 +721,9 @@ class _Channel:
     def __init__(self, target: Target):
         if isinstance(target, grpc.Channel):
             self._channel, self._owned = target, False
-        elif isinstance(target, str) and target:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-            self._owned = True
         else:
-            raise ValueError(f"target must be 'host:port' or a grpc.Channel, got {target!r}")
+            self._channel = create_channel(target)
+            self._owned = True
 
     def __enter__(self):
         return self._channel
@@ -637,8 +743,9 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
     """Runs the model's prefill over ``ids`` on the server; returns every returned layer's K/V.
 
     Args:
-      target: ``'host:port'`` (plaintext) or an existing ``grpc.Channel`` (e.g. from
-        :func:`connect`, for TLS and tokens).
+      target: ``'host:port'``, ``'dns:///name:port'``, ``'ip:port,ip:port,...'`` (plaintext; see
+        :func:`grpc_target`) or a channel from :func:`create_channel` or :func:`connect` (TLS and
+        tokens), or any ``grpc.Channel``.
       ids: the prompt's token ids.
       theta: AnchorAttention's difference threshold (server default when None).
       dense: exact dense attention instead (not with ``theta``).

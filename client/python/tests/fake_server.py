@@ -168,6 +168,8 @@ class FakeServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.model = model
         self.script: Optional[Callable[[object], Script]] = None
         self.info_error: Optional[grpc.StatusCode] = None
+        self.info_failures: List[grpc.StatusCode] = []  # answered to the next GetModelInfo calls
+        self.info_calls = 0
         self.requests = []
         self.metadata = []
         self._lock = threading.Lock()
@@ -187,20 +189,25 @@ class FakeServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(script.code, script.details)
 
     def GetModelInfo(self, request, context):  # noqa: N802
+        with self._lock:
+            self.info_calls += 1
+            failure = self.info_failures.pop(0) if self.info_failures else None
+        if failure is not None:
+            context.abort(failure, 'injected failure')
         if self.info_error is not None:
             context.abort(self.info_error, 'the server runs without --model')
         return model_info_of(self.model)
 
 
 class FakeServer:
-    """The fake service on 127.0.0.1 (a free port) while used as a context manager."""
+    """The fake service on ``host`` (a free port) while used as a context manager."""
 
-    def __init__(self, model: Optional[FakeModel] = None):
+    def __init__(self, model: Optional[FakeModel] = None, host: str = '127.0.0.1'):
         self.servicer = FakeServicer(model or FakeModel())
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(self.servicer, self._server)
-        port = self._server.add_insecure_port('127.0.0.1:0')
-        self.target = f'127.0.0.1:{port}'
+        port = self._server.add_insecure_port(f'{host}:0')
+        self.target = f'{host}:{port}'
 
     def __enter__(self):
         self._server.start()
