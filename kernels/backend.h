@@ -21,24 +21,9 @@ struct BackendInfo {
   std::vector<int> head_dims;
 };
 
-// Host memory a backend copies to and from fastest (page-locked for the CUDA backend), handed out
-// in blocks and taken back for reuse. Thread-safe.
-class HostMemoryPool {
- public:
-  virtual ~HostMemoryPool() = default;
-  // A block of at least `bytes`, or null when the pool has none to give (the caller then uses
-  // ordinary memory).
-  virtual void* Take(int64_t bytes) = 0;
-  // Returns a block from Take with the same `bytes`.
-  virtual void Give(void* block, int64_t bytes) = 0;
-};
-
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
-
-  // Where request tensors should live on the host; null = ordinary memory is as good.
-  virtual HostMemoryPool* host_memory_pool() { return nullptr; }
 
   // Name, device and capabilities; implementations build it with DescribeBackend.
   virtual BackendInfo Info() const = 0;
@@ -72,8 +57,6 @@ struct BackendOptions {
   BackendKind kind = BackendKind::kAuto;  // kAuto: CUDA when a device is present, else CPU
   int cpu_threads = 0;                    // 0 = all hardware threads
   int cuda_device = 0;
-  // CUDA: most page-locked host memory kept for request tensors (0 = none: copies are staged).
-  int64_t pinned_host_bytes = int64_t{4} << 30;
   // kAuto only: set to why a present GPU was not used (e.g. not an sm_90 part) when the CPU
   // backend was chosen instead; left empty otherwise.
   std::string* maybe_fallback_reason = nullptr;

@@ -14,7 +14,7 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateBackend(const BackendOpt
       return CreateCpuBackend(options.cpu_threads);
     case BackendKind::kCuda:
 #if ANCHOR_ENABLE_CUDA
-      return CreateCudaBackend(options.cuda_device, options.pinned_host_bytes);
+      return CreateCudaBackend(options.cuda_device);
 #else
       return absl::FailedPreconditionError(
           "backend 'cuda' requested but this build has no CUDA (configure with "
@@ -24,7 +24,7 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateBackend(const BackendOpt
 #if ANCHOR_ENABLE_CUDA
       if (CudaDeviceCount() > 0) {
         absl::StatusOr<std::unique_ptr<AttentionBackend>> cuda =
-            CreateCudaBackend(options.cuda_device, options.pinned_host_bytes);
+            CreateCudaBackend(options.cuda_device);
         // A GPU the kernels cannot run on (not sm_90) is no reason to refuse service.
         if (cuda.ok() || cuda.status().code() != absl::StatusCode::kFailedPrecondition) {
           return cuda;

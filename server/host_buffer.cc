@@ -14,28 +14,21 @@ constexpr size_t kMappedBytes = size_t{1} << 20;
 
 void HostBufferDeleter::operator()(char* data) const {
   if (data == nullptr) return;
-  if (pool_ != nullptr) {
-    pool_->Give(data, static_cast<int64_t>(bytes_));
-  } else if (bytes_ >= kMappedBytes) {
+  if (bytes_ >= kMappedBytes) {
     munmap(data, bytes_);
   } else {
     delete[] data;
   }
 }
 
-HostBuffer AllocateBytes(int64_t bytes, HostMemoryPool* pool) {
+HostBuffer AllocateBytes(int64_t bytes) {
   const size_t size = static_cast<size_t>(bytes);
-  if (pool != nullptr) {
-    if (void* block = pool->Take(bytes); block != nullptr) {
-      return HostBuffer(static_cast<char*>(block), HostBufferDeleter(size, pool));
-    }
-  }
   if (size >= kMappedBytes) {
     void* mapped = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mapped == MAP_FAILED) return HostBuffer(nullptr, HostBufferDeleter(size, nullptr));
-    return HostBuffer(static_cast<char*>(mapped), HostBufferDeleter(size, nullptr));
+    if (mapped == MAP_FAILED) return HostBuffer(nullptr, HostBufferDeleter(size));
+    return HostBuffer(static_cast<char*>(mapped), HostBufferDeleter(size));
   }
-  return HostBuffer(new (std::nothrow) char[size], HostBufferDeleter(size, nullptr));
+  return HostBuffer(new (std::nothrow) char[size], HostBufferDeleter(size));
 }
 
 }  // namespace anchorserve

@@ -9,25 +9,21 @@
 #include <cstdint>
 #include <memory>
 
-#include "kernels/backend.h"
-
 namespace anchorserve {
 
 class HostBufferDeleter {
  public:
   HostBufferDeleter() = default;
-  HostBufferDeleter(size_t bytes, HostMemoryPool* pool) : bytes_(bytes), pool_(pool) {}
+  explicit HostBufferDeleter(size_t bytes) : bytes_(bytes) {}
   void operator()(char* data) const;
 
  private:
   size_t bytes_ = 0;
-  HostMemoryPool* pool_ = nullptr;  // the block goes back there
 };
 
 using HostBuffer = std::unique_ptr<char[], HostBufferDeleter>;
 
-// Not zero-filled; null when the allocation fails. From `pool` (the backend's, e.g. page-locked
-// memory the GPU copies at full rate) when it has a block, else mapped or heap memory.
-HostBuffer AllocateBytes(int64_t bytes, HostMemoryPool* pool = nullptr);
+// Not zero-filled; null when the allocation fails.
+HostBuffer AllocateBytes(int64_t bytes);
 
 }  // namespace anchorserve

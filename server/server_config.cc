@@ -43,9 +43,6 @@ ABSL_FLAG(std::string, backend, "auto",
           "Compute backend: auto (CUDA if a GPU is present), cpu, cuda.");
 ABSL_FLAG(int32_t, cpu_threads, anchorserve::kDefaultServerConfig.backend.cpu_threads,
           "Threads of the CPU backend; 0 = all hardware threads.");
-ABSL_FLAG(int64_t, pinned_host_bytes, anchorserve::kDefaultServerConfig.backend.pinned_host_bytes,
-          "CUDA backend: most page-locked host memory kept for request tensors (received into it, "
-          "copied to and from the GPU at full rate); 0 = none (copies are staged).");
 ABSL_FLAG(int32_t, cuda_device, anchorserve::kDefaultServerConfig.backend.cuda_device,
           "CUDA device ordinal of the CUDA backend.");
 ABSL_FLAG(int32_t, max_batch_requests, anchorserve::kDefaultServerConfig.max_batch_requests,
@@ -210,11 +207,6 @@ absl::Status ServerConfig::Validate() const {
   if (auto s = ValidateSecurity(*this); !s.ok()) return s;
   if (auto s = CheckRange("cpu_threads", backend.cpu_threads, 0, 4096); !s.ok()) return s;
   if (auto s = CheckRange("cuda_device", backend.cuda_device, 0, 1023); !s.ok()) return s;
-  if (auto s =
-          CheckRange<int64_t>("pinned_host_bytes", backend.pinned_host_bytes, 0, int64_t{1} << 42);
-      !s.ok()) {
-    return s;
-  }
 
   if (auto s = CheckRange("max_batch_requests", max_batch_requests, 1, 65536); !s.ok()) return s;
   if (auto s = CheckRange<int64_t>("max_batch_tokens", max_batch_tokens, 1,
@@ -343,7 +335,6 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.backend.kind = *kind;
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.backend.cuda_device = absl::GetFlag(FLAGS_cuda_device);
-  config.backend.pinned_host_bytes = absl::GetFlag(FLAGS_pinned_host_bytes);
 
   config.max_batch_requests = absl::GetFlag(FLAGS_max_batch_requests);
   config.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);

@@ -20,7 +20,6 @@ using cuda::AttentionRunner;
 using cuda::KernelChoice;
 
 using cuda::Event;
-using cuda::PinnedHostPool;
 using cuda::PinnedStaging;
 using cuda::SecondsBetween;
 
@@ -53,15 +52,12 @@ int CudaDeviceCount() {
 // first DMA starts soon.
 constexpr int64_t kStagingSliceBytes = int64_t{8} << 20;
 
-absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device,
-                                                                    int64_t pinned_host_bytes) {
-  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend,
-                          CudaBackend::Create(device, pinned_host_bytes));
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device) {
+  ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(device));
   return std::unique_ptr<AttentionBackend>(std::move(backend));
 }
 
-absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device,
-                                                                 int64_t pinned_host_bytes) {
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
   const int count = CudaDeviceCount();
   if (device < 0 || device >= count) {
     return absl::FailedPreconditionError(
@@ -82,8 +78,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device,
       absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
                    properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");
   return std::unique_ptr<CudaBackend>(
-      new CudaBackend(device, std::move(runner), std::move(staging),
-                      std::make_unique<PinnedHostPool>(device, pinned_host_bytes), name));
+      new CudaBackend(device, std::move(runner), std::move(staging), name));
 }
 
 BackendInfo CudaBackend::Info() const { return DescribeBackend(*this, "cuda", device_name_); }
@@ -235,9 +230,9 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     char* q = static_cast<char*>(runner_->q()) + seq.q_offset * element_bytes;
     char* k = static_cast<char*>(runner_->k()) + seq.kv_offset * element_bytes;
     char* v = static_cast<char*>(runner_->v()) + seq.kv_offset * element_bytes;
-    ANCHOR_RETURN_IF_ERROR(staging_->CopyToDevice(q, task.q, q_bytes, stream));
-    ANCHOR_RETURN_IF_ERROR(staging_->CopyToDevice(k, task.k, kv_bytes, stream));
-    ANCHOR_RETURN_IF_ERROR(staging_->CopyToDevice(v, task.v, kv_bytes, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(q, task.q, q_bytes, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(k, task.k, kv_bytes, stream));
+    ANCHOR_RETURN_IF_ERROR(staging_->Upload(v, task.v, kv_bytes, stream));
   }
   ANCHOR_RETURN_IF_ERROR(uploaded.Record(stream));
   if (choice == KernelChoice::kSparse) {
@@ -259,7 +254,7 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     if (task.Cancelled()) continue;
     const cuda::SeqDesc& seq = plan.seqs[t];
     const int64_t q_bytes = task.shape.seq_len * shape.num_q_heads * shape.head_dim * element_bytes;
-    ANCHOR_RETURN_IF_ERROR(staging_->CopyToHost(
+    ANCHOR_RETURN_IF_ERROR(staging_->Download(
         task.out, static_cast<const char*>(runner_->out()) + seq.q_offset * element_bytes, q_bytes,
         stream));
     if (task.maybe_lse != nullptr) {

@@ -14,7 +14,6 @@
 #include "absl/types/span.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/attention_runner.h"
-#include "kernels/cuda/pinned_host_pool.h"
 #include "kernels/cuda/pinned_staging.h"
 
 namespace anchorserve {
@@ -26,18 +25,14 @@ int CudaDeviceCount();
 absl::Status CanRunOnCuda(const AttentionProblem& problem);
 
 // The backend on `device`. FAILED_PRECONDITION without such a device.
-// `pinned_host_bytes`: capacity of the page-locked pool for request tensors (host_memory_pool).
-absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device,
-                                                                    int64_t pinned_host_bytes = 0);
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(int device);
 
 class CudaBackend : public AttentionBackend {
  public:
-  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device,
-                                                             int64_t pinned_host_bytes = 0);
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
   ~CudaBackend() override;
 
   BackendInfo Info() const override;
-  HostMemoryPool* host_memory_pool() override { return host_pool_.get(); }
   absl::Status CanRun(const AttentionProblem& problem) const override;
   absl::Status Run(absl::Span<AttentionTask* const> batch) override;
 
@@ -59,12 +54,10 @@ class CudaBackend : public AttentionBackend {
 
  private:
   CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner,
-              std::unique_ptr<cuda::PinnedStaging> staging,
-              std::unique_ptr<cuda::PinnedHostPool> host_pool, std::string device_name)
+              std::unique_ptr<cuda::PinnedStaging> staging, std::string device_name)
       : device_(device),
         runner_(std::move(runner)),
         staging_(std::move(staging)),
-        host_pool_(std::move(host_pool)),
         device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Grows the packed q/k/v/out/lse buffer of uploaded batches to `bytes`.
@@ -75,7 +68,6 @@ class CudaBackend : public AttentionBackend {
   std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
   // Request tensors are pageable host memory: copies go through these pinned buffers.
   std::unique_ptr<cuda::PinnedStaging> staging_ ABSL_GUARDED_BY(mu_);
-  const std::unique_ptr<cuda::PinnedHostPool> host_pool_;  // thread-safe itself
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;
   void* tensor_buffer_ ABSL_GUARDED_BY(mu_) = nullptr;  // packed tensors of the last batch

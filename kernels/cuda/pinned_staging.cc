@@ -20,8 +20,8 @@ absl::StatusOr<std::unique_ptr<PinnedStaging>> PinnedStaging::Create(int64_t sli
       for (char* allocated : slots) {
         if (allocated != nullptr) cudaFreeHost(allocated);
       }
-      return absl::ResourceExhaustedError(absl::StrCat("pinned staging buffer of ", slice_bytes,
-                                                       " bytes: ", cudaGetErrorString(error)));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "pinned staging buffer of ", slice_bytes, " bytes: ", cudaGetErrorString(error)));
     }
     slot = static_cast<char*>(memory);
   }
@@ -33,36 +33,6 @@ absl::StatusOr<std::unique_ptr<PinnedStaging>> PinnedStaging::Create(int64_t sli
 PinnedStaging::~PinnedStaging() {
   for (Event& event : done_) cudaEventSynchronize(event.get());
   for (char* slot : slots_) cudaFreeHost(slot);
-}
-
-namespace {
-
-bool IsPageLocked(const void* host) {
-  cudaPointerAttributes attributes{};
-  if (cudaPointerGetAttributes(&attributes, host) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return attributes.type == cudaMemoryTypeHost;
-}
-
-}  // namespace
-
-absl::Status PinnedStaging::CopyToDevice(void* device, const void* host, int64_t bytes,
-                                         cudaStream_t stream) {
-  if (!IsPageLocked(host)) return Upload(device, host, bytes, stream);
-  ANCHOR_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(device, host, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream));
-  return absl::OkStatus();
-}
-
-absl::Status PinnedStaging::CopyToHost(void* host, const void* device, int64_t bytes,
-                                       cudaStream_t stream) {
-  if (!IsPageLocked(host)) return Download(host, device, bytes, stream);
-  ANCHOR_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(host, device, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, stream));
-  ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  return absl::OkStatus();
 }
 
 absl::Status PinnedStaging::Upload(void* device, const void* host, int64_t bytes,
@@ -88,9 +58,10 @@ absl::Status PinnedStaging::Download(void* host, const void* device, int64_t byt
     const int slot = static_cast<int>(index % kSlots);
     const int64_t offset = index * slice_bytes_;
     const int64_t n = std::min(slice_bytes_, bytes - offset);
-    ANCHOR_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(slots_[slot], static_cast<const char*>(device) + offset,
-                        static_cast<size_t>(n), cudaMemcpyDeviceToHost, stream));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slots_[slot],
+                                                static_cast<const char*>(device) + offset,
+                                                static_cast<size_t>(n), cudaMemcpyDeviceToHost,
+                                                stream));
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_[slot].get(), stream));
     return absl::OkStatus();
   };

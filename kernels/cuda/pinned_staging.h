@@ -24,15 +24,6 @@ class PinnedStaging {
   PinnedStaging(const PinnedStaging&) = delete;
   PinnedStaging& operator=(const PinnedStaging&) = delete;
 
-  // Enqueues the copy of `bytes` from `host` to `device` on `stream`; returns once `host` is no
-  // longer read by the host (a page-locked `host` is copied directly: wait for `stream` before
-  // reusing it).
-  absl::Status CopyToDevice(void* device, const void* host, int64_t bytes, cudaStream_t stream);
-  // Copies `bytes` from `device` to `host` after the work queued on `stream`; page-locked `host`
-  // directly, pageable through the staging buffers. Returns once every byte is in `host`.
-  absl::Status CopyToHost(void* host, const void* device, int64_t bytes, cudaStream_t stream);
-
- private:
   // Enqueues the copy of `bytes` from pageable `host` to `device` on `stream`; returns once the
   // last slice is enqueued (host memory is no longer read then; the DMA may still run).
   absl::Status Upload(void* device, const void* host, int64_t bytes, cudaStream_t stream);
@@ -40,6 +31,7 @@ class PinnedStaging {
   // once every byte is in `host`.
   absl::Status Download(void* host, const void* device, int64_t bytes, cudaStream_t stream);
 
+ private:
   static constexpr int kSlots = 2;
   PinnedStaging(int64_t slice_bytes, std::array<char*, kSlots> slots)
       : slice_bytes_(slice_bytes), slots_(slots) {}

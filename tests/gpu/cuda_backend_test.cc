@@ -949,53 +949,6 @@ TEST(CudaBackendTest, CancelledTaskIsSkipped) {
   EXPECT_TRUE(error.ok()) << error.ToString();
 }
 
-TEST(CudaBackendTest, PageLockedAndPageableTensorsGiveTheSameOutput) {
-  SKIP_WITHOUT_CUDA_DEVICE();
-  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend =
-      CreateCudaBackend(0, int64_t{256} << 20);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  HostMemoryPool* pool = (*backend)->host_memory_pool();
-  ASSERT_NE(pool, nullptr);
-  // 8192 x 8 x 128 bf16: 16 MiB of q, two staging slices; 4 MiB each for k and v.
-  CaseSpec spec = Spec("pinned", {8192}, 8, 2, 128, kBf, kTok, kStruct, Config(12), 81);
-  std::unique_ptr<TaskData> pageable = MakeTask(spec, 8192, 81);
-  AttentionTask* pageable_batch[] = {&pageable->task};
-  ASSERT_TRUE((*backend)->Run(pageable_batch).ok());
-  ASSERT_TRUE(pageable->task.status.ok()) << pageable->task.status;
-  const ErrorStats error = CompareOutput(pageable->task, ReferenceAttend(pageable->task));
-  EXPECT_TRUE(error.ok()) << error.ToString();
-
-  // The same task with every tensor in page-locked blocks of the pool (copied without staging).
-  std::unique_ptr<TaskData> locked = MakeTask(spec, 8192, 81);
-  const int64_t q_bytes = static_cast<int64_t>(locked->out.size());
-  const int64_t kv_bytes = q_bytes / 4;
-  char* q = static_cast<char*>(pool->Take(q_bytes));
-  char* k = static_cast<char*>(pool->Take(kv_bytes));
-  char* v = static_cast<char*>(pool->Take(kv_bytes));
-  char* out = static_cast<char*>(pool->Take(q_bytes));
-  ASSERT_TRUE(q != nullptr && k != nullptr && v != nullptr && out != nullptr);
-  std::memcpy(q, locked->task.q, static_cast<size_t>(q_bytes));
-  std::memcpy(k, locked->task.k, static_cast<size_t>(kv_bytes));
-  std::memcpy(v, locked->task.v, static_cast<size_t>(kv_bytes));
-  FillWithNaN(out, kBf, static_cast<size_t>(q_bytes / 2));
-  locked->task.q = q;
-  locked->task.k = k;
-  locked->task.v = v;
-  locked->task.out = out;
-  AttentionTask* locked_batch[] = {&locked->task};
-  ASSERT_TRUE((*backend)->Run(locked_batch).ok());
-  ASSERT_TRUE(locked->task.status.ok()) << locked->task.status;
-  EXPECT_EQ(std::memcmp(out, pageable->out.data(), static_cast<size_t>(q_bytes)), 0);
-  pool->Give(q, q_bytes);
-  pool->Give(k, kv_bytes);
-  pool->Give(v, kv_bytes);
-  pool->Give(out, q_bytes);
-  // A block given back is handed out again.
-  void* again = pool->Take(q_bytes);
-  EXPECT_TRUE(again == q || again == out);
-  pool->Give(again, q_bytes);
-}
-
 TEST(CudaBackendTest, MismatchedBatchIsRejected) {
   SKIP_WITHOUT_CUDA_DEVICE();
   absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
