@@ -12,8 +12,8 @@
 #include "absl/status/statusor.h"
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "client/attention_client.h"
-#include "grpcpp/security/credentials.h"
 #include "client/channel_target.h"
+#include "grpcpp/security/credentials.h"
 
 // Connection.
 ABSL_DECLARE_FLAG(std::string, target);
