@@ -104,7 +104,7 @@ class AttendReactor final : public TrackedUnaryReactor {
     charge_ = *std::move(charge);
     const char* const* inputs = received_.inputs;
     // Not zero-filled: the compute writes every element. It becomes the response's data slice.
-    output_ = AllocateBytes(spec_.q_bytes);
+    output_ = AllocateBytes(spec_.q_bytes, &service_->host_buffer_cache());
     if (output_ == nullptr) {
       return FinishOnce(ToGrpcStatus(absl::ResourceExhaustedError(
           absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"))));

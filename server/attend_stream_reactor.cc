@@ -261,7 +261,7 @@ class AttendStreamReactor final
       inputs_[i].name = names[i];
       inputs_[i].size = sizes[i];
       inputs_[i].received = 0;
-      inputs_[i].data = AllocateBytes(sizes[i]);
+      inputs_[i].data = AllocateBytes(sizes[i], &service_->host_buffer_cache());
       if (inputs_[i].data == nullptr) {
         return absl::ResourceExhaustedError(
             absl::StrCat("cannot allocate ", sizes[i], " bytes for ", names[i]));
@@ -350,7 +350,7 @@ class AttendStreamReactor final
     if (absl::Status charged = charge_.Grow(spec_.q_bytes, "output"); !charged.ok()) {
       return charged;
     }
-    output_ = AllocateBytes(spec_.q_bytes);
+    output_ = AllocateBytes(spec_.q_bytes, &service_->host_buffer_cache());
     if (output_ == nullptr) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"));

@@ -27,7 +27,8 @@ AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, MetricsRe
       callers_(callers),
       request_id_prefix_(std::random_device{}()),
       memory_budget_(ResolveInflightBytesLimit(config.max_inflight_bytes), metrics),
-      upload_watchdog_(config.upload_stall_timeout, clock) {}
+      upload_watchdog_(config.upload_stall_timeout, clock),
+      host_buffer_cache_(memory_budget_.limit() / 4) {}
 
 absl::Status AttentionServiceImpl::SetReady(AttentionBackend* backend, DynamicBatcher* batcher) {
   if (backend == nullptr || batcher == nullptr) {

@@ -39,6 +39,7 @@
 #include "server/auth_tokens.h"
 #include "server/batcher.h"
 #include "server/clock.h"
+#include "server/host_buffer.h"
 #include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
@@ -103,6 +104,8 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // Shared by every call of both services (Prefill's KV buffers too).
   MemoryBudget& memory_budget() { return memory_budget_; }
   UploadWatchdog& upload_watchdog() { return upload_watchdog_; }
+  // Freed tensor buffers kept for reuse (a quarter of the memory budget at most).
+  HostBufferCache& host_buffer_cache() { return host_buffer_cache_; }
   CallerGate* callers() { return callers_; }
   void RpcStarted();
   void RpcDone();
@@ -119,6 +122,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   std::atomic<bool> draining_{false};
   MemoryBudget memory_budget_;
   UploadWatchdog upload_watchdog_;
+  HostBufferCache host_buffer_cache_;
 
   absl::Mutex ready_mu_;  // serializes SetReady
   std::unique_ptr<const ServingState> owned_serving_ ABSL_GUARDED_BY(ready_mu_);

@@ -10,25 +10,74 @@ namespace {
 // Below this, malloc's arenas serve small buffers well (and faster).
 constexpr size_t kMappedBytes = size_t{1} << 20;
 
+size_t BlockBytes(size_t bytes) {
+  size_t block = kMappedBytes;
+  while (block < bytes) block <<= 1;
+  return block;
+}
+
 }  // namespace
 
-void HostBufferDeleter::operator()(char* data) const {
-  if (data == nullptr) return;
-  if (bytes_ >= kMappedBytes) {
-    munmap(data, bytes_);
-  } else {
-    delete[] data;
+HostBufferCache::~HostBufferCache() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [size, blocks] : free_) {
+    for (void* block : blocks) munmap(block, size);
   }
 }
 
-HostBuffer AllocateBytes(int64_t bytes) {
-  const size_t size = static_cast<size_t>(bytes);
-  if (size >= kMappedBytes) {
-    void* mapped = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mapped == MAP_FAILED) return HostBuffer(nullptr, HostBufferDeleter(size));
-    return HostBuffer(static_cast<char*>(mapped), HostBufferDeleter(size));
+void* HostBufferCache::Take(size_t block_bytes) {
+  absl::MutexLock lock(&mu_);
+  auto found = free_.find(block_bytes);
+  if (found == free_.end() || found->second.empty()) return nullptr;
+  void* block = found->second.back();
+  found->second.pop_back();
+  cached_bytes_ -= static_cast<int64_t>(block_bytes);
+  return block;
+}
+
+void HostBufferCache::Give(void* block, size_t block_bytes) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (cached_bytes_ + static_cast<int64_t>(block_bytes) <= capacity_bytes_) {
+      free_[block_bytes].push_back(block);
+      cached_bytes_ += static_cast<int64_t>(block_bytes);
+      return;
+    }
   }
-  return HostBuffer(new (std::nothrow) char[size], HostBufferDeleter(size));
+  munmap(block, block_bytes);
+}
+
+int64_t HostBufferCache::cached_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return cached_bytes_;
+}
+
+void HostBufferDeleter::operator()(char* data) const {
+  if (data == nullptr) return;
+  if (bytes_ < kMappedBytes) {
+    delete[] data;
+  } else if (cache_ != nullptr) {
+    cache_->Give(data, bytes_);
+  } else {
+    munmap(data, bytes_);
+  }
+}
+
+HostBuffer AllocateBytes(int64_t bytes, HostBufferCache* cache) {
+  const size_t size = static_cast<size_t>(bytes);
+  if (size < kMappedBytes) {
+    return HostBuffer(new (std::nothrow) char[size], HostBufferDeleter(size, nullptr));
+  }
+  // With a cache, whole blocks of a size class, so that a freed one fits the next request.
+  const size_t mapped = cache != nullptr ? BlockBytes(size) : size;
+  if (cache != nullptr) {
+    if (void* block = cache->Take(mapped); block != nullptr) {
+      return HostBuffer(static_cast<char*>(block), HostBufferDeleter(mapped, cache));
+    }
+  }
+  void* block = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (block == MAP_FAILED) return HostBuffer(nullptr, HostBufferDeleter(mapped, cache));
+  return HostBuffer(static_cast<char*>(block), HostBufferDeleter(mapped, cache));
 }
 
 }  // namespace anchorserve

@@ -1,29 +1,60 @@
 // Host memory for tensor bytes (request inputs, outputs, KV copies). Large buffers are mapped
 // from the kernel directly rather than taken from malloc's arenas: their pages become resident
-// only as they are written (a declared-but-unsent upload costs nothing) and go back to the system
-// the moment the buffer is freed, so the process's memory follows the memory budget's count
-// instead of the arenas' high-water mark.
+// only as they are written (a declared-but-unsent upload costs nothing), and a freed buffer goes
+// either to a small cache of mapped blocks (HostBufferCache, whose pages stay resident so the next
+// request writes into them without page faults) or straight back to the system. The process's
+// memory follows the memory budget's count plus the cache's bound, instead of the arenas'
+// high-water mark.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace anchorserve {
+
+// Freed mapped blocks kept for reuse, in power-of-two sizes, at most `capacity_bytes` in all.
+// Thread-safe. Must outlive every buffer allocated through it.
+class HostBufferCache {
+ public:
+  explicit HostBufferCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
+  ~HostBufferCache();
+  HostBufferCache(const HostBufferCache&) = delete;
+  HostBufferCache& operator=(const HostBufferCache&) = delete;
+
+  // A cached block of `block_bytes`, or null.
+  void* Take(size_t block_bytes);
+  // Keeps the block when there is room, else unmaps it.
+  void Give(void* block, size_t block_bytes);
+  int64_t cached_bytes() const;
+
+ private:
+  const int64_t capacity_bytes_;
+  mutable absl::Mutex mu_;
+  std::map<size_t, std::vector<void*>> free_ ABSL_GUARDED_BY(mu_);
+  int64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
 
 class HostBufferDeleter {
  public:
   HostBufferDeleter() = default;
-  explicit HostBufferDeleter(size_t bytes) : bytes_(bytes) {}
+  HostBufferDeleter(size_t bytes, HostBufferCache* cache) : bytes_(bytes), cache_(cache) {}
   void operator()(char* data) const;
 
  private:
-  size_t bytes_ = 0;
+  size_t bytes_ = 0;  // the mapping's size for mapped buffers
+  HostBufferCache* cache_ = nullptr;
 };
 
 using HostBuffer = std::unique_ptr<char[], HostBufferDeleter>;
 
-// Not zero-filled; null when the allocation fails.
-HostBuffer AllocateBytes(int64_t bytes);
+// Not zero-filled; null when the allocation fails. Large buffers come from `cache` when it holds
+// a block of their size class and go back to it when freed.
+HostBuffer AllocateBytes(int64_t bytes, HostBufferCache* cache = nullptr);
 
 }  // namespace anchorserve

@@ -312,8 +312,8 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   // KvSink, on the prefill worker thread.
   absl::Status OnLayer(int layer, absl::Span<const char> k, absl::Span<const char> v) override {
     const int64_t bytes = static_cast<int64_t>(k.size() + v.size());
-    HostBuffer k_copy = AllocateBytes(static_cast<int64_t>(k.size()));
-    HostBuffer v_copy = AllocateBytes(static_cast<int64_t>(v.size()));
+    HostBuffer k_copy = AllocateBytes(static_cast<int64_t>(k.size()), &host_->host_buffer_cache());
+    HostBuffer v_copy = AllocateBytes(static_cast<int64_t>(v.size()), &host_->host_buffer_cache());
     if ((k_copy == nullptr && !k.empty()) || (v_copy == nullptr && !v.empty())) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot allocate ", bytes, " bytes for layer ", layer, "'s K/V"));
