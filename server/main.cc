@@ -280,10 +280,11 @@ int Run(const ServerConfig& config) {
     engine_options.cpu_threads = config.backend.cpu_threads;
     absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
         CreatePrefillEngine(*model, engine_options);
-    if (!engine.ok() && engine_options.use_cuda &&
+    if (!engine.ok() && engine_options.use_cuda && config.backend.kind == BackendKind::kAuto &&
         engine.status().code() == absl::StatusCode::kFailedPrecondition) {
       // A shape the CUDA kernels do not serve (e.g. a head_dim other than 64/128): the CPU
-      // engine still serves it, slowly, rather than no Prefill at all.
+      // engine still serves it, slowly, rather than no Prefill at all. Not with --backend=cuda,
+      // which promises the GPU: the server stops instead of serving from the CPU.
       LogWarning(absl::StrCat("prefill falls back to the cpu engine: ", engine.status().message()));
       engine_options.use_cuda = false;
       engine = CreatePrefillEngine(*model, engine_options);
