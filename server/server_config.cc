@@ -168,6 +168,15 @@ absl::StatusOr<absl::Duration> SecondsFlag(absl::string_view flag, double second
   return absl::Milliseconds(std::llround(seconds * 1e3));
 }
 
+// A --*_ms flag of milliseconds as a duration in [0, kMaxSecondsKnob], to the microsecond.
+absl::StatusOr<absl::Duration> MillisecondsFlag(absl::string_view flag, double milliseconds) {
+  if (!std::isfinite(milliseconds) || milliseconds < 0 || milliseconds > kMaxSecondsKnob * 1e3) {
+    return FlagError(flag, absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
+                     absl::StrCat(milliseconds));
+  }
+  return absl::Microseconds(std::llround(milliseconds * 1e3));
+}
+
 }  // namespace
 
 absl::string_view BackendKindName(BackendKind kind) {
@@ -338,28 +347,21 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
 
   config.max_batch_requests = absl::GetFlag(FLAGS_max_batch_requests);
   config.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
-  const double delay_ms = absl::GetFlag(FLAGS_max_queue_delay_ms);
-  if (!std::isfinite(delay_ms) || delay_ms < 0 || delay_ms > kMaxSecondsKnob * 1e3) {
-    return FlagError("max_queue_delay_ms",
-                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
-                     absl::StrCat(delay_ms));
-  }
-  config.max_queue_delay = absl::Microseconds(std::llround(delay_ms * 1e3));
+  absl::StatusOr<absl::Duration> delay =
+      MillisecondsFlag("max_queue_delay_ms", absl::GetFlag(FLAGS_max_queue_delay_ms));
+  if (!delay.ok()) return delay.status();
+  config.max_queue_delay = *delay;
   config.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
-  const double queue_time_ms = absl::GetFlag(FLAGS_max_queue_time_ms);
-  if (!std::isfinite(queue_time_ms) || queue_time_ms < 0 || queue_time_ms > kMaxSecondsKnob * 1e3) {
-    return FlagError("max_queue_time_ms",
-                     absl::StrCat("must be in [0, ", kMaxSecondsKnob * 1e3, "]"),
-                     absl::StrCat(queue_time_ms));
-  }
-  config.max_queue_time = absl::Microseconds(std::llround(queue_time_ms * 1e3));
+  absl::StatusOr<absl::Duration> queue_time =
+      MillisecondsFlag("max_queue_time_ms", absl::GetFlag(FLAGS_max_queue_time_ms));
+  if (!queue_time.ok()) return queue_time.status();
+  config.max_queue_time = *queue_time;
   config.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes);
-  const double stall_s = absl::GetFlag(FLAGS_upload_stall_timeout_s);
-  if (!std::isfinite(stall_s) || stall_s <= 0 || stall_s > kMaxSecondsKnob) {
-    return FlagError("upload_stall_timeout_s",
-                     absl::StrCat("must be in (0, ", kMaxSecondsKnob, "]"), absl::StrCat(stall_s));
-  }
-  config.upload_stall_timeout = absl::Milliseconds(std::llround(stall_s * 1e3));
+  // Zero passes here and is refused by Validate (a stall timeout must be positive).
+  absl::StatusOr<absl::Duration> stall =
+      SecondsFlag("upload_stall_timeout_s", absl::GetFlag(FLAGS_upload_stall_timeout_s));
+  if (!stall.ok()) return stall.status();
+  config.upload_stall_timeout = *stall;
 
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
@@ -370,12 +372,10 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.prefill_buffer_bytes = absl::GetFlag(FLAGS_prefill_buffer_bytes);
   config.prefill_memory_bytes = absl::GetFlag(FLAGS_prefill_memory_bytes);
 
-  const double drain_s = absl::GetFlag(FLAGS_drain_timeout_s);
-  if (!std::isfinite(drain_s) || drain_s < 0 || drain_s > kMaxSecondsKnob) {
-    return FlagError("drain_timeout_s", absl::StrCat("must be in [0, ", kMaxSecondsKnob, "]"),
-                     absl::StrCat(drain_s));
-  }
-  config.drain_timeout = absl::Milliseconds(std::llround(drain_s * 1e3));
+  absl::StatusOr<absl::Duration> drain =
+      SecondsFlag("drain_timeout_s", absl::GetFlag(FLAGS_drain_timeout_s));
+  if (!drain.ok()) return drain.status();
+  config.drain_timeout = *drain;
   absl::StatusOr<absl::Duration> age =
       SecondsFlag("max_connection_age_s", absl::GetFlag(FLAGS_max_connection_age_s));
   if (!age.ok()) return age.status();

@@ -20,8 +20,8 @@ absl::StatusOr<std::unique_ptr<PinnedStaging>> PinnedStaging::Create(int64_t sli
       for (char* allocated : slots) {
         if (allocated != nullptr) cudaFreeHost(allocated);
       }
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "pinned staging buffer of ", slice_bytes, " bytes: ", cudaGetErrorString(error)));
+      return absl::ResourceExhaustedError(absl::StrCat("pinned staging buffer of ", slice_bytes,
+                                                       " bytes: ", cudaGetErrorString(error)));
     }
     slot = static_cast<char*>(memory);
   }
@@ -58,10 +58,9 @@ absl::Status PinnedStaging::Download(void* host, const void* device, int64_t byt
     const int slot = static_cast<int>(index % kSlots);
     const int64_t offset = index * slice_bytes_;
     const int64_t n = std::min(slice_bytes_, bytes - offset);
-    ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slots_[slot],
-                                                static_cast<const char*>(device) + offset,
-                                                static_cast<size_t>(n), cudaMemcpyDeviceToHost,
-                                                stream));
+    ANCHOR_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(slots_[slot], static_cast<const char*>(device) + offset,
+                        static_cast<size_t>(n), cudaMemcpyDeviceToHost, stream));
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_[slot].get(), stream));
     return absl::OkStatus();
   };
