@@ -9,7 +9,10 @@ packages=(build-essential cmake ninja-build ccache pkg-config
   python3 python3-numpy python3-grpcio python3-protobuf
   # Source checks: check_format.sh (clang-format pinned to 14: other releases format the same
   # code differently) and check_thread_safety.sh (any clang).
-  clang-format-14 clang)
+  clang-format-14 clang
+  # scripts/fuzz.sh: libFuzzer and clang's sanitizer runtimes (only recommended by clang, and
+  # recommendations are not installed here).
+  clang-14 libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

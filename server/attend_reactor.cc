@@ -93,6 +93,10 @@ class AttendReactor final : public TrackedUnaryReactor {
     if (!spec.ok()) return FinishOnce(ToGrpcStatus(spec.status()));
     spec_ = *std::move(spec);
     const char* const* inputs = received_.inputs;
+    if (absl::Status finite = CheckFiniteInputs(spec_, inputs[0], inputs[1], inputs[2]);
+        !finite.ok()) {
+      return FinishOnce(ToGrpcStatus(finite));
+    }
     // Not zero-filled: the compute writes every element. It becomes the response's data slice.
     output_ = AllocateBytes(spec_.q_bytes);
     if (output_ == nullptr) {

@@ -42,6 +42,7 @@
 #include "server/metrics_endpoint.h"
 #include "server/prefill_job.h"
 #include "server/prefill_service.h"
+#include "server/reflection_v1.h"
 #include "server/server_config.h"
 
 namespace anchorserve {
@@ -189,11 +190,16 @@ int Run(const ServerConfig& config) {
     if (prefill_batcher != nullptr) prefill_batcher->Stop();
   };
 
+  // Reflection in both versions: v1alpha from gRPC's plugin, v1 our own over the same descriptors.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  ReflectionV1Service reflection_v1({kAttentionServiceName, v1::PrefillService::service_full_name(),
+                                     kHealthServiceName, kReflectionV1ServiceName,
+                                     kReflectionV1AlphaServiceName});
+
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   absl::StatusOr<StartedGrpcServer> grpc_server =
-      StartGrpcServer(config, {&service, &prefill_service});
+      StartGrpcServer(config, {&service, &prefill_service, &reflection_v1});
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;
