@@ -71,6 +71,7 @@ absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view w
 }
 
 void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer) {
+  buffer->Clear();  // the previous message's (gRPC took its own reference when it was sent)
   bool own_buffer = false;
   // Fails only for a message over 2 GiB, which the send limits keep out.
   (void)grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, buffer,

@@ -41,7 +41,8 @@ grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
 // as if the client had half-closed.
 absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view what,
                              google::protobuf::Message* message);
-// Serializes `message` into `buffer` (replacing what it held).
+// Serializes `message` into `buffer`, replacing what it held (gRPC's serializer needs an empty
+// buffer).
 void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer);
 
 // Heap memory without zero-filling it; null when the allocation fails.

@@ -646,7 +646,9 @@ TEST_F(BadInputE2eTest, LongRequestIdsAreRejected) {
   ASSERT_FALSE(unary.ok());
   EXPECT_EQ(unary.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(unary.status().message(), "request_id")) << unary.status();
-  absl::Status streamed = RunRawStream(*client_, {HeaderOf(request)});
+  v1::AttendStreamRequest header = HeaderOf(request);
+  header.mutable_header()->set_request_id(request.request_id());
+  absl::Status streamed = RunRawStream(*client_, {header});
   EXPECT_EQ(streamed.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(streamed.message(), "header.request_id")) << streamed;
   ExpectStillServes();
