@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "anchorserve/v1/anchorserve.pb.h"
+#include "fuzz/quiet_protobuf.h"
 #include "kernels/backend.h"
 #include "server/proto_convert.h"
 
@@ -29,6 +30,7 @@ const anchorserve::ConvertOptions& Options() {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  anchorserve::fuzz::QuietProtobuf();
   anchorserve::v1::AttendRequest request;
   if (request.ParseFromArray(data, static_cast<int>(size))) {
     absl::StatusOr<anchorserve::RequestSpec> spec =

@@ -7,9 +7,11 @@
 #include <cstring>
 
 #include "anchorserve/v1/anchorserve.pb.h"
+#include "fuzz/quiet_protobuf.h"
 #include "server/attend_stream_assembler.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  anchorserve::fuzz::QuietProtobuf();
   static const anchorserve::ConvertOptions* options = [] {
     auto* made = new anchorserve::ConvertOptions();  // no backend: the limits and geometry only
     made->max_request_bytes = int64_t{1} << 20;      // keeps allocations small

@@ -5,10 +5,12 @@
 #include <cstdlib>
 
 #include "anchorserve/v1/prefill.pb.h"
+#include "fuzz/quiet_protobuf.h"
 #include "model/model_config.h"
 #include "server/prefill_service.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  anchorserve::fuzz::QuietProtobuf();
   static const anchorserve::ModelConfig* model_config = [] {
     auto* config = new anchorserve::ModelConfig();
     config->architecture = anchorserve::Architecture::kLlama;

@@ -6,11 +6,13 @@
 #include <vector>
 
 #include "anchorserve/v1/anchorserve.pb.h"
+#include "fuzz/quiet_protobuf.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
 #include "proto/anchorserve/v1/tensor_wire.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  anchorserve::fuzz::QuietProtobuf();
   using anchorserve::v1::AttendRequest;
   if (size < 1) return 0;
   // First byte: where the message is cut into slices (gRPC hands over messages in pieces).

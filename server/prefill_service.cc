@@ -163,9 +163,9 @@ absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& req
 
   if (!request.expected_fingerprint().empty() &&
       request.expected_fingerprint() != model_fingerprint) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_fingerprint ", request.expected_fingerprint(),
-        " differs from the loaded model's ", model_fingerprint, " (", model_dir, ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("expected_fingerprint ", request.expected_fingerprint(),
+                     " differs from the loaded model's ", model_fingerprint, " (", model_dir, ")"));
   }
   spec.tensor_bytes = n * mc.KvDim() * static_cast<int64_t>(ElementSize(spec.kv_dtype));
   return spec;
