@@ -55,10 +55,12 @@ class AttendStreamReactor final
       }
       return FinishNow(refused);
     }
+    ReleaseToGrpc(this);
     StartRead(&request_buffer_);
   }
 
   void OnReadDone(bool ok) override {
+    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -91,6 +93,7 @@ class AttendStreamReactor final
   }
 
   void OnWriteDone(bool ok) override {
+    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -110,6 +113,7 @@ class AttendStreamReactor final
   }
 
   void OnCancel() override {
+    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -126,6 +130,7 @@ class AttendStreamReactor final
   }
 
   void OnDone() override {
+    AcquireFromGrpc(this);
     service_->metrics().ObserveRequestDuration(
         Rpc::kAttendStream, absl::ToDoubleSeconds(service_->clock().Now() - start_));
     AttentionServiceImpl* service = service_;
@@ -152,6 +157,7 @@ class AttendStreamReactor final
 
   void Apply(Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
+    ReleaseToGrpc(this);
     if (next.write) {
       // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
       SerializeToByteBuffer(response_, &response_buffer_);
@@ -162,6 +168,7 @@ class AttendStreamReactor final
 
   void FinishNow(const grpc::Status& status) {
     service_->metrics().CountRequest(Rpc::kAttendStream, status.error_code());
+    ReleaseToGrpc(this);
     Finish(status);  // `this` may be gone after this call
   }
 

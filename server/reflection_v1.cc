@@ -7,6 +7,7 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/descriptor.pb.h"
 #include "grpc/health/v1/health.pb.h"
+#include "server/rpc_support.h"
 
 namespace anchorserve {
 namespace {
@@ -55,24 +56,37 @@ class ReflectionReactor final
  public:
   explicit ReflectionReactor(const std::vector<std::string>* service_names)
       : service_names_(service_names) {
+    ReleaseToGrpc(this);
     StartRead(&request_);
   }
 
   // One request at a time: read, answer, write, read the next.
   void OnReadDone(bool ok) override {
-    if (!ok) return Finish(grpc::Status::OK);  // the client half-closed
+    AcquireFromGrpc(this);
+    if (!ok) return FinishAfter(grpc::Status::OK);  // the client half-closed
     response_ = AnswerReflectionRequest(request_, *service_names_, &sent_files_);
+    ReleaseToGrpc(this);
     StartWrite(&response_);
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+    AcquireFromGrpc(this);
+    if (!ok) return FinishAfter(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+    ReleaseToGrpc(this);
     StartRead(&request_);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    AcquireFromGrpc(this);
+    delete this;
+  }
 
  private:
+  void FinishAfter(const grpc::Status& status) {
+    ReleaseToGrpc(this);
+    Finish(status);
+  }
+
   const std::vector<std::string>* const service_names_;
   reflection::ServerReflectionRequest request_;
   reflection::ServerReflectionResponse response_;
