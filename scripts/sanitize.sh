@@ -79,9 +79,8 @@ else
   ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L cpu \
     -R '^(BatcherTest|GenericBatcherTest|DecideBatchTest|ChunkedTensorWriterTest)[.]' "$@"
   # The gRPC reactors (in process and in the real server) are not clean yet: gRPC's callback
-  # machinery is inlined into our binaries from its headers but synchronized inside the
-  # uninstrumented libgrpc, so TSan reports its hand-overs (README.md here). Opt in with
-  # ANCHOR_TSAN_GRPC=1 to see them.
+  # machinery is partly compiled into our binaries but synchronized inside the uninstrumented
+  # libgrpc, so TSan reports its hand-overs (README.md here). ANCHOR_TSAN_GRPC=1 runs them.
   if [ "${ANCHOR_TSAN_GRPC:-0}" = 1 ]; then
     ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L cpu \
       -R '^AttentionServiceTest[.]' "$@"

@@ -111,14 +111,12 @@ class AttendReactor final : public TrackedUnaryReactor {
       absl::MutexLock lock(&mu_);
       job_ = job;
     }
-    ReleaseToGrpc(this);  // OnCancel may come from now on
     if (absl::Status status = serving_->batcher->Enqueue(std::move(job)); !status.ok()) {
       FinishOnce(ToGrpcStatus(status));
     }
   }
 
   void OnCancel() override {
-    AcquireFromGrpc(this);
     absl::MutexLock lock(&mu_);
     if (job_ == nullptr) return;  // never queued (refused, or not yet)
     job_->cancelled.store(true);

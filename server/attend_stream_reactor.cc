@@ -55,12 +55,10 @@ class AttendStreamReactor final
       }
       return FinishNow(refused);
     }
-    ReleaseToGrpc(this);
     StartRead(&request_buffer_);
   }
 
   void OnReadDone(bool ok) override {
-    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -93,7 +91,6 @@ class AttendStreamReactor final
   }
 
   void OnWriteDone(bool ok) override {
-    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -113,7 +110,6 @@ class AttendStreamReactor final
   }
 
   void OnCancel() override {
-    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -130,7 +126,6 @@ class AttendStreamReactor final
   }
 
   void OnDone() override {
-    AcquireFromGrpc(this);
     service_->metrics().ObserveRequestDuration(
         Rpc::kAttendStream, absl::ToDoubleSeconds(service_->clock().Now() - start_));
     AttentionServiceImpl* service = service_;
@@ -157,7 +152,6 @@ class AttendStreamReactor final
 
   void Apply(Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
-    ReleaseToGrpc(this);
     if (next.write) {
       // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
       SerializeToByteBuffer(response_, &response_buffer_);
@@ -168,7 +162,6 @@ class AttendStreamReactor final
 
   void FinishNow(const grpc::Status& status) {
     service_->metrics().CountRequest(Rpc::kAttendStream, status.error_code());
-    ReleaseToGrpc(this);
     Finish(status);  // `this` may be gone after this call
   }
 

@@ -347,7 +347,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   }
 
   void OnWriteDone(bool ok) override {
-    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -367,7 +366,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   }
 
   void OnCancel() override {
-    AcquireFromGrpc(this);
     Next next;
     {
       absl::MutexLock lock(&mu_);
@@ -378,7 +376,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   }
 
   void OnDone() override {
-    AcquireFromGrpc(this);
     host_->metrics().ObserveRequestDuration(Rpc::kPrefill,
                                             absl::ToDoubleSeconds(host_->clock().Now() - start_));
     AttentionServiceImpl* host = host_;
@@ -396,7 +393,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
 
   void Apply(const Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
-    ReleaseToGrpc(this);
     if (next.write) {
       // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
       SerializeToByteBuffer(response_, &response_buffer_);
@@ -415,7 +411,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
 
   void FinishNow(const grpc::Status& status) {
     host_->metrics().CountRequest(Rpc::kPrefill, status.error_code());
-    ReleaseToGrpc(this);
     Finish(status);  // `this` may be gone after this call
   }
 

@@ -7,7 +7,6 @@
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/descriptor.pb.h"
 #include "grpc/health/v1/health.pb.h"
-#include "server/rpc_support.h"
 
 namespace anchorserve {
 namespace {
@@ -56,37 +55,24 @@ class ReflectionReactor final
  public:
   explicit ReflectionReactor(const std::vector<std::string>* service_names)
       : service_names_(service_names) {
-    ReleaseToGrpc(this);
     StartRead(&request_);
   }
 
   // One request at a time: read, answer, write, read the next.
   void OnReadDone(bool ok) override {
-    AcquireFromGrpc(this);
-    if (!ok) return FinishAfter(grpc::Status::OK);  // the client half-closed
+    if (!ok) return Finish(grpc::Status::OK);  // the client half-closed
     response_ = AnswerReflectionRequest(request_, *service_names_, &sent_files_);
-    ReleaseToGrpc(this);
     StartWrite(&response_);
   }
 
   void OnWriteDone(bool ok) override {
-    AcquireFromGrpc(this);
-    if (!ok) return FinishAfter(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
-    ReleaseToGrpc(this);
+    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
     StartRead(&request_);
   }
 
-  void OnDone() override {
-    AcquireFromGrpc(this);
-    delete this;
-  }
+  void OnDone() override { delete this; }
 
  private:
-  void FinishAfter(const grpc::Status& status) {
-    ReleaseToGrpc(this);
-    Finish(status);
-  }
-
   const std::vector<std::string>* const service_names_;
   reflection::ServerReflectionRequest request_;
   reflection::ServerReflectionResponse response_;

@@ -93,12 +93,10 @@ TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)
 void TrackedUnaryReactor::FinishOnce(const grpc::Status& status) {
   if (finished_.exchange(true)) return;
   service_->metrics().CountRequest(rpc_, status.error_code());
-  ReleaseToGrpc(this);
   Finish(status);
 }
 
 void TrackedUnaryReactor::OnDone() {
-  AcquireFromGrpc(this);
   service_->metrics().ObserveRequestDuration(
       rpc_, absl::ToDoubleSeconds(service_->clock().Now() - start_));
   AttentionServiceImpl* service = service_;

@@ -7,10 +7,6 @@
 #include <cstdint>
 #include <memory>
 
-#if defined(__SANITIZE_THREAD__)
-#include <sanitizer/tsan_interface.h>
-#endif
-
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -48,19 +44,6 @@ absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view w
 // Serializes `message` into `buffer`, replacing what it held (gRPC's serializer needs an empty
 // buffer).
 void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer);
-
-// ThreadSanitizer builds only (empty otherwise): gRPC runs a reactor's reactions (OnReadDone,
-// OnWriteDone, OnCancel, OnDone) after the calls that lead to them (returning the reactor,
-// StartRead, StartWrite, Finish), but orders them inside the uninstrumented libgrpc, out of TSan's
-// sight. ReleaseToGrpc just before such a call and AcquireFromGrpc first thing in a reaction tell
-// TSan that order (scripts/sanitizers/README.md).
-#if defined(__SANITIZE_THREAD__)
-inline void ReleaseToGrpc(const void* reactor) { __tsan_release(const_cast<void*>(reactor)); }
-inline void AcquireFromGrpc(const void* reactor) { __tsan_acquire(const_cast<void*>(reactor)); }
-#else
-inline void ReleaseToGrpc(const void*) {}
-inline void AcquireFromGrpc(const void*) {}
-#endif
 
 // Heap memory without zero-filling it; null when the allocation fails.
 std::unique_ptr<char[]> AllocateBytes(int64_t bytes);
