@@ -133,6 +133,19 @@ examples:
 exit codes: 0 success, 1 a call or verification failed (or health is not SERVING), 2 bad command
 line)";
 
+// Ascending head dims as runs: "1-256", or "64 128".
+std::string HeadDimList(const google::protobuf::RepeatedField<int>& dims) {
+  std::vector<std::string> runs;
+  for (int i = 0; i < dims.size();) {
+    int j = i;
+    while (j + 1 < dims.size() && dims[j + 1] == dims[j] + 1) ++j;
+    runs.push_back(j - i >= 2 ? absl::StrCat(dims[i], "-", dims[j]) : absl::StrCat(dims[i]));
+    if (j - i == 1) runs.push_back(absl::StrCat(dims[j]));
+    i = j + 1;
+  }
+  return absl::StrJoin(runs, " ");
+}
+
 std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
   std::vector<std::string> names;
   for (int dtype : dtypes) {
@@ -161,7 +174,7 @@ int RunInfo() {
   std::printf("backend:    %s\n", info->backend().c_str());
   std::printf("device:     %s\n", info->device().c_str());
   std::printf("dtypes:     %s\n", DTypeList(info->supported_dtypes()).c_str());
-  std::printf("head dims:  %s\n", absl::StrJoin(info->supported_head_dims(), " ").c_str());
+  std::printf("head dims:  %s\n", HeadDimList(info->supported_head_dims()).c_str());
   std::printf("limits:\n");
   std::printf("  max_message_bytes   %lld (%s, one unary request)\n",
               static_cast<long long>(limits.max_message_bytes()),

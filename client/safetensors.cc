@@ -6,6 +6,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -35,6 +36,44 @@ std::string JsonString(absl::string_view text) {
   return out;
 }
 
+// Strict UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF): JSON text must be UTF-8,
+// and the readers (the model loader's parser, Python's safetensors) reject anything else.
+bool IsValidUtf8(absl::string_view text) {
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto lead = static_cast<unsigned char>(text[i]);
+    int length = 0;
+    uint32_t code = 0;
+    if (lead < 0x80) {
+      ++i;
+      continue;
+    } else if ((lead & 0xe0) == 0xc0) {
+      length = 2;
+      code = lead & 0x1f;
+    } else if ((lead & 0xf0) == 0xe0) {
+      length = 3;
+      code = lead & 0x0f;
+    } else if ((lead & 0xf8) == 0xf0) {
+      length = 4;
+      code = lead & 0x07;
+    } else {
+      return false;
+    }
+    if (text.size() - i < static_cast<size_t>(length)) return false;
+    for (int k = 1; k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      if ((next & 0xc0) != 0x80) return false;
+      code = (code << 6) | (next & 0x3f);
+    }
+    constexpr uint32_t kSmallest[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (code < kSmallest[length] || code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff)) {
+      return false;
+    }
+    i += static_cast<size_t>(length);
+  }
+  return true;
+}
+
 std::string ErrnoText() { return std::strerror(errno); }
 
 }  // namespace
@@ -60,6 +99,18 @@ absl::StatusOr<int64_t> SafetensorsEntryBytes(const SafetensorsEntry& entry) {
 absl::StatusOr<std::string> MakeSafetensorsHeader(
     absl::Span<const SafetensorsEntry> entries,
     const std::map<std::string, std::string>& metadata) {
+  for (const auto& [key, value] : metadata) {
+    if (!IsValidUtf8(key) || !IsValidUtf8(value)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors metadata '", absl::CHexEscape(key), "' is not valid UTF-8 (key or value)"));
+    }
+  }
+  for (const SafetensorsEntry& entry : entries) {
+    if (!IsValidUtf8(entry.name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors entry name '", absl::CHexEscape(entry.name), "' is not valid UTF-8"));
+    }
+  }
   std::string json = "{";
   bool first = true;
   if (!metadata.empty()) {

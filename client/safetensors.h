@@ -33,7 +33,8 @@ struct SafetensorsEntry {
 absl::StatusOr<int64_t> SafetensorsEntryBytes(const SafetensorsEntry& entry);
 
 // The header (length prefix + padded JSON) of a file holding `entries` back to back in order.
-// Names must be unique, non-empty and not "__metadata__".
+// Names must be unique, non-empty, not "__metadata__" and valid UTF-8 (so must the metadata): a
+// JSON header with other bytes is rejected by every reader.
 absl::StatusOr<std::string> MakeSafetensorsHeader(
     absl::Span<const SafetensorsEntry> entries,
     const std::map<std::string, std::string>& metadata = {});

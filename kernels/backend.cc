@@ -24,8 +24,6 @@ bool IsDeviceUnusable(const absl::Status& status) {
 }
 
 BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, std::string device) {
-  // The head dims of the common model families; a backend may accept others too.
-  constexpr int kListedHeadDims[] = {32, 64, 80, 96, 128, 160, 192, 256};
   BackendInfo info;
   info.name = std::move(name);
   info.device = std::move(device);
@@ -36,7 +34,8 @@ BackendInfo DescribeBackend(const AttentionBackend& backend, std::string name, s
     if (backend.CanRun(probe).ok()) info.dtypes.push_back(dtype);
   }
   if (!info.dtypes.empty()) probe.dtype = info.dtypes.front();
-  for (int head_dim : kListedHeadDims) {
+  // Every head_dim a request may carry: the list is exactly what CanRun accepts.
+  for (int head_dim = 1; head_dim <= kMaxHeadDim; ++head_dim) {
     probe.shape.head_dim = head_dim;
     if (backend.CanRun(probe).ok()) info.head_dims.push_back(head_dim);
   }

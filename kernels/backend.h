@@ -16,7 +16,8 @@ namespace anchorserve {
 struct BackendInfo {
   std::string name;    // "cpu" or "cuda"
   std::string device;  // human-readable device description
-  // Derived from CanRun (DescribeBackend): the dtypes and the common head dims it accepts.
+  // Derived from CanRun (DescribeBackend): the dtypes, and every head_dim in 1..kMaxHeadDim
+  // it accepts (for the first dtype).
   std::vector<DType> dtypes;
   std::vector<int> head_dims;
 };

@@ -1,5 +1,6 @@
 #include "kernels/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace anchorserve {
@@ -113,6 +114,46 @@ void RoundThrough(DType dtype, float* values, size_t count) {
       for (size_t i = 0; i < count; ++i) values[i] = Fp16ToFloat(FloatToFp16(values[i]));
       return;
   }
+}
+
+namespace {
+
+// Bits of `Word` that are all ones exactly in NaN and infinity; scanned in blocks so that the
+// inner loop has no early exit (and vectorizes), the exact index is found in the block that hit.
+template <typename Word, Word kExponentMask>
+int64_t FirstNonFiniteOf(const void* data, int64_t count) {
+  constexpr int64_t kBlock = 1024;
+  const char* bytes = static_cast<const char*>(data);
+  auto word_at = [bytes](int64_t i) {
+    Word word;
+    std::memcpy(&word, bytes + i * static_cast<int64_t>(sizeof(Word)), sizeof(Word));
+    return word;
+  };
+  for (int64_t begin = 0; begin < count; begin += kBlock) {
+    const int64_t end = std::min(count, begin + kBlock);
+    // A sum rather than an early exit or a bool: the loop the compiler turns into vector code.
+    uint32_t hits = 0;
+    for (int64_t i = begin; i < end; ++i) hits += (word_at(i) & kExponentMask) == kExponentMask;
+    if (hits == 0) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      if ((word_at(i) & kExponentMask) == kExponentMask) return i;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+int64_t FirstNonFinite(const void* data, DType dtype, int64_t count) {
+  switch (dtype) {
+    case DType::kBf16:
+      return FirstNonFiniteOf<uint16_t, 0x7f80u>(data, count);
+    case DType::kFp16:
+      return FirstNonFiniteOf<uint16_t, 0x7c00u>(data, count);
+    case DType::kFp32:
+      return FirstNonFiniteOf<uint32_t, 0x7f800000u>(data, count);
+  }
+  return -1;
 }
 
 }  // namespace anchorserve

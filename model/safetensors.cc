@@ -13,6 +13,7 @@
 #include <limits>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -102,12 +103,27 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   ANCHOR_RETURN_IF_ERROR(map_status);
   file->base_ = static_cast<const char*>(mapping);
   file->size_ = static_cast<size_t>(info.st_size);
+  file->mapped_ = true;
+  ANCHOR_RETURN_IF_ERROR(file->Parse());
+  return file;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
+    std::string name, absl::Span<const char> bytes) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = std::move(name);
+  if (bytes.size() < 8) {
+    return absl::InvalidArgumentError(absl::StrCat(file->path_, ": ", bytes.size(),
+                                                   " bytes, too short for a safetensors header"));
+  }
+  file->base_ = bytes.data();
+  file->size_ = bytes.size();
   ANCHOR_RETURN_IF_ERROR(file->Parse());
   return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (base_ != nullptr) ::munmap(const_cast<char*>(base_), size_);
+  if (mapped_) ::munmap(const_cast<char*>(base_), size_);
 }
 
 absl::Status SafetensorsFile::Parse() {
@@ -250,6 +266,7 @@ const StoredTensor* SafetensorsFile::Find(absl::string_view name) const {
 }
 
 void SafetensorsFile::Release(const StoredTensor& view) const {
+  if (!mapped_) return;  // the caller's bytes (FromBytes): not ours to drop
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(view.data) + page - 1) / page * page;
   const uintptr_t end = (reinterpret_cast<uintptr_t>(view.data) + view.num_bytes) / page * page;

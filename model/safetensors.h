@@ -41,6 +41,10 @@ class SafetensorsFile {
   // INVALID_ARGUMENT naming the file (and the tensor) when the header is malformed or points
   // outside the file; NOT_FOUND / INTERNAL from the file system.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // The same checks over bytes in memory (not copied: they must outlive the object); `name`
+  // stands in for the path in messages. For tests and the fuzz target.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string name,
+                                                                    absl::Span<const char> bytes);
   ~SafetensorsFile();
 
   SafetensorsFile(const SafetensorsFile&) = delete;
@@ -65,6 +69,7 @@ class SafetensorsFile {
   std::string path_;
   const char* base_ = nullptr;
   size_t size_ = 0;
+  bool mapped_ = false;  // base_ is our mmap (Open), not the caller's bytes (FromBytes)
   std::map<std::string, StoredTensor> tensors_;
   std::map<std::string, std::string> metadata_;
 };

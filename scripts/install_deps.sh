@@ -14,7 +14,10 @@ packages=(build-essential cmake ninja-build ccache pkg-config
   openssl
   # Source checks: check_format.sh (clang-format pinned to 14: other releases format the same
   # code differently) and check_thread_safety.sh (any clang).
-  clang-format-14 clang)
+  clang-format-14 clang
+  # scripts/fuzz.sh: libFuzzer and clang's sanitizer runtimes (only recommended by clang, and
+  # recommendations are not installed here).
+  clang-14 libclang-rt-14-dev)
 # The manifest tests render deploy/k8s with `kubectl kustomize`; any kubectl will do, so one that
 # is already installed (e.g. from another vendor's package) is left alone.
 if ! command -v kubectl >/dev/null; then packages+=(kubernetes-client); fi

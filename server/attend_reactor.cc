@@ -103,6 +103,10 @@ class AttendReactor final : public TrackedUnaryReactor {
     if (!charge.ok()) return FinishOnce(ToGrpcStatus(charge.status()));
     charge_ = *std::move(charge);
     const char* const* inputs = received_.inputs;
+    if (absl::Status finite = CheckFiniteInputs(spec_, inputs[0], inputs[1], inputs[2]);
+        !finite.ok()) {
+      return FinishOnce(ToGrpcStatus(finite));
+    }
     // Not zero-filled: the compute writes every element. It becomes the response's data slice.
     output_ = AllocateBytes(spec_.q_bytes, &service_->host_buffer_cache());
     if (output_ == nullptr) {

@@ -12,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/status_macros.h"
+#include "server/attend_stream_assembler.h"
 #include "server/attention_job.h"
 #include "server/chunked_tensor_writer.h"
 #include "server/proto_convert.h"
@@ -21,14 +23,19 @@
 namespace anchorserve {
 namespace {
 
+// What the assembler of a call refused at Start (no serving state yet) points at; never used.
+const ConvertOptions kNoServingOptions;
+
 class AttendStreamReactor final
-    : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   AttendStreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
       : service_(service),
         serving_(service->serving_state()),
         context_(context),
         start_(service->clock().Now()),
+        assembler_(serving_ != nullptr ? &serving_->convert_options : &kNoServingOptions,
+                   &service->memory_budget(), &service->host_buffer_cache()),
         writer_(service->config().stream_chunk_bytes,
                 [this](int tag, int64_t offset, absl::string_view bytes,
                        v1::AttendStreamResponse* out) {
@@ -38,6 +45,7 @@ class AttendStreamReactor final
                   chunk->set_offset(offset);
                   chunk->mutable_data()->assign(bytes.data(), bytes.size());
                 }),
+        output_charge_(service->memory_budget().EmptyCharge()),
         upload_([this] { OnUploadStalled(); }) {
     service_->RpcStarted();
   }
@@ -53,7 +61,7 @@ class AttendStreamReactor final
     }
     service_->upload_watchdog().Watch(&upload_);
     watched_ = true;
-    StartRead(&request_);
+    StartRead(&request_buffer_);
   }
 
   void OnReadDone(bool ok) override {
@@ -68,12 +76,17 @@ class AttendStreamReactor final
           RequestFinishLocked(
               context_->IsCancelled()
                   ? grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled by the client")
-                  : ToGrpcStatus(absl::InvalidArgumentError(EndedEarlyMessage())),
+                  : ToGrpcStatus(absl::InvalidArgumentError(assembler_.EndedEarlyMessage())),
               &next);
         }
       } else {
-        service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_.ByteSizeLong()));
-        absl::Status status = HandleMessageLocked();
+        service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_buffer_.Length()));
+        ++messages_received_;
+        absl::Status status = ParseRawMessage(
+            request_buffer_, absl::StrCat("message ", messages_received_, " of the stream"),
+            &request_);
+        request_buffer_.Clear();
+        if (status.ok()) status = HandleMessageLocked();
         if (!status.ok()) {
           FailLocked(status, &next);
         } else {
@@ -138,14 +151,6 @@ class AttendStreamReactor final
     kFinished,   // Finish called (or about to be)
   };
 
-  // One input tensor being received.
-  struct Input {
-    absl::string_view name;
-    HostBuffer data;
-    int64_t size = 0;
-    int64_t received = 0;
-  };
-
   // gRPC operations decided under the lock and started after it is released (a reaction may
   // run on another thread at once, and Finish may lead to OnDone deleting this reactor).
   struct Next {
@@ -156,8 +161,12 @@ class AttendStreamReactor final
 
   void Apply(Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
-    if (next.write) StartWrite(&response_);
-    if (next.read) StartRead(&request_);
+    if (next.write) {
+      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
+      SerializeToByteBuffer(response_, &response_buffer_);
+      StartWrite(&response_buffer_);
+    }
+    if (next.read) StartRead(&request_buffer_);
   }
 
   // On the watchdog's thread: no message arrived for --upload_stall_timeout_s.
@@ -211,143 +220,21 @@ class AttendStreamReactor final
   }
 
   absl::Status HandleMessageLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    switch (request_.kind_case()) {
-      case v1::AttendStreamRequest::kHeader:
-        if (phase_ != Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "second header: a stream carries exactly one request, its header first");
-        }
-        return HandleHeaderLocked(request_.header());
-      case v1::AttendStreamRequest::kChunk:
-        if (phase_ == Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "first message must be a header (got a chunk before any header)");
-        }
-        if (phase_ != Phase::kReceiving) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("chunk of ", ChunkTensorName(request_.chunk().tensor()),
-                           " after all tensor data arrived: bytes beyond the sizes the header "
-                           "declared"));
-        }
-        return HandleChunkLocked(request_.chunk());
-      case v1::AttendStreamRequest::KIND_NOT_SET:
-        break;
+    ANCHOR_RETURN_IF_ERROR(assembler_.Add(request_));
+    if (phase_ == Phase::kHeader && assembler_.header_received()) {
+      spec_ = assembler_.spec();
+      request_id_ = service_->RequestIdFor(assembler_.requested_id());
+      phase_ = Phase::kReceiving;
     }
-    if (phase_ == Phase::kHeader) {
-      return absl::InvalidArgumentError(
-          "first message must be a header (got a message with neither header nor chunk)");
-    }
-    return absl::InvalidArgumentError("message sets neither header nor chunk");
-  }
-
-  absl::Status HandleHeaderLocked(const v1::StreamHeader& header)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    absl::StatusOr<RequestSpec> spec = SpecFromStreamHeader(header, serving_->convert_options);
-    if (!spec.ok()) return spec.status();
-    spec_ = *std::move(spec);
-    // Refused now when the whole request (inputs and output) cannot fit in what is free; its
-    // bytes are charged as they arrive, so a stalled upload holds only what it sent.
-    if (absl::Status fits = service_->memory_budget().CheckFits(
-            spec_.q_bytes + spec_.k_bytes + spec_.v_bytes + spec_.q_bytes,
-            "AttendStream request (q, k, v and output)");
-        !fits.ok()) {
-      return fits;
-    }
-    charge_ = service_->memory_budget().EmptyCharge();
-    request_id_ = service_->RequestIdFor(header.request_id());
-    const int64_t sizes[3] = {spec_.q_bytes, spec_.k_bytes, spec_.v_bytes};
-    const absl::string_view names[3] = {"q", "k", "v"};
-    for (int i = 0; i < 3; ++i) {
-      inputs_[i].name = names[i];
-      inputs_[i].size = sizes[i];
-      inputs_[i].received = 0;
-      inputs_[i].data = AllocateBytes(sizes[i], &service_->host_buffer_cache());
-      if (inputs_[i].data == nullptr) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("cannot allocate ", sizes[i], " bytes for ", names[i]));
-      }
-    }
-    phase_ = Phase::kReceiving;
+    if (phase_ == Phase::kReceiving && assembler_.complete()) return StartComputeLocked();
     return absl::OkStatus();
-  }
-
-  static absl::string_view ChunkTensorName(int tensor) {
-    switch (tensor) {
-      case v1::TENSOR_NAME_Q:
-        return "q";
-      case v1::TENSOR_NAME_K:
-        return "k";
-      case v1::TENSOR_NAME_V:
-        return "v";
-      case v1::TENSOR_NAME_OUTPUT:
-        return "output";
-      default:
-        return "an unknown tensor";
-    }
-  }
-
-  absl::Status HandleChunkLocked(const v1::TensorChunk& chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    int index = -1;
-    switch (chunk.tensor()) {
-      case v1::TENSOR_NAME_Q:
-        index = 0;
-        break;
-      case v1::TENSOR_NAME_K:
-        index = 1;
-        break;
-      case v1::TENSOR_NAME_V:
-        index = 2;
-        break;
-      default:
-        return absl::InvalidArgumentError(
-            absl::StrCat("chunk.tensor must be TENSOR_NAME_Q, TENSOR_NAME_K or TENSOR_NAME_V, got ",
-                         v1::TensorName_IsValid(chunk.tensor())
-                             ? v1::TensorName_Name(chunk.tensor())
-                             : absl::StrCat("unknown value ", static_cast<int>(chunk.tensor()))));
-    }
-    Input& input = inputs_[index];
-    if (chunk.offset() != input.received) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk.offset of ", input.name, " is ", chunk.offset(), ", expected ",
-                       input.received, ": each tensor's chunks must arrive in order without gaps"));
-    }
-    const int64_t bytes = static_cast<int64_t>(chunk.data().size());
-    if (bytes > input.size - input.received) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "chunk of ", input.name, " at chunk.offset ", chunk.offset(), " carries ", bytes,
-          " bytes, beyond the ", input.size, " bytes its header spec declares"));
-    }
-    if (absl::Status charged = charge_.Grow(bytes, absl::StrCat("chunk of ", input.name));
-        !charged.ok()) {
-      return charged;
-    }
-    std::memcpy(input.data.get() + input.received, chunk.data().data(), static_cast<size_t>(bytes));
-    input.received += bytes;
-    if (AllReceivedLocked()) return StartComputeLocked();
-    return absl::OkStatus();
-  }
-
-  bool AllReceivedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return std::all_of(std::begin(inputs_), std::end(inputs_),
-                       [](const Input& in) { return in.received == in.size; });
-  }
-
-  std::string EndedEarlyMessage() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (phase_ == Phase::kHeader) return "stream ended before a header arrived";
-    std::vector<std::string> missing;
-    for (const Input& in : inputs_) {
-      if (in.received < in.size) {
-        missing.push_back(absl::StrCat(in.name, " is missing ", in.size - in.received, " of ",
-                                       in.size, " bytes"));
-      }
-    }
-    return absl::StrCat("stream ended before all tensor data arrived: ",
-                        absl::StrJoin(missing, "; "));
   }
 
   absl::Status StartComputeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     upload_.Done();
-    if (absl::Status charged = charge_.Grow(spec_.q_bytes, "output"); !charged.ok()) {
+    ANCHOR_RETURN_IF_ERROR(
+        CheckFiniteInputs(spec_, assembler_.data(0), assembler_.data(1), assembler_.data(2)));
+    if (absl::Status charged = output_charge_.Grow(spec_.q_bytes, "output"); !charged.ok()) {
       return charged;
     }
     output_ = AllocateBytes(spec_.q_bytes, &service_->host_buffer_cache());
@@ -356,7 +243,7 @@ class AttendStreamReactor final
           absl::StrCat("cannot allocate ", spec_.q_bytes, " bytes for the output"));
     }
     std::shared_ptr<AttentionJob> job =
-        MakeAttentionJob(spec_, inputs_[0].data.get(), inputs_[1].data.get(), inputs_[2].data.get(),
+        MakeAttentionJob(spec_, assembler_.data(0), assembler_.data(1), assembler_.data(2),
                          output_.get(), DeadlineOf(*context_));
     job->on_done = [this, done = job.get()] { OnJobDone(*done); };
     // Lock order: this reactor's mu_, then the batcher's (the worker calls on_done unlocked).
@@ -373,10 +260,7 @@ class AttendStreamReactor final
     {
       absl::MutexLock lock(&mu_);
       job_.reset();
-      for (Input& in : inputs_) {  // inputs are no longer needed
-        in.data.reset();
-        charge_.Shrink(in.received);
-      }
+      assembler_.ReleaseData();  // inputs are no longer needed (their budget charge too)
       const absl::Time now = service_->clock().Now();
       if (!pending_error_.ok()) {
         RequestFinishLocked(ToGrpcStatus(pending_error_), &next);
@@ -422,10 +306,10 @@ class AttendStreamReactor final
   void ReleaseBuffersLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     // Never while a job may still read or write them.
     if (job_ != nullptr) return;
-    for (Input& in : inputs_) in.data.reset();
+    assembler_.ReleaseData();
     output_.reset();
     writer_.Clear();
-    charge_.Release();
+    output_charge_.Release();
   }
 
   AttentionServiceImpl* const service_;
@@ -437,8 +321,11 @@ class AttendStreamReactor final
 
   absl::Mutex mu_;
   Phase phase_ ABSL_GUARDED_BY(mu_) = Phase::kHeader;
-  v1::AttendStreamRequest request_;    // target of the one read in flight
-  v1::AttendStreamResponse response_;  // source of the one write in flight
+  grpc::ByteBuffer request_buffer_;  // target of the one read in flight
+  int64_t messages_received_ ABSL_GUARDED_BY(mu_) = 0;
+  v1::AttendStreamRequest request_ ABSL_GUARDED_BY(mu_);  // the last message read, parsed
+  v1::AttendStreamResponse response_;                     // source of the one write in flight
+  grpc::ByteBuffer response_buffer_;                      // response_ serialized
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   // An error seen while the job was queued or running: the status once it comes back.
@@ -448,21 +335,21 @@ class AttendStreamReactor final
 
   RequestSpec spec_ ABSL_GUARDED_BY(mu_);
   std::string request_id_ ABSL_GUARDED_BY(mu_);
-  Input inputs_[3] ABSL_GUARDED_BY(mu_);    // q, k, v
-  HostBuffer output_ ABSL_GUARDED_BY(mu_);  // like q; the writer's once computed
+  AttendStreamAssembler assembler_ ABSL_GUARDED_BY(mu_);  // q, k, v as they arrive
+  HostBuffer output_ ABSL_GUARDED_BY(mu_);                // like q; the writer's once computed
   v1::AttendStreamResponse final_metrics_ ABSL_GUARDED_BY(mu_);
   ChunkedTensorWriter<v1::AttendStreamResponse> writer_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<AttentionJob> job_ ABSL_GUARDED_BY(mu_);
-  // Bytes of this call in the server's memory budget: inputs as received, then the output.
-  MemoryCharge charge_ ABSL_GUARDED_BY(mu_);
+  // The output's bytes in the server's memory budget (the assembler charges the inputs).
+  MemoryCharge output_charge_ ABSL_GUARDED_BY(mu_);
   WatchedUpload upload_;
   bool watched_ = false;  // set in Start, before any reaction
 };
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
-StartAttendStreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StartAttendStreamReactor(
+    AttentionServiceImpl* service, grpc::CallbackServerContext* context) {
   auto* reactor = new AttendStreamReactor(service, context);
   reactor->Start();
   return reactor;

@@ -9,7 +9,7 @@
 
 namespace anchorserve {
 
-grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
-StartAttendStreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context);
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StartAttendStreamReactor(
+    AttentionServiceImpl* service, grpc::CallbackServerContext* context);
 
 }  // namespace anchorserve

@@ -10,6 +10,7 @@
 #include "server/attend_reactor.h"
 #include "server/attend_stream_reactor.h"
 #include "server/rpc_support.h"
+#include "server/status_convert.h"
 
 #ifndef ANCHOR_VERSION
 #define ANCHOR_VERSION "unknown"
@@ -52,14 +53,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
   return StartAttendReactor(this, context, request, response);
 }
 
-grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
-AttentionServiceImpl::AttendStream(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionServiceImpl::AttendStream(
+    grpc::CallbackServerContext* context) {
   return StartAttendStreamReactor(this, context);
 }
 
-grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
-    grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
-    v1::GetServerInfoResponse* response) {
+grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(grpc::CallbackServerContext* context,
+                                                              const grpc::ByteBuffer* raw_request,
+                                                              grpc::ByteBuffer* raw_response) {
   auto* reactor = new TrackedUnaryReactor(this, Rpc::kGetServerInfo);
   if (grpc::Status refused =
           AdmissionStatus(*this, reactor->serving(), *context, reactor->caller_slot());
@@ -67,7 +68,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     reactor->FinishOnce(refused);
     return reactor;
   }
+  v1::GetServerInfoRequest request;  // no fields yet; parsed to reject garbage
+  if (absl::Status parsed = ParseRawMessage(*raw_request, "request", &request); !parsed.ok()) {
+    reactor->FinishOnce(ToGrpcStatus(parsed));
+    return reactor;
+  }
   const BackendInfo& info = reactor->serving()->convert_options.backend_info;
+  v1::GetServerInfoResponse response_message;
+  v1::GetServerInfoResponse* response = &response_message;
   response->set_version(std::string(ServerVersion()));
   response->set_backend(info.name);
   response->set_device(info.device);
@@ -85,6 +93,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
   limits->set_stream_chunk_bytes(config_.stream_chunk_bytes);
   *response->mutable_defaults() = AnchorConfigToProto(config_.defaults);
   metrics_->AddSentBytes(static_cast<int64_t>(response->ByteSizeLong()));
+  SerializeToByteBuffer(response_message, raw_response);
   reactor->FinishOnce(grpc::Status::OK);
   return reactor;
 }

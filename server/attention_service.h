@@ -60,12 +60,14 @@ struct ServingState {
   ConvertOptions convert_options;  // limits, defaults and the backend's capabilities
 };
 
-// Attend is a raw (grpc::ByteBuffer) method: the server takes the tensor bytes out of the received
-// message and puts the output into the response without protobuf's copies (tensor_wire.h). On
-// the wire it is the same AttendRequest/AttendResponse.
+// Every method is raw (grpc::ByteBuffer); on the wire they are the same messages. Attend: the
+// server takes the tensor bytes out of the received message and puts the output into the response
+// without protobuf's copies (tensor_wire.h). All of them: a message that does not parse is
+// INVALID_ARGUMENT naming the message (rpc_support.h, ParseRawMessage), where gRPC's typed
+// handlers would answer UNIMPLEMENTED or end the stream as if the client had half-closed.
 using AttentionServiceBase = v1::AttentionService::WithRawCallbackMethod_Attend<
-    v1::AttentionService::WithCallbackMethod_AttendStream<
-        v1::AttentionService::WithCallbackMethod_GetServerInfo<v1::AttentionService::Service>>>;
+    v1::AttentionService::WithRawCallbackMethod_AttendStream<
+        v1::AttentionService::WithRawCallbackMethod_GetServerInfo<v1::AttentionService::Service>>>;
 
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
@@ -83,11 +85,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
                                    const grpc::ByteBuffer* request,
                                    grpc::ByteBuffer* response) override;
-  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const v1::GetServerInfoRequest* request,
-                                          v1::GetServerInfoResponse* response) override;
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
 
   // From now on new RPCs are refused with UNAVAILABLE; RPCs already started go on.
   void StartDraining() { draining_.store(true); }

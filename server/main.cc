@@ -45,6 +45,7 @@
 #include "server/metrics_endpoint.h"
 #include "server/prefill_job.h"
 #include "server/prefill_service.h"
+#include "server/reflection_v1.h"
 #include "server/server_config.h"
 #include "server/server_credentials.h"
 
@@ -212,13 +213,20 @@ int Run(const ServerConfig& config) {
     if (prefill_batcher != nullptr) prefill_batcher->Stop();
   };
 
+  // Reflection in both versions: v1alpha from gRPC's plugin (registered with every ServerBuilder of
+  // the process, as linking the library alone does too; StartGrpcServer takes it out again for
+  // --reflection=false), v1 our own over the same descriptors.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  ReflectionV1Service reflection_v1({kAttentionServiceName, v1::PrefillService::service_full_name(),
+                                     kHealthServiceName, kReflectionV1ServiceName,
+                                     kReflectionV1AlphaServiceName});
+
   // Listen first, NOT_SERVING: probes and clients get answers (UNAVAILABLE "server is starting")
   // rather than a closed port while the backend comes up, which may take seconds on a GPU.
-  // Registers reflection with every ServerBuilder of the process (linking the library alone does
-  // too); StartGrpcServer takes it out again for --reflection=false.
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::vector<grpc::Service*> grpc_services = {&service, &prefill_service};
+  if (config.reflection) grpc_services.push_back(&reflection_v1);
   absl::StatusOr<StartedGrpcServer> grpc_server =
-      StartGrpcServer(config, {&service, &prefill_service}, KeepaliveOptions{}, *credentials);
+      StartGrpcServer(config, grpc_services, KeepaliveOptions{}, *credentials);
   if (!grpc_server.ok()) {
     LogError(std::string(grpc_server.status().message()));
     return 1;

@@ -10,9 +10,11 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
 #include "proto/anchorserve/v1/convert.h"
 #include "server/chunked_tensor_writer.h"
 #include "server/prefill_job.h"
+#include "server/proto_convert.h"
 #include "server/rpc_support.h"
 #include "server/status_convert.h"
 
@@ -77,8 +79,16 @@ v1::RopeInfo RopeInfoProto(const ModelConfig& config) {
 
 absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
                                                    const Model& model, const ServerConfig& config) {
-  const ModelConfig& mc = model.config();
+  return PrefillSpecFromRequest(request, model.config(), model.fingerprint(), model.dir(), config);
+}
+
+absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
+                                                   const ModelConfig& mc,
+                                                   absl::string_view model_fingerprint,
+                                                   absl::string_view model_dir,
+                                                   const ServerConfig& config) {
   PrefillSpec spec;
+  ANCHOR_RETURN_IF_ERROR(CheckRequestId("request_id", request.request_id()));
   const int64_t n = request.token_ids_size();
   if (n == 0) return FieldError("token_ids", "must not be empty");
   const int64_t max_tokens = std::min(mc.max_position_embeddings, config.max_seq_len);
@@ -152,10 +162,10 @@ absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& req
   }
 
   if (!request.expected_fingerprint().empty() &&
-      request.expected_fingerprint() != model.fingerprint()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_fingerprint ", request.expected_fingerprint(),
-        " differs from the loaded model's ", model.fingerprint(), " (", model.dir(), ")"));
+      request.expected_fingerprint() != model_fingerprint) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("expected_fingerprint ", request.expected_fingerprint(),
+                     " differs from the loaded model's ", model_fingerprint, " (", model_dir, ")"));
   }
   spec.tensor_bytes = n * mc.KvDim() * static_cast<int64_t>(ElementSize(spec.kv_dtype));
   return spec;
@@ -228,7 +238,7 @@ void FillLogits(const PrefillSpec& spec, const std::vector<float>& logits, v1::L
 // One Prefill call. It is the job's KvSink: the engine hands over each finished layer on the
 // prefill worker thread, the reactor queues it for the writer and sends it chunk by chunk. The
 // reactor never finishes while its job is queued or running (the job points at it).
-class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse>, public KvSink {
+class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public KvSink {
  public:
   PrefillReactor(PrefillServiceImpl* service, grpc::CallbackServerContext* context)
       : host_(service->host()),
@@ -248,7 +258,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
     host_->RpcStarted();
   }
 
-  void Start(const v1::PrefillRequest& request) {
+  void Start(const grpc::ByteBuffer& raw_request) {
     if (grpc::Status refused = AdmissionStatus(*host_, host_serving_, *context_, &caller_slot_);
         !refused.ok()) {
       return FinishEarly(refused);
@@ -256,8 +266,12 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
     if (serving_ == nullptr) {
       return FinishEarly(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is starting"));
     }
+    host_->metrics().AddReceivedBytes(static_cast<int64_t>(raw_request.Length()));
+    v1::PrefillRequest request;
+    if (absl::Status parsed = ParseRawMessage(raw_request, "request", &request); !parsed.ok()) {
+      return FinishEarly(ToGrpcStatus(parsed));
+    }
     if (serving_->model == nullptr) return FinishEarly(NoModelStatus());
-    host_->metrics().AddReceivedBytes(static_cast<int64_t>(request.ByteSizeLong()));
     absl::StatusOr<PrefillSpec> spec =
         PrefillSpecFromRequest(request, *serving_->model, host_->config());
     if (!spec.ok()) return FinishEarly(ToGrpcStatus(spec.status()));
@@ -389,7 +403,11 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
 
   void Apply(const Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
-    if (next.write) StartWrite(&response_);
+    if (next.write) {
+      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
+      SerializeToByteBuffer(response_, &response_buffer_);
+      StartWrite(&response_buffer_);
+    }
   }
 
   // Before anything was queued or written.
@@ -548,8 +566,9 @@ class PrefillReactor final : public grpc::ServerWriteReactor<v1::PrefillResponse
   std::string request_id_;  // set in Start, read-only after
 
   absl::Mutex mu_;
-  absl::CondVar room_;            // the writer took bytes, or the call died
-  v1::PrefillResponse response_;  // source of the one write in flight
+  absl::CondVar room_;                // the writer took bytes, or the call died
+  v1::PrefillResponse response_;      // source of the one write in flight
+  grpc::ByteBuffer response_buffer_;  // response_ serialized
   ChunkedTensorWriter<v1::PrefillResponse> writer_ ABSL_GUARDED_BY(mu_);
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool call_dead_ ABSL_GUARDED_BY(mu_) = false;  // cancelled, or the client stopped reading
@@ -578,21 +597,26 @@ absl::Status PrefillServiceImpl::SetReady(const Model* model, PrefillEngine* eng
   return absl::OkStatus();
 }
 
-grpc::ServerWriteReactor<v1::PrefillResponse>* PrefillServiceImpl::Prefill(
-    grpc::CallbackServerContext* context, const v1::PrefillRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* PrefillServiceImpl::Prefill(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto* reactor = new PrefillReactor(this, context);
   reactor->Start(*request);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* PrefillServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
-                                                           const v1::GetModelInfoRequest* request,
-                                                           v1::ModelInfo* response) {
+                                                           const grpc::ByteBuffer* raw_request,
+                                                           grpc::ByteBuffer* raw_response) {
   auto* reactor = new TrackedUnaryReactor(host_, Rpc::kGetModelInfo);
   if (grpc::Status refused =
           AdmissionStatus(*host_, reactor->serving(), *context, reactor->caller_slot());
       !refused.ok()) {
     reactor->FinishOnce(refused);
+    return reactor;
+  }
+  v1::GetModelInfoRequest request;  // no fields yet; parsed to reject garbage
+  if (absl::Status parsed = ParseRawMessage(*raw_request, "request", &request); !parsed.ok()) {
+    reactor->FinishOnce(ToGrpcStatus(parsed));
     return reactor;
   }
   const PrefillServing* prefill = serving();
@@ -602,8 +626,9 @@ grpc::ServerUnaryReactor* PrefillServiceImpl::GetModelInfo(grpc::CallbackServerC
                             : NoModelStatus());
     return reactor;
   }
-  *response = ModelInfoProto(*prefill->model);
-  host_->metrics().AddSentBytes(static_cast<int64_t>(response->ByteSizeLong()));
+  const v1::ModelInfo response = ModelInfoProto(*prefill->model);
+  host_->metrics().AddSentBytes(static_cast<int64_t>(response.ByteSizeLong()));
+  SerializeToByteBuffer(response, raw_response);
   reactor->FinishOnce(grpc::Status::OK);
   return reactor;
 }

@@ -52,6 +52,12 @@ struct PrefillSpec {
 // Checks `request` against the model and the server's limits; errors name the field.
 absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
                                                    const Model& model, const ServerConfig& config);
+// The same against a model's config, fingerprint and folder (no weights needed: the fuzz target).
+absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& request,
+                                                   const ModelConfig& model_config,
+                                                   absl::string_view model_fingerprint,
+                                                   absl::string_view model_dir,
+                                                   const ServerConfig& config);
 
 v1::ModelInfo ModelInfoProto(const Model& model);
 
@@ -62,7 +68,12 @@ struct PrefillServing {
   DynamicBatcher* batcher = nullptr;  // with a model
 };
 
-class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
+// Raw (grpc::ByteBuffer) methods, the same messages on the wire: a request that does not parse is
+// INVALID_ARGUMENT naming it rather than gRPC's UNIMPLEMENTED (see AttentionServiceBase).
+using PrefillServiceBase = v1::PrefillService::WithRawCallbackMethod_Prefill<
+    v1::PrefillService::WithRawCallbackMethod_GetModelInfo<v1::PrefillService::Service>>;
+
+class PrefillServiceImpl final : public PrefillServiceBase {
  public:
   // Shares `host`'s lifecycle: readiness, draining, RPCs in flight, request ids, config,
   // metrics and clock. `host` must outlive this service.
@@ -74,11 +85,11 @@ class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
   const PrefillServing* serving() const { return serving_.load(std::memory_order_acquire); }
   AttentionServiceImpl* host() const { return host_; }
 
-  grpc::ServerWriteReactor<v1::PrefillResponse>* Prefill(
-      grpc::CallbackServerContext* context, const v1::PrefillRequest* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Prefill(grpc::CallbackServerContext* context,
+                                                      const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetModelInfoRequest* request,
-                                         v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
 
  private:
   AttentionServiceImpl* const host_;

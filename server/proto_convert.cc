@@ -5,7 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/dtype.h"
 #include "kernels/status_macros.h"
+#include "proto/anchorserve/v1/limits.h"
 
 namespace anchorserve {
 namespace {
@@ -135,6 +137,7 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& request,
                                                   const std::array<int64_t, 3>& data_bytes,
                                                   const ConvertOptions& options) {
+  ANCHOR_RETURN_IF_ERROR(CheckRequestId("request_id", request.request_id()));
   ANCHOR_ASSIGN_OR_RETURN(const QkvGeometry qkv,
                           ParseQkv(request, "request must set q, k and v; missing "));
   ANCHOR_ASSIGN_OR_RETURN(RequestSpec spec,
@@ -156,9 +159,39 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 
 absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
                                                  const ConvertOptions& options) {
+  ANCHOR_RETURN_IF_ERROR(CheckRequestId("header.request_id", header.request_id()));
   ANCHOR_ASSIGN_OR_RETURN(const QkvGeometry qkv,
                           ParseQkv(header, "header must set q, k and v; missing header."));
   return BuildSpec(qkv, header.config(), header.options(), options);
+}
+
+absl::Status CheckRequestId(absl::string_view field, absl::string_view request_id) {
+  if (request_id.size() > static_cast<size_t>(kMaxRequestIdBytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", request_id.size(),
+                                                   " bytes long, at most ", kMaxRequestIdBytes,
+                                                   " are allowed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckFiniteInputs(const RequestSpec& spec, const void* q, const void* k,
+                               const void* v) {
+  const size_t element = ElementSize(spec.dtype);
+  const struct {
+    absl::string_view name;
+    const void* data;
+    int64_t bytes;
+  } inputs[] = {{"q", q, spec.q_bytes}, {"k", k, spec.k_bytes}, {"v", v, spec.v_bytes}};
+  for (const auto& input : inputs) {
+    const int64_t count = input.bytes / static_cast<int64_t>(element);
+    const int64_t index = FirstNonFinite(input.data, spec.dtype, count);
+    if (index >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          input.name, " holds a NaN or infinity (", std::string(DTypeName(spec.dtype)), " element ",
+          index, " in memory order); every input element must be finite"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 void ApplySpec(const RequestSpec& spec, AttentionTask* task) {

@@ -68,6 +68,15 @@ absl::StatusOr<RequestSpec> SpecFromAttendRequest(const v1::AttendRequest& reque
 absl::StatusOr<RequestSpec> SpecFromStreamHeader(const v1::StreamHeader& header,
                                                  const ConvertOptions& options);
 
+// INVALID_ARGUMENT naming `field` when `request_id` is longer than kMaxRequestIdBytes.
+absl::Status CheckRequestId(absl::string_view field, absl::string_view request_id);
+
+// INVALID_ARGUMENT naming the tensor and the element when q, k or v (laid out as `spec`
+// describes) holds a NaN or an infinity: attention over them is NaN everywhere it reaches, which
+// a client would rather hear about than receive.
+absl::Status CheckFiniteInputs(const RequestSpec& spec, const void* q, const void* k,
+                               const void* v);
+
 // Shape, dtype, layout and config of `spec` into `task` (buffers are the caller's).
 void ApplySpec(const RequestSpec& spec, AttentionTask* task);
 

@@ -3,6 +3,9 @@
 #include <chrono>
 #include <new>
 
+#include "absl/strings/str_cat.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "server/status_convert.h"
 
 namespace anchorserve {
@@ -60,6 +63,26 @@ grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
     }
   }
   return ToGrpcStatus(job.status);
+}
+
+absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view what,
+                             google::protobuf::Message* message) {
+  grpc::ByteBuffer shared(buffer);  // another reference to the same slices, no copy
+  grpc::ProtoBufferReader reader(&shared);
+  if (!reader.status().ok() || !message->ParseFromZeroCopyStream(&reader)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " does not parse as a ",
+                                                   message->GetDescriptor()->full_name(), " (",
+                                                   buffer.Length(), " bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer) {
+  buffer->Clear();  // the previous message's (gRPC took its own reference when it was sent)
+  bool own_buffer = false;
+  // Fails only for a message over 2 GiB, which the send limits keep out.
+  (void)grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, buffer,
+                                                                        &own_buffer);
 }
 
 TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)

@@ -7,7 +7,11 @@
 #include <cstdint>
 #include <memory>
 
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "google/protobuf/message.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/server_callback.h"
 #include "grpcpp/support/status.h"
 #include "server/attention_service.h"
@@ -36,6 +40,16 @@ grpc::Status CancelledCallStatus(absl::Time deadline, absl::Time now);
 // elsewhere).
 grpc::Status FailedJobStatus(const BatchJob& job, absl::Time now,
                              const grpc::CallbackServerContext& context, bool draining);
+
+// Parses a message of a raw (grpc::ByteBuffer) method. Our methods are raw so that a message that
+// does not parse is INVALID_ARGUMENT naming `what`: gRPC 1.51's callback handlers answer a typed
+// request that fails to parse with UNIMPLEMENTED and no message, and end a typed stream's reads
+// as if the client had half-closed.
+absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view what,
+                             google::protobuf::Message* message);
+// Serializes `message` into `buffer`, replacing what it held (gRPC's serializer needs an empty
+// buffer).
+void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer);
 
 // Base of the unary reactors: counts the RPC in flight, finishes it once, records its metrics.
 class TrackedUnaryReactor : public grpc::ServerUnaryReactor {

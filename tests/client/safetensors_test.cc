@@ -5,12 +5,14 @@
 
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "model/safetensors.h"
 #include "tests/client/prefill_test_util.h"
 
 namespace anchorserve {
@@ -64,6 +66,30 @@ TEST(SafetensorsTest, RejectsBadEntries) {
               HasSubstr("not allowed"));
   EXPECT_THAT(MakeSafetensorsHeader({{"n", DType::kFp16, {2, -1}}}).status().message(),
               HasSubstr("'n': shape[1] is negative"));
+}
+
+// Found by fuzz/safetensors_fuzzer: names (and metadata) that are not UTF-8 made a header that no
+// reader accepts; they are refused. Any valid UTF-8, control characters and quotes included,
+// round-trips through the model loader's parser.
+TEST(SafetensorsTest, NamesMustBeUtf8AndAnyUtf8RoundTrips) {
+  const std::string fuzz_found("\0\0\0\0\0\x80}\x20", 8);
+  for (const std::string& bad : {fuzz_found, std::string("\xc0\xaf"), std::string("\xed\xa0\x80"),
+                                 std::string("\xf4\x90\x80\x80"), std::string("ab\xe4\xb8")}) {
+    EXPECT_THAT(MakeSafetensorsHeader({{bad, DType::kFp16, {1}}}).status().message(),
+                HasSubstr("is not valid UTF-8"));
+    EXPECT_FALSE(MakeSafetensorsHeader({{"x", DType::kFp16, {1}}}, {{"k", bad}}).ok());
+  }
+  const std::string name = "k\"\\\n\x01 \xc3\xa9 \xe4\xb8\xad \xf0\x9f\x98\x80";
+  absl::StatusOr<std::string> header =
+      MakeSafetensorsHeader({{name, DType::kFp16, {1, 2}}}, {{"model", "\xc3\xa9"}});
+  ASSERT_TRUE(header.ok()) << header.status();
+  const std::string file = *header + std::string(4, '\0');
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> parsed =
+      SafetensorsFile::FromBytes("t.safetensors", {file.data(), file.size()});
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ASSERT_NE((*parsed)->Find(name), nullptr);
+  EXPECT_EQ((*parsed)->Find(name)->num_bytes, 4);
+  EXPECT_EQ((*parsed)->metadata().at("model"), "\xc3\xa9");
 }
 
 TEST(SafetensorsTest, StreamedWriteRoundTrips) {

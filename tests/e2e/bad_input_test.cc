@@ -10,7 +10,16 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
+#include "google/protobuf/descriptor.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
+#include "grpc/reflection/v1alpha/list_services.grpc.pb.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/impl/codegen/client_unary_call.h"
+#include "grpcpp/impl/codegen/sync_stream.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "gtest/gtest.h"
+#include "kernels/attention_types.h"
+#include "proto/anchorserve/v1/limits.h"
 #include "tests/e2e/e2e_util.h"
 
 namespace anchorserve::e2e {
@@ -425,6 +434,254 @@ TEST_F(BadInputE2eTest, MalformedStreamsAreRejected) {
   absl::Status ok = RunRawStream(*client_, good_stream);
   EXPECT_TRUE(ok.ok()) << ok;
   ExpectStillServes();
+}
+
+// --- Findings of the outside probe (issue 10) ---
+
+// Bytes that no message parses from: field 1, length-delimited, 5 bytes announced, 2 present.
+const char kTruncatedMessage[] =
+    "\x0a\x05"
+    "ab";
+
+grpc::ByteBuffer BytesOf(absl::string_view bytes) {
+  grpc::Slice slice(bytes.data(), bytes.size());
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+grpc::Status RawUnary(const std::shared_ptr<grpc::Channel>& channel, const char* method,
+                      absl::string_view request_bytes) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  const grpc::ByteBuffer request = BytesOf(request_bytes);
+  grpc::ByteBuffer response;
+  return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+      channel.get(), grpc::internal::RpcMethod(method, grpc::internal::RpcMethod::NORMAL_RPC),
+      &context, request, &response);
+}
+
+// Writes `messages` as they are (bytes) on a call of a streaming method, reads until the end.
+grpc::Status RawStream(const std::shared_ptr<grpc::Channel>& channel, const char* method,
+                       grpc::internal::RpcMethod::RpcType type,
+                       const std::vector<std::string>& messages) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel.get(), grpc::internal::RpcMethod(method, type), &context));
+  for (const std::string& message : messages) {
+    if (!stream->Write(BytesOf(message))) break;
+  }
+  stream->WritesDone();
+  grpc::ByteBuffer ignored;
+  while (stream->Read(&ignored)) {
+  }
+  return stream->Finish();
+}
+
+void ExpectInvalidArgumentNaming(const grpc::Status& status, absl::string_view fragment) {
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+      << status.error_code() << " " << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), fragment))
+      << "message lacks '" << fragment << "': " << status.error_message();
+}
+
+// Names of the files in a file_descriptor_response, or the error the server sent.
+template <typename Response>
+absl::StatusOr<std::vector<std::string>> DescribedFiles(const Response& response) {
+  if (response.has_error_response()) {
+    return absl::NotFoundError(response.error_response().error_message());
+  }
+  std::vector<std::string> files;
+  for (const std::string& bytes : response.file_descriptor_response().file_descriptor_proto()) {
+    google::protobuf::FileDescriptorProto file;
+    if (!file.ParseFromString(bytes)) return absl::InternalError("a descriptor does not parse");
+    files.push_back(file.name());
+  }
+  return files;
+}
+
+// One file_containing_symbol request on ServerReflectionInfo of reflection v1 or v1alpha.
+template <typename Reflection>
+absl::StatusOr<std::vector<std::string>> FileContainingSymbol(
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& symbol) {
+  auto stub = Reflection::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  auto stream = stub->ServerReflectionInfo(&context);
+  typename Reflection::ServerReflectionRequest request;
+  request.set_file_containing_symbol(symbol);
+  typename Reflection::ServerReflectionResponse response;
+  const bool exchanged = stream->Write(request) && stream->Read(&response);
+  stream->WritesDone();
+  const grpc::Status status = stream->Finish();
+  if (!status.ok()) return absl::UnavailableError(status.error_message());
+  if (!exchanged) return absl::InternalError("no response");
+  return DescribedFiles(response);
+}
+
+struct ReflectionV1Alpha {
+  using ServerReflection = grpc::reflection::v1alpha::ServerReflection;
+  using ServerReflectionRequest = grpc::reflection::v1alpha::ServerReflectionRequest;
+  using ServerReflectionResponse = grpc::reflection::v1alpha::ServerReflectionResponse;
+};
+struct ReflectionV1 {
+  using ServerReflection = grpc::reflection::v1::ServerReflection;
+  using ServerReflectionRequest = grpc::reflection::v1::ServerReflectionRequest;
+  using ServerReflectionResponse = grpc::reflection::v1::ServerReflectionResponse;
+};
+
+// grpcurl's `grpc.health.v1.Health/Check` resolves the service through reflection first.
+TEST_F(BadInputE2eTest, ReflectionDescribesTheHealthServiceInBothVersions) {
+  for (const std::string symbol : {"grpc.health.v1.Health", "anchorserve.v1.AttentionService",
+                                   "anchorserve.v1.PrefillService"}) {
+    SCOPED_TRACE(symbol);
+    absl::StatusOr<std::vector<std::string>> alpha =
+        FileContainingSymbol<ReflectionV1Alpha>(client_->channel(), symbol);
+    ASSERT_TRUE(alpha.ok()) << alpha.status();
+    ASSERT_FALSE(alpha->empty());
+    absl::StatusOr<std::vector<std::string>> v1 =
+        FileContainingSymbol<ReflectionV1>(client_->channel(), symbol);
+    ASSERT_TRUE(v1.ok()) << v1.status();
+    ASSERT_FALSE(v1->empty());
+    EXPECT_EQ(alpha->front(), v1->front());
+  }
+  EXPECT_EQ(
+      FileContainingSymbol<ReflectionV1>(client_->channel(), "no.such.Service").status().code(),
+      absl::StatusCode::kNotFound);
+}
+
+TEST_F(BadInputE2eTest, ReflectionV1ListsTheServices) {
+  auto stub = grpc::reflection::v1::ServerReflection::NewStub(client_->channel());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+  auto stream = stub->ServerReflectionInfo(&context);
+  grpc::reflection::v1::ServerReflectionRequest request;
+  request.set_list_services("");
+  grpc::reflection::v1::ServerReflectionResponse response;
+  ASSERT_TRUE(stream->Write(request));
+  ASSERT_TRUE(stream->Read(&response));
+  stream->WritesDone();
+  ASSERT_TRUE(stream->Finish().ok());
+  std::vector<std::string> names;
+  for (const auto& service : response.list_services_response().service()) {
+    names.push_back(service.name());
+  }
+  for (const char* expected :
+       {"anchorserve.v1.AttentionService", "anchorserve.v1.PrefillService", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}) {
+    EXPECT_NE(std::find(names.begin(), names.end(), expected), names.end()) << expected;
+  }
+}
+
+// Bytes that do not parse: INVALID_ARGUMENT naming the message, on every method of both services
+// (gRPC's typed handlers said UNIMPLEMENTED, or "stream ended before a header arrived").
+TEST_F(BadInputE2eTest, MessagesThatDoNotParseAreInvalidArgument) {
+  const std::shared_ptr<grpc::Channel> channel = client_->channel();
+  ExpectInvalidArgumentNaming(
+      RawUnary(channel, "/anchorserve.v1.AttentionService/GetServerInfo", kTruncatedMessage),
+      "does not parse as a anchorserve.v1.GetServerInfoRequest");
+  ExpectInvalidArgumentNaming(
+      RawUnary(channel, "/anchorserve.v1.AttentionService/Attend", kTruncatedMessage),
+      "does not parse");
+  ExpectInvalidArgumentNaming(
+      RawStream(channel, "/anchorserve.v1.AttentionService/AttendStream",
+                grpc::internal::RpcMethod::BIDI_STREAMING, {kTruncatedMessage}),
+      "message 1 of the stream does not parse as a anchorserve.v1.AttendStreamRequest");
+  // A good header first, the bad message second: the count names which one.
+  const v1::AttendStreamRequest header = HeaderOf(good_);
+  ExpectInvalidArgumentNaming(RawStream(channel, "/anchorserve.v1.AttentionService/AttendStream",
+                                        grpc::internal::RpcMethod::BIDI_STREAMING,
+                                        {header.SerializeAsString(), kTruncatedMessage}),
+                              "message 2 of the stream does not parse");
+  ExpectInvalidArgumentNaming(
+      RawUnary(channel, "/anchorserve.v1.PrefillService/GetModelInfo", kTruncatedMessage),
+      "does not parse as a anchorserve.v1.GetModelInfoRequest");
+  ExpectInvalidArgumentNaming(
+      RawStream(channel, "/anchorserve.v1.PrefillService/Prefill",
+                grpc::internal::RpcMethod::SERVER_STREAMING, {kTruncatedMessage}),
+      "does not parse as a anchorserve.v1.PrefillRequest");
+  ExpectStillServes();
+}
+
+TEST_F(BadInputE2eTest, NonFiniteInputsAreRejectedNamingTheTensor) {
+  struct Case {
+    const char* tensor;
+    uint16_t bits;  // bf16
+  };
+  for (const Case& c : {Case{"q", 0x7fc0}, Case{"k", 0x7f80}, Case{"v", 0xff80}}) {
+    SCOPED_TRACE(c.tensor);
+    v1::AttendRequest request = good_;
+    v1::Tensor* tensor = std::string(c.tensor) == "q"   ? request.mutable_q()
+                         : std::string(c.tensor) == "k" ? request.mutable_k()
+                                                        : request.mutable_v();
+    std::memcpy(tensor->mutable_data()->data() + 2 * 7, &c.bits, 2);  // element 7
+    absl::StatusOr<v1::AttendResponse> unary = client_->Attend(request);
+    ASSERT_FALSE(unary.ok());
+    EXPECT_EQ(unary.status().code(), absl::StatusCode::kInvalidArgument) << unary.status();
+    EXPECT_TRUE(absl::StrContains(unary.status().message(),
+                                  absl::StrCat(c.tensor, " holds a NaN or infinity")))
+        << unary.status();
+    EXPECT_TRUE(absl::StrContains(unary.status().message(), "element 7")) << unary.status();
+    std::vector<v1::AttendStreamRequest> stream = {HeaderOf(request)};
+    AppendChunks(v1::TENSOR_NAME_Q, request.q().data(), 4096, &stream);
+    AppendChunks(v1::TENSOR_NAME_K, request.k().data(), 4096, &stream);
+    AppendChunks(v1::TENSOR_NAME_V, request.v().data(), 4096, &stream);
+    absl::Status streamed = RunRawStream(*client_, stream);
+    EXPECT_EQ(streamed.code(), absl::StatusCode::kInvalidArgument) << streamed;
+    EXPECT_TRUE(absl::StrContains(streamed.message(), absl::StrCat(c.tensor, " holds a NaN")))
+        << streamed;
+  }
+  ExpectStillServes();
+}
+
+TEST_F(BadInputE2eTest, LongRequestIdsAreRejected) {
+  v1::AttendRequest request = good_;
+  request.set_request_id(std::string(kMaxRequestIdBytes, 'r'));
+  absl::StatusOr<v1::AttendResponse> at_limit = client_->Attend(request);
+  ASSERT_TRUE(at_limit.ok()) << at_limit.status();
+  EXPECT_EQ(at_limit->request_id(), request.request_id());
+
+  request.set_request_id(std::string(1 << 20, 'r'));  // what the probe sent
+  absl::StatusOr<v1::AttendResponse> unary = client_->Attend(request);
+  ASSERT_FALSE(unary.ok());
+  EXPECT_EQ(unary.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(unary.status().message(), "request_id")) << unary.status();
+  v1::AttendStreamRequest header = HeaderOf(request);
+  header.mutable_header()->set_request_id(request.request_id());
+  absl::Status streamed = RunRawStream(*client_, {header});
+  EXPECT_EQ(streamed.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(streamed.message(), "header.request_id")) << streamed;
+  ExpectStillServes();
+}
+
+// What GetServerInfo lists is what the backend runs: every listed head_dim is served, and an
+// unlisted one is refused (the CPU backend lists 1..kMaxHeadDim).
+TEST_F(BadInputE2eTest, SupportedHeadDimsAgreeWithTheBackend) {
+  absl::StatusOr<v1::GetServerInfoResponse> info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  std::vector<int> expected(kMaxHeadDim);
+  for (int d = 1; d <= kMaxHeadDim; ++d) expected[d - 1] = d;
+  EXPECT_EQ(
+      std::vector<int>(info->supported_head_dims().begin(), info->supported_head_dims().end()),
+      expected);
+  for (int head_dim : {1, 72, 100, kMaxHeadDim}) {
+    SCOPED_TRACE(head_dim);
+    absl::StatusOr<QkvTensors> qkv =
+        MakeQkv(InputKind::kRandom, 16, 2, 1, head_dim, DType::kBf16, Layout::kTokenMajor, 5);
+    ASSERT_TRUE(qkv.ok()) << qkv.status();
+    absl::StatusOr<v1::AttendRequest> request = BuildAttendRequest(InputsFor(*qkv));
+    ASSERT_TRUE(request.ok()) << request.status();
+    absl::StatusOr<v1::AttendResponse> response = client_->Attend(*request);
+    EXPECT_TRUE(response.ok()) << response.status();
+  }
+  absl::StatusOr<QkvTensors> too_wide =
+      MakeQkv(InputKind::kRandom, 16, 2, 1, kMaxHeadDim + 1, DType::kBf16, Layout::kTokenMajor, 5);
+  if (too_wide.ok()) {
+    absl::StatusOr<v1::AttendRequest> request = BuildAttendRequest(InputsFor(*too_wide));
+    if (request.ok()) {
+      EXPECT_EQ(client_->Attend(*request).status().code(), absl::StatusCode::kInvalidArgument);
+    }
+  }
 }
 
 }  // namespace

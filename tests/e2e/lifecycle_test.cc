@@ -146,6 +146,10 @@ TEST_F(LifecycleE2eTest, TinyDeadlineOnBusyServerIsExceededAndServerStaysHealthy
 
   BackgroundCall busy([&] { return client_->Attend(InputsFor(*slow, DenseConfig(), true)); });
   ASSERT_TRUE(WaitForMetric(*server_, "anchorserve_inflight_requests", {}, 1, absl::Seconds(20)));
+  // In flight is not yet queued: the server first checks the 48 MiB of inputs (sizes, and that
+  // every element is finite), which takes a while in the sanitizer builds. The busy request
+  // computes for seconds, so this wait still lands inside it.
+  absl::SleepFor(absl::Milliseconds(300));
 
   CallOptions tiny;
   tiny.timeout = absl::Milliseconds(50);

@@ -172,5 +172,40 @@ TEST(ConvertTest, ArraysAndRoundThrough) {
   EXPECT_EQ(pi, 3.140625f);
 }
 
+// Every bf16 and fp16 pattern: FirstNonFinite flags exactly the NaNs and infinities, at any
+// position within and across its scan blocks.
+TEST(FirstNonFiniteTest, FlagsExactlyNanAndInfinityInEveryPattern) {
+  for (DType dtype : {DType::kBf16, DType::kFp16}) {
+    for (uint32_t bits = 0; bits <= 0xffff; ++bits) {
+      const uint16_t pattern = static_cast<uint16_t>(bits);
+      const float value = dtype == DType::kBf16 ? Bf16ToFloat(pattern) : Fp16ToFloat(pattern);
+      ASSERT_EQ(FirstNonFinite(&pattern, dtype, 1), std::isfinite(value) ? -1 : 0)
+          << DTypeName(dtype) << " 0x" << std::hex << bits;
+    }
+  }
+  for (float value :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+        -std::numeric_limits<float>::infinity()}) {
+    EXPECT_EQ(FirstNonFinite(&value, DType::kFp32, 1), 0);
+  }
+  const float largest = std::numeric_limits<float>::max();
+  EXPECT_EQ(FirstNonFinite(&largest, DType::kFp32, 1), -1);
+}
+
+TEST(FirstNonFiniteTest, ReportsTheFirstIndexAtAnyAlignment) {
+  for (int64_t position : {0, 1, 1023, 1024, 1025, 4999}) {
+    std::vector<char> storage(5000 * 4 + 1, 0);
+    float* values = reinterpret_cast<float*>(storage.data() + 1);  // unaligned on purpose
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(reinterpret_cast<char*>(values) + position * 4, &nan, 4);
+    if (position + 7 < 5000) {
+      std::memcpy(reinterpret_cast<char*>(values) + (position + 7) * 4, &nan, 4);
+    }
+    EXPECT_EQ(FirstNonFinite(values, DType::kFp32, 5000), position);
+    EXPECT_EQ(FirstNonFinite(values, DType::kFp32, position), -1);
+  }
+  EXPECT_EQ(FirstNonFinite(nullptr, DType::kBf16, 0), -1);
+}
+
 }  // namespace
 }  // namespace anchorserve

@@ -58,6 +58,9 @@ Inputs MakeInputs(int64_t seq_len, int64_t q_heads, int64_t kv_heads, int64_t he
   auto fill = [&](std::string* s, int64_t heads) {
     s->resize(static_cast<size_t>(seq_len * heads * head_dim * 2));
     for (char& c : *s) c = static_cast<char>(rng() & 0xff);
+    // Random 16-bit elements, kept finite (the server rejects NaN and infinity): the top
+    // exponent bit, bit 6 of each little-endian high byte, is cleared.
+    for (size_t i = 1; i < s->size(); i += 2) (*s)[i] = static_cast<char>((*s)[i] & 0xbf);
   };
   fill(&in.q, q_heads);
   fill(&in.k, kv_heads);

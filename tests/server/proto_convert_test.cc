@@ -7,6 +7,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "proto/anchorserve/v1/limits.h"
 #include "tests/server/fake_backend.h"
 
 namespace anchorserve {
@@ -391,6 +392,43 @@ TEST(ProtoConvertTest, MetricsOfAFinishedJob) {
   job.recall.reset();
   FillAttentionMetrics(job, "fake", &metrics);
   EXPECT_FALSE(metrics.has_recall());
+}
+
+TEST(ProtoConvertTest, RequestIdsAreBounded) {
+  v1::AttendRequest request = ValidRequest();
+  request.set_request_id(std::string(kMaxRequestIdBytes, 'x'));
+  EXPECT_TRUE(SpecFromAttendRequest(request, Options()).ok());
+  request.set_request_id(std::string(kMaxRequestIdBytes + 1, 'x'));
+  absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(request, Options());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(spec.status().message(), HasSubstr("request_id is 257 bytes long"));
+
+  v1::StreamHeader header = Header({8, 4, 16}, {8, 2, 16});
+  header.set_request_id(std::string(1 << 20, 'x'));
+  spec = SpecFromStreamHeader(header, Options());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(spec.status().message(), HasSubstr("header.request_id"));
+}
+
+TEST(ProtoConvertTest, NonFiniteInputsAreNamed) {
+  v1::AttendRequest request = ValidRequest();
+  absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(request, Options());
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto check = [&] {
+    return CheckFiniteInputs(*spec, request.q().data().data(), request.k().data().data(),
+                             request.v().data().data());
+  };
+  EXPECT_TRUE(check().ok());
+  // bf16 +inf as element 3 of v (little-endian 0x7f80).
+  (*request.mutable_v()->mutable_data())[6] = static_cast<char>(0x80);
+  (*request.mutable_v()->mutable_data())[7] = static_cast<char>(0x7f);
+  absl::Status status = check();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("v holds a NaN or infinity (bf16 element 3"));
+  // A NaN in q (bf16 0x7fc0) is reported first.
+  (*request.mutable_q()->mutable_data())[0] = static_cast<char>(0xc0);
+  (*request.mutable_q()->mutable_data())[1] = static_cast<char>(0x7f);
+  EXPECT_THAT(check().message(), HasSubstr("q holds a NaN"));
 }
 
 }  // namespace
