@@ -30,6 +30,18 @@ constexpr int64_t kBudgetBytes = 96 * kMiB;
 constexpr int64_t kOverheadBytes = 160 * kMiB;
 constexpr int kAbusers = 64;
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kUnderAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kUnderAddressSanitizer = true;
+#else
+constexpr bool kUnderAddressSanitizer = false;
+#endif
+#else
+constexpr bool kUnderAddressSanitizer = false;
+#endif
+
 // "VmHWM" (peak resident set) or "VmRSS" of a process, in bytes; -1 when unreadable.
 int64_t ProcessMemory(pid_t pid, absl::string_view field) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
@@ -182,7 +194,12 @@ TEST_F(AdmissionE2eTest, StalledAndSlowUploadsStayWithinTheBudgetAndGoodRequests
       static_cast<double>(idle_rss) / kMiB, static_cast<double>(peak_rss) / kMiB,
       static_cast<double>(kBudgetBytes) / kMiB, slow_ok.load(), slow_refused.load(), good_ok.load(),
       good_failed.load());
-  EXPECT_LE(peak_rss, idle_rss + kBudgetBytes + kOverheadBytes);
+  if (kUnderAddressSanitizer) {
+    // ASan keeps freed memory in its quarantine and adds shadow memory: RSS says nothing there.
+    std::printf("RSS bound NOT checked: built with AddressSanitizer\n");
+  } else {
+    EXPECT_LE(peak_rss, idle_rss + kBudgetBytes + kOverheadBytes);
+  }
   EXPECT_GT(slow_ok.load(), 0);
   EXPECT_GT(slow_refused.load(), 0) << "64 x 10 MiB cannot fit a 96 MiB budget at once";
   EXPECT_EQ(slow_other.load(), 0);
