@@ -225,7 +225,10 @@ TEST_F(LifecycleE2eTest, SigtermDrainsInFlightWorkAndRefusesNewWork) {
   if (draining_health->ok()) {
     EXPECT_EQ(**draining_health, ServingStatus::NOT_SERVING);
   } else {
-    EXPECT_EQ(draining_health->status().code(), absl::StatusCode::kUnavailable)
+    // UNAVAILABLE from our refusal or the closed port; CANCELLED when the health call crossed the
+    // GOAWAY the drain sends at once (gRPC's core ends such calls before they run).
+    const absl::StatusCode code = draining_health->status().code();
+    EXPECT_TRUE(code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kCancelled)
         << draining_health->status();
   }
 
