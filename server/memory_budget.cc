@@ -98,7 +98,7 @@ absl::Status MemoryBudget::Exhausted(int64_t bytes, absl::string_view what, int6
 
 namespace {
 
-// The first line of `path` as a byte count; nullopt-like -1 when absent, "max" or unparsable.
+// The first line of `path` as a byte count; -1 when absent, "max" or unparsable.
 int64_t ReadBytesFile(const char* path) {
   std::ifstream in(path);
   std::string line;

@@ -232,3 +232,27 @@ TEST_F(AdmissionE2eTest, StalledAndSlowUploadsStayWithinTheBudgetAndGoodRequests
 
 }  // namespace
 }  // namespace anchorserve::e2e
+
+namespace anchorserve::e2e {
+namespace {
+
+TEST_F(AdmissionE2eTest, UnaryRequestOverTheBudgetIsRefusedNamingTheFlag) {
+  // 1 MiB budget; a 512-token request holds 1.5 MiB of message plus 1 MiB of output.
+  ASSERT_NO_FATAL_FAILURE(StartServer({"--max_inflight_bytes=1048576"}));
+  absl::StatusOr<QkvTensors> qkv =
+      MakeQkv(InputKind::kStructured, 512, 8, 2, 128, DType::kBf16, Layout::kTokenMajor, 3);
+  ASSERT_TRUE(qkv.ok()) << qkv.status();
+  absl::StatusOr<AttendResult> refused = client_->Attend(InputsFor(*qkv));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("--max_inflight_bytes"), absl::string_view::npos)
+      << refused.status();
+  // A request that fits is served: the refusal gave nothing away and kept nothing.
+  absl::StatusOr<QkvTensors> small =
+      MakeQkv(InputKind::kStructured, 64, 8, 2, 128, DType::kBf16, Layout::kTokenMajor, 4);
+  ASSERT_TRUE(small.ok()) << small.status();
+  absl::StatusOr<AttendResult> served = client_->Attend(InputsFor(*small));
+  EXPECT_TRUE(served.ok()) << served.status();
+}
+
+}  // namespace
+}  // namespace anchorserve::e2e
