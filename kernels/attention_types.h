@@ -33,14 +33,31 @@ struct AnchorConfig {
   int init_groups = 1;         // n_init
   int local_groups = 1;        // n_loc (own group counts as 1)
   float softmax_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
+  // Mass-target mode (docs/anchorattention.md section 8): with mass_target p in (0, 1], each
+  // (query head, group) picks its own theta, the smallest on the kMassThetaStep grid above
+  // mass_min_theta whose estimated kept attention mass reaches p; `theta` is then unused.
+  float mass_target = 0.0f;       // 0 = off (fixed theta)
+  float mass_density_cap = 1.0f;  // a group keeping more than this fraction of C_g keeps all of it
+  float mass_min_theta = 0.0f;    // keys within this many nats of the pooled anchor always stay
 
   int64_t GroupSize() const { return int64_t{block_size} * step; }
+  bool UsesMassTarget() const { return mode == AttentionMode::kAnchor && mass_target > 0.0f; }
   float ScaleFor(int head_dim) const {
     return softmax_scale > 0.0f ? softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
   }
   // Dense mode, or a threshold that keeps every candidate.
-  bool IsDense() const { return mode == AttentionMode::kDense || theta == INFINITY; }
+  bool IsDense() const {
+    return mode == AttentionMode::kDense || (!UsesMassTarget() && theta == INFINITY);
+  }
 };
+
+// The mass-target theta grid: candidate thresholds mass_min_theta + k * kMassThetaStep for
+// k in [0, kMassThetaBins]; a group whose target needs more keeps every candidate.
+inline constexpr float kMassThetaStep = 0.25f;
+inline constexpr int kMassThetaBins = 160;
+// Pooled gaps above this many nats count as this much in mass estimates (keeps fp32 sums finite;
+// such a key is kept by every threshold >= -gap anyway).
+inline constexpr float kMassGapCeiling = 40.0f;
 
 // Bounds that keep every derived size (group size, index lists) well inside int32/int64.
 inline constexpr int kMaxBlockSize = 4096;
@@ -49,7 +66,8 @@ inline constexpr int kMaxRegionGroups = 1 << 20;
 inline constexpr int kMaxHeadDim = 256;
 
 // Checks ranges: theta not NaN, block_size in [1, kMaxBlockSize], step in [1, kMaxStep],
-// init_groups >= 0, local_groups >= 1, softmax_scale finite and >= 0.
+// init_groups >= 0, local_groups >= 1, softmax_scale finite and >= 0, mass_target in [0, 1],
+// mass_density_cap in (0, 1], mass_min_theta finite.
 absl::Status ValidateAnchorConfig(const AnchorConfig& config);
 
 struct AttentionShape {
@@ -95,6 +113,16 @@ struct HeadStats {
   int64_t stripes_total = 0;     // sum of |S_g| over those groups
   int64_t stripes_min = 0;       // min |S_g| over those groups (0 when there are none)
   int64_t stripes_max = 0;
+  // Mass-target mode only (zero otherwise), over the groups that identify stripes: the chosen
+  // thresholds of the groups that kept a subset (finite theta), how many kept every candidate
+  // (target out of the grid's reach or over the density cap), and the estimated kept mass summed
+  // over every row of the head (rows without candidates count 1).
+  int64_t mass_groups = 0;        // groups with a finite chosen theta
+  float mass_theta_min = 0;       // min / max / sum of the chosen theta over those groups
+  float mass_theta_max = 0;
+  double mass_theta_sum = 0;
+  int64_t mass_full_groups = 0;   // groups that kept all of C_g
+  double estimated_mass_sum = 0;  // sum over rows of the estimated kept fraction of mass
 };
 
 inline int64_t CausalEntries(int64_t seq_len) { return seq_len * (seq_len + 1) / 2; }

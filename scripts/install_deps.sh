@@ -17,7 +17,9 @@ packages=(build-essential cmake ninja-build ccache pkg-config
   clang-format-14 clang
   # scripts/fuzz.sh: libFuzzer and clang's sanitizer runtimes (only recommended by clang, and
   # recommendations are not installed here).
-  clang-14 libclang-rt-14-dev)
+  clang-14 libclang-rt-14-dev
+  # scripts/sanitizers/build_tsan_deps.sh: gRPC's code generator links libprotoc.
+  libprotoc-dev)
 # The manifest tests render deploy/k8s with `kubectl kustomize`; any kubectl will do, so one that
 # is already installed (e.g. from another vendor's package) is left alone.
 if ! command -v kubectl >/dev/null; then packages+=(kubernetes-client); fi
