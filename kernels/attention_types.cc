@@ -35,8 +35,8 @@ absl::Status ValidateAnchorConfig(const AnchorConfig& config) {
         "config.mass_target must be in [0, 1] (0 = fixed theta), got ", config.mass_target));
   }
   if (!(config.mass_density_cap > 0.0f && config.mass_density_cap <= 1.0f)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.mass_density_cap must be in (0, 1], got ", config.mass_density_cap));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.mass_density_cap must be in (0, 1], got ", config.mass_density_cap));
   }
   if (!std::isfinite(config.mass_min_theta)) {
     return absl::InvalidArgumentError(
@@ -84,15 +84,14 @@ absl::Status ValidateTask(const AttentionTask& task) {
 
 std::string AttentionBatchKey(const AttentionProblem& problem) {
   const AnchorConfig& c = problem.config;
-  return absl::StrCat("attention/", static_cast<int>(problem.dtype), "/",
-                      static_cast<int>(problem.layout), "/", problem.shape.num_q_heads, "/",
-                      problem.shape.num_kv_heads, "/", problem.shape.head_dim, "/",
-                      static_cast<int>(c.mode), "/", absl::bit_cast<uint32_t>(c.theta), "/",
-                      c.block_size, "/", c.step, "/", c.init_groups, "/", c.local_groups, "/",
-                      absl::bit_cast<uint32_t>(c.softmax_scale), "/",
-                      absl::bit_cast<uint32_t>(c.mass_target), "/",
-                      absl::bit_cast<uint32_t>(c.mass_density_cap), "/",
-                      absl::bit_cast<uint32_t>(c.mass_min_theta));
+  return absl::StrCat(
+      "attention/", static_cast<int>(problem.dtype), "/", static_cast<int>(problem.layout), "/",
+      problem.shape.num_q_heads, "/", problem.shape.num_kv_heads, "/", problem.shape.head_dim, "/",
+      static_cast<int>(c.mode), "/", absl::bit_cast<uint32_t>(c.theta), "/", c.block_size, "/",
+      c.step, "/", c.init_groups, "/", c.local_groups, "/",
+      absl::bit_cast<uint32_t>(c.softmax_scale), "/", absl::bit_cast<uint32_t>(c.mass_target), "/",
+      absl::bit_cast<uint32_t>(c.mass_density_cap), "/",
+      absl::bit_cast<uint32_t>(c.mass_min_theta));
 }
 
 }  // namespace anchorserve

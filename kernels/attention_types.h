@@ -2,6 +2,7 @@
 // one or more sequences, and the statistics it reports.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +59,24 @@ inline constexpr int kMassThetaBins = 160;
 // Pooled gaps above this many nats count as this much in mass estimates (keeps fp32 sums finite;
 // such a key is kept by every threshold >= -gap anyway).
 inline constexpr float kMassGapCeiling = 40.0f;
+
+// Threshold k of the grid, as every backend and the reference compute it (fp32).
+inline float MassThetaAt(const AnchorConfig& config, int k) {
+  return config.mass_min_theta + static_cast<float>(k) * kMassThetaStep;
+}
+
+// The grid level of a candidate with pooled margin `margin` (max_r of scale * qbar_r . k_j -
+// abar_r): the smallest k with margin >= -MassThetaAt(k), or kMassThetaBins + 1 when no grid
+// threshold keeps it. Exactly consistent with that comparison in fp32.
+inline int MassLevelOf(const AnchorConfig& config, float margin) {
+  if (margin >= -MassThetaAt(config, 0)) return 0;
+  const float steps = (-config.mass_min_theta - margin) / kMassThetaStep;
+  if (!(steps <= static_cast<float>(kMassThetaBins + 1))) return kMassThetaBins + 1;  // NaN too
+  int k = std::max(1, static_cast<int>(std::ceil(steps)));
+  while (k > 1 && margin >= -MassThetaAt(config, k - 1)) --k;
+  while (k <= kMassThetaBins && margin < -MassThetaAt(config, k)) ++k;
+  return k;
+}
 
 // Bounds that keep every derived size (group size, index lists) well inside int32/int64.
 inline constexpr int kMaxBlockSize = 4096;
@@ -117,8 +136,8 @@ struct HeadStats {
   // thresholds of the groups that kept a subset (finite theta), how many kept every candidate
   // (target out of the grid's reach or over the density cap), and the estimated kept mass summed
   // over every row of the head (rows without candidates count 1).
-  int64_t mass_groups = 0;        // groups with a finite chosen theta
-  float mass_theta_min = 0;       // min / max / sum of the chosen theta over those groups
+  int64_t mass_groups = 0;   // groups with a finite chosen theta
+  float mass_theta_min = 0;  // min / max / sum of the chosen theta over those groups
   float mass_theta_max = 0;
   double mass_theta_sum = 0;
   int64_t mass_full_groups = 0;   // groups that kept all of C_g

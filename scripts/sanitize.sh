@@ -2,15 +2,17 @@
 # Builds the CPU tree with sanitizers into its own directory and runs the tests that matter
 # for that sanitizer:
 #   scripts/sanitize.sh asan   # ASan + UBSan into build-asan/: the cpu and e2e labelled tests
-#   scripts/sanitize.sh tsan   # TSan into build-tsan/: the batcher and chunked-writer tests
-#                              # (ANCHOR_TSAN_GRPC=1: also the gRPC service and e2e tests, which
-#                              # are not clean yet; scripts/sanitizers/README.md says why)
+#   scripts/sanitize.sh tsan   # TSan into build-tsan/: the batcher, the chunked writer, the
+#                              # in-process gRPC service and the end-to-end tests, against
+#                              # TSan-built Abseil and gRPC (scripts/sanitizers/build_tsan_deps.sh,
+#                              # built once into build-tsan-deps/, about 7 minutes on 2 cores)
 # Extra arguments go to ctest (e.g. -R Batcher). CPU only (no CUDA), no benchmarks, -O1 -g.
-# Debian's gRPC, protobuf and Abseil are not instrumented; what that breaks and how each case is
-# handled is written next to each measure in scripts/sanitizers/ (read those files).
-# Environment: ANCHOR_SANITIZE_BUILD_DIR (default build-<mode>), ANCHOR_BUILD_JOBS (default
-# nproc), ANCHOR_TEST_JOBS (default 2), ANCHOR_BUILD_LOCK (default /tmp/anchor-build.lock: the
-# compiles take it, so do not run this script under that lock). ccache is used when installed.
+# What the remaining uninstrumented libraries (protobuf, libstdc++, BLIS, OpenSSL) need is
+# written next to each measure in scripts/sanitizers/ (README.md there).
+# Environment: ANCHOR_SANITIZE_BUILD_DIR (default build-<mode>), ANCHOR_TSAN_DEPS_PREFIX (default
+# build-tsan-deps/prefix), ANCHOR_BUILD_JOBS (default nproc), ANCHOR_TEST_JOBS (default 2),
+# ANCHOR_BUILD_LOCK (default /tmp/anchor-build.lock: the compiles take it, so do not run this
+# script under that lock). ccache is used when installed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-}
@@ -31,24 +33,19 @@ if [ "$mode" = asan ]; then
   san_flags="-fsanitize=address,undefined -fno-sanitize-recover=all"
   link_flags="$san_flags"
 else
-  # clang: its -fsanitize-ignorelist leaves gRPC's header code uninstrumented like the rest of
-  # gRPC (tsan_ignorelist.txt says why). Warnings are the normal build's business (clang warns
-  # about things gcc does not), so they are not errors here.
+  # Abseil and gRPC synchronize the reactors, the batcher and every lock of ours; TSan only sees
+  # that in code it instrumented, so both are built from Debian's sources with TSan (same
+  # versions and patches as the installed packages) and linked statically from this prefix.
+  # clang 14 like that build; warnings are the normal build's business (clang warns about things
+  # gcc does not), so they are not errors here.
+  deps_prefix=${ANCHOR_TSAN_DEPS_PREFIX:-$root/build-tsan-deps/prefix}
+  "$supp_dir/build_tsan_deps.sh" "$deps_prefix"
   compiler=${CLANGXX:-clang++-14}
-  extra_cmake=(-DCMAKE_CXX_COMPILER="$compiler" -DANCHOR_WERROR=OFF)
-  san_flags="-fsanitize=thread -fsanitize-ignorelist=$supp_dir/tsan_ignorelist.txt"
-  # Abseil's synchronization lives in an uninstrumented shared library: the wrappers in
-  # scripts/sanitizers/tsan_absl_sync.cc tell TSan about its locks (that file says why and how).
-  # Compiled here and linked into every executable with --wrap for each symbol it wraps.
-  mkdir -p "$build_dir"
-  shim=$build_dir/tsan_absl_sync.o
-  flock "$lock" "$compiler" -std=c++20 $common_flags $san_flags -c "$supp_dir/tsan_absl_sync.cc" \
-    -o "$shim"
-  wraps=""
-  while read -r symbol; do
-    wraps="$wraps,--wrap=$symbol"
-  done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$supp_dir/tsan_absl_wrapped_symbols.txt")
-  link_flags="$san_flags -Wl${wraps} $shim -labsl_synchronization"
+  extra_cmake=(-DCMAKE_CXX_COMPILER="$compiler" -DANCHOR_WERROR=OFF
+    -DCMAKE_PREFIX_PATH="$deps_prefix" -Dabsl_DIR="$deps_prefix/lib/cmake/absl"
+    -DgRPC_DIR="$deps_prefix/lib/cmake/grpc")
+  san_flags="-fsanitize=thread"
+  link_flags="$san_flags"
 fi
 
 cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
@@ -71,20 +68,15 @@ if [ "$mode" = asan ]; then
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
   ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L 'cpu|e2e' "$@"
 else
-  # ignore_noninstrumented_modules: no reports from libc calls (memmove, epoll) made inside the
-  # uninstrumented libraries, whose own synchronization TSan cannot see (README.md here).
+  # ignore_noninstrumented_modules: no reports from libc calls (memcpy, epoll) made inside the
+  # libraries still uninstrumented (OpenSSL, c-ares, BLIS), whose own synchronization TSan
+  # cannot see (README.md here).
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$supp_dir/tsan.supp"
-  # The batcher (worker thread, queue, deadlines, cancellation) and the chunked writer: clean.
+  # The concurrent code: the batcher (worker thread, queue, deadlines, cancellation), the
+  # chunked writer, the server's reactors in process, and the real server end to end.
   # Instrumented code runs several times slower: longer per-test limits than scripts/test.sh.
   ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L cpu \
-    -R '^(BatcherTest|GenericBatcherTest|DecideBatchTest|ChunkedTensorWriterTest)[.]' "$@"
-  # The gRPC reactors (in process and in the real server) are not clean yet: gRPC's callback
-  # machinery is partly compiled into our binaries but synchronized inside the uninstrumented
-  # libgrpc, so TSan reports its hand-overs (README.md here). ANCHOR_TSAN_GRPC=1 runs them.
-  if [ "${ANCHOR_TSAN_GRPC:-0}" = 1 ]; then
-    ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L cpu \
-      -R '^AttentionServiceTest[.]' "$@"
-    ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L e2e "$@"
-  fi
+    -R '^(BatcherTest|GenericBatcherTest|DecideBatchTest|ChunkedTensorWriterTest|AttentionServiceTest)[.]' "$@"
+  ctest --output-on-failure --timeout 1800 -j "${ANCHOR_TEST_JOBS:-2}" -L e2e "$@"
 fi
 echo "sanitize $mode: tests took $((SECONDS - start)) s" >&2

@@ -81,6 +81,7 @@ struct Problem {
   int64_t init_keys = 0;  // n_init * G
   int block_size = 0, step = 0, local_groups = 0;
   float theta = 0;
+  bool mass = false;  // per-group thresholds from config.mass_target (section 8 of the spec)
 };
 
 struct GroupGeometry {
@@ -105,7 +106,70 @@ GroupGeometry Group(const Problem& p, int64_t g) {
 
 // Stripe identification runs for the group (a non-empty C_g and a finite threshold).
 bool Identifies(const Problem& p, const GroupGeometry& geo) {
-  return geo.HasCandidates() && p.theta != kNegInf;
+  return geo.HasCandidates() && (p.mass || p.theta != kNegInf);
+}
+
+constexpr int kMassLevels = kMassThetaBins + 2;  // grid levels 0..kMassThetaBins, then "beyond"
+
+// Mass-target selection state of one group and one query head (docs/anchorattention.md 8).
+struct GroupMassHistogram {
+  // [blocks, kMassLevels]: sum of exp(min(gap_r(j), ceiling)) over the candidates of each level.
+  std::vector<double> block_mass;
+  std::vector<int64_t> level_keys;  // [kMassLevels] candidates per level
+  std::vector<uint8_t> key_level;   // [|C_g|] level of each candidate
+
+  void Reset(int blocks, int64_t candidates) {
+    block_mass.assign(static_cast<size_t>(blocks) * kMassLevels, 0.0);
+    level_keys.assign(kMassLevels, 0);
+    key_level.resize(static_cast<size_t>(candidates));
+  }
+};
+
+struct MassChoice {
+  float theta = INFINITY;  // +inf: keep every candidate
+  int level = kMassLevels;
+  double estimated_mass = 1.0;  // row-weighted mean over the group's blocks
+};
+
+// The smallest grid level whose estimated kept mass reaches the target; every candidate when
+// none does or when the level keeps more than the density cap allows. `anchor_mass` [blocks]:
+// block means of sum_{j in A(i)} exp(s_ij - x(i)); `block_rows` [blocks].
+MassChoice ChooseMassLevel(const AnchorConfig& config, const GroupMassHistogram& histogram,
+                           const double* anchor_mass, const int64_t* block_rows, int blocks,
+                           int64_t candidates) {
+  // p = 1 asks for every candidate; the estimate could only reach it by rounding.
+  if (config.mass_target >= 1.0f) return MassChoice{};
+  double rows = 0;
+  std::vector<double> kept(blocks), total(blocks);
+  for (int b = 0; b < blocks; ++b) {
+    const double* mass = histogram.block_mass.data() + int64_t{b} * kMassLevels;
+    total[b] = anchor_mass[b];
+    for (int k = 0; k < kMassLevels; ++k) total[b] += mass[k];
+    kept[b] = anchor_mass[b];
+    rows += static_cast<double>(block_rows[b]);
+  }
+  int64_t kept_keys = 0;
+  MassChoice choice;
+  for (int k = 0; k <= kMassThetaBins; ++k) {
+    double estimate = 0;
+    for (int b = 0; b < blocks; ++b) {
+      kept[b] += histogram.block_mass[int64_t{b} * kMassLevels + k];
+      estimate += static_cast<double>(block_rows[b]) * kept[b] / total[b];
+    }
+    estimate /= rows;
+    kept_keys += histogram.level_keys[k];
+    if (estimate >= static_cast<double>(config.mass_target)) {
+      if (static_cast<double>(kept_keys) >
+          static_cast<double>(config.mass_density_cap) * static_cast<double>(candidates)) {
+        return MassChoice{};
+      }
+      choice.theta = MassThetaAt(config, k);
+      choice.level = k;
+      choice.estimated_mass = estimate;
+      return choice;
+    }
+  }
+  return MassChoice{};
 }
 
 const uint8_t* ElementAt(const void* base, const Problem& p, TensorStrides strides, int64_t token,
@@ -223,6 +287,12 @@ struct WorkerScratch {
   FloatBuffer pooled;         // [round_up(ratio * step, kRowAlign), d_pad]: scale * pooled queries
   FloatBuffer pooled_anchor;  // [ratio * step]
   FloatBuffer margins;        // [ratio, kTileKeys]
+  // Mass-target mode only: per pooled row gap_r(j) of the current key tile, and per local head
+  // the group's histogram, block anchor masses and block row counts.
+  FloatBuffer gaps;                            // [round_up(ratio * step, kRowAlign), kTileKeys]
+  std::vector<GroupMassHistogram> histograms;  // [ratio]
+  std::vector<double> anchor_mass;             // [ratio * step]
+  std::vector<int64_t> block_rows;             // [step]
 
   bool Allocate(const Problem& p) {
     const int64_t pooled_rows = RoundUp(int64_t{p.ratio} * p.step, kRowAlign);
@@ -234,8 +304,14 @@ struct WorkerScratch {
               gather_v.Allocate(int64_t{kGatherTiles} * kTileKeys * p.d_pad) &&
               pooled.Allocate(pooled_rows * p.d_pad) &&
               pooled_anchor.Allocate(int64_t{p.ratio} * p.step) &&
-              margins.Allocate(int64_t{p.ratio} * kTileKeys);
+              margins.Allocate(int64_t{p.ratio} * kTileKeys) &&
+              (!p.mass || gaps.Allocate(pooled_rows * kTileKeys));
     if (!ok) return false;
+    if (p.mass) {
+      histograms.resize(p.ratio);
+      anchor_mass.resize(static_cast<size_t>(p.ratio) * p.step);
+      block_rows.resize(p.step);
+    }
     // Gathered tiles and pooled rows are only ever partly written; the rest must stay finite.
     std::fill(gather_kt.get(), gather_kt.get() + int64_t{kGatherTiles} * p.d_pad * kTileKeys, 0.0f);
     std::fill(gather_v.get(), gather_v.get() + int64_t{kGatherTiles} * kTileKeys * p.d_pad, 0.0f);
@@ -248,8 +324,12 @@ struct WorkerScratch {
 class CpuAttention {
  public:
   CpuAttention(AttentionTask* task, ThreadPool* pool, const TileKernels& kernels,
-               std::vector<std::vector<int64_t>>* maybe_stripes)
-      : pool_(*pool), kernels_(kernels), maybe_stripes_(maybe_stripes) {
+               std::vector<std::vector<int64_t>>* maybe_stripes,
+               std::vector<float>* maybe_group_thetas)
+      : pool_(*pool),
+        kernels_(kernels),
+        maybe_stripes_(maybe_stripes),
+        maybe_group_thetas_(maybe_group_thetas) {
     Problem& p = problem_;
     p.task = task;
     const AttentionShape& shape = task->shape;
@@ -274,6 +354,7 @@ class CpuAttention {
     p.group_slots = RoundUp(std::min(p.group_size, p.n), kRowAlign);
     p.init_keys = int64_t{config.init_groups} * p.group_size;
     p.theta = config.theta;
+    p.mass = config.UsesMassTarget();
   }
 
   absl::Status Run() {
@@ -332,12 +413,16 @@ class CpuAttention {
       }
       stripes_.assign(static_cast<size_t>(p.ratio * p.num_groups), {});
       stripe_counts_.assign(static_cast<size_t>(p.hq * p.num_groups), 0);
+      group_choice_.assign(static_cast<size_t>(p.ratio * p.num_groups), MassChoice{});
+      group_theta_.assign(static_cast<size_t>(p.hq * p.num_groups), NAN);
+      group_mass_.assign(static_cast<size_t>(p.hq * p.num_groups), 1.0);
       if (maybe_stripes_ != nullptr) {
         maybe_stripes_->assign(static_cast<size_t>(p.hq * p.num_groups), {});
       }
     } else if (maybe_stripes_ != nullptr) {
       maybe_stripes_->clear();
     }
+    if (maybe_group_thetas_ != nullptr) maybe_group_thetas_->clear();
     return absl::OkStatus();
   }
 
@@ -379,11 +464,16 @@ class CpuAttention {
     auto start = std::chrono::steady_clock::now();
     AnchorRegionPass(kv_head);
     if (task.Cancelled()) return;
+    for (int hl = 0; hl < p.ratio; ++hl) {
+      for (int64_t g = 0; g < p.num_groups; ++g) {
+        stripes_[hl * p.num_groups + g].clear();
+        group_choice_[hl * p.num_groups + g] = MassChoice{};
+      }
+    }
     std::vector<int64_t> identifying;  // groups, most candidates first
     for (int64_t g = p.num_groups - 1; g >= 0; --g) {
       if (Identifies(p, Group(p, g))) identifying.push_back(g);
     }
-    for (auto& list : stripes_) list.clear();
     if (!identifying.empty()) {
       pool_.ParallelFor(static_cast<int64_t>(identifying.size()), [&](int64_t item, int worker) {
         if (task.Cancelled()) return;
@@ -400,6 +490,11 @@ class CpuAttention {
       for (int64_t g = 0; g < p.num_groups; ++g) {
         const std::vector<int32_t>& list = stripes_[hl * p.num_groups + g];
         stripe_counts_[h * p.num_groups + g] = static_cast<int64_t>(list.size());
+        if (Identifies(p, Group(p, g))) {
+          const MassChoice& choice = group_choice_[hl * p.num_groups + g];
+          group_theta_[h * p.num_groups + g] = p.mass ? choice.theta : p.theta;
+          group_mass_[h * p.num_groups + g] = choice.estimated_mass;
+        }
         if (maybe_stripes_ != nullptr) {
           (*maybe_stripes_)[h * p.num_groups + g].assign(list.begin(), list.end());
         }
@@ -467,10 +562,16 @@ class CpuAttention {
         float* pooled = w.pooled.get() + int64_t{hl * blocks + b} * p.d_pad;
         std::fill(pooled, pooled + p.d_pad, 0.0f);
         double anchor_sum = 0;
+        double anchor_mass_sum = 0;  // l = sum over A(i) of exp2(s - m) = exp(s_ij - x(i))
         for (int64_t i = b0; i < b1; ++i) {
           LoadRow(p.task->q, p, p.q_strides, i, h, 1.0f, row);
           for (int e = 0; e < p.d; ++e) pooled[e] += row[e];
           anchor_sum += state_m_.get()[StateSlot(hl, i)];
+          anchor_mass_sum += state_l_.get()[StateSlot(hl, i)];
+        }
+        if (p.mass) {
+          w.anchor_mass[hl * blocks + b] = anchor_mass_sum / static_cast<double>(b1 - b0);
+          w.block_rows[b] = b1 - b0;
         }
         const float factor = p.scale / static_cast<float>(b1 - b0);
         for (int e = 0; e < p.d; ++e) pooled[e] *= factor;
@@ -480,6 +581,10 @@ class CpuAttention {
       }
     }
     const int padded_rows = static_cast<int>(RoundUp(pooled_rows, kRowAlign));
+    const int64_t candidates = geo.cand_end - geo.cand_begin;
+    if (p.mass) {
+      for (int hl = 0; hl < p.ratio; ++hl) w.histograms[hl].Reset(blocks, candidates);
+    }
     float* margins = w.margins.get();
     float* scores = w.scores.get();
     const float min_margin = -p.theta;
@@ -498,14 +603,54 @@ class CpuAttention {
           float* margin = margins + (pooled_row / blocks) * kTileKeys;
           const float* score = scores + r * kTileKeys;
           for (int c = lo; c < hi; ++c) margin[c] = std::max(margin[c], score[c] - anchor);
+          if (p.mass) {
+            float* gap = w.gaps.get() + int64_t{pooled_row} * kTileKeys;
+            for (int c = lo; c < hi; ++c) gap[c] = score[c] - anchor;
+          }
         }
       }
       for (int hl = 0; hl < p.ratio; ++hl) {
-        std::vector<int32_t>& list = stripes_[hl * p.num_groups + g];
         const float* margin = margins + hl * kTileKeys;
+        if (p.mass) {
+          AddToHistogram(key0 - geo.cand_begin, lo, hi, margin,
+                         w.gaps.get() + int64_t{hl} * blocks * kTileKeys, blocks,
+                         &w.histograms[hl]);
+          continue;
+        }
+        std::vector<int32_t>& list = stripes_[hl * p.num_groups + g];
         for (int c = lo; c < hi; ++c) {
           if (margin[c] >= min_margin) list.push_back(static_cast<int32_t>(key0 + c));
         }
+      }
+    }
+    if (!p.mass) return;
+    for (int hl = 0; hl < p.ratio; ++hl) {
+      const GroupMassHistogram& histogram = w.histograms[hl];
+      const MassChoice choice =
+          ChooseMassLevel(p.task->config, histogram, w.anchor_mass.data() + hl * blocks,
+                          w.block_rows.data(), blocks, candidates);
+      group_choice_[hl * p.num_groups + g] = choice;
+      std::vector<int32_t>& list = stripes_[hl * p.num_groups + g];
+      for (int64_t c = 0; c < candidates; ++c) {
+        if (histogram.key_level[c] <= choice.level) {
+          list.push_back(static_cast<int32_t>(geo.cand_begin + c));
+        }
+      }
+    }
+  }
+
+  // Bins candidates [lo, hi) of one key tile (candidate index `first` at column 0) by grid level
+  // of their margin, adding each block's exp(gap) to that level.
+  void AddToHistogram(int64_t first, int lo, int hi, const float* margin, const float* gaps,
+                      int blocks, GroupMassHistogram* histogram) const {
+    const AnchorConfig& config = problem_.task->config;
+    for (int c = lo; c < hi; ++c) {
+      const int level = MassLevelOf(config, margin[c]);
+      histogram->key_level[first + c] = static_cast<uint8_t>(level);
+      ++histogram->level_keys[level];
+      for (int b = 0; b < blocks; ++b) {
+        const float gap = std::min(gaps[int64_t{b} * kTileKeys + c], kMassGapCeiling);
+        histogram->block_mass[int64_t{b} * kMassLevels + level] += std::exp(gap);
       }
     }
   }
@@ -621,6 +766,12 @@ class CpuAttention {
       stats.computed_entries = anchor_entries;
       for (int64_t g = 0; g < p.num_groups; ++g) {
         const GroupGeometry geo = Group(p, g);
+        const int64_t rows = geo.row_end - geo.row_begin;
+        if (p.mass) {
+          const double mass = Identifies(p, geo) ? group_mass_[h * p.num_groups + g] : 1.0;
+          stats.estimated_mass_sum += mass * static_cast<double>(rows);
+          if (Identifies(p, geo)) AddMassTheta(group_theta_[h * p.num_groups + g], &stats);
+        }
         if (!geo.HasCandidates()) continue;
         const int64_t count = stripe_counts_[h * p.num_groups + g];
         stats.stripe_entries += count * (geo.row_end - geo.row_begin);
@@ -631,25 +782,44 @@ class CpuAttention {
       }
       stats.computed_entries += stats.stripe_entries;
     }
+    if (maybe_group_thetas_ != nullptr) *maybe_group_thetas_ = group_theta_;
+  }
+
+  static void AddMassTheta(float theta, HeadStats* stats) {
+    if (theta == INFINITY) {
+      ++stats->mass_full_groups;
+      return;
+    }
+    stats->mass_theta_min =
+        stats->mass_groups == 0 ? theta : std::min(stats->mass_theta_min, theta);
+    stats->mass_theta_max =
+        stats->mass_groups == 0 ? theta : std::max(stats->mass_theta_max, theta);
+    stats->mass_theta_sum += theta;
+    ++stats->mass_groups;
   }
 
   Problem problem_;
   ThreadPool& pool_;
   const TileKernels& kernels_;
   std::vector<std::vector<int64_t>>* maybe_stripes_;
+  std::vector<float>* maybe_group_thetas_;
   FloatBuffer kt_, v_;
   ConvertedKv kv_;
   std::vector<WorkerScratch> workers_;
   FloatBuffer state_m_, state_l_, state_acc_;
   std::vector<std::vector<int32_t>> stripes_;  // [ratio * num_groups] of the current KV head
   std::vector<int64_t> stripe_counts_;         // [Hq * num_groups]
+  std::vector<MassChoice> group_choice_;       // [ratio * num_groups] of the current KV head
+  std::vector<float> group_theta_;             // [Hq * num_groups]: NaN where none identified
+  std::vector<double> group_mass_;             // [Hq * num_groups] estimated kept mass
 };
 
 }  // namespace
 
 absl::Status RunCpuAttention(AttentionTask* task, ThreadPool* pool, const TileKernels& kernels,
-                             std::vector<std::vector<int64_t>>* maybe_stripes) {
-  CpuAttention attention(task, pool, kernels, maybe_stripes);
+                             std::vector<std::vector<int64_t>>* maybe_stripes,
+                             std::vector<float>* maybe_group_thetas) {
+  CpuAttention attention(task, pool, kernels, maybe_stripes, maybe_group_thetas);
   return attention.Run();
 }
 

@@ -40,6 +40,65 @@ void AnchorKeys(const GroupRanges& geo, int64_t i, std::vector<int64_t>* keys) {
   for (int64_t j = geo.local_begin; j <= i; ++j) keys->push_back(j);
 }
 
+// Mass-target mode (section 8 of the spec), evaluated in fp64: the grid level of every
+// candidate, then per level the row-weighted mean over blocks of (anchor mass + kept candidate
+// mass) / (anchor mass + all candidate mass), with each candidate's block mass
+// exp(min(gap, ceiling)).
+struct MassSelection {
+  double theta = std::numeric_limits<double>::infinity();
+  double chosen_estimate = 1.0;    // at the chosen level (1 when every candidate is kept)
+  std::vector<double> estimate;    // [kMassThetaBins + 1]
+  std::vector<int64_t> kept_keys;  // [kMassThetaBins + 1]
+};
+
+MassSelection SelectByMass(const AnchorConfig& config, const std::vector<double>& margins,
+                           const std::vector<std::vector<double>>& gaps,
+                           const std::vector<double>& anchor_mass,
+                           const std::vector<int64_t>& block_rows) {
+  const size_t blocks = anchor_mass.size();
+  std::vector<int> level(margins.size());
+  for (size_t c = 0; c < margins.size(); ++c) {
+    int k = 0;
+    while (k <= kMassThetaBins && !(margins[c] >= -static_cast<double>(MassThetaAt(config, k)))) {
+      ++k;
+    }
+    level[c] = k;  // kMassThetaBins + 1: beyond the grid
+  }
+  MassSelection selection;
+  selection.estimate.assign(kMassThetaBins + 1, 0.0);
+  selection.kept_keys.assign(kMassThetaBins + 1, 0);
+  double rows = 0;
+  for (size_t b = 0; b < blocks; ++b) rows += static_cast<double>(block_rows[b]);
+  for (size_t b = 0; b < blocks; ++b) {
+    std::vector<double> level_mass(kMassThetaBins + 2, 0.0);
+    double total = anchor_mass[b];
+    for (size_t c = 0; c < margins.size(); ++c) {
+      const double mass = std::exp(std::min(gaps[b][c], static_cast<double>(kMassGapCeiling)));
+      level_mass[level[c]] += mass;
+      total += mass;
+    }
+    double kept = anchor_mass[b];
+    for (int k = 0; k <= kMassThetaBins; ++k) {
+      kept += level_mass[k];
+      selection.estimate[k] += static_cast<double>(block_rows[b]) * kept / total / rows;
+    }
+  }
+  for (size_t c = 0; c < margins.size(); ++c) {
+    for (int k = level[c]; k <= kMassThetaBins; ++k) ++selection.kept_keys[k];
+  }
+  for (int k = 0; k <= kMassThetaBins && config.mass_target < 1.0f; ++k) {
+    if (selection.estimate[k] >= static_cast<double>(config.mass_target)) {
+      if (static_cast<double>(selection.kept_keys[k]) <=
+          static_cast<double>(config.mass_density_cap) * static_cast<double>(margins.size())) {
+        selection.theta = MassThetaAt(config, k);
+        selection.chosen_estimate = selection.estimate[k];
+      }
+      break;
+    }
+  }
+  return selection;
+}
+
 void AttendHead(const AttentionTask& task, int h,
                 const std::vector<std::vector<int64_t>>* forced_stripes, ReferenceResult* result) {
   const AttentionShape& shape = task.shape;
@@ -58,7 +117,9 @@ void AttendHead(const AttentionTask& task, int h,
   HeadStats& stats = result->head_stats[h];
   std::vector<int64_t> keys;
   std::vector<double> scores;
-  std::vector<double> x;  // anchors of the group's rows
+  std::vector<double> x;            // anchors of the group's rows
+  std::vector<double> anchor_mass;  // sum over A(i) of exp(s_ij - x(i)), per row of the group
+  const bool mass = config.UsesMassTarget();
 
   for (int64_t g = 0; g < result->num_groups; ++g) {
     const GroupRanges geo = GroupRangesOf(config, n, g);
@@ -67,40 +128,81 @@ void AttendHead(const AttentionTask& task, int h,
       // Anchors x(i) = max over A(i) of s_ij (only needed when the group has candidates).
       const bool has_candidates = geo.cand_end > geo.cand_begin;
       x.assign(geo.row_end - geo.row_begin, -std::numeric_limits<double>::infinity());
+      anchor_mass.assign(geo.row_end - geo.row_begin, 0.0);
       for (int64_t i = geo.row_begin; i < geo.row_end; ++i) {
         AnchorKeys(geo, i, &keys);
         stats.computed_entries += static_cast<int64_t>(keys.size());
         if (!has_candidates) continue;
         double& anchor = x[i - geo.row_begin];
         for (int64_t j : keys) anchor = std::max(anchor, scale * Dot(&q[i * d], &k[j * d], d));
+        if (!mass) continue;
+        for (int64_t j : keys) {
+          anchor_mass[i - geo.row_begin] += std::exp(scale * Dot(&q[i * d], &k[j * d], d) - anchor);
+        }
       }
       std::vector<double>& margins = result->stripe_margins[h * result->num_groups + g];
       if (has_candidates) {
         // Pooled queries and anchors of the blocks present.
         std::vector<std::vector<double>> pooled_q;
         std::vector<double> pooled_anchor;
+        std::vector<double> block_anchor_mass;
+        std::vector<int64_t> block_rows;
         for (int64_t b0 = geo.row_begin;
              b0 < geo.row_end && pooled_q.size() < static_cast<size_t>(config.step);
              b0 += config.block_size) {
           const int64_t b1 = std::min(geo.row_end, b0 + config.block_size);
           std::vector<double> mean(d, 0.0);
           double anchor = 0;
+          double block_mass = 0;
           for (int64_t i = b0; i < b1; ++i) {
             for (int e = 0; e < d; ++e) mean[e] += q[i * d + e];
             anchor += x[i - geo.row_begin];
+            block_mass += anchor_mass[i - geo.row_begin];
           }
+          block_anchor_mass.push_back(block_mass / static_cast<double>(b1 - b0));
+          block_rows.push_back(b1 - b0);
           for (double& value : mean) value /= static_cast<double>(b1 - b0);
           pooled_q.push_back(std::move(mean));
           pooled_anchor.push_back(anchor / static_cast<double>(b1 - b0));
         }
+        std::vector<double> pooled_margins;                      // max over blocks of the gap
+        std::vector<std::vector<double>> gaps(pooled_q.size());  // [blocks][|C_g|]
         for (int64_t j = geo.cand_begin; j < geo.cand_end; ++j) {
           double best = -std::numeric_limits<double>::infinity();
           for (size_t r = 0; r < pooled_q.size(); ++r) {
-            best = std::max(best, scale * Dot(pooled_q[r].data(), &k[j * d], d) - pooled_anchor[r]);
+            const double gap = scale * Dot(pooled_q[r].data(), &k[j * d], d) - pooled_anchor[r];
+            best = std::max(best, gap);
+            gaps[r].push_back(gap);
           }
-          const double margin = best + static_cast<double>(config.theta);
+          pooled_margins.push_back(best);
+        }
+        double theta = config.theta;
+        if (mass) {
+          MassSelection selection =
+              SelectByMass(config, pooled_margins, gaps, block_anchor_mass, block_rows);
+          theta = selection.theta;
+          const double rows = static_cast<double>(geo.row_end - geo.row_begin);
+          stats.estimated_mass_sum += rows * selection.chosen_estimate;
+          if (std::isinf(theta)) {
+            ++stats.mass_full_groups;
+          } else {
+            const float chosen = static_cast<float>(theta);
+            stats.mass_theta_min =
+                stats.mass_groups == 0 ? chosen : std::min(stats.mass_theta_min, chosen);
+            stats.mass_theta_max =
+                stats.mass_groups == 0 ? chosen : std::max(stats.mass_theta_max, chosen);
+            stats.mass_theta_sum += theta;
+            ++stats.mass_groups;
+          }
+          result->mass_estimate[h * result->num_groups + g] = std::move(selection.estimate);
+          result->mass_kept_keys[h * result->num_groups + g] = std::move(selection.kept_keys);
+        }
+        result->group_theta[h * result->num_groups + g] = theta;
+        result->pooled_margins[h * result->num_groups + g] = pooled_margins;
+        for (size_t c = 0; c < pooled_margins.size(); ++c) {
+          const double margin = pooled_margins[c] + theta;
           margins.push_back(margin);
-          if (forced_stripes == nullptr && margin >= 0) selected.push_back(j);
+          if (forced_stripes == nullptr && margin >= 0) selected.push_back(geo.cand_begin + c);
         }
         if (forced_stripes != nullptr) {
           selected = (*forced_stripes)[h * result->num_groups + g];
@@ -112,6 +214,9 @@ void AttendHead(const AttentionTask& task, int h,
         stats.stripes_max = std::max(stats.stripes_max, count);
         stats.stripes_total += count;
         ++stats.stripe_groups;
+      }
+      if (mass && !has_candidates) {
+        stats.estimated_mass_sum += static_cast<double>(geo.row_end - geo.row_begin);
       }
       result->stripes[h * result->num_groups + g] = selected;
     }
@@ -157,6 +262,10 @@ ReferenceResult Attend(const AttentionTask& task,
   result.head_stats.assign(shape.num_q_heads, HeadStats{});
   result.stripes.assign(static_cast<size_t>(shape.num_q_heads * result.num_groups), {});
   result.stripe_margins.assign(result.stripes.size(), {});
+  result.group_theta.assign(result.stripes.size(), std::numeric_limits<double>::quiet_NaN());
+  result.pooled_margins.assign(result.stripes.size(), {});
+  result.mass_estimate.assign(result.stripes.size(), {});
+  result.mass_kept_keys.assign(result.stripes.size(), {});
   const int threads = std::max(
       1, std::min<int>(shape.num_q_heads, static_cast<int>(std::thread::hardware_concurrency())));
   std::vector<std::thread> workers;

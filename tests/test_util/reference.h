@@ -19,6 +19,17 @@ struct ReferenceResult {
   // [Hq * num_groups][|C_g|]: max_r(scale * qbar_r . k_j - abar_r) + theta for j in C_g in
   // increasing order (>= 0 means selected). Empty lists for groups without candidates.
   std::vector<std::vector<double>> stripe_margins;
+  // [Hq * num_groups] the threshold each group used: config.theta, or in mass-target mode the
+  // one chosen here (+inf when the group keeps every candidate); NaN where nothing is identified.
+  std::vector<double> group_theta;
+  // [Hq * num_groups][|C_g|]: the pooled margins max_r(scale * qbar_r . k_j - abar_r) alone
+  // (stripe_margins without the threshold).
+  std::vector<std::vector<double>> pooled_margins;
+  // Mass-target mode only, [Hq * num_groups][kMassThetaBins + 1] (empty lists for groups without
+  // candidates): the estimated kept mass (section 8) and the number of candidates kept at each
+  // grid threshold MassThetaAt(config, k).
+  std::vector<std::vector<double>> mass_estimate;
+  std::vector<std::vector<int64_t>> mass_kept_keys;
 };
 
 // Rows and key ranges of query group g (sequence length n) as the spec defines them: rows
@@ -32,7 +43,8 @@ GroupRanges GroupRangesOf(const AnchorConfig& config, int64_t n, int64_t g);
 // Reads q/k/v as task.dtype / task.layout says and evaluates task.config in fp64 (set union of
 // A(i) and S_g, each key once). In dense mode (config.IsDense(): mode DENSE or theta = +inf)
 // every row attends to [0, i], stripes and margins are empty and head_stats count
-// N(N+1)/2 computed entries and no stripes, as the backends report. Runs heads in parallel.
+// N(N+1)/2 computed entries and no stripes, as the backends report. In mass-target mode the
+// margins are relative to each group's chosen threshold. Runs heads in parallel.
 // The task must pass ValidateTask.
 ReferenceResult ReferenceAttend(const AttentionTask& task);
 
