@@ -271,6 +271,19 @@ Plan MakePlan(const AttentionShape& shape, const StructuredInputOptions& o) {
       }
     }
   }
+  // The question at the end: the last question_rows rows of each retrieval head look up one of
+  // its KV head's needles. A stream of its own, so the rest of the plan does not depend on it.
+  PlanRng question_rng(o.seed ^ 0x9E3779B97F4A7C15ull);
+  const int64_t question_rows = std::min<int64_t>(o.question_rows, n);
+  for (int h = 0; h < shape.num_q_heads && question_rows > 0; ++h) {
+    const KvPlan& kv = plan.kv[h / ratio];
+    if (plan.heads[h].kind != StructuredHeadKind::kRetrieval || kv.needle_positions.empty()) {
+      continue;
+    }
+    const int needle = static_cast<int>(
+        question_rng.UniformInt(0, static_cast<int64_t>(kv.needle_positions.size())));
+    plan.heads[h].spans.push_back({n - question_rows, n, needle});
+  }
   return plan;
 }
 
@@ -299,6 +312,7 @@ absl::Status ValidateOptions(const StructuredInputOptions& o) {
   if (!(o.stripe_rate >= 0.0 && o.stripe_rate <= 1.0)) {
     return absl::InvalidArgumentError("stripe_rate must be in [0, 1]");
   }
+  if (o.question_rows < 0) return absl::InvalidArgumentError("question_rows must be >= 0");
   if (o.sink_tokens < 0 || o.needles < 0 || o.needles > 4096 || o.needle_query_rows < 1) {
     return absl::InvalidArgumentError(
         "sink_tokens must be >= 0, needles in [0, 4096], needle_query_rows >= 1");

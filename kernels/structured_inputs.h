@@ -70,6 +70,9 @@ struct StructuredInputOptions {
       3.0f;                     // score std of per-key salience for the most salience-driven heads
   int needles = 8;              // needle keys per KV head (retrieval heads look them up)
   int needle_query_rows = 128;  // consecutive query rows that look up one needle
+  // The last question_rows rows of every retrieval head look up one needle (a question at the
+  // end of the prompt about something far back). 0 = none.
+  int question_rows = 0;
   float needle_strength = 18.0f;  // needle score of the looking-up rows (nats)
   float background_noise = 1.0f;  // score std of the i.i.d. noise (nats)
   float diffuse_noise = 1.5f;     // the same for diffuse heads

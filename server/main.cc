@@ -7,7 +7,9 @@
 // exit 0. Exit codes: 2 invalid flags (a bad token file or TLS file included) or an unusable
 // --model, 1 startup failure, 0 after a drain.
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/signalfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -52,15 +54,26 @@
 namespace anchorserve {
 namespace {
 
-// Waits for SIGTERM/SIGINT on its own thread: the handler only writes the signal number into a
-// pipe, so no work runs in a signal handler.
+// Waits for SIGTERM/SIGINT on its own thread, so no work runs in a signal handler. The signals
+// are blocked before the server starts any thread (every later thread inherits the mask) and
+// read from a signalfd; threads that libraries such as OpenBLAS start before main keep them
+// unblocked, so a handler that writes the signal number into a pipe covers a signal the kernel
+// hands to one of those. (A handler alone is not enough under ThreadSanitizer, which runs it
+// only when the receiving thread next enters an intercepted call.)
 class SignalWaiter {
  public:
   SignalWaiter() {
-    if (pipe2(pipe_fds_, O_CLOEXEC) != 0) {
-      LogError("cannot create the signal pipe; SIGTERM will end the process without a drain");
+    sigset_t drain_signals;
+    sigemptyset(&drain_signals);
+    sigaddset(&drain_signals, SIGTERM);
+    sigaddset(&drain_signals, SIGINT);
+    signal_fd_ = signalfd(-1, &drain_signals, SFD_CLOEXEC);
+    if (signal_fd_ < 0 || pipe2(pipe_fds_, O_CLOEXEC) != 0) {
+      LogError(
+          "cannot create the signal descriptors; SIGTERM will end the process without a drain");
       return;
     }
+    pthread_sigmask(SIG_BLOCK, &drain_signals, nullptr);
     write_fd_.store(pipe_fds_[1]);
     struct sigaction action {};
     action.sa_handler = &SignalWaiter::OnSignal;
@@ -82,8 +95,7 @@ class SignalWaiter {
   int signal_number() const { return signal_number_.load(); }
 
  private:
-  // Async-signal-safe: one byte into the pipe, whichever thread the signal lands on (libraries
-  // such as OpenBLAS start threads before main, so the signals cannot be blocked everywhere).
+  // Async-signal-safe: one byte into the pipe.
   static void OnSignal(int signal) {
     const int saved_errno = errno;
     const char byte = static_cast<char>(signal);
@@ -92,23 +104,42 @@ class SignalWaiter {
     errno = saved_errno;
   }
 
-  void Loop() {
+  // The next signal number, or 0 when the destructor asks the loop to end.
+  int NextSignal() {
     while (true) {
-      char byte = 0;
-      const ssize_t got = read(pipe_fds_[0], &byte, 1);
-      if (got < 0 && errno == EINTR) continue;
-      if (got <= 0 || byte == 0) return;
+      pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {pipe_fds_[0], POLLIN, 0}};
+      if (poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return 0;
+      }
+      if (fds[0].revents & POLLIN) {
+        signalfd_siginfo info{};
+        if (read(signal_fd_, &info, sizeof(info)) == sizeof(info)) {
+          return static_cast<int>(info.ssi_signo);
+        }
+      }
+      if (fds[1].revents & (POLLIN | POLLHUP)) {
+        char byte = 0;
+        const ssize_t got = read(pipe_fds_[0], &byte, 1);
+        if (got < 0 && errno == EINTR) continue;
+        return got == 1 ? byte : 0;
+      }
+    }
+  }
+
+  void Loop() {
+    while (const int signal = NextSignal()) {
       if (received_.HasBeenNotified()) {
-        LogInfo(
-            absl::StrCat("signal ", static_cast<int>(byte), " received again; already draining"));
+        LogInfo(absl::StrCat("signal ", signal, " received again; already draining"));
         continue;
       }
-      signal_number_.store(byte);
+      signal_number_.store(signal);
       received_.Notify();
     }
   }
 
   static inline std::atomic<int> write_fd_{-1};
+  int signal_fd_ = -1;
   int pipe_fds_[2] = {-1, -1};
   std::atomic<int> signal_number_{0};
   absl::Notification received_;

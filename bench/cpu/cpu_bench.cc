@@ -65,7 +65,8 @@ bool SetGeneratorKnob(const std::string& knob, const std::string& value,
   const std::map<std::string, int*> ints = {{"sink_tokens", &g->sink_tokens},
                                             {"local_window", &g->local_window},
                                             {"needles", &g->needles},
-                                            {"needle_query_rows", &g->needle_query_rows}};
+                                            {"needle_query_rows", &g->needle_query_rows},
+                                            {"question_rows", &g->question_rows}};
   if (auto it = floats.find(knob); it != floats.end()) {
     if (!absl::SimpleAtof(value, &f)) return false;
     *it->second = f;

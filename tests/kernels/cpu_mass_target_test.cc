@@ -36,10 +36,9 @@ struct MassCase {
   Layout layout = Layout::kTokenMajor;
 
   std::string Name() const {
-    return absl::StrCat("N", seq_len, "_Hq", num_q_heads, "_Hkv", num_kv_heads, "_d", head_dim,
-                        "_", std::string(DTypeName(dtype)), "_p", mass_target, "_cap",
-                        density_cap, "_min", min_theta, structured ? "_structured" : "_random",
-                        "_seed", seed);
+    return absl::StrCat("N", seq_len, "_Hq", num_q_heads, "_Hkv", num_kv_heads, "_d", head_dim, "_",
+                        std::string(DTypeName(dtype)), "_p", mass_target, "_cap", density_cap,
+                        "_min", min_theta, structured ? "_structured" : "_random", "_seed", seed);
   }
 };
 
@@ -85,7 +84,7 @@ void RunCase(const MassCase& c, MassRun* run) {
   run->task.maybe_lse = run->lse.data();
   AnchorConfig& config = run->task.config;
   config.block_size = 16;
-  config.step = 4;      // G = 64
+  config.step = 4;  // G = 64
   // Unused in mass-target mode; -inf would select no stripe at all if it were used.
   config.theta = -std::numeric_limits<float>::infinity();
   config.mass_target = c.mass_target;
@@ -131,8 +130,8 @@ int64_t KeysNearThreshold(const std::vector<double>& margins, double theta) {
       if (static_cast<double>(kept_keys[k]) + near > cap) return ::testing::AssertionSuccess();
       if (clearly_reaches(k)) break;
     }
-    return ::testing::AssertionFailure() << "kept every candidate although a grid level reaches "
-                                         << p << " within the cap";
+    return ::testing::AssertionFailure()
+           << "kept every candidate although a grid level reaches " << p << " within the cap";
   }
   const double steps = (static_cast<double>(theta) - config.mass_min_theta) / kMassThetaStep;
   const int k = static_cast<int>(std::lround(steps));

@@ -2,6 +2,7 @@
 // and that its attention is sparser than i.i.d. Gaussian inputs' under AnchorAttention.
 #include "kernels/structured_inputs.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <vector>
@@ -75,6 +76,50 @@ TEST(StructuredInputsTest, HeadKindsFollowFractions) {
   EXPECT_EQ(counts[StructuredHeadKind::kDiffuse], 2);    // 0.0625 * 32
   EXPECT_EQ(counts[StructuredHeadKind::kStripe], 12);    // 0.375 * 32
   EXPECT_EQ(counts[StructuredHeadKind::kSinkLocal], 14);
+}
+
+// question_rows: the last rows of every retrieval head score one key of the first half far
+// above the rest, and nothing else of the inputs changes.
+TEST(StructuredInputsTest, QuestionRowsLookUpAFarNeedle) {
+  const AttentionShape shape{2048, 8, 2, 128};
+  StructuredInputOptions options;
+  options.seed = 11;
+  options.retrieval_head_fraction = 0.5f;
+  options.stripe_head_fraction = 0.25f;
+  auto plain = GenerateStructuredQkv(shape, DType::kFp32, Layout::kTokenMajor, options);
+  options.question_rows = 32;
+  auto asked = GenerateStructuredQkv(shape, DType::kFp32, Layout::kTokenMajor, options);
+  ASSERT_TRUE(plain.ok() && asked.ok());
+  EXPECT_EQ(plain->k, asked->k);
+  EXPECT_EQ(plain->v, asked->v);
+  const int64_t n = shape.seq_len;
+  const int d = shape.head_dim;
+  const size_t row_bytes = static_cast<size_t>(shape.num_q_heads) * d * sizeof(float);
+  EXPECT_TRUE(
+      std::equal(plain->q.begin(), plain->q.begin() + (n - 32) * row_bytes, asked->q.begin()));
+  const auto* q = reinterpret_cast<const float*>(asked->q.data());
+  const auto* k = reinterpret_cast<const float*>(asked->k.data());
+  int retrieval_heads = 0;
+  for (int h = 0; h < shape.num_q_heads; ++h) {
+    if (asked->head_kinds[h] != StructuredHeadKind::kRetrieval) continue;
+    ++retrieval_heads;
+    const int kv_head = h / shape.GqaRatio();
+    std::vector<double> scores;
+    for (int64_t j = options.sink_tokens; j < n / 2; ++j) {
+      double dot = 0;
+      for (int e = 0; e < d; ++e) {
+        dot += double{q[((n - 1) * shape.num_q_heads + h) * d + e]} *
+               k[(j * shape.num_kv_heads + kv_head) * d + e];
+      }
+      scores.push_back(dot / std::sqrt(static_cast<double>(d)));
+    }
+    std::vector<double> sorted = scores;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_GT(sorted.back() - sorted[sorted.size() / 2], 8.0) << "head " << h;
+  }
+  EXPECT_EQ(retrieval_heads, 4);
+  options.question_rows = -1;
+  EXPECT_FALSE(GenerateStructuredQkv(shape, DType::kFp32, Layout::kTokenMajor, options).ok());
 }
 
 TEST(StructuredInputsTest, RandomInputsLookNormal) {

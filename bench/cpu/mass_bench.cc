@@ -1,0 +1,299 @@
+// anchor_mass_bench: fixed theta against per-request mass targets on the CPU backend, per head
+// kind of the structured generator: kept work (density), true kept attention mass, output
+// recall, and in mass-target mode how honest the estimate of kept mass is.
+//
+//   anchor_mass_bench [--n=8192,16384] [--hq=32] [--hkv=8] [--d=128] [--dtype=bf16]
+//                     [--seeds=0,1] [--thetas=8,10,12,15] [--targets=0.9,0.95,0.98]
+//                     [--density_cap=1] [--min_theta=0] [--question_rows=128] [--threads=0]
+//
+// Every configuration runs on the same inputs as one dense run, which gives the true kept mass
+// (exp(lse - lse_dense) per row) and the output recall. Times are the CPU backend's; on the GPU
+// the sparse kernel's time follows the kept work, which `work` reports relative to theta 12.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/sparsity_stats.h"
+#include "kernels/structured_inputs.h"
+
+ABSL_FLAG(std::string, n, "8192,16384", "sequence lengths");
+ABSL_FLAG(int, hq, 32, "query heads");
+ABSL_FLAG(int, hkv, 8, "KV heads");
+ABSL_FLAG(int, d, 128, "head dim");
+ABSL_FLAG(std::string, dtype, "bf16", "bf16, fp16 or fp32");
+ABSL_FLAG(std::string, seeds, "0,1", "generator seeds");
+ABSL_FLAG(std::string, thetas, "8,10,12,15", "fixed thresholds (nats)");
+ABSL_FLAG(std::string, targets, "0.9,0.95,0.98", "mass targets p");
+ABSL_FLAG(double, density_cap, 1.0, "mass_density_cap of the mass-target runs");
+ABSL_FLAG(double, min_theta, 0.0, "mass_min_theta of the mass-target runs");
+ABSL_FLAG(int, question_rows, 128, "generator: rows at the end that look up a far needle");
+ABSL_FLAG(int, threads, 0, "CPU threads (0 = all)");
+
+namespace anchorserve {
+namespace {
+
+template <typename T>
+bool ParseList(const std::string& text, std::vector<T>* out) {
+  out->clear();
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    double value = 0;
+    if (!absl::SimpleAtod(part, &value)) return false;
+    out->push_back(static_cast<T>(value));
+  }
+  return !out->empty();
+}
+
+struct Config {
+  std::string name;
+  AnchorConfig config;
+};
+
+// Per-head results of one configuration on one input.
+struct HeadResult {
+  double density = 0;
+  double true_mass = 0;       // mean over rows of exp(lse - lse_dense), clamped to 1
+  double output_recall = 0;   // fraction of the head's elements within 0.01 of dense
+  double estimated_mass = 0;  // mass-target mode only
+  double theta_mean = 0;      // mean chosen theta over groups with a finite one
+  double full_groups = 0;     // fraction of identifying groups that kept everything
+};
+
+float ElementAsFloat(const std::vector<uint8_t>& data, DType dtype, size_t index) {
+  switch (dtype) {
+    case DType::kFp32:
+      return reinterpret_cast<const float*>(data.data())[index];
+    case DType::kBf16:
+      return Bf16ToFloat(reinterpret_cast<const uint16_t*>(data.data())[index]);
+    case DType::kFp16:
+      return Fp16ToFloat(reinterpret_cast<const uint16_t*>(data.data())[index]);
+  }
+  return NAN;
+}
+
+std::vector<HeadResult> PerHead(const AttentionTask& task, const std::vector<uint8_t>& out,
+                                const std::vector<float>& lse,
+                                const std::vector<uint8_t>& dense_out,
+                                const std::vector<float>& dense_lse) {
+  const AttentionShape& shape = task.shape;
+  const int64_t n = shape.seq_len;
+  const RequestSummary summary = SummarizeHeads(n, task.head_stats);
+  std::vector<HeadResult> heads(shape.num_q_heads);
+  for (int h = 0; h < shape.num_q_heads; ++h) {
+    HeadResult& head = heads[h];
+    const HeadStats& stats = task.head_stats[h];
+    head.density = summary.heads[h].density;
+    double mass = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      mass += std::min(1.0, std::exp(double{lse[h * n + i]} - double{dense_lse[h * n + i]}));
+    }
+    head.true_mass = mass / static_cast<double>(n);
+    int64_t within = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int e = 0; e < shape.head_dim; ++e) {
+        const size_t index = (static_cast<size_t>(i) * shape.num_q_heads + h) * shape.head_dim + e;
+        within += std::fabs(ElementAsFloat(out, task.dtype, index) -
+                            ElementAsFloat(dense_out, task.dtype, index)) < 0.01f;
+      }
+    }
+    head.output_recall = static_cast<double>(within) / static_cast<double>(n * shape.head_dim);
+    if (task.config.UsesMassTarget()) {
+      head.estimated_mass = stats.estimated_mass_sum / static_cast<double>(n);
+      head.theta_mean =
+          stats.mass_groups > 0 ? stats.mass_theta_sum / static_cast<double>(stats.mass_groups) : 0;
+      const int64_t groups = stats.mass_groups + stats.mass_full_groups;
+      head.full_groups =
+          groups > 0 ? static_cast<double>(stats.mass_full_groups) / static_cast<double>(groups)
+                     : 0;
+    }
+  }
+  return heads;
+}
+
+struct Aggregate {
+  double seconds = 0;
+  int runs = 0;
+  std::map<std::string, std::vector<HeadResult>> by_kind;  // every head of every input
+  std::vector<HeadResult> all;
+};
+
+double Mean(const std::vector<HeadResult>& heads, double HeadResult::*field) {
+  double sum = 0;
+  for (const HeadResult& head : heads) sum += head.*field;
+  return heads.empty() ? 0 : sum / static_cast<double>(heads.size());
+}
+
+double Min(const std::vector<HeadResult>& heads, double HeadResult::*field) {
+  double best = 1e300;
+  for (const HeadResult& head : heads) best = std::min(best, head.*field);
+  return best;
+}
+
+int Main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  std::vector<int64_t> lengths;
+  std::vector<uint64_t> seeds;
+  std::vector<float> thetas, targets;
+  if (!ParseList(absl::GetFlag(FLAGS_n), &lengths) ||
+      !ParseList(absl::GetFlag(FLAGS_seeds), &seeds) ||
+      !ParseList(absl::GetFlag(FLAGS_thetas), &thetas) ||
+      !ParseList(absl::GetFlag(FLAGS_targets), &targets)) {
+    std::fprintf(stderr, "--n, --seeds, --thetas and --targets take comma-separated numbers\n");
+    return 2;
+  }
+  const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
+  const DType dtype = dtype_name == "fp32"   ? DType::kFp32
+                      : dtype_name == "fp16" ? DType::kFp16
+                                             : DType::kBf16;
+  auto backend_or = CreateCpuBackendWithKernels(absl::GetFlag(FLAGS_threads), "");
+  if (!backend_or.ok()) {
+    std::fprintf(stderr, "%s\n", backend_or.status().ToString().c_str());
+    return 1;
+  }
+  AttentionBackend& backend = **backend_or;
+  std::vector<Config> configs;
+  for (float theta : thetas) {
+    Config c{"theta " + std::to_string(theta).substr(0, 4), {}};
+    c.config.theta = theta;
+    configs.push_back(c);
+  }
+  for (float p : targets) {
+    Config c{"p " + std::to_string(p).substr(0, 4), {}};
+    c.config.mass_target = p;
+    c.config.mass_density_cap = static_cast<float>(absl::GetFlag(FLAGS_density_cap));
+    c.config.mass_min_theta = static_cast<float>(absl::GetFlag(FLAGS_min_theta));
+    configs.push_back(c);
+  }
+  std::printf("# %s; Hq=%d Hkv=%d d=%d %s, structured generator (question_rows=%d), seeds %s\n",
+              backend.Info().device.c_str(), absl::GetFlag(FLAGS_hq), absl::GetFlag(FLAGS_hkv),
+              absl::GetFlag(FLAGS_d), dtype_name.c_str(), absl::GetFlag(FLAGS_question_rows),
+              absl::GetFlag(FLAGS_seeds).c_str());
+  for (int64_t n : lengths) {
+    const AttentionShape shape{n, absl::GetFlag(FLAGS_hq), absl::GetFlag(FLAGS_hkv),
+                               absl::GetFlag(FLAGS_d)};
+    std::vector<Aggregate> results(configs.size());
+    double dense_seconds = 0;
+    for (uint64_t seed : seeds) {
+      StructuredInputOptions options;
+      options.seed = seed;
+      options.question_rows = absl::GetFlag(FLAGS_question_rows);
+      absl::StatusOr<HostQkv> qkv =
+          GenerateStructuredQkv(shape, dtype, Layout::kTokenMajor, options);
+      if (!qkv.ok()) {
+        std::fprintf(stderr, "%s\n", qkv.status().ToString().c_str());
+        return 1;
+      }
+      std::vector<uint8_t> dense_out(qkv->q.size()), out(qkv->q.size());
+      std::vector<float> dense_lse(static_cast<size_t>(n) * shape.num_q_heads), lse(dense_lse);
+      AttentionTask dense;
+      BindInputs(*qkv, &dense);
+      dense.out = dense_out.data();
+      dense.maybe_lse = dense_lse.data();
+      dense.config.mode = AttentionMode::kDense;
+      auto start = std::chrono::steady_clock::now();
+      absl::Status status = backend.Run({&dense});
+      dense_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!status.ok()) {
+        std::fprintf(stderr, "%s\n", status.ToString().c_str());
+        return 1;
+      }
+      for (size_t c = 0; c < configs.size(); ++c) {
+        AttentionTask task;
+        BindInputs(*qkv, &task);
+        task.out = out.data();
+        task.maybe_lse = lse.data();
+        task.config = configs[c].config;
+        start = std::chrono::steady_clock::now();
+        status = backend.Run({&task});
+        results[c].seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (!status.ok()) {
+          std::fprintf(stderr, "%s\n", status.ToString().c_str());
+          return 1;
+        }
+        ++results[c].runs;
+        const std::vector<HeadResult> heads = PerHead(task, out, lse, dense_out, dense_lse);
+        for (int h = 0; h < shape.num_q_heads; ++h) {
+          results[c].by_kind[std::string(StructuredHeadKindName(qkv->head_kinds[h]))].push_back(
+              heads[h]);
+          results[c].all.push_back(heads[h]);
+        }
+      }
+    }
+    const double runs = static_cast<double>(seeds.size());
+    std::printf("\n## N = %lld (dense %.2f s per run)\n\n", static_cast<long long>(n),
+                dense_seconds / runs);
+    std::printf(
+        "| config | CPU s | density | work vs theta 12 | mass recall mean | worst kind mean | "
+        "worst head | output recall 0.01 | estimated mass | mean abs(est - true) | worst head "
+        "est - true |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    double theta12_density = 0;
+    for (size_t c = 0; c < configs.size(); ++c) {
+      if (configs[c].name.rfind("theta 12", 0) == 0) {
+        theta12_density = Mean(results[c].all, &HeadResult::density);
+      }
+    }
+    for (size_t c = 0; c < configs.size(); ++c) {
+      const Aggregate& a = results[c];
+      double worst_kind = 1e300;
+      for (const auto& [kind, heads] : a.by_kind) {
+        worst_kind = std::min(worst_kind, Mean(heads, &HeadResult::true_mass));
+      }
+      const double density = Mean(a.all, &HeadResult::density);
+      std::printf("| %s | %.2f | %.4f | %.3f | %.4f | %.4f | %.4f | %.4f |", configs[c].name.c_str(),
+                  a.seconds / runs, density, theta12_density > 0 ? density / theta12_density : 0,
+                  Mean(a.all, &HeadResult::true_mass), worst_kind,
+                  Min(a.all, &HeadResult::true_mass), Mean(a.all, &HeadResult::output_recall));
+      if (configs[c].config.UsesMassTarget()) {
+        double abs_error = 0, worst = -1e300;
+        for (const HeadResult& head : a.all) {
+          abs_error += std::fabs(head.estimated_mass - head.true_mass);
+          worst = std::max(worst, head.estimated_mass - head.true_mass);
+        }
+        std::printf(" %.4f | %.4f | %+.4f |\n", Mean(a.all, &HeadResult::estimated_mass),
+                    abs_error / static_cast<double>(a.all.size()), worst);
+      } else {
+        std::printf(" | | |\n");
+      }
+    }
+    std::printf(
+        "\nBy head kind (mean over heads and seeds): density / true mass / output recall "
+        "[/ estimated mass / mean theta / full groups]\n\n| config |");
+    for (const auto& [kind, heads] : results[0].by_kind) {
+      std::printf(" %s (%zu) |", kind.c_str(), heads.size());
+    }
+    std::printf("\n|---|");
+    for (size_t k = 0; k < results[0].by_kind.size(); ++k) std::printf("---|");
+    std::printf("\n");
+    for (size_t c = 0; c < configs.size(); ++c) {
+      std::printf("| %s |", configs[c].name.c_str());
+      for (const auto& [kind, heads] : results[c].by_kind) {
+        std::printf(" %.3f / %.4f / %.3f", Mean(heads, &HeadResult::density),
+                    Mean(heads, &HeadResult::true_mass), Mean(heads, &HeadResult::output_recall));
+        if (configs[c].config.UsesMassTarget()) {
+          std::printf(" / %.4f / %.1f / %.2f", Mean(heads, &HeadResult::estimated_mass),
+                      Mean(heads, &HeadResult::theta_mean), Mean(heads, &HeadResult::full_groups));
+        }
+        std::printf(" |");
+      }
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace anchorserve
+
+int main(int argc, char** argv) { return anchorserve::Main(argc, argv); }
