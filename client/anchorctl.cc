@@ -99,6 +99,8 @@ commands:
            inputs: generated (--inputs=structured|random --seq_len --q_heads --kv_heads
            --head_dim --dtype --layout --seed) or --q=Q.npy --k=K.npy --v=V.npy
            config: --mode --theta --block_size --step --init_groups --local_groups
+           --mass_target=P (per head and group the smallest theta keeping an estimated P of the
+           attention mass; cpu backend) --mass_density_cap --mass_min_theta
            --recall --metrics_only --stream --per_head --out=OUT.npy --verify
   load     send many requests: --requests=N or --duration_s=S, --concurrency=C, shape and
            config flags as for attend; prints throughput, latency percentiles, errors by code
@@ -107,7 +109,8 @@ commands:
            ids: --ids=1,2,3 | --ids_file=F (whitespace/comma separated) | --random_ids=N --seed=S
            --kv_out=KV.safetensors (layers.{i}.k / layers.{i}.v, streamed to disk)
            --logits_out=LOGITS.npy (float32 [vocab]; needs --logits=full)
-           --theta=X | --dense, --kv_dtype=bf16|fp16|fp32, --kv_layout=head|token,
+           --theta=X | --mass_target=P | --dense (config flags as for attend),
+           --kv_dtype=bf16|fp16|fp32, --kv_layout=head|token,
            --kv_layers=all|none|B:E, --logits=full|topk:K|none, --expected_fingerprint=HEX,
            --deadline_ms=MS; prints the header, progress per layer (stderr), per-layer density
            and times, the first generated token (argmax) and throughput
@@ -378,6 +381,12 @@ void PrintMetrics(const v1::AttentionMetrics& m, bool per_head) {
       FormatMs(m.queue_seconds()).c_str(), FormatMs(m.identification_seconds()).c_str(),
       FormatMs(m.compute_seconds()).c_str(), FormatMs(m.transfer_seconds()).c_str(),
       FormatMs(m.total_seconds()).c_str());
+  const bool mass_target = m.effective_config().mass_target() > 0 &&
+                           m.effective_config().mode() != v1::ATTENTION_MODE_DENSE;
+  if (mass_target) {
+    std::printf("mass target:        %.4f, estimated kept mass %.6f (mean over heads)\n",
+                m.effective_config().mass_target(), m.estimated_kept_mass());
+  }
   if (m.has_recall()) {
     const v1::Recall& r = m.recall();
     std::printf(
@@ -396,6 +405,19 @@ void PrintMetrics(const v1::AttentionMetrics& m, bool per_head) {
                   head.stripes_per_group().mean(),
                   static_cast<long long>(head.stripes_per_group().max()),
                   static_cast<long long>(head.stripes_per_group().groups()));
+    }
+    if (mass_target) {
+      // true_kept (dense softmax mass on the kept keys) is measured only with --recall.
+      std::printf("%6s %10s %10s %10s %8s %8s %12s %12s\n", "head", "theta_min", "theta_mean",
+                  "theta_max", "groups", "full", "est_kept", "true_kept");
+      for (const v1::HeadMetrics& head : m.heads()) {
+        const v1::MassBudget& mass = head.mass();
+        std::printf("%6d %10.3f %10.3f %10.3f %8lld %8lld %12.6f %12s\n", head.head(),
+                    mass.theta_min(), mass.theta_mean(), mass.theta_max(),
+                    static_cast<long long>(mass.groups()),
+                    static_cast<long long>(mass.full_groups()), mass.estimated_kept_mass(),
+                    m.has_recall() ? absl::StrFormat("%.6f", mass.true_kept_mass()).c_str() : "-");
+      }
     }
   }
 }

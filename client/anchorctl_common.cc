@@ -51,6 +51,15 @@ ABSL_FLAG(std::optional<int32_t>, init_groups, std::nullopt,
 ABSL_FLAG(std::optional<int32_t>, local_groups, std::nullopt,
           "n_loc: local groups, own group = 1 (unset: server default)");
 ABSL_FLAG(std::optional<double>, softmax_scale, std::nullopt, "softmax scale (unset: 1/sqrt(d))");
+ABSL_FLAG(std::optional<double>, mass_target, std::nullopt,
+          "p in [0, 1]: per (head, group) the smallest threshold whose estimated kept attention "
+          "mass reaches p, instead of a fixed --theta; 0 = off (unset: server default; cpu "
+          "backend only)");
+ABSL_FLAG(std::optional<double>, mass_density_cap, std::nullopt,
+          "(0, 1]: a group that would keep more than this fraction of its candidates keeps all "
+          "of them (unset: server default)");
+ABSL_FLAG(std::optional<double>, mass_min_theta, std::nullopt,
+          "smallest threshold in nats a mass target may choose (unset: server default)");
 
 // Requests.
 ABSL_FLAG(uint64_t, seed, 1, "seed of the generated inputs (attend, load) and of --random_ids");
@@ -85,6 +94,18 @@ std::string DescribeConfig(const v1::AnchorConfig& config) {
   if (config.has_softmax_scale()) {
     parts.push_back(absl::StrCat("softmax_scale=", config.softmax_scale(),
                                  config.softmax_scale() == 0 ? " (1/sqrt(d))" : ""));
+  }
+  if (config.has_mass_target()) {
+    parts.push_back(absl::StrCat("mass_target=", config.mass_target(),
+                                 config.mass_target() == 0 ? " (off)" : ""));
+  }
+  // The cap and the floor mean nothing while the target is off.
+  const bool mass_off = config.has_mass_target() && config.mass_target() == 0;
+  if (config.has_mass_density_cap() && !mass_off) {
+    parts.push_back(absl::StrCat("mass_density_cap=", config.mass_density_cap()));
+  }
+  if (config.has_mass_min_theta() && !mass_off) {
+    parts.push_back(absl::StrCat("mass_min_theta=", config.mass_min_theta()));
   }
   return absl::StrJoin(parts, " ");
 }
@@ -186,6 +207,9 @@ absl::StatusOr<v1::AnchorConfig> ConfigFromFlags() {
     config.set_local_groups(*local_groups);
   }
   if (auto scale = absl::GetFlag(FLAGS_softmax_scale)) config.set_softmax_scale(*scale);
+  if (auto target = absl::GetFlag(FLAGS_mass_target)) config.set_mass_target(*target);
+  if (auto cap = absl::GetFlag(FLAGS_mass_density_cap)) config.set_mass_density_cap(*cap);
+  if (auto floor = absl::GetFlag(FLAGS_mass_min_theta)) config.set_mass_min_theta(*floor);
   return config;
 }
 

@@ -34,6 +34,9 @@ ABSL_DECLARE_FLAG(std::optional<int32_t>, step);
 ABSL_DECLARE_FLAG(std::optional<int32_t>, init_groups);
 ABSL_DECLARE_FLAG(std::optional<int32_t>, local_groups);
 ABSL_DECLARE_FLAG(std::optional<double>, softmax_scale);
+ABSL_DECLARE_FLAG(std::optional<double>, mass_target);
+ABSL_DECLARE_FLAG(std::optional<double>, mass_density_cap);
+ABSL_DECLARE_FLAG(std::optional<double>, mass_min_theta);
 // Requests.
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(std::string, request_id);
@@ -50,7 +53,8 @@ void PrintError(const absl::Status& status);
 std::string FormatBytes(int64_t bytes);  // "1.50 MiB"
 std::string FormatMs(double seconds);    // "12.345 ms"
 
-// "mode=anchor theta=12 block_size=64 ...": the fields that are set.
+// "mode=anchor theta=12 block_size=64 ...": the fields that are set (mass_density_cap and
+// mass_min_theta left out when mass_target is set to 0, i.e. off).
 std::string DescribeConfig(const v1::AnchorConfig& config);
 
 // Client options from --deadline_s, --stream_chunk_bytes and the security flags below.
@@ -69,7 +73,8 @@ absl::StatusOr<std::unique_ptr<AttentionClient>> MakeClient();
 // with UNAVAILABLE before a response reached anchorctl. gRPC retries the unary calls itself.
 absl::StatusOr<WholeCallRetry> StreamRetryFromFlags();
 
-// --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale.
+// --mode, --theta, --block_size, --step, --init_groups, --local_groups, --softmax_scale,
+// --mass_target, --mass_density_cap, --mass_min_theta (the server checks the values).
 absl::StatusOr<v1::AnchorConfig> ConfigFromFlags();
 
 // Subcommands of anchorctl_prefill.cc; each returns the exit code.

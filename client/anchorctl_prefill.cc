@@ -32,7 +32,8 @@ ABSL_FLAG(std::string, ids_file, "",
           "prefill: a text file of token ids separated by whitespace and/or commas");
 ABSL_FLAG(int64_t, random_ids, 0,
           "prefill: N token ids drawn uniformly from the model's vocabulary (with --seed)");
-ABSL_FLAG(bool, dense, false, "prefill: exact dense attention in every layer (not with --theta)");
+ABSL_FLAG(bool, dense, false,
+          "prefill: exact dense attention in every layer (not with --theta or --mass_target)");
 ABSL_FLAG(std::string, kv_dtype, "bf16", "prefill: dtype of the returned K/V (bf16|fp16|fp32)");
 ABSL_FLAG(std::string, kv_layout, "head",
           "prefill: head ([Hkv, N, d]) | token ([N, Hkv, d]) layout of the returned K/V");
@@ -152,6 +153,9 @@ absl::StatusOr<v1::PrefillRequest> RequestFromFlags() {
   if (absl::GetFlag(FLAGS_dense)) {
     if (config->has_theta()) {
       return absl::InvalidArgumentError("--theta and --dense exclude each other");
+    }
+    if (config->has_mass_target()) {
+      return absl::InvalidArgumentError("--mass_target and --dense exclude each other");
     }
     config->set_mode(v1::ATTENTION_MODE_DENSE);
   }

@@ -17,16 +17,28 @@ struct StripeSummary {
   int64_t groups = 0;  // groups with a non-empty candidate set
 };
 
+// What a mass target chose for one head (all zero without one: HeadStats' mass fields are).
+struct MassSummary {
+  double theta_min = 0;  // chosen thresholds over the groups with a finite one
+  double theta_mean = 0;
+  double theta_max = 0;
+  int64_t groups = 0;              // groups with a finite chosen theta
+  int64_t full_groups = 0;         // groups that kept every candidate
+  double estimated_kept_mass = 0;  // estimated_mass_sum / seq_len: mean over the head's rows
+};
+
 struct HeadSummary {
   double density = 0;
   double stripe_density = 0;
   StripeSummary stripes;
+  MassSummary mass;
 };
 
 struct RequestSummary {
   double density = 0;              // over all heads: sum computed / (Hq * N(N+1)/2)
   double stripe_density = 0;       // likewise for stripe entries
   StripeSummary stripes;           // over every (head, group) with candidates
+  double estimated_kept_mass = 0;  // mean over heads of heads[h].mass.estimated_kept_mass
   std::vector<HeadSummary> heads;  // [Hq]
 };
 
@@ -37,11 +49,13 @@ struct RecallStats {
   double output_recall_tau_0_005 = 0;  // same at 0.005
   double attention_mass_mean = 0;      // mean over rows of exp(lse_sparse - lse_dense)
   double attention_mass_min = 0;
+  // [Hq]: per query head, the mean over its rows of the same clamped mass (NaN without LSE).
+  std::vector<double> head_attention_mass;
 };
 
 // `sparse` ran with maybe_lse set; `dense_out` and `dense_lse` come from the same inputs in dense
 // mode. The computed keys are a subset of all keys, so a row's dense softmax mass on them is
-// exp(lse_sparse - lse_dense).
+// exp(lse_sparse - lse_dense). Both LSE arrays are [Hq, N]: row i of head h is h * N + i.
 RecallStats ComputeRecall(const AttentionTask& sparse, const void* dense_out,
                           const float* dense_lse);
 

@@ -10,7 +10,8 @@
 // Errors (gRPC status, the field named): INVALID_ARGUMENT for empty token_ids, an id outside
 // [0, vocab), a bad layer range, dtype, layout or logits option; OUT_OF_RANGE for more tokens
 // than the model's max_position_embeddings or --max_seq_len; FAILED_PRECONDITION without a
-// model or when expected_fingerprint differs; RESOURCE_EXHAUSTED when the queue is full or the
+// model, when expected_fingerprint differs or when the engine cannot run the config (a mass
+// target on the cuda engine); RESOURCE_EXHAUSTED when the queue is full or the
 // engine's workspace for N tokens exceeds --prefill_memory_bytes (decided before any work);
 // CANCELLED / DEADLINE_EXCEEDED honoured between layers.
 #pragma once

@@ -1,6 +1,7 @@
 #include "server/proto_convert.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -233,6 +234,18 @@ void FillStripes(const StripeSummary& summary, v1::StripeStats* stats) {
   stats->set_max(summary.max);
   stats->set_groups(summary.groups);
 }
+
+// `true_kept_mass` is measured only with compute_recall; without it the field stays 0.
+void FillMassBudget(const MassSummary& summary, std::optional<double> true_kept_mass,
+                    v1::MassBudget* budget) {
+  budget->set_theta_min(summary.theta_min);
+  budget->set_theta_mean(summary.theta_mean);
+  budget->set_theta_max(summary.theta_max);
+  budget->set_groups(summary.groups);
+  budget->set_full_groups(summary.full_groups);
+  budget->set_estimated_kept_mass(summary.estimated_kept_mass);
+  if (true_kept_mass.has_value()) budget->set_true_kept_mass(*true_kept_mass);
+}
 }  // namespace
 
 void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_name,
@@ -242,6 +255,11 @@ void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_nam
   metrics->set_sparsity(1.0 - summary.density);
   metrics->set_stripe_density(summary.stripe_density);
   FillStripes(summary.stripes, metrics->mutable_stripes_per_group());
+  // Mass budgets only where a mass target chose the thresholds (the counts are zero otherwise).
+  const bool mass_target = job.task.config.UsesMassTarget();
+  const bool head_recall =
+      job.recall.has_value() && job.recall->head_attention_mass.size() == summary.heads.size();
+  metrics->set_estimated_kept_mass(mass_target ? summary.estimated_kept_mass : 0.0);
   metrics->clear_heads();
   for (size_t h = 0; h < summary.heads.size(); ++h) {
     const HeadSummary& head = summary.heads[h];
@@ -251,6 +269,12 @@ void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_nam
     out->set_sparsity(1.0 - head.density);
     out->set_stripe_density(head.stripe_density);
     FillStripes(head.stripes, out->mutable_stripes_per_group());
+    if (mass_target) {
+      FillMassBudget(
+          head.mass,
+          head_recall ? std::optional<double>(job.recall->head_attention_mass[h]) : std::nullopt,
+          out->mutable_mass());
+    }
   }
   metrics->set_queue_seconds(job.queue_seconds);
   metrics->set_identification_seconds(job.task.times.identification_seconds);

@@ -91,7 +91,9 @@ v1::TensorSpec OutputSpec(const RequestSpec& spec);
 void SetOutputTensorSpec(const RequestSpec& spec, v1::Tensor* tensor);
 
 // Density, stripes (overall and per head), timings, batch size, backend, recall and the
-// effective config (softmax_scale resolved) of a finished job. total_seconds is the caller's.
+// effective config (softmax_scale resolved) of a finished job; with a mass target also each
+// head's mass budget (true_kept_mass only with recall) and the request's estimated kept mass.
+// total_seconds is the caller's.
 void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_name,
                           v1::AttentionMetrics* metrics);
 

@@ -105,6 +105,16 @@ ABSL_FLAG(int64_t, prefill_memory_bytes, anchorserve::kDefaultServerConfig.prefi
           "RESOURCE_EXHAUSTED before any work.");
 ABSL_FLAG(int32_t, default_local_groups, anchorserve::kDefaultServerConfig.defaults.local_groups,
           "Default local region n_loc, in groups.");
+ABSL_FLAG(double, default_mass_target, anchorserve::kDefaultServerConfig.defaults.mass_target,
+          "Default mass target p in [0, 1]: each (head, group) keeps the smallest threshold whose "
+          "estimated kept attention mass reaches p; 0 = off (fixed --default_theta). CPU backend "
+          "only.");
+ABSL_FLAG(double, default_mass_density_cap,
+          anchorserve::kDefaultServerConfig.defaults.mass_density_cap,
+          "Default mass density cap in (0, 1]: a group that would keep more than this fraction "
+          "of its candidates keeps all of them.");
+ABSL_FLAG(double, default_mass_min_theta, anchorserve::kDefaultServerConfig.defaults.mass_min_theta,
+          "Default smallest threshold (nats) a mass target may choose; finite.");
 
 namespace anchorserve {
 namespace {
@@ -312,6 +322,19 @@ absl::Status ServerConfig::Validate() const {
       !s.ok()) {
     return s;
   }
+  // Written so that NaN fails too.
+  if (!(defaults.mass_target >= 0.0f && defaults.mass_target <= 1.0f)) {
+    return FlagError("default_mass_target", "must be in [0, 1] (0 = off)",
+                     absl::StrCat(defaults.mass_target));
+  }
+  if (!(defaults.mass_density_cap > 0.0f && defaults.mass_density_cap <= 1.0f)) {
+    return FlagError("default_mass_density_cap", "must be in (0, 1]",
+                     absl::StrCat(defaults.mass_density_cap));
+  }
+  if (!std::isfinite(defaults.mass_min_theta)) {
+    return FlagError("default_mass_min_theta", "must be finite",
+                     absl::StrCat(defaults.mass_min_theta));
+  }
   if (absl::Status s = ValidateAnchorConfig(defaults); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--default_* flags: ", s.message()));
   }
@@ -392,6 +415,11 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.defaults.step = absl::GetFlag(FLAGS_default_step);
   config.defaults.init_groups = absl::GetFlag(FLAGS_default_init_groups);
   config.defaults.local_groups = absl::GetFlag(FLAGS_default_local_groups);
+  // Narrowed to float; out-of-range values (NaN, +-inf, beyond float) fail in Validate.
+  config.defaults.mass_target = static_cast<float>(absl::GetFlag(FLAGS_default_mass_target));
+  config.defaults.mass_density_cap =
+      static_cast<float>(absl::GetFlag(FLAGS_default_mass_density_cap));
+  config.defaults.mass_min_theta = static_cast<float>(absl::GetFlag(FLAGS_default_mass_min_theta));
 
   if (absl::Status status = config.Validate(); !status.ok()) return status;
   return config;

@@ -156,6 +156,12 @@ class CudaPrefillEngine : public PrefillEngine {
     return bytes;
   }
 
+  // The attention backend's answer for this model's shape (bf16): e.g. no mass targets yet.
+  absl::Status CanRun(const AnchorConfig& config) const override {
+    const AttentionShape shape{1, config_.num_heads, config_.num_kv_heads, config_.head_dim};
+    return CanRunOnCuda(AttentionProblem{shape, DType::kBf16, Layout::kTokenMajor, config});
+  }
+
   absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) override;
 
  private:
@@ -259,6 +265,8 @@ absl::Status CudaPrefillEngine::Init() {
 absl::StatusOr<PrefillResult> CudaPrefillEngine::Run(const PrefillTask& task, KvSink* sink) {
   ANCHOR_RETURN_IF_ERROR(
       ValidatePrefillTask(config_, task, sink, std::numeric_limits<int32_t>::max(), "cuda"));
+  // The kernels select by a fixed theta; a config they would silently misread is refused.
+  ANCHOR_RETURN_IF_ERROR(CanRun(task.config));
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   PrefillResult result;

@@ -276,6 +276,34 @@ TEST_F(PrefillFakeServerTest, AnchorctlRequestFlags) {
   EXPECT_THAT(parsed->tensors.at("layers.2.v").shape, ElementsAre(5, 2, 4));
 }
 
+TEST_F(PrefillFakeServerTest, AnchorctlMassTargetFlags) {
+  const ProcessOutput run =
+      Anchorctl({"prefill", "--ids=1,2,3", "--mass_target=0.95", "--mass_density_cap=0.5",
+                 "--mass_min_theta=1.5", "--kv_layers=none", "--logits=none"});
+  ASSERT_EQ(run.exit_code, 0) << run.stdout_text << run.stderr_text;
+  const v1::PrefillRequest request = server_->service().requests().back();
+  EXPECT_EQ(request.config().mode(), v1::ATTENTION_MODE_ANCHOR);
+  EXPECT_FALSE(request.config().has_theta());
+  EXPECT_DOUBLE_EQ(request.config().mass_target(), 0.95);
+  EXPECT_DOUBLE_EQ(request.config().mass_density_cap(), 0.5);
+  EXPECT_DOUBLE_EQ(request.config().mass_min_theta(), 1.5);
+  // The fake echoes the request's config as the effective one.
+  EXPECT_THAT(run.stdout_text,
+              HasSubstr("mass_target=0.95 mass_density_cap=0.5 mass_min_theta=1.5"));
+
+  // Unset flags leave the fields to the server's defaults.
+  const ProcessOutput plain = Anchorctl({"prefill", "--ids=1", "--kv_layers=none"});
+  ASSERT_EQ(plain.exit_code, 0) << plain.stdout_text << plain.stderr_text;
+  const v1::PrefillRequest unset = server_->service().requests().back();
+  EXPECT_FALSE(unset.config().has_mass_target());
+  EXPECT_FALSE(unset.config().has_mass_density_cap());
+  EXPECT_FALSE(unset.config().has_mass_min_theta());
+
+  const ProcessOutput both = Anchorctl({"prefill", "--ids=1", "--dense", "--mass_target=0.9"});
+  EXPECT_EQ(both.exit_code, 2);
+  EXPECT_THAT(both.stderr_text, HasSubstr("--mass_target and --dense exclude each other"));
+}
+
 TEST_F(PrefillFakeServerTest, AnchorctlRandomIdsFromTheModelVocabulary) {
   const ProcessOutput first =
       Anchorctl({"prefill", "--random_ids=64", "--seed=9", "--logits=none", "--kv_layers=none"});

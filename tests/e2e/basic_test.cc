@@ -37,6 +37,9 @@ class BasicE2eTest : public SharedServerTest {
         "--default_theta=11.5",
         "--default_block_size=64",
         "--default_step=8",
+        // Ignored while the default mass target is 0 (off); a request's target uses them.
+        "--default_mass_density_cap=0.9",
+        "--default_mass_min_theta=0.5",
     });
   }
   void SetUp() override {
@@ -73,6 +76,66 @@ TEST_F(BasicE2eTest, InfoReportsBackendLimitsAndDefaults) {
   EXPECT_EQ(defaults.step(), 8);
   EXPECT_EQ(defaults.init_groups(), 1);
   EXPECT_EQ(defaults.local_groups(), 1);
+  ASSERT_TRUE(defaults.has_mass_target() && defaults.has_mass_density_cap() &&
+              defaults.has_mass_min_theta());
+  EXPECT_EQ(defaults.mass_target(), 0.0);
+  EXPECT_FLOAT_EQ(defaults.mass_density_cap(), 0.9f);
+  EXPECT_EQ(defaults.mass_min_theta(), 0.5);
+}
+
+// A mass target on the structured generator: every head reports the thresholds it chose and the
+// mass it kept (estimated by the backend, measured against dense with compute_recall).
+TEST_F(BasicE2eTest, MassTargetReportsPerHeadBudgets) {
+  constexpr int kHeads = 4;
+  absl::StatusOr<QkvTensors> qkv =
+      MakeQkv(InputKind::kStructured, 8192, kHeads, 2, 64, DType::kBf16, Layout::kTokenMajor, 31);
+  ASSERT_TRUE(qkv.ok()) << qkv.status();
+  v1::AnchorConfig config;
+  config.set_mass_target(0.95);
+  AttendInputs inputs = InputsFor(*qkv, config, /*metrics_only=*/true);
+  inputs.options.set_compute_recall(true);
+  absl::StatusOr<AttendResult> result = client_->Attend(inputs);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const v1::AttentionMetrics& metrics = result->metrics;
+  const v1::AnchorConfig& effective = metrics.effective_config();
+  EXPECT_FLOAT_EQ(effective.mass_target(), 0.95f);
+  EXPECT_FLOAT_EQ(effective.mass_density_cap(), 0.9f);  // the server's defaults
+  EXPECT_EQ(effective.mass_min_theta(), 0.5);
+  ASSERT_TRUE(metrics.has_recall());
+  ASSERT_EQ(metrics.heads_size(), kHeads);
+  int heads_with_thresholds = 0;
+  double estimated_sum = 0, true_sum = 0;
+  for (const v1::HeadMetrics& head : metrics.heads()) {
+    SCOPED_TRACE(absl::StrCat("head ", head.head()));
+    ASSERT_TRUE(head.has_mass());
+    const v1::MassBudget& mass = head.mass();
+    // Every group with candidates either chose a threshold or kept everything.
+    EXPECT_EQ(mass.groups() + mass.full_groups(), head.stripes_per_group().groups());
+    if (mass.groups() > 0) {
+      ++heads_with_thresholds;
+      EXPECT_GT(mass.theta_min(), 0.0);
+      EXPECT_GE(mass.theta_min(), effective.mass_min_theta());
+      EXPECT_LE(mass.theta_min(), mass.theta_mean());
+      EXPECT_LE(mass.theta_mean(), mass.theta_max());
+    }
+    EXPECT_GT(mass.estimated_kept_mass(), 0.0);
+    EXPECT_LE(mass.estimated_kept_mass(), 1.0);
+    EXPECT_GT(mass.true_kept_mass(), 0.0);
+    EXPECT_LE(mass.true_kept_mass(), 1.0);
+    estimated_sum += mass.estimated_kept_mass();
+    true_sum += mass.true_kept_mass();
+  }
+  EXPECT_GT(heads_with_thresholds, 0);
+  EXPECT_NEAR(metrics.estimated_kept_mass(), estimated_sum / kHeads, 1e-12);
+  // Each head has N rows, so the heads' mean is the request's attention-mass recall.
+  EXPECT_NEAR(metrics.recall().attention_mass_mean(), true_sum / kHeads, 1e-9);
+
+  v1::AnchorConfig bad;
+  bad.set_mass_target(1.5);
+  absl::StatusOr<AttendResult> refused = client_->Attend(InputsFor(*qkv, bad, true));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("config.mass_target"));
 }
 
 // Token-major fp32, N = 2, Hq = 2, Hkv = 1, d = 2, softmax_scale = 1:

@@ -91,6 +91,23 @@ TEST_F(CliE2eTest, AttendVerifiesUnaryAndStreamed) {
   EXPECT_THAT(big.output, HasSubstr("verification passed"));
 }
 
+TEST_F(CliE2eTest, AttendWithAMassTarget) {
+  const ProcessResult run =
+      Run({"attend", "--seq_len=256", "--q_heads=2", "--kv_heads=1", "--head_dim=64",
+           "--block_size=16", "--step=2", "--mass_target=0.9", "--mass_min_theta=1", "--per_head",
+           "--recall", "--metrics_only"});
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("mass_target=0.9 mass_density_cap=1 mass_min_theta=1"));
+  EXPECT_THAT(run.output, HasSubstr("mass target:        0.9000, estimated kept mass"));
+  EXPECT_THAT(run.output, HasSubstr("theta_min"));
+  EXPECT_THAT(run.output, HasSubstr("true_kept"));
+
+  const ProcessResult out_of_range = Run({"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1",
+                                          "--head_dim=64", "--mass_target=1.5"});
+  EXPECT_EQ(out_of_range.exit_code, 1) << out_of_range.output;
+  EXPECT_THAT(out_of_range.output, HasSubstr("rejected Attend: config.mass_target"));
+}
+
 TEST_F(CliE2eTest, AttendReadsAndWritesNpy) {
   absl::StatusOr<std::string> dir = MakeTempDir("anchor_cli_npy_");
   ASSERT_TRUE(dir.ok()) << dir.status();

@@ -271,6 +271,30 @@ TEST_F(PrefillE2eTest, StreamMatchesTheEngineRunLocally) {
   }
 }
 
+// A mass target reaches every layer's attention on the CPU engine and is echoed back.
+TEST_F(PrefillE2eTest, MassTargetRunsOnTheCpuEngine) {
+  const v1::ModelInfo info = Info();
+  v1::PrefillRequest request;
+  const std::vector<int32_t> ids = PromptIds(700, info.vocab_size());
+  request.mutable_token_ids()->Assign(ids.begin(), ids.end());
+  request.set_kv_selection(v1::KV_SELECTION_NONE);
+  request.mutable_config()->set_block_size(16);
+  request.mutable_config()->set_step(4);
+  request.mutable_config()->set_mass_target(0.95);
+  request.mutable_config()->set_mass_density_cap(0.75);
+  const Received got = ReadAll(*stub_, request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.kinds, (std::vector<std::string>{"header", "logits", "metrics"}));
+  EXPECT_EQ(got.metrics.layers_size(), info.num_layers());
+  EXPECT_GT(got.metrics.density(), 0.0);
+  EXPECT_LE(got.metrics.density(), 1.0);
+  const v1::AnchorConfig& effective = got.metrics.effective_config();
+  EXPECT_FLOAT_EQ(effective.mass_target(), 0.95f);
+  EXPECT_FLOAT_EQ(effective.mass_density_cap(), 0.75f);
+  EXPECT_EQ(effective.mass_min_theta(), 0.0);
+  EXPECT_EQ(effective.mode(), v1::ATTENTION_MODE_ANCHOR);
+}
+
 TEST_F(PrefillE2eTest, LayerRangeTopKAndNoKv) {
   const v1::ModelInfo info = Info();
   v1::PrefillRequest request;
@@ -338,6 +362,8 @@ TEST_F(PrefillE2eTest, BadInputsGetTheirStatusAndNameTheField) {
        grpc::StatusCode::INVALID_ARGUMENT, "kv_dtype"},
       {"config", [](v1::PrefillRequest* r) { r->mutable_config()->set_block_size(0); },
        grpc::StatusCode::INVALID_ARGUMENT, "config.block_size"},
+      {"mass target", [](v1::PrefillRequest* r) { r->mutable_config()->set_mass_target(1.5); },
+       grpc::StatusCode::INVALID_ARGUMENT, "config.mass_target"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

@@ -68,6 +68,48 @@ TEST(SummarizeHeadsTest, MinOverHeadsWithGroupsOnly) {
   EXPECT_DOUBLE_EQ(summary.density, 1.0);
 }
 
+TEST(SummarizeHeadsTest, MassBudget) {
+  // N = 8. Head 0: 3 groups chose 2.5, 4.0 and 6.5 nats, 1 kept everything; estimated mass
+  // 7.2 over 8 rows. Head 1: every group kept everything (no finite theta). Head 2: fixed theta.
+  HeadStats chosen;
+  chosen.computed_entries = 20;
+  chosen.mass_groups = 3;
+  chosen.mass_theta_min = 2.5f;
+  chosen.mass_theta_max = 6.5f;
+  chosen.mass_theta_sum = 13.0;
+  chosen.mass_full_groups = 1;
+  chosen.estimated_mass_sum = 7.2;
+  HeadStats all_full;
+  all_full.computed_entries = 36;
+  all_full.mass_full_groups = 2;
+  all_full.estimated_mass_sum = 8.0;
+  HeadStats fixed_theta;
+  fixed_theta.computed_entries = 36;
+  const std::vector<HeadStats> heads = {chosen, all_full, fixed_theta};
+  const RequestSummary summary = SummarizeHeads(8, heads);
+
+  ASSERT_EQ(summary.heads.size(), 3u);
+  const MassSummary& a = summary.heads[0].mass;
+  EXPECT_DOUBLE_EQ(a.theta_min, 2.5);
+  EXPECT_DOUBLE_EQ(a.theta_max, 6.5);
+  EXPECT_DOUBLE_EQ(a.theta_mean, 13.0 / 3.0);
+  EXPECT_EQ(a.groups, 3);
+  EXPECT_EQ(a.full_groups, 1);
+  EXPECT_DOUBLE_EQ(a.estimated_kept_mass, 0.9);
+  const MassSummary& b = summary.heads[1].mass;
+  EXPECT_EQ(b.groups, 0);
+  EXPECT_EQ(b.full_groups, 2);
+  EXPECT_DOUBLE_EQ(b.theta_min, 0.0);
+  EXPECT_DOUBLE_EQ(b.theta_mean, 0.0);
+  EXPECT_DOUBLE_EQ(b.theta_max, 0.0);
+  EXPECT_DOUBLE_EQ(b.estimated_kept_mass, 1.0);
+  const MassSummary& c = summary.heads[2].mass;
+  EXPECT_EQ(c.groups, 0);
+  EXPECT_EQ(c.full_groups, 0);
+  EXPECT_DOUBLE_EQ(c.estimated_kept_mass, 0.0);
+  EXPECT_DOUBLE_EQ(summary.estimated_kept_mass, (0.9 + 1.0 + 0.0) / 3.0);
+}
+
 TEST(SummarizeHeadsTest, EmptyInput) {
   const RequestSummary summary = SummarizeHeads(10, {});
   EXPECT_TRUE(summary.heads.empty());
@@ -109,6 +151,37 @@ TEST(ComputeRecallTest, Bf16NaNAndMissingLse) {
   EXPECT_DOUBLE_EQ(stats.output_recall_tau_0_005, 0.5);
   EXPECT_TRUE(std::isnan(stats.attention_mass_mean));
   EXPECT_TRUE(std::isnan(stats.attention_mass_min));
+}
+
+TEST(ComputeRecallTest, PerHeadMass) {
+  // N = 2, Hq = 2, d = 1; LSE is [Hq, N]. Head 0 keeps 1/2 and 1/4 of its rows' mass, head 1
+  // keeps everything (one row slightly above 1 from rounding, clamped).
+  std::vector<float> out = {0, 0, 0, 0};
+  std::vector<float> sparse_lse = {0.0f, 0.0f, 5.0f, 7.0f + 1e-6f};
+  const std::vector<float> dense_lse = {std::log(2.0f), std::log(4.0f), 5.0f, 7.0f};
+  AttentionTask task;
+  task.shape = {2, 2, 1, 1};
+  task.dtype = DType::kFp32;
+  task.out = out.data();
+  task.maybe_lse = sparse_lse.data();
+  const RecallStats stats = ComputeRecall(task, out.data(), dense_lse.data());
+  ASSERT_EQ(stats.head_attention_mass.size(), 2u);
+  EXPECT_NEAR(stats.head_attention_mass[0], (0.5 + 0.25) / 2.0, 1e-6);
+  EXPECT_DOUBLE_EQ(stats.head_attention_mass[1], 1.0);
+  EXPECT_NEAR(stats.attention_mass_mean, (0.5 + 0.25 + 1.0 + 1.0) / 4.0, 1e-6);
+  EXPECT_NEAR(stats.attention_mass_min, 0.25, 1e-6);
+}
+
+TEST(ComputeRecallTest, PerHeadMassWithoutLseIsNaN) {
+  std::vector<float> out = {0, 0, 0, 0};
+  AttentionTask task;
+  task.shape = {2, 2, 1, 1};
+  task.dtype = DType::kFp32;
+  task.out = out.data();
+  const RecallStats stats = ComputeRecall(task, out.data(), nullptr);
+  ASSERT_EQ(stats.head_attention_mass.size(), 2u);
+  EXPECT_TRUE(std::isnan(stats.head_attention_mass[0]));
+  EXPECT_TRUE(std::isnan(stats.head_attention_mass[1]));
 }
 
 TEST(ComputeRecallTest, MassIsClampedToOne) {

@@ -323,6 +323,28 @@ TEST(CpuPrefillEngineTest, AnchorModeDensityOnlyWhereItShouldBeBelowOne) {
   ExpectMatchesReference(model, task, sink, *result, CachedReference(dir, short_ids));
 }
 
+TEST(CpuPrefillEngineTest, MassTargetRuns) {
+  // The per-layer attention config carries the mass target to the CPU backend, which supports it.
+  const std::string dir = ModelDir("llama-tiny");
+  const Model& model = CachedModel(dir);
+  const std::vector<int32_t> ids = testing::TestIds(300, model.config().vocab_size, 19);
+  PrefillTask task = DenseTask(model, ids);
+  task.config = SmallAnchorConfig(12.0f);
+  task.config.mass_target = 0.95f;
+  EXPECT_TRUE(EngineFor(model).CanRun(task.config).ok());
+  RecordingSink sink;
+  const absl::StatusOr<PrefillResult> result = EngineFor(model).Run(task, &sink);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->layers.size(), static_cast<size_t>(model.config().num_layers));
+  const double floor = testing::AnchorOnlyDensity(300, task.config);
+  for (const PrefillLayerStats& stats : result->layers) {
+    EXPECT_GE(stats.density, floor);
+    EXPECT_LE(stats.density, 1.0);
+  }
+  EXPECT_EQ(sink.layers.size(), static_cast<size_t>(model.config().num_layers));
+  for (float logit : result->last_logits) ASSERT_TRUE(std::isfinite(logit));
+}
+
 TEST(CpuPrefillEngineTest, CancelledBeforeTheStart) {
   const Model& model = CachedModel(ModelDir("llama-tiny"));
   const std::vector<int32_t> ids = testing::TestIds(20, model.config().vocab_size, 1);
@@ -398,6 +420,7 @@ TEST(CpuPrefillEngineTest, ValidationNamesTheField) {
       {"layout", [](PrefillTask& t) { t.kv_layout = static_cast<Layout>(9); }, "kv_layout"},
       {"block_size", [](PrefillTask& t) { t.config.block_size = 0; }, "config.block_size"},
       {"theta NaN", [](PrefillTask& t) { t.config.theta = NAN; }, "config.theta"},
+      {"mass_target", [](PrefillTask& t) { t.config.mass_target = 1.5f; }, "config.mass_target"},
       {"softmax_scale", [](PrefillTask& t) { t.config.softmax_scale = 0.5f; },
        "config.softmax_scale"},
   };

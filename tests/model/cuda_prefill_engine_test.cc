@@ -170,6 +170,29 @@ TEST_P(CudaPrefillEngineTest, AnchorModeRunsAndInfiniteThetaIsDense) {
   }
 }
 
+TEST_P(CudaPrefillEngineTest, MassTargetIsFailedPreconditionNamingTheField) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  Loaded loaded;
+  ASSERT_NO_FATAL_FAILURE(Load(GetParam(), &loaded));
+  const ModelConfig& c = loaded.model->config();
+  const std::vector<int32_t> ids = testing::TestIds(300, c.vocab_size, 9);
+  PrefillTask task = DenseTask(ids, c.num_layers);
+  task.config.mode = AttentionMode::kAnchor;
+  task.config.mass_target = 0.95f;
+  const absl::Status can_run = loaded.cuda->CanRun(task.config);
+  EXPECT_EQ(can_run.code(), absl::StatusCode::kFailedPrecondition) << can_run;
+  EXPECT_NE(can_run.message().find("config.mass_target"), absl::string_view::npos) << can_run;
+  CollectingSink sink;
+  const absl::StatusOr<PrefillResult> result = loaded.cuda->Run(task, &sink);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kFailedPrecondition) << result.status();
+  EXPECT_TRUE(sink.layers.empty());
+  // The CPU engine runs it; a dense task (mass target ignored) still runs on cuda.
+  EXPECT_TRUE(loaded.cpu->CanRun(task.config).ok());
+  task.config.mode = AttentionMode::kDense;
+  EXPECT_TRUE(loaded.cuda->CanRun(task.config).ok());
+}
+
 TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationAndNoLeak) {
   SKIP_WITHOUT_CUDA_DEVICE();
   Loaded loaded;

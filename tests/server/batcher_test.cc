@@ -153,6 +153,40 @@ TEST(DecideBatchTest, IncompatibleRequestsAreNotMixed) {
       ElementsAre(0));
 }
 
+TEST(DecideBatchTest, MassTargetSettingsAreNotMixed) {
+  FakeClock clock;
+  const absl::Time t0 = clock.Now();
+  TestJob a(16), target(16), other_target(16), cap(16), min_theta(16), same_as_target(16), e(16);
+  target.job->task.config.mass_target = 0.95f;
+  other_target.job->task.config.mass_target = 0.9f;
+  cap.job->task.config.mass_target = 0.95f;
+  cap.job->task.config.mass_density_cap = 0.5f;
+  min_theta.job->task.config.mass_target = 0.95f;
+  min_theta.job->task.config.mass_min_theta = 2.0f;
+  same_as_target.job->task.config.mass_target = 0.95f;
+  const BatchLimits limits{8, 1000, absl::Milliseconds(2)};
+  // Fixed theta leads: none of the mass-target requests join it.
+  EXPECT_THAT(DecideBatch(QueueOf({&a, &target, &other_target, &cap, &min_theta, &e}, t0),
+                          t0 + absl::Seconds(1), limits, false)
+                  .members,
+              ElementsAre(0, 5));
+  // A mass target leads: only the request with the same target, cap and min_theta joins.
+  EXPECT_THAT(
+      DecideBatch(QueueOf({&target, &other_target, &cap, &min_theta, &a, &same_as_target}, t0),
+                  t0 + absl::Seconds(1), limits, false)
+          .members,
+      ElementsAre(0, 5));
+  // Differing from `target` only in the cap or in min_theta, each leads a batch of its own.
+  EXPECT_THAT(
+      DecideBatch(QueueOf({&cap, &min_theta, &target}, t0), t0 + absl::Seconds(1), limits, false)
+          .members,
+      ElementsAre(0));
+  EXPECT_THAT(
+      DecideBatch(QueueOf({&min_theta, &cap, &target}, t0), t0 + absl::Seconds(1), limits, false)
+          .members,
+      ElementsAre(0));
+}
+
 TEST(DecideBatchTest, NanThetaBatchesWithItself) {
   // The batcher and the backends share AttentionBatchKey, so they agree on every config value.
   FakeClock clock;

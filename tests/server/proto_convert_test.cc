@@ -282,6 +282,60 @@ TEST(ProtoConvertTest, ConfigDefaultsAndOverrides) {
   EXPECT_EQ(merged->softmax_scale, 0.125f);
 }
 
+TEST(ProtoConvertTest, MassTargetDefaultsOverridesAndEcho) {
+  AnchorConfig defaults;
+  defaults.mass_target = 0.9f;
+  defaults.mass_density_cap = 0.5f;
+  defaults.mass_min_theta = 1.0f;
+  absl::StatusOr<AnchorConfig> merged = AnchorConfigFromProto(v1::AnchorConfig(), defaults);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->mass_target, 0.9f);
+  EXPECT_EQ(merged->mass_density_cap, 0.5f);
+  EXPECT_EQ(merged->mass_min_theta, 1.0f);
+
+  v1::AnchorConfig request;
+  request.set_mass_target(0.95);
+  request.set_mass_density_cap(0.25);
+  request.set_mass_min_theta(-2.0);
+  merged = AnchorConfigFromProto(request, defaults);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->mass_target, 0.95f);
+  EXPECT_EQ(merged->mass_density_cap, 0.25f);
+  EXPECT_EQ(merged->mass_min_theta, -2.0f);
+  EXPECT_TRUE(merged->UsesMassTarget());
+
+  // 0 switches the default's target off; the echo carries every field back.
+  request.set_mass_target(0.0);
+  merged = AnchorConfigFromProto(request, defaults);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_FALSE(merged->UsesMassTarget());
+  const v1::AnchorConfig echoed = AnchorConfigToProto(*merged);
+  ASSERT_TRUE(echoed.has_mass_target() && echoed.has_mass_density_cap() &&
+              echoed.has_mass_min_theta());
+  EXPECT_EQ(echoed.mass_target(), 0.0);
+  EXPECT_EQ(echoed.mass_density_cap(), 0.25);
+  EXPECT_EQ(echoed.mass_min_theta(), -2.0);
+  absl::StatusOr<AnchorConfig> round_trip = AnchorConfigFromProto(echoed, AnchorConfig());
+  ASSERT_TRUE(round_trip.ok()) << round_trip.status();
+  EXPECT_EQ(AttentionBatchKey({{}, DType::kBf16, Layout::kTokenMajor, *round_trip}),
+            AttentionBatchKey({{}, DType::kBf16, Layout::kTokenMajor, *merged}));
+}
+
+TEST(ProtoConvertTest, MassTargetRefusedByTheBackendIsFailedPrecondition) {
+  // What the cuda backend answers (CanRunOnCuda) reaches the caller unchanged.
+  fakes::FakeBackend backend;
+  backend.SetInfo({"fake", "test", {DType::kBf16}, {16}});
+  backend.SetCanRun(absl::FailedPreconditionError(
+      "config.mass_target is not supported by the cuda backend yet (cpu backend only)"));
+  ConvertOptions options = Options();
+  options.backend = &backend;
+  options.backend_info = backend.Info();
+  v1::AttendRequest request = ValidRequest();
+  request.mutable_config()->set_mass_target(0.95);
+  ExpectError(SpecFromAttendRequest(request, options), absl::StatusCode::kFailedPrecondition,
+              "config.mass_target");
+}
+
 TEST(ProtoConvertTest, InfiniteThetaIsAllowed) {
   for (double theta :
        {std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()}) {
@@ -308,6 +362,17 @@ TEST(ProtoConvertTest, BadConfigNamesTheField) {
       {[](v1::AnchorConfig* c) { c->set_softmax_scale(-1.0); }, "config.softmax_scale"},
       {[](v1::AnchorConfig* c) { c->set_softmax_scale(std::nan("")); }, "config.softmax_scale"},
       {[](v1::AnchorConfig* c) { c->set_mode(static_cast<v1::AttentionMode>(9)); }, "config.mode"},
+      {[](v1::AnchorConfig* c) { c->set_mass_target(std::nan("")); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_target(1.5); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_target(-0.1); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_target(1e300); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_density_cap(std::nan("")); },
+       "config.mass_density_cap"},
+      {[](v1::AnchorConfig* c) { c->set_mass_density_cap(0.0); }, "config.mass_density_cap"},
+      {[](v1::AnchorConfig* c) { c->set_mass_density_cap(1.01); }, "config.mass_density_cap"},
+      {[](v1::AnchorConfig* c) { c->set_mass_min_theta(std::nan("")); }, "config.mass_min_theta"},
+      {[](v1::AnchorConfig* c) { c->set_mass_min_theta(INFINITY); }, "config.mass_min_theta"},
+      {[](v1::AnchorConfig* c) { c->set_mass_min_theta(1e300); }, "config.mass_min_theta"},
   };
   for (const Case& c : cases) {
     v1::AttendRequest request = ValidRequest();
@@ -360,7 +425,12 @@ TEST(ProtoConvertTest, MetricsOfAFinishedJob) {
   heads[1].stripes_min = 2;
   heads[1].stripes_max = 2;
   job.summary = SummarizeHeads(4, heads);
-  job.recall = RecallStats{0.9, 0.8, 0.95, 0.5};
+  job.recall = RecallStats();
+  job.recall->output_recall_tau_0_01 = 0.9;
+  job.recall->output_recall_tau_0_005 = 0.8;
+  job.recall->attention_mass_mean = 0.95;
+  job.recall->attention_mass_min = 0.5;
+  job.recall->head_attention_mass = {1.0, 0.9};
 
   v1::AttentionMetrics metrics;
   FillAttentionMetrics(job, "fake", &metrics);
@@ -388,10 +458,65 @@ TEST(ProtoConvertTest, MetricsOfAFinishedJob) {
   EXPECT_EQ(effective.mode(), v1::ATTENTION_MODE_ANCHOR);
   EXPECT_DOUBLE_EQ(effective.theta(), 9.0);
   EXPECT_FLOAT_EQ(effective.softmax_scale(), 0.25f);  // 1/sqrt(16) resolved
+  // Fixed theta: no mass budgets.
+  EXPECT_FALSE(metrics.heads(0).has_mass());
+  EXPECT_FALSE(metrics.heads(1).has_mass());
+  EXPECT_EQ(metrics.estimated_kept_mass(), 0.0);
+  EXPECT_EQ(effective.mass_target(), 0.0);
 
   job.recall.reset();
   FillAttentionMetrics(job, "fake", &metrics);
   EXPECT_FALSE(metrics.has_recall());
+}
+
+TEST(ProtoConvertTest, MassBudgetMetrics) {
+  AttentionJob job;
+  job.task.shape = {4, 2, 1, 16};
+  job.task.config.mass_target = 0.95f;
+  job.task.config.mass_density_cap = 0.5f;
+  std::vector<HeadStats> heads(2);
+  heads[0].computed_entries = 10;
+  heads[0].mass_full_groups = 1;
+  heads[0].estimated_mass_sum = 4.0;  // 4 rows: 1.0
+  heads[1].computed_entries = 8;
+  heads[1].mass_groups = 2;
+  heads[1].mass_theta_min = 3.0f;
+  heads[1].mass_theta_max = 5.0f;
+  heads[1].mass_theta_sum = 8.0;
+  heads[1].estimated_mass_sum = 3.8;  // 0.95
+  job.summary = SummarizeHeads(4, heads);
+
+  v1::AttentionMetrics metrics;
+  FillAttentionMetrics(job, "fake", &metrics);
+  ASSERT_EQ(metrics.heads_size(), 2);
+  ASSERT_TRUE(metrics.heads(0).has_mass());
+  const v1::MassBudget& full = metrics.heads(0).mass();
+  EXPECT_EQ(full.groups(), 0);
+  EXPECT_EQ(full.full_groups(), 1);
+  EXPECT_DOUBLE_EQ(full.estimated_kept_mass(), 1.0);
+  const v1::MassBudget& chosen = metrics.heads(1).mass();
+  EXPECT_DOUBLE_EQ(chosen.theta_min(), 3.0);
+  EXPECT_DOUBLE_EQ(chosen.theta_mean(), 4.0);
+  EXPECT_DOUBLE_EQ(chosen.theta_max(), 5.0);
+  EXPECT_EQ(chosen.groups(), 2);
+  EXPECT_EQ(chosen.full_groups(), 0);
+  EXPECT_DOUBLE_EQ(chosen.estimated_kept_mass(), 0.95);
+  EXPECT_EQ(chosen.true_kept_mass(), 0.0);  // no recall
+  EXPECT_DOUBLE_EQ(metrics.estimated_kept_mass(), (1.0 + 0.95) / 2.0);
+  EXPECT_FLOAT_EQ(metrics.effective_config().mass_target(), 0.95f);
+  EXPECT_FLOAT_EQ(metrics.effective_config().mass_density_cap(), 0.5f);
+
+  job.recall = RecallStats();
+  job.recall->head_attention_mass = {0.99, 0.9};
+  FillAttentionMetrics(job, "fake", &metrics);
+  EXPECT_DOUBLE_EQ(metrics.heads(0).mass().true_kept_mass(), 0.99);
+  EXPECT_DOUBLE_EQ(metrics.heads(1).mass().true_kept_mass(), 0.9);
+
+  // Dense mode ignores the target: no budgets.
+  job.task.config.mode = AttentionMode::kDense;
+  FillAttentionMetrics(job, "fake", &metrics);
+  EXPECT_FALSE(metrics.heads(1).has_mass());
+  EXPECT_EQ(metrics.estimated_kept_mass(), 0.0);
 }
 
 TEST(ProtoConvertTest, RequestIdsAreBounded) {

@@ -18,6 +18,9 @@ ABSL_DECLARE_FLAG(double, max_queue_time_ms);
 ABSL_DECLARE_FLAG(int64_t, max_inflight_bytes);
 ABSL_DECLARE_FLAG(double, upload_stall_timeout_s);
 ABSL_DECLARE_FLAG(double, default_theta);
+ABSL_DECLARE_FLAG(double, default_mass_target);
+ABSL_DECLARE_FLAG(double, default_mass_density_cap);
+ABSL_DECLARE_FLAG(double, default_mass_min_theta);
 ABSL_DECLARE_FLAG(int64_t, max_message_bytes);
 ABSL_DECLARE_FLAG(double, drain_timeout_s);
 ABSL_DECLARE_FLAG(double, max_connection_age_s);
@@ -96,6 +99,16 @@ TEST(ServerConfigTest, EveryBadKnobIsNamed) {
       {[](ServerConfig& c) { c.defaults.step = 0; }, "--default_step"},
       {[](ServerConfig& c) { c.defaults.init_groups = -1; }, "--default_init_groups"},
       {[](ServerConfig& c) { c.defaults.local_groups = 0; }, "--default_local_groups"},
+      {[](ServerConfig& c) { c.defaults.mass_target = -0.5f; }, "--default_mass_target"},
+      {[](ServerConfig& c) { c.defaults.mass_target = 1.5f; }, "--default_mass_target"},
+      {[](ServerConfig& c) { c.defaults.mass_target = std::nanf(""); }, "--default_mass_target"},
+      {[](ServerConfig& c) { c.defaults.mass_density_cap = 0.0f; }, "--default_mass_density_cap"},
+      {[](ServerConfig& c) { c.defaults.mass_density_cap = 2.0f; }, "--default_mass_density_cap"},
+      {[](ServerConfig& c) { c.defaults.mass_density_cap = std::nanf(""); },
+       "--default_mass_density_cap"},
+      {[](ServerConfig& c) { c.defaults.mass_min_theta = INFINITY; }, "--default_mass_min_theta"},
+      {[](ServerConfig& c) { c.defaults.mass_min_theta = std::nanf(""); },
+       "--default_mass_min_theta"},
   };
   for (const auto& c : cases) {
     ServerConfig config;
@@ -145,6 +158,30 @@ TEST(ServerConfigTest, FromFlags) {
   EXPECT_EQ(config->max_connection_age, absl::Seconds(60));
   EXPECT_EQ(config->max_connection_age_grace, absl::Milliseconds(250));
   EXPECT_TRUE(std::isinf(config->defaults.theta));
+  EXPECT_EQ(config->defaults.mass_target, 0.0f);  // off unless asked for
+  EXPECT_EQ(config->defaults.mass_density_cap, 1.0f);
+  EXPECT_EQ(config->defaults.mass_min_theta, 0.0f);
+
+  absl::SetFlag(&FLAGS_default_mass_target, 0.95);
+  absl::SetFlag(&FLAGS_default_mass_density_cap, 0.5);
+  absl::SetFlag(&FLAGS_default_mass_min_theta, -1.5);
+  config = ServerConfigFromFlags();
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->defaults.mass_target, 0.95f);
+  EXPECT_EQ(config->defaults.mass_density_cap, 0.5f);
+  EXPECT_EQ(config->defaults.mass_min_theta, -1.5f);
+  absl::SetFlag(&FLAGS_default_mass_target, 1.5);
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--default_mass_target must be in [0, 1]"));
+  absl::SetFlag(&FLAGS_default_mass_target, 0.0);
+  absl::SetFlag(&FLAGS_default_mass_density_cap, 0.0);
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--default_mass_density_cap must be in (0, 1]"));
+  absl::SetFlag(&FLAGS_default_mass_density_cap, 1.0);
+  absl::SetFlag(&FLAGS_default_mass_min_theta, 1e300);  // beyond float: +inf
+  EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),
+              HasSubstr("--default_mass_min_theta must be finite"));
+  absl::SetFlag(&FLAGS_default_mass_min_theta, 0.0);
 
   absl::SetFlag(&FLAGS_backend, "gpu");
   EXPECT_THAT(std::string(ServerConfigFromFlags().status().message()),

@@ -164,20 +164,35 @@ def _set_logits(request, logits: str) -> None:
     raise ValueError(f"logits must be 'full', 'none' or 'topk:K' with K >= 1, got {logits!r}")
 
 
+def _number(name: str, value) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a real number (not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f'{name} must be a number, got {value!r}')
+    return float(value)
+
+
 def build_request(ids: Iterable[int], *, theta: Optional[float] = None, dense: bool = False,
-                  kv_dtype: str = 'bf16', kv_layout: str = 'head', kv_layers='all',
-                  logits: str = 'full', expected_fingerprint: Optional[str] = None,
-                  request_id: str = ''):
+                  mass_target: Optional[float] = None, mass_density_cap: Optional[float] = None,
+                  mass_min_theta: Optional[float] = None, kv_dtype: str = 'bf16',
+                  kv_layout: str = 'head', kv_layers='all', logits: str = 'full',
+                  expected_fingerprint: Optional[str] = None, request_id: str = ''):
     """The ``PrefillRequest`` that :func:`prefill` sends (arguments as there)."""
     request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=_token_ids(ids))
     if dense and theta is not None:
         raise ValueError('theta and dense exclude each other (dense is exact attention)')
+    if dense and mass_target is not None:
+        raise ValueError('mass_target and dense exclude each other (dense is exact attention)')
     if dense:
         request.config.mode = anchorserve_pb2.ATTENTION_MODE_DENSE
     if theta is not None:
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or math.isnan(theta):
-            raise ValueError(f'theta must be a number, got {theta!r}')
-        request.config.theta = float(theta)
+        request.config.theta = _number('theta', theta)
+    # Ranges are the server's to check (INVALID_ARGUMENT naming config.<field>).
+    if mass_target is not None:
+        request.config.mass_target = _number('mass_target', mass_target)
+    if mass_density_cap is not None:
+        request.config.mass_density_cap = _number('mass_density_cap', mass_density_cap)
+    if mass_min_theta is not None:
+        request.config.mass_min_theta = _number('mass_min_theta', mass_min_theta)
     if kv_dtype not in _DTYPES:
         raise ValueError(f"kv_dtype must be 'bf16', 'fp16' or 'fp32', got {kv_dtype!r}")
     request.kv_dtype = _DTYPES[kv_dtype]
@@ -734,7 +749,9 @@ class _Channel:
 
 
 def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None,
-            dense: bool = False, kv_dtype: str = 'bf16', kv_layout: str = 'head',
+            dense: bool = False, mass_target: Optional[float] = None,
+            mass_density_cap: Optional[float] = None, mass_min_theta: Optional[float] = None,
+            kv_dtype: str = 'bf16', kv_layout: str = 'head',
             kv_layers='all', logits: str = 'full', expected_fingerprint: Optional[str] = None,
             timeout: Optional[float] = None,
             metadata: Optional[Sequence[Tuple[str, str]]] = None,
@@ -748,7 +765,14 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
         tokens), or any ``grpc.Channel``.
       ids: the prompt's token ids.
       theta: AnchorAttention's difference threshold (server default when None).
-      dense: exact dense attention instead (not with ``theta``).
+      dense: exact dense attention instead (not with ``theta`` or ``mass_target``).
+      mass_target: p in [0, 1]: each (head, group) uses the smallest threshold whose estimated
+        kept attention mass reaches p instead of ``theta``; 0 = off (server default when None;
+        the cpu backend only: a cuda server answers FAILED_PRECONDITION).
+      mass_density_cap: in (0, 1]: a group that would keep more than this fraction of its
+        candidate keys keeps all of them (server default when None).
+      mass_min_theta: the smallest threshold, in nats, a mass target may choose (server default
+        when None).
       kv_dtype: ``'bf16'``, ``'fp16'`` or ``'fp32'`` K/V on the wire.
       kv_layout: ``'head'`` ([Hkv, N, d]) or ``'token'`` ([N, Hkv, d]).
       kv_layers: ``'all'``, ``'none'``, ``'B:E'``, ``(B, E)`` or ``range(B, E)``: layers [B, E).
@@ -766,9 +790,11 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
       StreamProtocolError: the server's stream broke the protocol (``code`` INTERNAL).
       ValueError, TypeError: bad arguments (nothing was sent).
     """
-    request = build_request(ids, theta=theta, dense=dense, kv_dtype=kv_dtype,
-                            kv_layout=kv_layout, kv_layers=kv_layers, logits=logits,
-                            expected_fingerprint=expected_fingerprint, request_id=request_id)
+    request = build_request(ids, theta=theta, dense=dense, mass_target=mass_target,
+                            mass_density_cap=mass_density_cap, mass_min_theta=mass_min_theta,
+                            kv_dtype=kv_dtype, kv_layout=kv_layout, kv_layers=kv_layers,
+                            logits=logits, expected_fingerprint=expected_fingerprint,
+                            request_id=request_id)
     assembler = _Assembler(request, raw_bf16, on_layer)
     with _Channel(target) as channel:
         stub = prefill_pb2_grpc.PrefillServiceStub(channel)

@@ -203,6 +203,26 @@ class ErrorTest(PrefillTestCase):
         self.assertCode(context, grpc.StatusCode.FAILED_PRECONDITION)
         self.assertEqual(context.exception.rpc, 'GetModelInfo')
 
+    def test_mass_target_fields(self):
+        anchorserve_client.prefill(self.server.target, [1, 2, 3], mass_target=0.95,
+                                   mass_density_cap=0.5, mass_min_theta=-1)
+        config = self.server.servicer.requests[-1].config
+        self.assertAlmostEqual(config.mass_target, 0.95)
+        self.assertEqual(config.mass_density_cap, 0.5)
+        self.assertEqual(config.mass_min_theta, -1.0)
+        self.assertFalse(config.HasField('theta'))
+        self.assertEqual(config.mode, anchorserve_pb2.ATTENTION_MODE_UNSPECIFIED)
+
+        # Unset arguments leave the fields to the server's defaults; 0 (off) is sent as set.
+        request = anchorserve_client.build_request([1], mass_target=0)
+        self.assertTrue(request.config.HasField('mass_target'))
+        self.assertEqual(request.config.mass_target, 0.0)
+        self.assertFalse(request.config.HasField('mass_density_cap'))
+        self.assertFalse(request.config.HasField('mass_min_theta'))
+        plain = anchorserve_client.build_request([1])
+        for field in ('mass_target', 'mass_density_cap', 'mass_min_theta'):
+            self.assertFalse(plain.config.HasField(field), field)
+
     def test_on_layer_exceptions_propagate(self):
         def fail(kv):
             raise RuntimeError(f'no room for layer {kv.layer}')
@@ -217,6 +237,13 @@ class ErrorTest(PrefillTestCase):
             dict(ids=[1, -1]),
             dict(ids=[2**31]),
             dict(ids=[1], theta=3.0, dense=True),
+            dict(ids=[1], mass_target=0.9, dense=True),
+            dict(ids=[1], mass_target=float('nan')),
+            dict(ids=[1], mass_target='0.9'),
+            dict(ids=[1], mass_target=True),
+            dict(ids=[1], mass_density_cap=float('nan')),
+            dict(ids=[1], mass_min_theta=float('nan')),
+            dict(ids=[1], mass_min_theta='low'),
             dict(ids=[1], kv_dtype='int8'),
             dict(ids=[1], kv_layout='rows'),
             dict(ids=[1], kv_layers='3:1'),

@@ -241,6 +241,27 @@ absl::StatusOr<AnchorConfig> AnchorConfigFromProto(const v1::AnchorConfig& proto
     }
     config.softmax_scale = static_cast<float>(scale);
   }
+  // NaN gets its own message here; ranges are ValidateAnchorConfig's (values beyond float range
+  // saturate to +-inf and are refused there).
+  const struct {
+    bool has;
+    double value;
+    const char* field;
+    float* target;
+  } mass_fields[] = {
+      {proto.has_mass_target(), proto.mass_target(), "config.mass_target", &config.mass_target},
+      {proto.has_mass_density_cap(), proto.mass_density_cap(), "config.mass_density_cap",
+       &config.mass_density_cap},
+      {proto.has_mass_min_theta(), proto.mass_min_theta(), "config.mass_min_theta",
+       &config.mass_min_theta},
+  };
+  for (const auto& field : mass_fields) {
+    if (!field.has) continue;
+    if (std::isnan(field.value)) {
+      return absl::InvalidArgumentError(absl::StrCat(field.field, " must not be NaN"));
+    }
+    *field.target = static_cast<float>(field.value);
+  }
   ANCHOR_RETURN_IF_ERROR(ValidateAnchorConfig(config));
   return config;
 }
@@ -255,6 +276,9 @@ v1::AnchorConfig AnchorConfigToProto(const AnchorConfig& config) {
   proto.set_init_groups(config.init_groups);
   proto.set_local_groups(config.local_groups);
   proto.set_softmax_scale(config.softmax_scale);
+  proto.set_mass_target(config.mass_target);
+  proto.set_mass_density_cap(config.mass_density_cap);
+  proto.set_mass_min_theta(config.mass_min_theta);
   return proto;
 }
 
