@@ -250,8 +250,9 @@ int Main(int argc, char** argv) {
         worst_kind = std::min(worst_kind, Mean(heads, &HeadResult::true_mass));
       }
       const double density = Mean(a.all, &HeadResult::density);
-      std::printf("| %s | %.2f | %.4f | %.3f | %.4f | %.4f | %.4f | %.4f |", configs[c].name.c_str(),
-                  a.seconds / runs, density, theta12_density > 0 ? density / theta12_density : 0,
+      std::printf("| %s | %.2f | %.4f | %.3f | %.4f | %.4f | %.4f | %.4f |",
+                  configs[c].name.c_str(), a.seconds / runs, density,
+                  theta12_density > 0 ? density / theta12_density : 0,
                   Mean(a.all, &HeadResult::true_mass), worst_kind,
                   Min(a.all, &HeadResult::true_mass), Mean(a.all, &HeadResult::output_recall));
       if (configs[c].config.UsesMassTarget()) {

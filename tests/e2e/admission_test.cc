@@ -20,6 +20,7 @@
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/e2e_util.h"
+#include "tests/test_util/sanitizers.h"
 
 namespace anchorserve::e2e {
 namespace {
@@ -29,18 +30,6 @@ constexpr int64_t kBudgetBytes = 96 * kMiB;
 // Beyond the budget: the binary, gRPC's threads and per-stream transport buffers of ~130 calls.
 constexpr int64_t kOverheadBytes = 160 * kMiB;
 constexpr int kAbusers = 64;
-
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kUnderAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kUnderAddressSanitizer = true;
-#else
-constexpr bool kUnderAddressSanitizer = false;
-#endif
-#else
-constexpr bool kUnderAddressSanitizer = false;
-#endif
 
 // "VmHWM" (peak resident set) or "VmRSS" of a process, in bytes; -1 when unreadable.
 int64_t ProcessMemory(pid_t pid, absl::string_view field) {
@@ -194,9 +183,10 @@ TEST_F(AdmissionE2eTest, StalledAndSlowUploadsStayWithinTheBudgetAndGoodRequests
       static_cast<double>(idle_rss) / kMiB, static_cast<double>(peak_rss) / kMiB,
       static_cast<double>(kBudgetBytes) / kMiB, slow_ok.load(), slow_refused.load(), good_ok.load(),
       good_failed.load());
-  if (kUnderAddressSanitizer) {
-    // ASan keeps freed memory in its quarantine and adds shadow memory: RSS says nothing there.
-    std::printf("RSS bound NOT checked: built with AddressSanitizer\n");
+  if (kUnderSanitizer) {
+    // ASan keeps freed memory in its quarantine, and both sanitizers add shadow memory: RSS
+    // says nothing there.
+    std::printf("RSS bound NOT checked: built with a sanitizer\n");
   } else {
     EXPECT_LE(peak_rss, idle_rss + kBudgetBytes + kOverheadBytes);
   }

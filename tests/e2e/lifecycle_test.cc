@@ -16,6 +16,7 @@
 #include "grpcpp/client_context.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/e2e_util.h"
+#include "tests/test_util/sanitizers.h"
 
 namespace anchorserve::e2e {
 namespace {
@@ -147,9 +148,9 @@ TEST_F(LifecycleE2eTest, TinyDeadlineOnBusyServerIsExceededAndServerStaysHealthy
   BackgroundCall busy([&] { return client_->Attend(InputsFor(*slow, DenseConfig(), true)); });
   ASSERT_TRUE(WaitForMetric(*server_, "anchorserve_inflight_requests", {}, 1, absl::Seconds(20)));
   // In flight is not yet queued: the server first checks the 48 MiB of inputs (sizes, and that
-  // every element is finite), which takes a while in the sanitizer builds. The busy request
-  // computes for seconds, so this wait still lands inside it.
-  absl::SleepFor(absl::Milliseconds(300));
+  // every element is finite), which takes seconds in the sanitizer builds. The busy request
+  // computes for seconds (many more there), so this wait still lands inside it.
+  absl::SleepFor(kUnderSanitizer ? absl::Seconds(4) : absl::Milliseconds(300));
 
   CallOptions tiny;
   tiny.timeout = absl::Milliseconds(50);
@@ -293,7 +294,7 @@ TEST_F(LifecycleE2eTest, IdleServerExitsPromptlyAfterSigterm) {
   // 2 s, as the metrics server's listener looked at its stop flag every 2 s; up to 10 s with a
   // health watcher, which the gRPC server's shutdown waited for; and sometimes 10 s more in
   // gRPC's global teardown, which waited for the TCP backup poller.)
-  EXPECT_LT(took, absl::Seconds(1));
+  EXPECT_LT(took, kUnderSanitizer ? absl::Seconds(5) : absl::Seconds(1));
   while (watch->Read(&update)) {
   }
   EXPECT_FALSE(watch->Finish().ok());

@@ -366,6 +366,10 @@ TEST(ProtoConvertTest, BadConfigNamesTheField) {
       {[](v1::AnchorConfig* c) { c->set_mass_target(1.5); }, "config.mass_target"},
       {[](v1::AnchorConfig* c) { c->set_mass_target(-0.1); }, "config.mass_target"},
       {[](v1::AnchorConfig* c) { c->set_mass_target(1e300); }, "config.mass_target"},
+      // Values float would round to 0 (mass targets off) or onto 1.
+      {[](v1::AnchorConfig* c) { c->set_mass_target(1e-300); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_target(1.00000001); }, "config.mass_target"},
+      {[](v1::AnchorConfig* c) { c->set_mass_density_cap(1e-300); }, "config.mass_density_cap"},
       {[](v1::AnchorConfig* c) { c->set_mass_density_cap(std::nan("")); },
        "config.mass_density_cap"},
       {[](v1::AnchorConfig* c) { c->set_mass_density_cap(0.0); }, "config.mass_density_cap"},

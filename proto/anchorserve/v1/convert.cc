@@ -261,6 +261,13 @@ absl::StatusOr<AnchorConfig> AnchorConfigFromProto(const v1::AnchorConfig& proto
       return absl::InvalidArgumentError(absl::StrCat(field.field, " must not be NaN"));
     }
     *field.target = static_cast<float>(field.value);
+    // A value that rounds to 0 (mass targets off) or onto a bound in float is not what was
+    // asked for: the fraction fields are checked on the double as sent.
+    const bool fraction = field.target != &config.mass_min_theta;
+    if (fraction && field.value != 0.0 && (field.value < 1e-6 || field.value > 1.0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field.field, " must be 0 or in [1e-6, 1], got ", field.value));
+    }
   }
   ANCHOR_RETURN_IF_ERROR(ValidateAnchorConfig(config));
   return config;
