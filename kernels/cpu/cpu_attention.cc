@@ -113,7 +113,8 @@ constexpr int kMassLevels = kMassThetaBins + 2;  // grid levels 0..kMassThetaBin
 
 // Mass-target selection state of one group and one query head (docs/anchorattention.md 8).
 struct GroupMassHistogram {
-  // [blocks, kMassLevels]: sum of exp(min(gap_r(j), ceiling)) over the candidates of each level.
+  // [blocks, kMassLevels]: sum of exp(min(s_ij - x(i), ceiling)) over the candidates of each
+  // level, i the block's sampled row.
   std::vector<double> block_mass;
   std::vector<int64_t> level_keys;  // [kMassLevels] candidates per level
   std::vector<uint8_t> key_level;   // [|C_g|] level of each candidate
@@ -133,7 +134,7 @@ struct MassChoice {
 
 // The smallest grid level whose estimated kept mass reaches the target; every candidate when
 // none does or when the level keeps more than the density cap allows. `anchor_mass` [blocks]:
-// block means of sum_{j in A(i)} exp(s_ij - x(i)); `block_rows` [blocks].
+// sum_{j in A(i)} exp(s_ij - x(i)) of each block's sampled row; `block_rows` [blocks].
 MassChoice ChooseMassLevel(const AnchorConfig& config, const GroupMassHistogram& histogram,
                            const double* anchor_mass, const int64_t* block_rows, int blocks,
                            int64_t candidates) {
@@ -284,18 +285,20 @@ struct WorkerScratch {
   FloatBuffer row;            // [d_pad]
   FloatBuffer gather_kt;      // [kGatherTiles, d_pad, kTileKeys]
   FloatBuffer gather_v;       // [kGatherTiles * kTileKeys, d_pad]
-  FloatBuffer pooled;         // [round_up(ratio * step, kRowAlign), d_pad]: scale * pooled queries
-  FloatBuffer pooled_anchor;  // [ratio * step]
+  // [round_up(rows, kRowAlign), d_pad]: scale * pooled queries (ratio * step rows), followed in
+  // mass-target mode by scale * the sampled row of each block (ratio * step more).
+  FloatBuffer pooled;
+  FloatBuffer pooled_anchor;  // [rows]: abar_r, then the sampled rows' anchors x(i)
   FloatBuffer margins;        // [ratio, kTileKeys]
-  // Mass-target mode only: per pooled row gap_r(j) of the current key tile, and per local head
-  // the group's histogram, block anchor masses and block row counts.
-  FloatBuffer gaps;                            // [round_up(ratio * step, kRowAlign), kTileKeys]
+  // Mass-target mode only: each sampled row's s_ij - x(i) over the current key tile, and per
+  // local head the group's histogram, sampled rows' anchor masses and block row counts.
+  FloatBuffer gaps;                            // [ratio * step, kTileKeys]
   std::vector<GroupMassHistogram> histograms;  // [ratio]
   std::vector<double> anchor_mass;             // [ratio * step]
   std::vector<int64_t> block_rows;             // [step]
 
   bool Allocate(const Problem& p) {
-    const int64_t pooled_rows = RoundUp(int64_t{p.ratio} * p.step, kRowAlign);
+    const int64_t pooled_rows = RoundUp(int64_t{p.ratio} * p.step * (p.mass ? 2 : 1), kRowAlign);
     bool ok = q_tiles.Allocate(int64_t{kQueryTilesPerItem} * kTileRows * p.d_pad) &&
               scores.Allocate(int64_t{kTileRows} * kTileKeys) &&
               acc.Allocate(int64_t{kTileRows} * p.d_pad) && m.Allocate(kTileRows) &&
@@ -303,9 +306,9 @@ struct WorkerScratch {
               gather_kt.Allocate(int64_t{kGatherTiles} * p.d_pad * kTileKeys) &&
               gather_v.Allocate(int64_t{kGatherTiles} * kTileKeys * p.d_pad) &&
               pooled.Allocate(pooled_rows * p.d_pad) &&
-              pooled_anchor.Allocate(int64_t{p.ratio} * p.step) &&
+              pooled_anchor.Allocate(pooled_rows) &&
               margins.Allocate(int64_t{p.ratio} * kTileKeys) &&
-              (!p.mass || gaps.Allocate(pooled_rows * kTileKeys));
+              (!p.mass || gaps.Allocate(int64_t{p.ratio} * p.step * kTileKeys));
     if (!ok) return false;
     if (p.mass) {
       histograms.resize(p.ratio);
@@ -546,13 +549,15 @@ class CpuAttention {
   }
 
   // Phase 2 for group g and every query head of the KV head: pooled queries and anchors, then
-  // S_g = { j in C_g : max_r (scale * qbar_r . k_j - abar_r) >= -theta } in fp32.
+  // S_g = { j in C_g : max_r (scale * qbar_r . k_j - abar_r) >= -theta } in fp32. In mass-target
+  // mode the last row of each block is scored too (exactly), for the estimate of kept mass.
   void IdentifyStripes(int kv_head, int64_t g, WorkerScratch& w) {
     const Problem& p = problem_;
     const GroupGeometry geo = Group(p, g);
     const int blocks = static_cast<int>(
         std::min<int64_t>(p.step, (geo.row_end - geo.row_begin + p.block_size - 1) / p.block_size));
     const int pooled_rows = p.ratio * blocks;
+    const int scored_rows = pooled_rows * (p.mass ? 2 : 1);
     float* row = w.row.get();
     for (int hl = 0; hl < p.ratio; ++hl) {
       const int h = kv_head * p.ratio + hl;
@@ -562,15 +567,19 @@ class CpuAttention {
         float* pooled = w.pooled.get() + int64_t{hl * blocks + b} * p.d_pad;
         std::fill(pooled, pooled + p.d_pad, 0.0f);
         double anchor_sum = 0;
-        double anchor_mass_sum = 0;  // l = sum over A(i) of exp2(s - m) = exp(s_ij - x(i))
         for (int64_t i = b0; i < b1; ++i) {
           LoadRow(p.task->q, p, p.q_strides, i, h, 1.0f, row);
           for (int e = 0; e < p.d; ++e) pooled[e] += row[e];
           anchor_sum += state_m_.get()[StateSlot(hl, i)];
-          anchor_mass_sum += state_l_.get()[StateSlot(hl, i)];
         }
         if (p.mass) {
-          w.anchor_mass[hl * blocks + b] = anchor_mass_sum / static_cast<double>(b1 - b0);
+          // The block's last row, sampled: scale * q_i (natural units), its anchor x(i) and
+          // anchor-region mass sum over A(i) of exp(s_ij - x(i)) (l relative to the running max).
+          const int sampled = pooled_rows + hl * blocks + b;
+          float* sampled_q = w.pooled.get() + int64_t{sampled} * p.d_pad;
+          LoadRow(p.task->q, p, p.q_strides, b1 - 1, h, p.scale, sampled_q);
+          w.pooled_anchor.get()[sampled] = state_m_.get()[StateSlot(hl, b1 - 1)] * kLn2;
+          w.anchor_mass[hl * blocks + b] = state_l_.get()[StateSlot(hl, b1 - 1)];
           w.block_rows[b] = b1 - b0;
         }
         const float factor = p.scale / static_cast<float>(b1 - b0);
@@ -580,7 +589,7 @@ class CpuAttention {
             static_cast<float>(anchor_sum / static_cast<double>(b1 - b0)) * kLn2;
       }
     }
-    const int padded_rows = static_cast<int>(RoundUp(pooled_rows, kRowAlign));
+    const int padded_rows = static_cast<int>(RoundUp(scored_rows, kRowAlign));
     const int64_t candidates = geo.cand_end - geo.cand_begin;
     if (p.mass) {
       for (int hl = 0; hl < p.ratio; ++hl) w.histograms[hl].Reset(blocks, candidates);
@@ -597,16 +606,17 @@ class CpuAttention {
         const int chunk = std::min(kTileRows, padded_rows - r0);
         kernels_.score_tile(w.pooled.get() + int64_t{r0} * p.d_pad, chunk, p.d_pad,
                             kv_.KeyTile(p, tile), hi, scores);
-        for (int r = 0; r < chunk && r0 + r < pooled_rows; ++r) {
-          const int pooled_row = r0 + r;
-          const float anchor = w.pooled_anchor.get()[pooled_row];
-          float* margin = margins + (pooled_row / blocks) * kTileKeys;
+        for (int r = 0; r < chunk && r0 + r < scored_rows; ++r) {
+          const int scored_row = r0 + r;
+          const float anchor = w.pooled_anchor.get()[scored_row];
           const float* score = scores + r * kTileKeys;
-          for (int c = lo; c < hi; ++c) margin[c] = std::max(margin[c], score[c] - anchor);
-          if (p.mass) {
-            float* gap = w.gaps.get() + int64_t{pooled_row} * kTileKeys;
+          if (scored_row >= pooled_rows) {  // a sampled row: s_ij - x(i)
+            float* gap = w.gaps.get() + int64_t{scored_row - pooled_rows} * kTileKeys;
             for (int c = lo; c < hi; ++c) gap[c] = score[c] - anchor;
+            continue;
           }
+          float* margin = margins + (scored_row / blocks) * kTileKeys;
+          for (int c = lo; c < hi; ++c) margin[c] = std::max(margin[c], score[c] - anchor);
         }
       }
       for (int hl = 0; hl < p.ratio; ++hl) {
@@ -640,7 +650,7 @@ class CpuAttention {
   }
 
   // Bins candidates [lo, hi) of one key tile (candidate index `first` at column 0) by grid level
-  // of their margin, adding each block's exp(gap) to that level.
+  // of their margin, adding each block's sampled-row weight exp(s_ij - x(i)) to that level.
   void AddToHistogram(int64_t first, int lo, int hi, const float* margin, const float* gaps,
                       int blocks, GroupMassHistogram* histogram) const {
     const AnchorConfig& config = problem_.task->config;

@@ -16,9 +16,6 @@
 namespace anchorserve::cuda {
 namespace {
 
-static_assert(sizeof(DeviceHeadStats) == sizeof(HeadStats) &&
-                  std::is_trivially_copyable_v<HeadStats>,
-              "DeviceHeadStats mirrors HeadStats");
 static_assert(static_cast<int>(ElemType::kBf16) == static_cast<int>(DType::kBf16) &&
                   static_cast<int>(ElemType::kFp16) == static_cast<int>(DType::kFp16),
               "ElemType mirrors the 16-bit DTypes");

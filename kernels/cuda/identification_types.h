@@ -54,7 +54,8 @@ struct StripeItem {
   int32_t reserved;
 };
 
-// Same fields, order and types as anchorserve::HeadStats (checked where both are visible).
+// The counts of anchorserve::HeadStats the GPU computes (CopyHeadStats copies them field by
+// field; the mass-target fields stay zero: the CUDA backend does not run mass targets).
 struct DeviceHeadStats {
   int64_t computed_entries;
   int64_t stripe_entries;

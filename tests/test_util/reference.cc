@@ -41,9 +41,9 @@ void AnchorKeys(const GroupRanges& geo, int64_t i, std::vector<int64_t>* keys) {
 }
 
 // Mass-target mode (section 8 of the spec), evaluated in fp64: the grid level of every
-// candidate, then per level the row-weighted mean over blocks of (anchor mass + kept candidate
-// mass) / (anchor mass + all candidate mass), with each candidate's block mass
-// exp(min(gap, ceiling)).
+// candidate by its pooled margin, then per level the row-weighted mean over blocks of the
+// block's sampled row's (anchor mass + kept candidate mass) / (anchor mass + all candidate
+// mass), each candidate weighing exp(min(s_ij - x(i), ceiling)) for that row i.
 struct MassSelection {
   double theta = std::numeric_limits<double>::infinity();
   double chosen_estimate = 1.0;    // at the chosen level (1 when every candidate is kept)
@@ -52,7 +52,7 @@ struct MassSelection {
 };
 
 MassSelection SelectByMass(const AnchorConfig& config, const std::vector<double>& margins,
-                           const std::vector<std::vector<double>>& gaps,
+                           const std::vector<std::vector<double>>& gaps,  // [blocks][|C_g|]
                            const std::vector<double>& anchor_mass,
                            const std::vector<int64_t>& block_rows) {
   const size_t blocks = anchor_mass.size();
@@ -145,7 +145,7 @@ void AttendHead(const AttentionTask& task, int h,
         // Pooled queries and anchors of the blocks present.
         std::vector<std::vector<double>> pooled_q;
         std::vector<double> pooled_anchor;
-        std::vector<double> block_anchor_mass;
+        std::vector<int64_t> sampled_rows;  // each block's last row (mass-target mode)
         std::vector<int64_t> block_rows;
         for (int64_t b0 = geo.row_begin;
              b0 < geo.row_end && pooled_q.size() < static_cast<size_t>(config.step);
@@ -153,33 +153,36 @@ void AttendHead(const AttentionTask& task, int h,
           const int64_t b1 = std::min(geo.row_end, b0 + config.block_size);
           std::vector<double> mean(d, 0.0);
           double anchor = 0;
-          double block_mass = 0;
           for (int64_t i = b0; i < b1; ++i) {
             for (int e = 0; e < d; ++e) mean[e] += q[i * d + e];
             anchor += x[i - geo.row_begin];
-            block_mass += anchor_mass[i - geo.row_begin];
           }
-          block_anchor_mass.push_back(block_mass / static_cast<double>(b1 - b0));
+          sampled_rows.push_back(b1 - 1);
           block_rows.push_back(b1 - b0);
           for (double& value : mean) value /= static_cast<double>(b1 - b0);
           pooled_q.push_back(std::move(mean));
           pooled_anchor.push_back(anchor / static_cast<double>(b1 - b0));
         }
-        std::vector<double> pooled_margins;                      // max over blocks of the gap
-        std::vector<std::vector<double>> gaps(pooled_q.size());  // [blocks][|C_g|]
+        std::vector<double> pooled_margins;  // max over blocks of the gap
+        // [blocks][|C_g|]: s_ij - x(i) of each block's sampled row i (mass-target mode).
+        std::vector<std::vector<double>> sampled_gaps(pooled_q.size());
+        std::vector<double> sampled_anchor_mass;
+        for (int64_t i : sampled_rows) sampled_anchor_mass.push_back(anchor_mass[i - geo.row_begin]);
         for (int64_t j = geo.cand_begin; j < geo.cand_end; ++j) {
           double best = -std::numeric_limits<double>::infinity();
           for (size_t r = 0; r < pooled_q.size(); ++r) {
             const double gap = scale * Dot(pooled_q[r].data(), &k[j * d], d) - pooled_anchor[r];
             best = std::max(best, gap);
-            gaps[r].push_back(gap);
+            if (!mass) continue;
+            const int64_t i = sampled_rows[r];
+            sampled_gaps[r].push_back(scale * Dot(&q[i * d], &k[j * d], d) - x[i - geo.row_begin]);
           }
           pooled_margins.push_back(best);
         }
         double theta = config.theta;
         if (mass) {
-          MassSelection selection =
-              SelectByMass(config, pooled_margins, gaps, block_anchor_mass, block_rows);
+          MassSelection selection = SelectByMass(config, pooled_margins, sampled_gaps,
+                                                 sampled_anchor_mass, block_rows);
           theta = selection.theta;
           const double rows = static_cast<double>(geo.row_end - geo.row_begin);
           stats.estimated_mass_sum += rows * selection.chosen_estimate;
