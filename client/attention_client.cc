@@ -82,6 +82,12 @@ constexpr int kRequestQField = v1::AttendRequest::kQFieldNumber;
 constexpr int kRequestKField = v1::AttendRequest::kKFieldNumber;
 constexpr int kRequestVField = v1::AttendRequest::kVFieldNumber;
 constexpr int kResponseOutputField = v1::AttendResponse::kOutputFieldNumber;
+// AttendStream over raw bytes: each chunk's data goes out from the caller's tensors and comes in
+// copied once from gRPC's slices (tensor_wire.h).
+constexpr char kAttendStreamMethod[] = "/anchorserve.v1.AttentionService/AttendStream";
+constexpr int kStreamRequestChunkField = v1::AttendStreamRequest::kChunkFieldNumber;
+constexpr int kStreamResponseChunkField = v1::AttendStreamResponse::kChunkFieldNumber;
+constexpr int kChunkDataField = v1::TensorChunk::kDataFieldNumber;
 
 // gRPC slices over the caller's tensor memory, and a count of the ones gRPC still holds. The
 // destructor waits until gRPC has let go of every slice: the caller may free its tensors as soon
@@ -411,12 +417,21 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
   absl::StatusOr<AttentionShape> shape = ValidateQkv(inputs.q, inputs.k, inputs.v);
   if (!shape.ok()) return shape.status();
 
+  // Declared before the call: destroyed after it (an unfinished call is cancelled with its
+  // context), it waits until gRPC has let go of the tensors' slices before the caller may free
+  // them.
+  BorrowedSlices borrowed;
   grpc::ClientContext context;
   PrepareContext(call, &context);
   ScopedCallRegistration registration(call.canceller, &context);
   const absl::Time call_start = absl::Now();
-  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>
-      stream = stub_->AttendStream(&context);
+  // The stub's typed stream would copy every chunk into and out of protobuf strings; the raw
+  // stream is what generated stubs build, with ByteBuffer messages.
+  const grpc::internal::RpcMethod method(kAttendStreamMethod,
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel_);
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel_.get(), method, &context));
 
   // Send: header, then each tensor's chunks in increasing contiguous order. A failed write means
   // the server has ended the call; its status (read below) says why.
@@ -430,24 +445,30 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
     SetSpec(inputs.v, header->mutable_v());
     *header->mutable_config() = inputs.config;
     *header->mutable_options() = inputs.options;
-    writes_ok = stream->Write(message);
+    grpc::Slice serialized(message.SerializeAsString());
+    grpc::ByteBuffer buffer(&serialized, 1);
+    writes_ok = stream->Write(buffer);
   }
   const std::array<std::pair<v1::TensorName, const TensorView*>, 3> tensors = {
       {{v1::TENSOR_NAME_Q, &inputs.q},
        {v1::TENSOR_NAME_K, &inputs.k},
        {v1::TENSOR_NAME_V, &inputs.v}}};
-  // One message for all chunks: its data string keeps its capacity from chunk to chunk.
-  v1::AttendStreamRequest message;
   for (const auto& [name, view] : tensors) {
     const int64_t total = static_cast<int64_t>(view->bytes.size());
     for (int64_t offset = 0; writes_ok && offset < total; offset += chunk_bytes) {
       const int64_t size = std::min(chunk_bytes, total - offset);
+      v1::AttendStreamRequest message;
       v1::TensorChunk* chunk = message.mutable_chunk();
       chunk->set_tensor(name);
       chunk->set_offset(offset);
-      chunk->set_data(reinterpret_cast<const char*>(view->bytes.data() + offset),
-                      static_cast<size_t>(size));
-      writes_ok = stream->Write(message);
+      std::vector<grpc::Slice> slices;
+      slices.emplace_back(message.SerializeAsString());
+      AppendTensorData(kStreamRequestChunkField,
+                       borrowed.Borrow(view->bytes.subspan(static_cast<size_t>(offset),
+                                                           static_cast<size_t>(size))),
+                       &slices, kChunkDataField);
+      grpc::ByteBuffer buffer(slices.data(), slices.size());
+      writes_ok = stream->Write(buffer);
     }
   }
   if (writes_ok) stream->WritesDone();
@@ -465,8 +486,20 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
   bool have_metrics = false;
   std::string protocol_error;  // first violation of the stream protocol by the server
   v1::AttendStreamResponse response;
-  while (stream->Read(&response)) {
+  grpc::ByteBuffer response_buffer;
+  while (stream->Read(&response_buffer)) {
     if (!protocol_error.empty()) continue;  // drain after cancelling
+    // A chunk's data stays where gRPC received it until it is copied into the output.
+    absl::StatusOr<SplitMessage> split =
+        SplitTensorData(response_buffer, {kStreamResponseChunkField}, kChunkDataField);
+    response.Clear();
+    if (!split.ok() || !response.ParseFromString(split->rest)) {
+      protocol_error = "server sent a message that does not parse as an AttendStreamResponse";
+      context.TryCancel();
+      continue;
+    }
+    const auto found = split->data.find(kStreamResponseChunkField);
+    const SegmentedBytes chunk_data = found == split->data.end() ? SegmentedBytes{} : found->second;
     if (!response.request_id().empty()) result.request_id = response.request_id();
     if (have_metrics) {
       protocol_error = "server sent a message after the final metrics";
@@ -491,7 +524,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
       }
     } else if (response.has_chunk()) {
       const v1::TensorChunk& chunk = response.chunk();
-      const int64_t size = static_cast<int64_t>(chunk.data().size());
+      const int64_t size = static_cast<int64_t>(chunk_data.size);
       if (!want_output) {
         protocol_error = "server sent output chunks although metrics_only was set";
       } else if (!output.has_value()) {
@@ -507,7 +540,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
             absl::StrCat("server sent ", received + size, " output bytes, more than the ",
                          output->bytes.size(), " its output_spec implies");
       } else {
-        std::copy(chunk.data().begin(), chunk.data().end(), output->bytes.begin() + received);
+        chunk_data.CopyTo(reinterpret_cast<char*>(output->bytes.data() + received));
         received += size;
         result.download_time = absl::Now() - download_start;
       }

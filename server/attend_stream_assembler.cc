@@ -29,7 +29,8 @@ absl::string_view ChunkTensorName(int tensor) {
 
 }  // namespace
 
-absl::Status AttendStreamAssembler::Add(const v1::AttendStreamRequest& message) {
+absl::Status AttendStreamAssembler::Add(const v1::AttendStreamRequest& message,
+                                        const SegmentedBytes* chunk_data) {
   switch (message.kind_case()) {
     case v1::AttendStreamRequest::kHeader:
       if (header_received_) {
@@ -48,7 +49,11 @@ absl::Status AttendStreamAssembler::Add(const v1::AttendStreamRequest& message) 
                          " after all tensor data arrived: bytes beyond the sizes the header "
                          "declared"));
       }
-      return AddChunk(message.chunk());
+      if (chunk_data == nullptr) {
+        const std::string& bytes = message.chunk().data();
+        return AddChunk(message.chunk(), SegmentedBytes{{absl::string_view(bytes)}, bytes.size()});
+      }
+      return AddChunk(message.chunk(), *chunk_data);
     case v1::AttendStreamRequest::KIND_NOT_SET:
       break;
   }
@@ -89,7 +94,8 @@ absl::Status AttendStreamAssembler::AddHeader(const v1::StreamHeader& header) {
   return absl::OkStatus();
 }
 
-absl::Status AttendStreamAssembler::AddChunk(const v1::TensorChunk& chunk) {
+absl::Status AttendStreamAssembler::AddChunk(const v1::TensorChunk& chunk,
+                                             const SegmentedBytes& data) {
   int index = -1;
   switch (chunk.tensor()) {
     case v1::TENSOR_NAME_Q:
@@ -114,7 +120,7 @@ absl::Status AttendStreamAssembler::AddChunk(const v1::TensorChunk& chunk) {
         absl::StrCat("chunk.offset of ", input.name, " is ", chunk.offset(), ", expected ",
                      input.received, ": each tensor's chunks must arrive in order without gaps"));
   }
-  const int64_t bytes = static_cast<int64_t>(chunk.data().size());
+  const int64_t bytes = static_cast<int64_t>(data.size);
   if (bytes > input.size - input.received) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk of ", input.name, " at chunk.offset ", chunk.offset(), " carries ",
@@ -129,9 +135,7 @@ absl::Status AttendStreamAssembler::AddChunk(const v1::TensorChunk& chunk) {
       return charged;
     }
   }
-  if (bytes > 0) {
-    std::memcpy(input.data.get() + input.received, chunk.data().data(), static_cast<size_t>(bytes));
-  }
+  if (bytes > 0) data.CopyTo(input.data.get() + input.received);
   input.received += bytes;
   return absl::OkStatus();
 }

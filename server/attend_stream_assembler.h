@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "anchorserve/v1/anchorserve.pb.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 #include "server/host_buffer.h"
 #include "server/memory_budget.h"
 #include "server/proto_convert.h"
@@ -28,8 +29,10 @@ class AttendStreamAssembler {
 
   // Takes the next message. Not OK (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED for sizes over the
   // limits, over the memory budget, or an allocation that fails) ends the stream; the message
-  // names the field or rule.
-  absl::Status Add(const v1::AttendStreamRequest& message);
+  // names the field or rule. A chunk's bytes are `chunk_data` when given (where gRPC received
+  // them, split off the message: ParseRawMessageWithChunk), else the message's chunk.data.
+  absl::Status Add(const v1::AttendStreamRequest& message,
+                   const SegmentedBytes* chunk_data = nullptr);
 
   bool header_received() const { return header_received_; }
   // Every byte of q, k and v has arrived.
@@ -55,7 +58,7 @@ class AttendStreamAssembler {
   };
 
   absl::Status AddHeader(const v1::StreamHeader& header);
-  absl::Status AddChunk(const v1::TensorChunk& chunk);
+  absl::Status AddChunk(const v1::TensorChunk& chunk, const SegmentedBytes& data);
 
   const ConvertOptions* const options_;
   MemoryBudget* const budget_;

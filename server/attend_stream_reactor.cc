@@ -26,6 +26,11 @@ namespace {
 // What the assembler of a call refused at Start (no serving state yet) points at; never used.
 const ConvertOptions kNoServingOptions;
 
+// Where a chunk's bytes sit on the wire: split off the messages so that they are copied once.
+constexpr int kRequestChunkField = v1::AttendStreamRequest::kChunkFieldNumber;
+constexpr int kResponseChunkField = v1::AttendStreamResponse::kChunkFieldNumber;
+constexpr int kChunkDataField = v1::TensorChunk::kDataFieldNumber;
+
 class AttendStreamReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
@@ -37,13 +42,10 @@ class AttendStreamReactor final
         assembler_(serving_ != nullptr ? &serving_->convert_options : &kNoServingOptions,
                    &service->memory_budget(), &service->host_buffer_cache()),
         writer_(service->config().stream_chunk_bytes,
-                [this](int tag, int64_t offset, absl::string_view bytes,
-                       v1::AttendStreamResponse* out) {
-                  // Reuses the message (and its string's capacity) chunk after chunk.
+                [](int tag, int64_t offset, v1::AttendStreamResponse* out) {
                   v1::TensorChunk* chunk = out->mutable_chunk();
                   chunk->set_tensor(static_cast<v1::TensorName>(tag));
                   chunk->set_offset(offset);
-                  chunk->mutable_data()->assign(bytes.data(), bytes.size());
                 }),
         output_charge_(service->memory_budget().EmptyCharge()),
         upload_([this] { OnUploadStalled(); }) {
@@ -82,11 +84,14 @@ class AttendStreamReactor final
       } else {
         service_->metrics().AddReceivedBytes(static_cast<int64_t>(request_buffer_.Length()));
         ++messages_received_;
-        absl::Status status = ParseRawMessage(
+        // A chunk's bytes go from gRPC's slices into the tensor buffer in one copy.
+        SplitMessage split;
+        SegmentedBytes chunk_data;
+        absl::Status status = ParseRawMessageWithChunk(
             request_buffer_, absl::StrCat("message ", messages_received_, " of the stream"),
-            &request_);
+            kRequestChunkField, kChunkDataField, &request_, &split, &chunk_data);
+        if (status.ok()) status = HandleMessageLocked(chunk_data);
         request_buffer_.Clear();
-        if (status.ok()) status = HandleMessageLocked();
         if (!status.ok()) {
           FailLocked(status, &next);
         } else {
@@ -162,8 +167,10 @@ class AttendStreamReactor final
   void Apply(Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
     if (next.write) {
-      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
-      SerializeToByteBuffer(response_, &response_buffer_);
+      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_ and
+      // chunk_ (whose bytes gRPC sends from the output buffer, not copied).
+      SerializeWithChunk(response_, kResponseChunkField, kChunkDataField, std::move(chunk_.owner),
+                         chunk_.bytes, &response_buffer_);
       StartWrite(&response_buffer_);
     }
     if (next.read) StartRead(&request_buffer_);
@@ -219,8 +226,9 @@ class AttendStreamReactor final
     RequestFinishLocked(ToGrpcStatus(status), next);
   }
 
-  absl::Status HandleMessageLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    ANCHOR_RETURN_IF_ERROR(assembler_.Add(request_));
+  absl::Status HandleMessageLocked(const SegmentedBytes& chunk_data)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ANCHOR_RETURN_IF_ERROR(assembler_.Add(request_, &chunk_data));
     if (phase_ == Phase::kHeader && assembler_.header_received()) {
       spec_ = assembler_.spec();
       request_id_ = service_->RequestIdFor(assembler_.requested_id());
@@ -293,9 +301,10 @@ class AttendStreamReactor final
   // The next queued message (output_spec, output chunks, metrics), then the status.
   void WriteNextLocked(Next* next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (phase_ != Phase::kSending) return;
-    if (writer_.Next(&response_)) {
+    if (writer_.Next(&response_, &chunk_)) {
       response_.set_request_id(request_id_);
-      service_->metrics().AddSentBytes(static_cast<int64_t>(response_.ByteSizeLong()));
+      service_->metrics().AddSentBytes(
+          static_cast<int64_t>(response_.ByteSizeLong() + chunk_.bytes.size()));
       write_in_flight_ = true;
       next->write = true;
       return;
@@ -325,7 +334,8 @@ class AttendStreamReactor final
   int64_t messages_received_ ABSL_GUARDED_BY(mu_) = 0;
   v1::AttendStreamRequest request_ ABSL_GUARDED_BY(mu_);  // the last message read, parsed
   v1::AttendStreamResponse response_;                     // source of the one write in flight
-  grpc::ByteBuffer response_buffer_;                      // response_ serialized
+  ChunkedTensorWriter<v1::AttendStreamResponse>::ChunkBytes chunk_;  // its chunk's bytes
+  grpc::ByteBuffer response_buffer_;                                 // response_ serialized
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   // An error seen while the job was queued or running: the status once it comes back.

@@ -2,6 +2,10 @@
 // out one message at a time, each tensor as chunks of at most chunk_bytes in increasing offset
 // order. AttendStream sends its output with it, Prefill each layer's K and V.
 //
+// A chunk comes out as a message with its metadata (tensor, offset) and, beside it, the chunk's
+// bytes where they lie in the tensor's buffer, with shared ownership of that buffer: the reactor
+// hands them to gRPC as a slice instead of copying them into the message (tensor_wire.h).
+//
 // Not thread-safe: the reactor that owns it guards it with its own mutex and keeps one write in
 // flight, asking Next() for the following message when the previous write is done.
 #pragma once
@@ -22,9 +26,15 @@ namespace anchorserve {
 template <typename Response>
 class ChunkedTensorWriter {
  public:
-  // Writes one chunk into `out`: `bytes` at byte `offset` of the tensor queued with `tag`.
-  using ChunkFiller =
-      absl::AnyInvocable<void(int tag, int64_t offset, absl::string_view bytes, Response* out)>;
+  // Writes the metadata of one chunk into `out`: the chunk at byte `offset` of the tensor queued
+  // with `tag` (its bytes travel beside the message, see ChunkBytes).
+  using ChunkFiller = absl::AnyInvocable<void(int tag, int64_t offset, Response* out)>;
+
+  // The bytes of a chunk, and a share of the buffer they lie in (kept alive while gRPC sends).
+  struct ChunkBytes {
+    std::shared_ptr<const HostBuffer> owner;
+    absl::string_view bytes;
+  };
 
   ChunkedTensorWriter(int64_t chunk_bytes, ChunkFiller fill_chunk)
       : chunk_bytes_(chunk_bytes), fill_chunk_(std::move(fill_chunk)) {}
@@ -35,19 +45,20 @@ class ChunkedTensorWriter {
     items_.push_back(std::move(item));
   }
 
-  // `bytes` ([size]) are freed once their last chunk has been handed out.
+  // `bytes` ([size]) are freed once their last chunk has been handed out and sent.
   void PushTensor(int tag, HostBuffer bytes, int64_t size) {
     Item item;
     item.tag = tag;
-    item.bytes = std::move(bytes);
+    item.bytes = std::make_shared<const HostBuffer>(std::move(bytes));
     item.size = size;
     pending_bytes_ += size;
     items_.push_back(std::move(item));
   }
 
-  // Moves the next message into `out` (a chunk reuses out's storage); false when nothing is
-  // queued.
-  bool Next(Response* out) {
+  // Moves the next message into `out` (a chunk reuses out's storage) and, for a chunk, its bytes
+  // into `chunk` (empty for a whole message); false when nothing is queued.
+  bool Next(Response* out, ChunkBytes* chunk) {
+    *chunk = ChunkBytes{};
     while (!items_.empty()) {
       Item& item = items_.front();
       if (item.message.has_value()) {
@@ -60,9 +71,9 @@ class ChunkedTensorWriter {
         continue;
       }
       const int64_t bytes = std::min(chunk_bytes_, item.size - item.taken);
-      fill_chunk_(item.tag, item.taken,
-                  absl::string_view(item.bytes.get() + item.taken, static_cast<size_t>(bytes)),
-                  out);
+      fill_chunk_(item.tag, item.taken, out);
+      chunk->owner = item.bytes;
+      chunk->bytes = absl::string_view(item.bytes->get() + item.taken, static_cast<size_t>(bytes));
       item.taken += bytes;
       pending_bytes_ -= bytes;
       if (item.taken == item.size) items_.pop_front();
@@ -85,7 +96,7 @@ class ChunkedTensorWriter {
   struct Item {
     std::optional<Response> message;
     int tag = 0;
-    HostBuffer bytes;
+    std::shared_ptr<const HostBuffer> bytes;
     int64_t size = 0;
     int64_t taken = 0;
   };

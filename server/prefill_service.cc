@@ -247,13 +247,11 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
         context_(context),
         start_(host_->clock().Now()),
         writer_(host_->config().stream_chunk_bytes,
-                [](int tag, int64_t offset, absl::string_view bytes, v1::PrefillResponse* out) {
-                  // Reuses the message (and its string's capacity) chunk after chunk.
+                [](int tag, int64_t offset, v1::PrefillResponse* out) {
                   v1::KvChunk* chunk = out->mutable_kv_chunk();
                   chunk->set_layer(tag / 2);
                   chunk->set_tensor(tag % 2 == 0 ? v1::TENSOR_NAME_K : v1::TENSOR_NAME_V);
                   chunk->set_offset(offset);
-                  chunk->mutable_data()->assign(bytes.data(), bytes.size());
                 }) {
     host_->RpcStarted();
   }
@@ -408,8 +406,11 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   void Apply(const Next& next) {
     if (next.finish.has_value()) return FinishNow(*next.finish);
     if (next.write) {
-      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_.
-      SerializeToByteBuffer(response_, &response_buffer_);
+      // Serialized here, as gRPC would at StartWrite; the one write in flight owns response_ and
+      // chunk_ (whose bytes gRPC sends from the layer's buffer, not copied).
+      SerializeWithChunk(response_, v1::PrefillResponse::kKvChunkFieldNumber,
+                         v1::KvChunk::kDataFieldNumber, std::move(chunk_.owner), chunk_.bytes,
+                         &response_buffer_);
       StartWrite(&response_buffer_);
     }
   }
@@ -483,12 +484,13 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   // The next queued message, or the status once the job is done and everything is sent.
   void WriteNextLocked(Next* next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || write_in_flight_) return;
-    if (!call_dead_ && writer_.Next(&response_)) {
+    if (!call_dead_ && writer_.Next(&response_, &chunk_)) {
       response_.set_request_id(request_id_);
       if (response_.has_kv_chunk() && first_kv_seconds_ < 0) {
         first_kv_seconds_ = absl::ToDoubleSeconds(host_->clock().Now() - start_);
       }
-      host_->metrics().AddSentBytes(static_cast<int64_t>(response_.ByteSizeLong()));
+      host_->metrics().AddSentBytes(
+          static_cast<int64_t>(response_.ByteSizeLong() + chunk_.bytes.size()));
       AccountPendingLocked();
       write_in_flight_ = true;
       next->write = true;
@@ -570,9 +572,10 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
   std::string request_id_;  // set in Start, read-only after
 
   absl::Mutex mu_;
-  absl::CondVar room_;                // the writer took bytes, or the call died
-  v1::PrefillResponse response_;      // source of the one write in flight
-  grpc::ByteBuffer response_buffer_;  // response_ serialized
+  absl::CondVar room_;            // the writer took bytes, or the call died
+  v1::PrefillResponse response_;  // source of the one write in flight
+  ChunkedTensorWriter<v1::PrefillResponse>::ChunkBytes chunk_;  // its chunk's bytes
+  grpc::ByteBuffer response_buffer_;                            // response_ serialized
   ChunkedTensorWriter<v1::PrefillResponse> writer_ ABSL_GUARDED_BY(mu_);
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool call_dead_ ABSL_GUARDED_BY(mu_) = false;  // cancelled, or the client stopped reading

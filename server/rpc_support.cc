@@ -2,6 +2,8 @@
 
 #include <chrono>
 #include <new>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
@@ -83,6 +85,41 @@ void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteB
   // Fails only for a message over 2 GiB, which the send limits keep out.
   (void)grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, buffer,
                                                                         &own_buffer);
+}
+
+absl::Status ParseRawMessageWithChunk(const grpc::ByteBuffer& buffer, absl::string_view what,
+                                      int chunk_field, int data_field,
+                                      google::protobuf::Message* message, SplitMessage* split,
+                                      SegmentedBytes* chunk_data) {
+  auto malformed = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(what, " does not parse as a ",
+                                                   message->GetDescriptor()->full_name(), " (",
+                                                   buffer.Length(), " bytes)"));
+  };
+  absl::StatusOr<SplitMessage> parts = SplitTensorData(buffer, {chunk_field}, data_field);
+  if (!parts.ok()) return malformed();
+  *split = *std::move(parts);
+  if (!message->ParseFromString(split->rest)) return malformed();
+  auto found = split->data.find(chunk_field);
+  *chunk_data = found == split->data.end() ? SegmentedBytes{} : found->second;
+  return absl::OkStatus();
+}
+
+void SerializeWithChunk(const google::protobuf::Message& message, int chunk_field, int data_field,
+                        std::shared_ptr<const HostBuffer> owner, absl::string_view bytes,
+                        grpc::ByteBuffer* buffer) {
+  std::vector<grpc::Slice> slices;
+  slices.emplace_back(message.SerializeAsString());
+  if (!bytes.empty()) {
+    using Share = std::shared_ptr<const HostBuffer>;
+    auto* share = new Share(std::move(owner));
+    // gRPC only reads the bytes; the slice API takes a non-const pointer.
+    grpc::Slice data(
+        const_cast<char*>(bytes.data()), bytes.size(),
+        [](void* user_data) { delete static_cast<Share*>(user_data); }, share);
+    AppendTensorData(chunk_field, std::move(data), &slices, data_field);
+  }
+  *buffer = grpc::ByteBuffer(slices.data(), slices.size());
 }
 
 TrackedUnaryReactor::TrackedUnaryReactor(AttentionServiceImpl* service, Rpc rpc)

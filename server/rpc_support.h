@@ -14,6 +14,7 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/server_callback.h"
 #include "grpcpp/support/status.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 #include "server/attention_service.h"
 #include "server/batch_job.h"
 #include "server/host_buffer.h"
@@ -50,6 +51,22 @@ absl::Status ParseRawMessage(const grpc::ByteBuffer& buffer, absl::string_view w
 // Serializes `message` into `buffer`, replacing what it held (gRPC's serializer needs an empty
 // buffer).
 void SerializeToByteBuffer(const google::protobuf::Message& message, grpc::ByteBuffer* buffer);
+
+// ParseRawMessage for a stream message whose embedded message field `chunk_field` carries tensor
+// bytes in its bytes field `data_field`: those bytes are left where gRPC received them
+// (`*chunk_data`, empty when absent; they point into `*split`, which keeps them alive) and the
+// rest is parsed into `message` (tensor_wire.h says how).
+absl::Status ParseRawMessageWithChunk(const grpc::ByteBuffer& buffer, absl::string_view what,
+                                      int chunk_field, int data_field,
+                                      google::protobuf::Message* message, SplitMessage* split,
+                                      SegmentedBytes* chunk_data);
+
+// `message` serialized, then `bytes` as one more occurrence of its embedded message field
+// `chunk_field` holding only bytes field `data_field`, into `buffer`. The bytes are not copied:
+// gRPC sends them from where they lie, and the slice holds a share of `owner` until it has.
+void SerializeWithChunk(const google::protobuf::Message& message, int chunk_field, int data_field,
+                        std::shared_ptr<const HostBuffer> owner, absl::string_view bytes,
+                        grpc::ByteBuffer* buffer);
 
 // Base of the unary reactors: counts the RPC in flight, finishes it once, records its metrics.
 class TrackedUnaryReactor : public grpc::ServerUnaryReactor {

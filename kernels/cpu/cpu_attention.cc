@@ -278,13 +278,13 @@ void AttendKeyRange(const TileKernels& kernels, const Problem& p, const Converte
 }
 
 struct WorkerScratch {
-  FloatBuffer q_tiles;        // [kQueryTilesPerItem * kTileRows, d_pad]
-  FloatBuffer scores;         // [kTileRows, kTileKeys]
-  FloatBuffer acc;            // [kTileRows, d_pad]
-  FloatBuffer m, l;           // [kTileRows]
-  FloatBuffer row;            // [d_pad]
-  FloatBuffer gather_kt;      // [kGatherTiles, d_pad, kTileKeys]
-  FloatBuffer gather_v;       // [kGatherTiles * kTileKeys, d_pad]
+  FloatBuffer q_tiles;    // [kQueryTilesPerItem * kTileRows, d_pad]
+  FloatBuffer scores;     // [kTileRows, kTileKeys]
+  FloatBuffer acc;        // [kTileRows, d_pad]
+  FloatBuffer m, l;       // [kTileRows]
+  FloatBuffer row;        // [d_pad]
+  FloatBuffer gather_kt;  // [kGatherTiles, d_pad, kTileKeys]
+  FloatBuffer gather_v;   // [kGatherTiles * kTileKeys, d_pad]
   // [round_up(rows, kRowAlign), d_pad]: scale * pooled queries (ratio * step rows), followed in
   // mass-target mode by scale * the sampled row of each block (ratio * step more).
   FloatBuffer pooled;
@@ -305,8 +305,7 @@ struct WorkerScratch {
               l.Allocate(kTileRows) && row.Allocate(p.d_pad) &&
               gather_kt.Allocate(int64_t{kGatherTiles} * p.d_pad * kTileKeys) &&
               gather_v.Allocate(int64_t{kGatherTiles} * kTileKeys * p.d_pad) &&
-              pooled.Allocate(pooled_rows * p.d_pad) &&
-              pooled_anchor.Allocate(pooled_rows) &&
+              pooled.Allocate(pooled_rows * p.d_pad) && pooled_anchor.Allocate(pooled_rows) &&
               margins.Allocate(int64_t{p.ratio} * kTileKeys) &&
               (!p.mass || gaps.Allocate(int64_t{p.ratio} * p.step * kTileKeys));
     if (!ok) return false;

@@ -33,20 +33,29 @@ HostBuffer Bytes(const std::string& text) {
   return bytes;
 }
 
-ChunkedTensorWriter<Message> MakeWriter(int64_t chunk_bytes) {
-  return ChunkedTensorWriter<Message>(
-      chunk_bytes, [](int tag, int64_t offset, absl::string_view bytes, Message* out) {
-        out->text.clear();
-        out->tag = tag;
-        out->offset = offset;
-        out->data.assign(bytes.data(), bytes.size());
-      });
+using Writer = ChunkedTensorWriter<Message>;
+
+Writer MakeWriter(int64_t chunk_bytes) {
+  return Writer(chunk_bytes, [](int tag, int64_t offset, Message* out) {
+    out->text.clear();
+    out->tag = tag;
+    out->offset = offset;
+  });
 }
 
-std::vector<std::string> Drain(ChunkedTensorWriter<Message>& writer) {
+// The next message with its chunk's bytes (which travel beside the message) put into `data`.
+bool NextWithData(Writer& writer, Message* message) {
+  Writer::ChunkBytes chunk;
+  if (!writer.Next(message, &chunk)) return false;
+  message->data = std::string(chunk.bytes);
+  EXPECT_EQ(chunk.owner == nullptr, message->tag < 0);
+  return true;
+}
+
+std::vector<std::string> Drain(Writer& writer) {
   std::vector<std::string> written;
   Message message;
-  while (writer.Next(&message)) {
+  while (NextWithData(writer, &message)) {
     written.push_back(message.tag < 0 ? message.text
                                       : std::to_string(message.tag) + "@" +
                                             std::to_string(message.offset) + ":" + message.data);
@@ -56,7 +65,7 @@ std::vector<std::string> Drain(ChunkedTensorWriter<Message>& writer) {
 }
 
 TEST(ChunkedTensorWriterTest, MessagesAndChunksInQueueOrder) {
-  ChunkedTensorWriter<Message> writer = MakeWriter(4);
+  Writer writer = MakeWriter(4);
   writer.PushMessage(Whole("header"));
   writer.PushTensor(7, Bytes("abcdefghij"), 10);
   writer.PushTensor(8, Bytes("xyz"), 3);
@@ -69,20 +78,41 @@ TEST(ChunkedTensorWriterTest, MessagesAndChunksInQueueOrder) {
 }
 
 TEST(ChunkedTensorWriterTest, PendingBytesShrinkAsChunksAreTaken) {
-  ChunkedTensorWriter<Message> writer = MakeWriter(3);
+  Writer writer = MakeWriter(3);
   writer.PushTensor(1, Bytes("abcdefg"), 7);
   Message message;
-  ASSERT_TRUE(writer.Next(&message));
+  ASSERT_TRUE(NextWithData(writer, &message));
   EXPECT_EQ(writer.pending_bytes(), 4);
-  ASSERT_TRUE(writer.Next(&message));
+  ASSERT_TRUE(NextWithData(writer, &message));
   EXPECT_EQ(writer.pending_bytes(), 1);
-  ASSERT_TRUE(writer.Next(&message));
+  ASSERT_TRUE(NextWithData(writer, &message));
   EXPECT_EQ(message.data, "g");
-  EXPECT_FALSE(writer.Next(&message));
+  EXPECT_FALSE(NextWithData(writer, &message));
+}
+
+// A chunk handed out keeps its tensor's buffer alive after the writer let go of it (the last
+// chunk taken, or the call's queue cleared) until the chunk itself is dropped: gRPC sends the
+// bytes from there after Next returns.
+TEST(ChunkedTensorWriterTest, ChunkKeepsItsBufferAlive) {
+  Writer writer = MakeWriter(4);
+  writer.PushTensor(1, Bytes("abcdefgh"), 8);
+  Message message;
+  Writer::ChunkBytes first;
+  ASSERT_TRUE(writer.Next(&message, &first));
+  Writer::ChunkBytes last;
+  ASSERT_TRUE(writer.Next(&message, &last));
+  EXPECT_TRUE(writer.empty());
+  writer.Clear();
+  EXPECT_EQ(first.bytes, "abcd");
+  EXPECT_EQ(last.bytes, "efgh");
+  EXPECT_EQ(first.owner, last.owner);
+  EXPECT_EQ(first.owner.use_count(), 2);
+  first = Writer::ChunkBytes{};
+  EXPECT_EQ(last.owner.use_count(), 1);
 }
 
 TEST(ChunkedTensorWriterTest, EmptyTensorSendsNoChunkAndClearDropsEverything) {
-  ChunkedTensorWriter<Message> writer = MakeWriter(3);
+  Writer writer = MakeWriter(3);
   writer.PushTensor(1, nullptr, 0);
   writer.PushMessage(Whole("after"));
   EXPECT_THAT(Drain(writer), ElementsAre("after"));
@@ -91,7 +121,7 @@ TEST(ChunkedTensorWriterTest, EmptyTensorSendsNoChunkAndClearDropsEverything) {
   EXPECT_TRUE(writer.empty());
   EXPECT_EQ(writer.pending_bytes(), 0);
   Message message;
-  EXPECT_FALSE(writer.Next(&message));
+  EXPECT_FALSE(NextWithData(writer, &message));
 }
 
 }  // namespace

@@ -167,7 +167,8 @@ void AttendHead(const AttentionTask& task, int h,
         // [blocks][|C_g|]: s_ij - x(i) of each block's sampled row i (mass-target mode).
         std::vector<std::vector<double>> sampled_gaps(pooled_q.size());
         std::vector<double> sampled_anchor_mass;
-        for (int64_t i : sampled_rows) sampled_anchor_mass.push_back(anchor_mass[i - geo.row_begin]);
+        for (int64_t i : sampled_rows)
+          sampled_anchor_mass.push_back(anchor_mass[i - geo.row_begin]);
         for (int64_t j = geo.cand_begin; j < geo.cand_end; ++j) {
           double best = -std::numeric_limits<double>::infinity();
           for (size_t r = 0; r < pooled_q.size(); ++r) {
@@ -181,8 +182,8 @@ void AttendHead(const AttentionTask& task, int h,
         }
         double theta = config.theta;
         if (mass) {
-          MassSelection selection = SelectByMass(config, pooled_margins, sampled_gaps,
-                                                 sampled_anchor_mass, block_rows);
+          MassSelection selection =
+              SelectByMass(config, pooled_margins, sampled_gaps, sampled_anchor_mass, block_rows);
           theta = selection.theta;
           const double rows = static_cast<double>(geo.row_end - geo.row_begin);
           stats.estimated_mass_sum += rows * selection.chosen_estimate;

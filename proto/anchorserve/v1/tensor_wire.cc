@@ -137,14 +137,14 @@ absl::Status CopyValue(PieceReader& reader, int wire_type, std::string* out) {
 
 // One v1.Tensor of `size` bytes at the reader: everything but `data` re-encoded into `rest`,
 // `data` (when present; the last occurrence) into `data`.
-absl::Status SplitTensor(PieceReader& reader, uint64_t size, std::string* rest,
+absl::Status SplitTensor(PieceReader& reader, uint64_t size, int data_field, std::string* rest,
                          SegmentedBytes* data, bool* has_data) {
   const uint64_t end = reader.position() + size;
   while (reader.position() < end) {
     int field = 0;
     int wire_type = 0;
     if (absl::Status status = ReadTag(reader, &field, &wire_type); !status.ok()) return status;
-    if (field == kTensorDataField && wire_type == kWireLengthDelimited) {
+    if (field == data_field && wire_type == kWireLengthDelimited) {
       uint64_t data_size = 0;
       if (absl::Status status = reader.ReadVarint(&data_size); !status.ok()) return status;
       if (data_size > end - std::min(end, reader.position())) {
@@ -173,7 +173,7 @@ void SegmentedBytes::CopyTo(char* dest) const {
 }
 
 absl::StatusOr<SplitMessage> SplitTensorData(const grpc::ByteBuffer& buffer,
-                                             absl::Span<const int> tensor_fields) {
+                                             absl::Span<const int> tensor_fields, int data_field) {
   SplitMessage split;
   if (grpc::Status status = buffer.Dump(&split.slices); !status.ok()) {
     return absl::InternalError(absl::StrCat("cannot read the message: ", status.error_message()));
@@ -203,7 +203,7 @@ absl::StatusOr<SplitMessage> SplitTensorData(const grpc::ByteBuffer& buffer,
     std::string tensor_rest;
     SegmentedBytes data;
     bool has_data = false;
-    if (absl::Status status = SplitTensor(reader, size, &tensor_rest, &data, &has_data);
+    if (absl::Status status = SplitTensor(reader, size, data_field, &tensor_rest, &data, &has_data);
         !status.ok()) {
       return status;
     }
@@ -217,11 +217,12 @@ absl::StatusOr<SplitMessage> SplitTensorData(const grpc::ByteBuffer& buffer,
   return split;
 }
 
-void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slice>* slices) {
+void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slice>* slices,
+                      int data_field) {
   if (data.size() == 0) return;
   std::string header;
   std::string data_key;
-  AppendVarint(Tag(kTensorDataField, kWireLengthDelimited), &data_key);
+  AppendVarint(Tag(data_field, kWireLengthDelimited), &data_key);
   AppendVarint(data.size(), &data_key);
   AppendVarint(Tag(tensor_field, kWireLengthDelimited), &header);
   AppendVarint(data_key.size() + data.size(), &header);

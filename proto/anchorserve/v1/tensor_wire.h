@@ -50,13 +50,18 @@ struct SplitMessage {
   std::map<int, SegmentedBytes> data;
 };
 
-// Splits `buffer`, a serialized message whose fields `tensor_fields` are v1.Tensor messages, into
-// those tensors' `data` bytes and the rest. INVALID_ARGUMENT for a malformed message.
+// Splits `buffer`, a serialized message whose fields `tensor_fields` are embedded messages with a
+// bytes field `data_field` (v1.Tensor's data by default; v1.TensorChunk.data and v1.KvChunk.data
+// for the streams' chunks), into those bytes and the rest. INVALID_ARGUMENT for a malformed
+// message.
 absl::StatusOr<SplitMessage> SplitTensorData(const grpc::ByteBuffer& buffer,
-                                             absl::Span<const int> tensor_fields);
+                                             absl::Span<const int> tensor_fields,
+                                             int data_field = kTensorDataField);
 
 // Appends to `slices` one occurrence of embedded message field `tensor_field` that holds only
-// v1.Tensor.data = `data` (a slice that is not copied). Nothing is appended for empty data.
-void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slice>* slices);
+// bytes field `data_field` = `data` (a slice that is not copied). Nothing is appended for empty
+// data.
+void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slice>* slices,
+                      int data_field = kTensorDataField);
 
 }  // namespace anchorserve
