@@ -4,7 +4,8 @@
 // serialized, and once more (growing the string past 50 MB) when it is parsed. For the hundreds of
 // MiB of Q/K/V and output that one Attend call carries, these copies (and the page faults of the
 // fresh memory they land in) cost more than the transfer itself. The helpers below work on the
-// wire format directly:
+// wire format directly (unary Attend's tensors, and the streams' chunks: AttendStream's
+// TensorChunk and Prefill's KvChunk, whose bytes field has another number):
 //   - writing: the small part of a message (specs, config, metrics) is serialized by protobuf, and
 //     each tensor's bytes follow as one more occurrence of its Tensor field holding only `data`.
 //     Protobuf merges repeated occurrences of an embedded message field, so any protobuf parser
