@@ -457,20 +457,30 @@ absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     ANCHOR_ASSIGN_OR_RETURN(const Layout layout,
                             LayoutFromProto("header.kv_spec.layout", spec.layout()));
     const std::array<int64_t, 3> shape = {spec.shape(0), spec.shape(1), spec.shape(2)};
+    ANCHOR_ASSIGN_OR_RETURN(const TensorGeometry geometry,
+                            MakeTensorGeometry("header.kv_spec", dtype, layout, shape));
     for (int32_t layer = header.kv_layer_begin(); layer < header.kv_layer_end(); ++layer) {
       PrefillLayerKv& kv = result.layers.emplace_back();
       kv.layer = layer;
-      ANCHOR_ASSIGN_OR_RETURN(kv.k, AllocateHostTensor(dtype, layout, shape));
-      ANCHOR_ASSIGN_OR_RETURN(kv.v, AllocateHostTensor(dtype, layout, shape));
+      // Reserved, not zero-filled: each tensor's chunks arrive in order and are appended.
+      kv.k = HostTensor{dtype, layout, shape, {}};
+      kv.v = HostTensor{dtype, layout, shape, {}};
+      kv.k.bytes.reserve(static_cast<size_t>(geometry.bytes));
+      kv.v.bytes.reserve(static_cast<size_t>(geometry.bytes));
     }
     return absl::OkStatus();
   };
   callbacks.on_kv_data = [&](int32_t layer, v1::TensorName tensor, int64_t offset,
                              absl::string_view data) -> absl::Status {
-    // Offsets and sizes are checked by the assembler before this is called.
+    // Offsets and sizes are checked by the assembler before this is called: each tensor's
+    // chunks come in order without gaps.
     PrefillLayerKv& kv = result.layers[static_cast<size_t>(layer - layer_begin)];
     HostTensor& target = tensor == v1::TENSOR_NAME_K ? kv.k : kv.v;
-    std::memcpy(target.bytes.data() + offset, data.data(), data.size());
+    if (offset != static_cast<int64_t>(target.bytes.size())) {
+      return absl::InternalError(
+          absl::StrCat("KV chunk at offset ", offset, " after ", target.bytes.size(), " bytes"));
+    }
+    target.bytes.insert(target.bytes.end(), data.begin(), data.end());
     return absl::OkStatus();
   };
   if (on_layer) {
