@@ -8,7 +8,7 @@
 # (README.md here). Static, position-independent libraries, clang 14, -O1 with line tables.
 # A finished prefix is reused while the versions and flags match (its stamp file). No root
 # needed: the source packages come through a private apt state directory (apt verifies them
-# against the archive's signed Sources index). Takes about 25 minutes on 2 cores, most of it
+# against the archive's signed Sources index). Takes about 7 minutes on 2 cores, most of it
 # gRPC. Environment: CLANG (default clang-14), CLANGXX (default clang++-14), ANCHOR_BUILD_JOBS
 # (default nproc), ANCHOR_BUILD_LOCK (default /tmp/anchor-build.lock, taken by the compiles).
 set -euo pipefail
