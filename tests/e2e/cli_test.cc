@@ -148,13 +148,13 @@ TEST_F(CliE2eTest, ErrorsAreSentences) {
   absl::StatusOr<ProcessResult> refused = RunProcess(
       {AnchorctlBinary(), absl::StrCat("--target=127.0.0.1:", *port), "info"}, absl::Seconds(30));
   ASSERT_TRUE(refused.ok()) << refused.status();
-  EXPECT_EQ(refused->exit_code, 1);
+  EXPECT_EQ(refused->exit_code, 1) << refused->output;
   EXPECT_THAT(refused->output, HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
                                                       " is unavailable: connection refused")));
   absl::StatusOr<ProcessResult> absent_health = RunProcess(
       {AnchorctlBinary(), absl::StrCat("--target=127.0.0.1:", *port), "health"}, absl::Seconds(30));
   ASSERT_TRUE(absent_health.ok()) << absent_health.status();
-  EXPECT_EQ(absent_health->exit_code, 1);
+  EXPECT_EQ(absent_health->exit_code, 1) << absent_health->output;
   EXPECT_THAT(absent_health->output,
               HasSubstr(absl::StrCat("server at 127.0.0.1:", *port,
                                      " is unavailable: connection refused")));

@@ -20,6 +20,7 @@
 #include "grpcpp/client_context.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/e2e_util.h"
+#include "tests/test_util/sanitizers.h"
 
 namespace anchorserve::e2e {
 namespace {
@@ -264,6 +265,9 @@ TEST_F(SecurityTest, PerCallerLimitRefusesOnlyThatCaller) {
   grpc::ClientContext held;
   held.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
   auto stream = stub->AttendStream(&held);
+  // Let the stream reach the server before the first probe: a probe in flight when it arrives
+  // would take the slot and get the stream refused instead (the sanitizer builds are slower).
+  absl::SleepFor(kUnderSanitizer ? absl::Seconds(3) : absl::Milliseconds(300));
   EXPECT_TRUE(Eventually([&] {
     return alice->GetServerInfo().status().code() == absl::StatusCode::kResourceExhausted;
   }));
