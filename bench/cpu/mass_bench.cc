@@ -87,16 +87,17 @@ std::vector<HeadResult> PerHead(const AttentionTask& task, const std::vector<uin
   const AttentionShape& shape = task.shape;
   const int64_t n = shape.seq_len;
   const RequestSummary summary = SummarizeHeads(n, task.head_stats);
+  AttentionTask with_outputs = task;  // the sparse run's buffers, for ComputeRecall
+  with_outputs.out = const_cast<uint8_t*>(out.data());
+  with_outputs.maybe_lse = const_cast<float*>(lse.data());
+  const RecallStats recall = ComputeRecall(with_outputs, dense_out.data(), dense_lse.data());
   std::vector<HeadResult> heads(shape.num_q_heads);
   for (int h = 0; h < shape.num_q_heads; ++h) {
     HeadResult& head = heads[h];
-    const HeadStats& stats = task.head_stats[h];
+    const MassSummary& mass = summary.heads[h].mass;
     head.density = summary.heads[h].density;
-    double mass = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      mass += std::min(1.0, std::exp(double{lse[h * n + i]} - double{dense_lse[h * n + i]}));
-    }
-    head.true_mass = mass / static_cast<double>(n);
+    head.true_mass = recall.head_attention_mass[h];
+    // Output recall per head (ComputeRecall reports it for the whole request only).
     int64_t within = 0;
     for (int64_t i = 0; i < n; ++i) {
       for (int e = 0; e < shape.head_dim; ++e) {
@@ -107,13 +108,11 @@ std::vector<HeadResult> PerHead(const AttentionTask& task, const std::vector<uin
     }
     head.output_recall = static_cast<double>(within) / static_cast<double>(n * shape.head_dim);
     if (task.config.UsesMassTarget()) {
-      head.estimated_mass = stats.estimated_mass_sum / static_cast<double>(n);
-      head.theta_mean =
-          stats.mass_groups > 0 ? stats.mass_theta_sum / static_cast<double>(stats.mass_groups) : 0;
-      const int64_t groups = stats.mass_groups + stats.mass_full_groups;
+      head.estimated_mass = mass.estimated_kept_mass;
+      head.theta_mean = mass.theta_mean;
+      const int64_t groups = mass.groups + mass.full_groups;
       head.full_groups =
-          groups > 0 ? static_cast<double>(stats.mass_full_groups) / static_cast<double>(groups)
-                     : 0;
+          groups > 0 ? static_cast<double>(mass.full_groups) / static_cast<double>(groups) : 0;
     }
   }
   return heads;
