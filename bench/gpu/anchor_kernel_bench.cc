@@ -18,6 +18,7 @@
 // Usage: anchor_kernel_bench [--out=DIR] [--lengths=4096,...] [--theta=12]
 //          [--sweep_thetas=8,12,15,20] [--sweep_lengths=32768,131072] [--reps=5]
 //          [--sample_rows=256] [--sdpa_log=FILE] [--seed=0] [--stage_lengths=32768,131072]
+//          [--q_heads=32 --kv_heads=8]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -48,8 +49,6 @@
 namespace anchorserve {
 namespace {
 
-constexpr int kHq = 32;
-constexpr int kHkv = 8;
 constexpr int kD = 128;
 
 #define BENCH_OK(expr)                                                                           \
@@ -72,6 +71,8 @@ struct Options {
   std::string sdpa_log;
   uint64_t seed = 0;
   std::vector<int64_t> stage_lengths;
+  int q_heads = 32;  // Llama-3.1-8B; Qwen2.5-7B is 28 over 4
+  int kv_heads = 8;
 };
 
 template <typename T>
@@ -110,6 +111,10 @@ Options ParseOptions(int argc, char** argv) {
       options.sdpa_log = value;
     } else if (key == "--seed") {
       options.seed = std::stoull(value);
+    } else if (key == "--q_heads") {
+      options.q_heads = std::stoi(value);
+    } else if (key == "--kv_heads") {
+      options.kv_heads = std::stoi(value);
     } else if (key == "--stage_lengths") {
       options.stage_lengths = ParseList<int64_t>(value);
     } else {
@@ -180,6 +185,8 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
                    const AnchorConfig& config, int sample_rows, uint64_t seed, Row* row) {
   const int64_t n = qkv.shape.seq_len;
   const int64_t group_size = config.GroupSize();
+  const int hq = qkv.shape.num_q_heads;
+  const int hkv = qkv.shape.num_kv_heads;
   const double scale = config.ScaleFor(kD);
   const cuda::IdentificationParams id = runner.identification_params();
   const cuda::BatchPlan& plan = runner.plan();
@@ -195,9 +202,9 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
   for (int s = 0; s < sample_rows; ++s) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
     Sample sample;
-    sample.head = s % kHq;
+    sample.head = s % hq;
     sample.row = first_row + static_cast<int64_t>((state >> 17) % (n - first_row));
-    const int64_t list = (plan.seqs[0].group_begin + sample.row / group_size) * kHq + sample.head;
+    const int64_t list = (plan.seqs[0].group_begin + sample.row / group_size) * hq + sample.head;
     int32_t count = 0;
     BENCH_CUDA(cudaMemcpy(&count, id.lists.count + list, sizeof(count), cudaMemcpyDeviceToHost));
     sample.stripes.resize(count);
@@ -208,7 +215,7 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
     sample.gpu_out.resize(kD);
     BENCH_CUDA(cudaMemcpy(
         sample.gpu_out.data(),
-        static_cast<const uint16_t*>(runner.out()) + (sample.row * kHq + sample.head) * kD,
+        static_cast<const uint16_t*>(runner.out()) + (sample.row * hq + sample.head) * kD,
         kD * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     samples.push_back(std::move(sample));
   }
@@ -230,7 +237,7 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
       for (int s = next++; s < static_cast<int>(samples.size()); s = next++) {
         const Sample& sample = samples[s];
         const int64_t i = sample.row;
-        const int kv = sample.head / (kHq / kHkv);
+        const int kv = sample.head / (hq / hkv);
         const int64_t g = i / group_size;
         const int64_t init_end = std::min<int64_t>(int64_t{config.init_groups} * group_size, n);
         const int64_t local_begin = std::max<int64_t>(int64_t{config.init_groups} * group_size,
@@ -239,11 +246,11 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
         for (int64_t j = 0; j < std::min(init_end, i + 1); ++j) keys.push_back(j);
         for (int32_t j : sample.stripes) keys.push_back(j);
         for (int64_t j = std::max<int64_t>(local_begin, 0); j <= i; ++j) keys.push_back(j);
-        for (int e = 0; e < kD; ++e) qrow[e] = Bf16ToFloat(q[(i * kHq + sample.head) * kD + e]);
+        for (int e = 0; e < kD; ++e) qrow[e] = Bf16ToFloat(q[(i * hq + sample.head) * kD + e]);
         scores.resize(keys.size());
         double best = -INFINITY;
         for (size_t c = 0; c < keys.size(); ++c) {
-          const uint16_t* krow = k + (keys[c] * kHkv + kv) * kD;
+          const uint16_t* krow = k + (keys[c] * hkv + kv) * kD;
           double dot = 0;
           for (int e = 0; e < kD; ++e) dot += qrow[e] * Bf16ToFloat(krow[e]);
           scores[c] = scale * dot;
@@ -254,7 +261,7 @@ void CheckAccuracy(const cuda::AttentionRunner& runner, const HostQkv& qkv,
         for (size_t c = 0; c < keys.size(); ++c) {
           const double p = std::exp(scores[c] - best);
           sum += p;
-          const uint16_t* vrow = v + (keys[c] * kHkv + kv) * kD;
+          const uint16_t* vrow = v + (keys[c] * hkv + kv) * kD;
           for (int e = 0; e < kD; ++e) acc[e] += p * Bf16ToFloat(vrow[e]);
         }
         for (int e = 0; e < kD; ++e) {
@@ -390,7 +397,7 @@ int Main(int argc, char** argv) {
   int64_t dense_capacity = 0;
 
   for (const int64_t n : options.lengths) {
-    const AttentionShape shape{n, kHq, kHkv, kD};
+    const AttentionShape shape{n, options.q_heads, options.kv_heads, kD};
     StructuredInputOptions input_options;
     input_options.seed = options.seed;
     absl::StatusOr<HostQkv> qkv =
@@ -401,27 +408,27 @@ int Main(int argc, char** argv) {
     config.theta = options.theta;
     cuda::BatchPlanRequest request;
     request.seq_lens = {n};
-    request.num_q_heads = kHq;
-    request.num_kv_heads = kHkv;
+    request.num_q_heads = options.q_heads;
+    request.num_kv_heads = options.kv_heads;
     request.head_dim = kD;
     request.config = config;
     BENCH_OK(runner.Prepare(request, DType::kBf16));
     BENCH_CUDA(cudaMemcpy(runner.q(), qkv->q.data(), qkv->q.size(), cudaMemcpyHostToDevice));
     BENCH_CUDA(cudaMemcpy(runner.k(), qkv->k.data(), qkv->k.size(), cudaMemcpyHostToDevice));
     BENCH_CUDA(cudaMemcpy(runner.v(), qkv->v.data(), qkv->v.size(), cudaMemcpyHostToDevice));
-    const int64_t out_bytes = n * kHq * kD * 2;
+    const int64_t out_bytes = n * options.q_heads * kD * 2;
     if (out_bytes > dense_capacity) {
       if (dense_out != nullptr) BENCH_CUDA(cudaFree(dense_out));
       if (dense_lse != nullptr) BENCH_CUDA(cudaFree(dense_lse));
       BENCH_CUDA(cudaMalloc(&dense_out, out_bytes));
-      BENCH_CUDA(cudaMalloc(reinterpret_cast<void**>(&dense_lse), n * kHq * sizeof(float)));
+      BENCH_CUDA(cudaMalloc(reinterpret_cast<void**>(&dense_lse), n * options.q_heads * sizeof(float)));
       dense_capacity = out_bytes;
     }
     BENCH_CUDA(cudaMemset(dense_out, 0xff, out_bytes));
     BENCH_CUDA(cudaMemset(runner.out(), 0xff, out_bytes));
 
     // Dense (our kernel).
-    const double causal = static_cast<double>(CausalEntries(n)) * kHq;
+    const double causal = static_cast<double>(CausalEntries(n)) * options.q_heads;
     EventTimer timer(4);
     std::vector<double> dense_times;
     BENCH_OK(runner.RunAttention(cuda::KernelChoice::kDense, dense_out, dense_lse));
@@ -490,16 +497,16 @@ int Main(int argc, char** argv) {
         candidate_keys += std::max(0, group.cand_end - group.cand_begin);
       }
       row.anchor_tflops = anchor_entries * 2 * kD / (row.anchor_ms * 1e9);
-      row.stripe_tflops = candidate_keys * kHq * config.step * 2.0 * kD / (row.stripes_ms * 1e9);
+      row.stripe_tflops = candidate_keys * options.q_heads * config.step * 2.0 * kD / (row.stripes_ms * 1e9);
       row.sparse_tflops = computed * 4 * kD / (row.sparse_ms * 1e9);
       row.dense_tflops = causal * 4 * kD / (dense_ms * 1e9);
       if (auto it = cudnn_ms.find(n); it != cudnn_ms.end()) {
         row.cudnn_ms = it->second;
-        row.cudnn_tflops = 4.0 * n * n * kD * kHq / 2 / (row.cudnn_ms * 1e9);
+        row.cudnn_tflops = 4.0 * n * n * kD * options.q_heads / 2 / (row.cudnn_ms * 1e9);
       }
       bench::DeviceRecall recall;
-      BENCH_CUDA(bench::ComputeDeviceRecall(runner.out(), dense_out, n * kHq * kD, runner.lse(),
-                                            dense_lse, n * kHq, &recall));
+      BENCH_CUDA(bench::ComputeDeviceRecall(runner.out(), dense_out, n * options.q_heads * kD, runner.lse(),
+                                            dense_lse, n * options.q_heads, &recall));
       row.recall_0_01 = static_cast<double>(recall.within_0_01) / recall.elements;
       row.recall_0_005 = static_cast<double>(recall.within_0_005) / recall.elements;
       row.mass_mean = recall.mass_sum / recall.rows;

@@ -4,7 +4,8 @@ PyTorch 2.11) on the same shape: batch 1, Hq 32, Hkv 8, d 128, bf16, causal, ena
 
 FLOPs = 4 * N^2 * d * Hq / 2. CUDA events around each call, warm-up first, median of repeats.
 
-Usage: python3 sdpa_baseline.py [N ...]   (default 4096 8192 16384 32768 65536 131072)
+Usage: python3 sdpa_baseline.py [--heads=HQ,HKV] [N ...]
+       (default heads 32,8; lengths 4096 8192 16384 32768 65536 131072)
 """
 import statistics
 import sys
@@ -32,9 +33,14 @@ def time_ms(fn, warmup, reps):
 
 
 def main():
-    lengths = [int(a) for a in sys.argv[1:]] or [4096, 8192, 16384, 32768, 65536, 131072]
+    global HQ, HKV
+    args = sys.argv[1:]
+    for a in [a for a in args if a.startswith("--heads=")]:  # --heads=28,4 for Qwen2.5-7B
+        HQ, HKV = (int(x) for x in a.split("=", 1)[1].split(","))
+        args.remove(a)
+    lengths = [int(a) for a in args] or [4096, 8192, 16384, 32768, 65536, 131072]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"cudnn {torch.backends.cudnn.version()}")
+          f"cudnn {torch.backends.cudnn.version()}, heads {HQ}/{HKV}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n in lengths:
         q = torch.rand(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=gen) * 6 - 3
