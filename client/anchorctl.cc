@@ -369,6 +369,7 @@ void PrintMetrics(const v1::AttentionMetrics& m, bool per_head) {
   std::printf("backend:            %s (batch of %d request%s)\n", m.backend().c_str(),
               m.batch_size(), m.batch_size() == 1 ? "" : "s");
   std::printf("effective config:   %s\n", DescribeConfig(m.effective_config()).c_str());
+  if (!m.mode_choice().empty()) std::printf("mode choice:        %s\n", m.mode_choice().c_str());
   std::printf("density:            %.6f   sparsity %.6f   stripe density %.6f\n", m.density(),
               m.sparsity(), m.stripe_density());
   const v1::StripeStats& stripes = m.stripes_per_group();

@@ -38,7 +38,10 @@ ABSL_FLAG(std::string, token_file, "",
           "ANCHOR_TOKEN environment variable, if set");
 
 // Config; unset flags take the server's defaults (see `anchorctl info`).
-ABSL_FLAG(std::string, mode, "anchor", "anchor (sparse AnchorAttention) | dense (exact)");
+ABSL_FLAG(std::string, mode, "",
+          "auto (dense for short sequences, anchor elsewhere) | anchor (sparse AnchorAttention) | "
+          "dense (exact); empty = the server's default (auto unless --default_mode says "
+          "otherwise)");
 ABSL_FLAG(
     std::optional<double>, theta, std::nullopt,
     "difference threshold in nats; inf = dense, -inf = anchor region only (unset: server default)");
@@ -82,8 +85,20 @@ std::string FormatMs(double seconds) { return absl::StrFormat("%.3f ms", seconds
 
 std::string DescribeConfig(const v1::AnchorConfig& config) {
   std::vector<std::string> parts;
-  parts.push_back(
-      absl::StrCat("mode=", config.mode() == v1::ATTENTION_MODE_DENSE ? "dense" : "anchor"));
+  switch (config.mode()) {
+    case v1::ATTENTION_MODE_ANCHOR:
+      parts.push_back("mode=anchor");
+      break;
+    case v1::ATTENTION_MODE_DENSE:
+      parts.push_back("mode=dense");
+      break;
+    case v1::ATTENTION_MODE_AUTO:
+      parts.push_back("mode=auto");
+      break;
+    default:
+      parts.push_back("mode=server default");
+      break;
+  }
   if (config.has_theta()) parts.push_back(absl::StrCat("theta=", config.theta()));
   if (config.has_block_size()) parts.push_back(absl::StrCat("block_size=", config.block_size()));
   if (config.has_step()) parts.push_back(absl::StrCat("step=", config.step()));
@@ -195,9 +210,11 @@ absl::StatusOr<v1::AnchorConfig> ConfigFromFlags() {
     config.set_mode(v1::ATTENTION_MODE_ANCHOR);
   } else if (mode == "dense") {
     config.set_mode(v1::ATTENTION_MODE_DENSE);
-  } else {
+  } else if (mode == "auto") {
+    config.set_mode(v1::ATTENTION_MODE_AUTO);
+  } else if (!mode.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--mode must be anchor or dense, got '", mode, "'"));
+        absl::StrCat("--mode must be auto, anchor or dense (or empty), got '", mode, "'"));
   }
   if (auto theta = absl::GetFlag(FLAGS_theta)) config.set_theta(*theta);
   if (auto block_size = absl::GetFlag(FLAGS_block_size)) config.set_block_size(*block_size);

@@ -255,6 +255,7 @@ void PrintResults(const PrefillSummary& s) {
   std::printf("density:         %.6f (mean over layers)\n", m.density());
   std::printf("backend:         %s, effective config %s\n", m.backend().c_str(),
               DescribeConfig(m.effective_config()).c_str());
+  if (!m.mode_choice().empty()) std::printf("mode choice:     %s\n", m.mode_choice().c_str());
   if (s.logits.has_value()) {
     const v1::Logits& logits = *s.logits;
     std::string detail;

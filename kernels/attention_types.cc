@@ -7,6 +7,52 @@
 
 namespace anchorserve {
 
+namespace {
+
+// lo + (lo + 1) + ... + hi, 0 when hi < lo.
+double SumRange(int64_t lo, int64_t hi) {
+  if (hi < lo) return 0.0;
+  return 0.5 * static_cast<double>(hi - lo + 1) * static_cast<double>(lo + hi);
+}
+
+}  // namespace
+
+double AnchorRegionFraction(const AnchorConfig& config, int64_t seq_len) {
+  if (seq_len <= 0) return 1.0;
+  const int64_t group = config.GroupSize();
+  const int64_t init_end = std::min<int64_t>(int64_t{config.init_groups} * group, seq_len);
+  // Rows below init_end see keys 0..r (r + 1 of them); later rows see init_end sink keys plus
+  // keys local_begin..r of their local groups.
+  double entries = SumRange(1, init_end);
+  for (int64_t begin = (init_end / group) * group; begin < seq_len; begin += group) {
+    const int64_t first = std::max(begin, init_end);
+    const int64_t last = std::min(begin + group, seq_len) - 1;
+    if (last < first) continue;
+    const int64_t g = begin / group;
+    const int64_t local_begin =
+        std::max<int64_t>(init_end, (g - config.local_groups + 1) * group);
+    entries += static_cast<double>(last - first + 1) * static_cast<double>(init_end);
+    entries += SumRange(first - local_begin + 1, last - local_begin + 1);
+  }
+  const double causal = 0.5 * static_cast<double>(seq_len) * static_cast<double>(seq_len + 1);
+  return std::min(1.0, entries / causal);
+}
+
+ModeChoice ResolveMode(const AnchorConfig& config, int64_t seq_len) {
+  ModeChoice choice;
+  if (config.mode != AttentionMode::kAuto) {
+    choice.mode = config.mode;
+    return choice;
+  }
+  const double fraction = AnchorRegionFraction(config, seq_len);
+  const bool dense = fraction > kAutoDenseAnchorFraction;
+  choice.mode = dense ? AttentionMode::kDense : AttentionMode::kAnchor;
+  choice.reason = absl::StrCat("auto: ", dense ? "dense" : "anchor", ", the anchor region is ",
+                               absl::SixDigits(100.0 * fraction), "% of the causal entries at N=",
+                               seq_len, " (dense above ", 100.0 * kAutoDenseAnchorFraction, "%)");
+  return choice;
+}
+
 absl::Status ValidateAnchorConfig(const AnchorConfig& config) {
   if (std::isnan(config.theta)) return absl::InvalidArgumentError("config.theta is NaN");
   if (config.block_size < 1 || config.block_size > kMaxBlockSize) {

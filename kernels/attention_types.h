@@ -23,6 +23,7 @@ enum class Layout {
 enum class AttentionMode {
   kAnchor,  // sparse AnchorAttention
   kDense,   // exact dense causal attention, served by a dense kernel
+  kAuto,    // dense where AnchorAttention cannot be cheaper, else kAnchor (ResolveMode)
 };
 
 // The spec's knobs, with its defaults. One group = block_size * step query rows.
@@ -88,6 +89,25 @@ inline constexpr int kMaxHeadDim = 256;
 // init_groups >= 0, local_groups >= 1, softmax_scale finite and >= 0, mass_target in [0, 1],
 // mass_density_cap in (0, 1], mass_min_theta finite.
 absl::Status ValidateAnchorConfig(const AnchorConfig& config);
+
+// The anchor region (init and local groups, docs/anchorattention.md section 2) of a causal
+// sequence of `seq_len` rows, as a fraction of its N (N + 1) / 2 causal entries: the part every
+// row computes whatever the stripes select.
+double AnchorRegionFraction(const AnchorConfig& config, int64_t seq_len);
+
+// Mode kAuto runs dense when the anchor region alone holds more than this fraction of the causal
+// entries: identification reads that region once more and the sparse kernel runs slower per
+// entry than the dense one, so below-break-even sequences (short N) cost more sparse than dense.
+inline constexpr double kAutoDenseAnchorFraction = 0.5;
+
+struct ModeChoice {
+  AttentionMode mode = AttentionMode::kAnchor;  // kAnchor or kDense, never kAuto
+  std::string reason;                           // set when the config asked for kAuto
+};
+
+// The mode a request of `seq_len` rows runs in: config.mode unless it is kAuto. The one place
+// that decides auto; backends expect resolved configs (CheckBatch refuses kAuto).
+ModeChoice ResolveMode(const AnchorConfig& config, int64_t seq_len);
 
 struct AttentionShape {
   int64_t seq_len = 0;   // N: q_len == kv_len (causal prefill)

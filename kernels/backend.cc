@@ -47,6 +47,11 @@ absl::Status CheckBatch(const AttentionBackend& backend, absl::Span<AttentionTas
   for (const AttentionTask* task : batch) {
     if (task == nullptr) return absl::InvalidArgumentError("null task in batch");
     ANCHOR_RETURN_IF_ERROR(ValidateTask(*task));
+    if (task->config.mode == AttentionMode::kAuto) {
+      return absl::InvalidArgumentError(
+          "config.mode auto reached a backend unresolved; ResolveMode picks anchor or dense per "
+          "sequence first");
+    }
     ANCHOR_RETURN_IF_ERROR(backend.CanRun(ProblemOf(*task)));
   }
   const std::string key = AttentionBatchKey(ProblemOf(*batch[0]));

@@ -41,6 +41,10 @@ absl::Status ValidatePrefillTask(const ModelConfig& config, const PrefillTask& t
     return absl::InvalidArgumentError("sink is null but kv_layer_begin < kv_layer_end");
   }
   ANCHOR_RETURN_IF_ERROR(ValidateAnchorConfig(task.config));
+  if (task.config.mode == AttentionMode::kAuto) {
+    return absl::InvalidArgumentError(
+        "config.mode auto must be resolved (ResolveMode) before an engine runs the prefill");
+  }
   // The model fixes the softmax scale; a caller's explicit value must agree with it.
   const float model_scale = 1.0f / std::sqrt(static_cast<float>(config.head_dim));
   if (task.config.softmax_scale != 0.0f && task.config.softmax_scale != model_scale) {

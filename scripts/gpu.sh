@@ -130,6 +130,7 @@ RUN
   chmod +x "$out/run"
   # The suites (this script) and the python baseline travel with the executables.
   cp -f "$root/scripts/gpu.sh" "$out/scripts/gpu.sh"
+  cp -f "$root/scripts/make_tiny_model.py" "$out/scripts/"
   cp -f "$root/bench/gpu/sdpa_baseline.py" "$out/bench/gpu/"
 
   local cuda arch commit
@@ -234,6 +235,12 @@ suite_end() {
 
 suite_tests() {
   suite_begin tests
+  # The model tests generate tiny models with this script and Python, not the build machine's.
+  local tiny_script=$bundle/scripts/make_tiny_model.py
+  [ -f "$tiny_script" ] || tiny_script=$root/scripts/make_tiny_model.py
+  export ANCHOR_TINY_MODEL_SCRIPT=$tiny_script
+  ANCHOR_PYTHON=$(command -v python3 || true)
+  export ANCHOR_PYTHON
   local t
   for t in "${gpu_tests[@]}"; do
     if have_exe "$t"; then

@@ -26,6 +26,7 @@ class AttentionJob final : public BatchJob {
   AttentionTask task;
   // Also run dense attention and fill `recall`.
   bool compute_recall = false;
+  std::string mode_choice;  // RequestSpec::mode_choice, for the metrics
 
   // Filled by the executor before `on_done`.
   RequestSummary summary;             // density and stripe statistics, when status is OK

@@ -112,6 +112,10 @@ absl::StatusOr<PrefillSpec> PrefillSpecFromRequest(const v1::PrefillRequest& req
   absl::StatusOr<AnchorConfig> anchor = AnchorConfigFromProto(request.config(), config.defaults);
   if (!anchor.ok()) return anchor.status();
   spec.config = *anchor;
+  // Every layer sees the whole prompt, so one choice serves them all.
+  ModeChoice mode = ResolveMode(spec.config, static_cast<int64_t>(spec.token_ids.size()));
+  spec.config.mode = mode.mode;
+  spec.mode_choice = std::move(mode.reason);
 
   switch (request.kv_selection()) {
     case v1::KV_SELECTION_UNSPECIFIED:
@@ -558,6 +562,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
     }
     metrics->set_backend(serving_->engine->name());
     *metrics->mutable_effective_config() = AnchorConfigToProto(spec_.config);
+    metrics->set_mode_choice(spec_.mode_choice);
     metrics->set_kv_bytes(kv_bytes_);
     return message;
   }

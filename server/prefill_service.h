@@ -40,7 +40,8 @@ enum class LogitsMode { kFull, kTopK, kNone };
 // A validated PrefillRequest.
 struct PrefillSpec {
   std::vector<int32_t> token_ids;  // [N]
-  AnchorConfig config;             // defaults applied
+  AnchorConfig config;             // defaults applied, mode resolved (never kAuto)
+  std::string mode_choice;         // ResolveMode's reason when the request's mode was auto
   int kv_layer_begin = 0;          // layers [begin, end) are returned
   int kv_layer_end = 0;
   DType kv_dtype = DType::kBf16;

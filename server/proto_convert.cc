@@ -100,6 +100,9 @@ absl::StatusOr<RequestSpec> BuildSpec(const QkvGeometry& qkv, const v1::AnchorCo
   spec.metrics_only = request_options.metrics_only();
   spec.compute_recall = request_options.compute_recall();
   ANCHOR_ASSIGN_OR_RETURN(spec.config, AnchorConfigFromProto(config, options.defaults));
+  ModeChoice mode = ResolveMode(spec.config, spec.shape.seq_len);
+  spec.config.mode = mode.mode;
+  spec.mode_choice = std::move(mode.reason);
 
   if (options.backend != nullptr) {
     AttentionProblem problem;
@@ -213,6 +216,7 @@ std::shared_ptr<AttentionJob> MakeAttentionJob(const RequestSpec& spec, const vo
   job->task.out = out;
   job->deadline = deadline;
   job->compute_recall = spec.compute_recall;
+  job->mode_choice = spec.mode_choice;
   job->UpdateBatchKey();
   return job;
 }
@@ -294,6 +298,7 @@ void FillAttentionMetrics(const AttentionJob& job, absl::string_view backend_nam
   AnchorConfig effective = job.task.config;
   effective.softmax_scale = effective.ScaleFor(job.task.shape.head_dim);
   *metrics->mutable_effective_config() = AnchorConfigToProto(effective);
+  metrics->set_mode_choice(job.mode_choice);
 }
 
 }  // namespace anchorserve

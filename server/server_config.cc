@@ -87,6 +87,10 @@ ABSL_FLAG(double, max_connection_age_grace_s,
           absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.max_connection_age_grace),
           "How long calls may still run on a connection closed for its age before they are "
           "cancelled; 0 = no limit.");
+ABSL_FLAG(std::string, default_mode, "auto",
+          "Mode of requests that leave config.mode unset: auto (dense where the anchor region "
+          "alone is over half the causal entries, i.e. short sequences; anchor elsewhere), "
+          "anchor or dense.");
 ABSL_FLAG(double, default_theta, anchorserve::kDefaultServerConfig.defaults.theta,
           "Default difference threshold (nats); inf = dense, -inf = anchor region only.");
 ABSL_FLAG(int32_t, default_block_size, anchorserve::kDefaultServerConfig.defaults.block_size,
@@ -408,6 +412,16 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   if (!age_grace.ok()) return age_grace.status();
   config.max_connection_age_grace = *age_grace;
 
+  const std::string mode = absl::GetFlag(FLAGS_default_mode);
+  if (mode == "auto") {
+    config.defaults.mode = AttentionMode::kAuto;
+  } else if (mode == "anchor") {
+    config.defaults.mode = AttentionMode::kAnchor;
+  } else if (mode == "dense") {
+    config.defaults.mode = AttentionMode::kDense;
+  } else {
+    return FlagError("default_mode", "must be auto, anchor or dense", mode);
+  }
   const double theta = absl::GetFlag(FLAGS_default_theta);
   if (std::isnan(theta)) return FlagError("default_theta", "must not be NaN", "nan");
   config.defaults.theta = static_cast<float>(theta);  // +-inf stay infinite

@@ -78,7 +78,13 @@ struct ServerConfig {
   // they are cancelled. Zero: no limit (a long Prefill is never cut off by a reconnect).
   absl::Duration max_connection_age_grace = absl::ZeroDuration();
 
-  AnchorConfig defaults;  // applied to unset request config fields
+  // Applied to unset request config fields. Mode auto: dense for short sequences, where
+  // AnchorAttention cannot be cheaper (ResolveMode).
+  AnchorConfig defaults = [] {
+    AnchorConfig config;
+    config.mode = AttentionMode::kAuto;
+    return config;
+  }();
 
   // --metrics_host, or --host when that is empty.
   const std::string& MetricsHost() const;

@@ -178,6 +178,15 @@ struct Row {
   int64_t accuracy_elements = 0, accuracy_off = 0;
   double accuracy_max_err = 0;
   int64_t workspace_bytes = 0;
+
+  // Mode auto (the service default) at this N and the benchmark's region parameters: dense
+  // without identification, or identification plus the sparse pass.
+  bool AutoIsDense() const {
+    AnchorConfig config;
+    config.mode = AttentionMode::kAuto;
+    return ResolveMode(config, n).mode == AttentionMode::kDense;
+  }
+  double AutoMs() const { return AutoIsDense() ? dense_ms : anchor_ms + stripes_ms + sparse_ms; }
 };
 
 // fp64 evaluation of the spec for sampled (head, row) pairs with the GPU's stripe selection.
@@ -317,15 +326,19 @@ void PrintTable(const std::vector<Row>& rows, FILE* out) {
   std::fprintf(out,
                "| N | theta | anchor ms | stripes ms | ident. ms | sparse ms | sparse TFLOP/s | "
                "density | recall(0.01) | mass recall (mean/min) | ours dense ms (TFLOP/s) | "
-               "cuDNN ms (TFLOP/s) | speedup vs cuDNN | acc. off>0.01 |\n");
-  std::fprintf(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+               "cuDNN ms (TFLOP/s) | speedup vs cuDNN | auto mode ms (path) | auto vs cuDNN | "
+               "acc. off>0.01 |\n");
+  std::fprintf(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
     const double total = r.anchor_ms + r.stripes_ms + r.sparse_ms;
-    std::string cudnn = "n/a", speedup = "n/a";
+    std::string cudnn = "n/a", speedup = "n/a", auto_speedup = "n/a";
     if (r.cudnn_ms > 0) {
       cudnn = absl::StrCat(absl::StrFormat("%.3f (%.0f)", r.cudnn_ms, r.cudnn_tflops));
       speedup = absl::StrFormat("%.2fx", r.cudnn_ms / total);
+      auto_speedup = absl::StrFormat("%.2fx", r.cudnn_ms / r.AutoMs());
     }
+    const std::string auto_mode =
+        absl::StrFormat("%.3f (%s)", r.AutoMs(), r.AutoIsDense() ? "dense" : "anchor");
     std::string accuracy = "-";
     if (r.accuracy_elements > 0) {
       accuracy = absl::StrFormat("%.4f%% (max %.2g)", 100.0 * r.accuracy_off / r.accuracy_elements,
@@ -333,11 +346,11 @@ void PrintTable(const std::vector<Row>& rows, FILE* out) {
     }
     std::fprintf(out,
                  "| %lld | %g | %.3f | %.3f | %.3f | %.3f | %.0f | %.3f | %.4f | %.5f / %.4f | "
-                 "%.3f (%.0f) | %s | %s | %s |\n",
+                 "%.3f (%.0f) | %s | %s | %s | %s | %s |\n",
                  static_cast<long long>(r.n), r.theta, r.anchor_ms, r.stripes_ms,
                  r.anchor_ms + r.stripes_ms, r.sparse_ms, r.sparse_tflops, r.density, r.recall_0_01,
                  r.mass_mean, r.mass_min, r.dense_ms, r.dense_tflops, cudnn.c_str(),
-                 speedup.c_str(), accuracy.c_str());
+                 speedup.c_str(), auto_mode.c_str(), auto_speedup.c_str(), accuracy.c_str());
   }
 }
 
@@ -347,7 +360,7 @@ void WriteOutputs(const std::vector<Row>& rows, const std::string& dir) {
     csv << "n,theta,anchor_ms,stripes_ms,sparse_ms,dense_ms,cudnn_ms,anchor_tflops,"
            "stripe_tflops,sparse_tflops,dense_tflops,cudnn_tflops,density,stripe_density,"
            "stripes_mean,recall_0_01,recall_0_005,mass_mean,mass_min,accuracy_elements,"
-           "accuracy_off_0_01,accuracy_max_err,workspace_bytes\n";
+           "accuracy_off_0_01,accuracy_max_err,workspace_bytes,auto_ms,auto_dense\n";
     for (const Row& r : rows) {
       csv << r.n << ',' << r.theta << ',' << r.anchor_ms << ',' << r.stripes_ms << ','
           << r.sparse_ms << ',' << r.dense_ms << ',' << r.cudnn_ms << ',' << r.anchor_tflops << ','
@@ -355,7 +368,8 @@ void WriteOutputs(const std::vector<Row>& rows, const std::string& dir) {
           << r.cudnn_tflops << ',' << r.density << ',' << r.stripe_density << ',' << r.stripes_mean
           << ',' << r.recall_0_01 << ',' << r.recall_0_005 << ',' << r.mass_mean << ','
           << r.mass_min << ',' << r.accuracy_elements << ',' << r.accuracy_off << ','
-          << r.accuracy_max_err << ',' << r.workspace_bytes << '\n';
+          << r.accuracy_max_err << ',' << r.workspace_bytes << ',' << r.AutoMs() << ','
+          << (r.AutoIsDense() ? 1 : 0) << '\n';
     }
   }
   std::ofstream json(dir + "/anchor_kernel_bench.json");

@@ -11,8 +11,9 @@
 //   WgmmaStripeKernel (sm_90a): 64 pooled rows (4 units of 16 rows) per warpgroup pass, the
 //     pieces in registers as wgmma A fragments; each 128-key K tile is read once from shared
 //     memory by 3 x d/16 wgmmas that accumulate in the same fp32 registers. Serves shapes with
-//     (Hq / Hkv) * (pooled_rows / 16) a multiple of 4.
-//   MmaSyncStripeKernel: mma.sync m16n8k16, <= 4 units per pass; serves every other shape.
+//     at least 4 units ((Hq / Hkv) * (pooled_rows / 16)) per KV head; a last pass with fewer
+//     (e.g. GQA 7) runs its idle warps on zero rows.
+//   MmaSyncStripeKernel: mma.sync m16n8k16, <= 4 units per pass; serves shapes with 1-3 units.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -263,7 +264,11 @@ __global__ void __launch_bounds__(128, 2)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int unit = pass * 4 + warp;
+  // The last pass of a KV head can have fewer than 4 units (e.g. Hq / Hkv = 7): the warps past
+  // the end still take part in the warpgroup's wgmmas, on zero rows that select nothing.
+  const int units = gqa * row_tiles;
+  const bool active = pass * 4 + warp < units;
+  const int unit = active ? pass * 4 + warp : units - 1;
   const int head = kv_head * gqa + unit / row_tiles;
   const int row_tile = unit % row_tiles;
 
@@ -286,6 +291,10 @@ __global__ void __launch_bounds__(128, 2)
         a_frag[piece][ks][1] = *reinterpret_cast<const uint32_t*>(lower + col);
         a_frag[piece][ks][2] = *reinterpret_cast<const uint32_t*>(upper + col + 8);
         a_frag[piece][ks][3] = *reinterpret_cast<const uint32_t*>(lower + col + 8);
+        if (!active) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a_frag[piece][ks][r] = 0u;
+        }
       }
     }
   }
@@ -296,7 +305,8 @@ __global__ void __launch_bounds__(128, 2)
   for (int h = 0; h < 2; ++h) {
     const int64_t row = pooled_row0 + quad_row + 8 * h;
     row_scale[h] = p.pooled_unscale[row] * p.softmax_scale;
-    pooled_anchor[h] = p.pooled_anchor[row];  // +inf for rows without queries: never selected
+    // +inf for rows without queries (and inactive warps): never selected.
+    pooled_anchor[h] = active ? p.pooled_anchor[row] : INFINITY;
   }
   const float neg_theta = -p.theta;
   uint32_t* head_bits =
@@ -376,7 +386,7 @@ __global__ void __launch_bounds__(128, 2)
     if (valid < 32 * (word_lane + 1)) {
       word &= valid <= 32 * word_lane ? 0u : (1u << (valid - 32 * word_lane)) - 1u;
     }
-    if (lane < 16 && (lane & 3) == 0 && word != 0u) {
+    if (active && lane < 16 && (lane & 3) == 0 && word != 0u) {
       atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
     }
   }
@@ -406,19 +416,19 @@ cudaError_t LaunchWgmmaStripe(const IdentificationParams& p, cudaStream_t stream
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const int row_tiles = p.pooled_rows / kPooledRowTile;
-  const int passes = p.num_q_heads / p.num_kv_heads * row_tiles / 4;
+  const int passes = (p.num_q_heads / p.num_kv_heads * row_tiles + 3) / 4;
   const dim3 grid(p.num_items * passes, p.num_kv_heads);
   WgmmaStripeKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
   return cudaGetLastError();
 }
 
-// The wgmma kernel's 64-row passes need the units (16 pooled rows of one query head) of a KV
-// head to come in fours.
+// The wgmma kernel's 64-row passes waste a quarter or more of their MMAs when a KV head has
+// fewer than 4 units (16 pooled rows of one query head); mma.sync passes size to 1, 2 or 4.
 template <typename T, int kDim>
 cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
   const int units = p.num_q_heads / p.num_kv_heads * (p.pooled_rows / kPooledRowTile);
-  return units % 4 == 0 ? LaunchWgmmaStripe<T, kDim>(p, stream)
-                        : LaunchMmaSyncStripe<T, kDim>(p, stream);
+  return units >= 4 ? LaunchWgmmaStripe<T, kDim>(p, stream)
+                    : LaunchMmaSyncStripe<T, kDim>(p, stream);
 }
 
 }  // namespace

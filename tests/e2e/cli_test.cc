@@ -51,7 +51,7 @@ TEST_F(CliE2eTest, InfoPrintsTheServer) {
   EXPECT_EQ(result.exit_code, 0) << result.output;
   EXPECT_THAT(result.output, HasSubstr("backend:    cpu"));
   EXPECT_THAT(result.output, HasSubstr("max_message_bytes   1048576"));
-  EXPECT_THAT(result.output, HasSubstr("defaults:   mode=anchor theta=12"));
+  EXPECT_THAT(result.output, HasSubstr("defaults:   mode=auto theta=12"));
 }
 
 TEST_F(CliE2eTest, HealthOfAServingServer) {

@@ -569,7 +569,14 @@ INSTANTIATE_TEST_SUITE_P(
         Spec("mixed_lengths_one_run", {777, 4096, 5001, 1, 2049}, 4, 1, 64, kFp, kTok, kRand,
              Config(3.5f), 24),
         // Hq/Hkv = 8: two 64-row passes of the wgmma stripe kernel per chunk.
-        Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f), 25)),
+        Spec("gqa8_fp16_d128_mixed", {6200, 3000}, 8, 1, 128, kFp, kTok, kRand, Config(3.5f), 25),
+        // Odd ratios: the wgmma stripe kernel's last pass has 1-3 idle warps (GQA 7 as
+        // Qwen2.5-7B, 5, 6); GQA 3 has fewer than 4 units and takes the mma.sync kernel.
+        Spec("gqa7_bf16_d128", {5000}, 14, 2, 128, kBf, kTok, kStruct, Config(12), 26),
+        Spec("gqa7_random_mixed", {4500, 1300}, 7, 1, 128, kBf, kTok, kRand, Config(3.5f), 27),
+        Spec("gqa5_fp16_d64_head_major", {4100}, 5, 1, 64, kFp, kHead, kRand, Config(3.5f), 28),
+        Spec("gqa6_bf16_d128", {3333}, 12, 2, 128, kBf, kTok, kRand, Config(3.5f), 29),
+        Spec("gqa3_bf16_d64", {3100}, 6, 2, 64, kBf, kTok, kRand, Config(3.5f), 30)),
     [](const testing::TestParamInfo<CaseSpec>& info) { return info.param.name; });
 
 // Attention on caller-owned device tensors, as the prefill engine calls it: Q, K and V are slices

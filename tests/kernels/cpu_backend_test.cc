@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_attention.h"
@@ -459,6 +460,14 @@ TEST(CpuBackendTest, RejectsInvalidTasks) {
     MakeProblem(c, &p);
     p.task.config.theta = std::numeric_limits<float>::quiet_NaN();
     EXPECT_EQ((*backend)->Run({&p.task}).code(), absl::StatusCode::kInvalidArgument);
+  }
+  {
+    Problem p;  // auto is resolved per sequence before a backend runs it
+    MakeProblem(c, &p);
+    p.task.config.mode = AttentionMode::kAuto;
+    const absl::Status status = (*backend)->Run({&p.task});
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("config.mode auto"));
   }
   {
     Problem p;

@@ -42,9 +42,18 @@ std::string MakeTempDir() {
   return pattern;
 }
 
+// The build machine's paths, unless the environment names others: a test binary carried to a GPU
+// host finds neither the source tree nor that Python there (scripts/gpu.sh sets both).
+std::string FromEnvOr(const char* name, const std::string& fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != 0 ? std::string(value) : fallback;
+}
+
 absl::StatusOr<std::string> RunTinyModelScript(const std::string& args) {
-  const std::string command = absl::StrCat("'", ANCHOR_PYTHON_EXECUTABLE, "' '", ANCHOR_SOURCE_DIR,
-                                           "/scripts/make_tiny_model.py' ", args);
+  const std::string python = FromEnvOr("ANCHOR_PYTHON", ANCHOR_PYTHON_EXECUTABLE);
+  const std::string script = FromEnvOr(
+      "ANCHOR_TINY_MODEL_SCRIPT", absl::StrCat(ANCHOR_SOURCE_DIR, "/scripts/make_tiny_model.py"));
+  const std::string command = absl::StrCat("'", python, "' '", script, "' ", args);
   FILE* pipe = ::popen(command.c_str(), "r");
   if (pipe == nullptr) return absl::InternalError("popen failed: " + command);
   std::string out;

@@ -392,7 +392,7 @@ TEST_F(AttentionServiceTest, ServerInfoHasEveryField) {
   EXPECT_EQ(info.limits().max_queue_size(), config_.max_queue_size);
   EXPECT_EQ(info.limits().max_request_bytes(), config_.max_request_bytes);
   const v1::AnchorConfig& defaults = info.defaults();
-  EXPECT_EQ(defaults.mode(), v1::ATTENTION_MODE_ANCHOR);
+  EXPECT_EQ(defaults.mode(), v1::ATTENTION_MODE_AUTO);
   EXPECT_TRUE(defaults.has_theta() && defaults.has_block_size() && defaults.has_step() &&
               defaults.has_init_groups() && defaults.has_local_groups() &&
               defaults.has_softmax_scale());

@@ -282,6 +282,40 @@ TEST(ProtoConvertTest, ConfigDefaultsAndOverrides) {
   EXPECT_EQ(merged->softmax_scale, 0.125f);
 }
 
+TEST(ProtoConvertTest, AutoModeIsResolvedPerRequestAndExplained) {
+  // ValidRequest has N = 8: with block 2, step 2 (groups of 4 rows) the anchor region (init and
+  // local group) covers everything, so auto runs dense.
+  v1::AttendRequest request = ValidRequest();
+  request.mutable_config()->set_block_size(2);
+  request.mutable_config()->set_step(2);
+  ConvertOptions options = Options();
+  options.defaults.mode = AttentionMode::kAuto;
+  absl::StatusOr<RequestSpec> spec = SpecFromAttendRequest(request, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->config.mode, AttentionMode::kDense);
+  EXPECT_THAT(spec->mode_choice, HasSubstr("auto: dense"));
+  EXPECT_THAT(spec->mode_choice, HasSubstr("N=8"));
+
+  // The request's own mode wins over the default and leaves no explanation.
+  request.mutable_config()->set_mode(v1::ATTENTION_MODE_ANCHOR);
+  spec = SpecFromAttendRequest(request, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->config.mode, AttentionMode::kAnchor);
+  EXPECT_EQ(spec->mode_choice, "");
+
+  // ATTENTION_MODE_AUTO with a default of anchor; the effective config echoes the resolved mode.
+  request.mutable_config()->set_mode(v1::ATTENTION_MODE_AUTO);
+  options.defaults.mode = AttentionMode::kAnchor;
+  spec = SpecFromAttendRequest(request, options);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->config.mode, AttentionMode::kDense);
+  EXPECT_EQ(AnchorConfigToProto(spec->config).mode(), v1::ATTENTION_MODE_DENSE);
+
+  request.mutable_config()->set_mode(static_cast<v1::AttentionMode>(9));
+  ExpectError(SpecFromAttendRequest(request, options), absl::StatusCode::kInvalidArgument,
+              "config.mode");
+}
+
 TEST(ProtoConvertTest, MassTargetDefaultsOverridesAndEcho) {
   AnchorConfig defaults;
   defaults.mass_target = 0.9f;

@@ -211,16 +211,21 @@ absl::StatusOr<AnchorConfig> AnchorConfigFromProto(const v1::AnchorConfig& proto
   AnchorConfig config = defaults;
   switch (proto.mode()) {
     case v1::ATTENTION_MODE_UNSPECIFIED:
+      break;  // the defaults' mode
     case v1::ATTENTION_MODE_ANCHOR:
       config.mode = AttentionMode::kAnchor;
       break;
     case v1::ATTENTION_MODE_DENSE:
       config.mode = AttentionMode::kDense;
       break;
+    case v1::ATTENTION_MODE_AUTO:
+      config.mode = AttentionMode::kAuto;
+      break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "config.mode must be ATTENTION_MODE_ANCHOR or ATTENTION_MODE_DENSE, got unknown value ",
-          static_cast<int>(proto.mode())));
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.mode must be ATTENTION_MODE_ANCHOR, ATTENTION_MODE_DENSE or "
+                       "ATTENTION_MODE_AUTO, got unknown value ",
+                       static_cast<int>(proto.mode())));
   }
   if (proto.has_theta()) {
     if (std::isnan(proto.theta())) {
@@ -275,8 +280,17 @@ absl::StatusOr<AnchorConfig> AnchorConfigFromProto(const v1::AnchorConfig& proto
 
 v1::AnchorConfig AnchorConfigToProto(const AnchorConfig& config) {
   v1::AnchorConfig proto;
-  proto.set_mode(config.mode == AttentionMode::kDense ? v1::ATTENTION_MODE_DENSE
-                                                      : v1::ATTENTION_MODE_ANCHOR);
+  switch (config.mode) {
+    case AttentionMode::kAnchor:
+      proto.set_mode(v1::ATTENTION_MODE_ANCHOR);
+      break;
+    case AttentionMode::kDense:
+      proto.set_mode(v1::ATTENTION_MODE_DENSE);
+      break;
+    case AttentionMode::kAuto:
+      proto.set_mode(v1::ATTENTION_MODE_AUTO);
+      break;
+  }
   proto.set_theta(config.theta);
   proto.set_block_size(config.block_size);
   proto.set_step(config.step);
