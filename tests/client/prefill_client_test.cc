@@ -199,7 +199,7 @@ TEST_F(PrefillFakeServerTest, AnchorctlWritesSafetensorsAndNpy) {
   EXPECT_EQ(request.kv_layout(), v1::TENSOR_LAYOUT_HEAD_MAJOR);
   EXPECT_EQ(request.kv_selection(), v1::KV_SELECTION_ALL);
   EXPECT_EQ(request.logits_mode(), v1::LOGITS_MODE_FULL);
-  EXPECT_EQ(request.config().mode(), v1::ATTENTION_MODE_ANCHOR);
+  EXPECT_EQ(request.config().mode(), v1::ATTENTION_MODE_UNSPECIFIED);  // the server's default
   EXPECT_DOUBLE_EQ(request.config().theta(), 9.5);
 
   // stdout: header, per-layer table, first token, throughput; stderr (not a tty): a line per layer.
@@ -282,7 +282,7 @@ TEST_F(PrefillFakeServerTest, AnchorctlMassTargetFlags) {
                  "--mass_min_theta=1.5", "--kv_layers=none", "--logits=none"});
   ASSERT_EQ(run.exit_code, 0) << run.stdout_text << run.stderr_text;
   const v1::PrefillRequest request = server_->service().requests().back();
-  EXPECT_EQ(request.config().mode(), v1::ATTENTION_MODE_ANCHOR);
+  EXPECT_EQ(request.config().mode(), v1::ATTENTION_MODE_UNSPECIFIED);
   EXPECT_FALSE(request.config().has_theta());
   EXPECT_DOUBLE_EQ(request.config().mass_target(), 0.95);
   EXPECT_DOUBLE_EQ(request.config().mass_density_cap(), 0.5);

@@ -13,6 +13,7 @@ namespace anchorserve::e2e {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 class CliE2eTest : public SharedServerTest {
  protected:
@@ -89,6 +90,39 @@ TEST_F(CliE2eTest, AttendVerifiesUnaryAndStreamed) {
   EXPECT_EQ(big.exit_code, 0) << big.output;
   EXPECT_THAT(big.output, HasSubstr("streamed"));
   EXPECT_THAT(big.output, HasSubstr("verification passed"));
+}
+
+TEST_F(CliE2eTest, AttendInAutoModeSaysWhichModeRanAndWhy) {
+  // The server default is auto. Groups of 32 rows: at N = 64 the anchor region is everything
+  // (dense); at N = 512 it is a small part (anchor).
+  const ProcessResult short_run = Run({"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1",
+                                       "--head_dim=64", "--block_size=8", "--step=4", "--verify"});
+  EXPECT_EQ(short_run.exit_code, 0) << short_run.output;
+  EXPECT_THAT(short_run.output, HasSubstr("effective config:   mode=dense"));
+  EXPECT_THAT(short_run.output, HasSubstr("mode choice:        auto: dense, the anchor region is "
+                                          "100% of the causal entries at N=64"));
+  EXPECT_THAT(short_run.output, HasSubstr("verification passed"));
+
+  const ProcessResult long_run =
+      Run({"attend", "--seq_len=512", "--q_heads=2", "--kv_heads=1", "--head_dim=64",
+           "--block_size=8", "--step=4", "--mode=auto", "--verify"});
+  EXPECT_EQ(long_run.exit_code, 0) << long_run.output;
+  EXPECT_THAT(long_run.output, HasSubstr("effective config:   mode=anchor"));
+  EXPECT_THAT(long_run.output, HasSubstr("mode choice:        auto: anchor"));
+  EXPECT_THAT(long_run.output, HasSubstr("verification passed"));
+
+  // An explicit mode is kept and needs no explanation.
+  const ProcessResult explicit_anchor =
+      Run({"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1", "--head_dim=64",
+           "--block_size=8", "--step=4", "--mode=anchor"});
+  EXPECT_EQ(explicit_anchor.exit_code, 0) << explicit_anchor.output;
+  EXPECT_THAT(explicit_anchor.output, HasSubstr("effective config:   mode=anchor"));
+  EXPECT_THAT(explicit_anchor.output, Not(HasSubstr("mode choice:")));
+
+  const ProcessResult bad = Run({"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1",
+                                 "--head_dim=64", "--mode=fast"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_THAT(bad.output, HasSubstr("--mode must be auto, anchor or dense"));
 }
 
 TEST_F(CliE2eTest, AttendWithAMassTarget) {
