@@ -29,8 +29,7 @@ double AnchorRegionFraction(const AnchorConfig& config, int64_t seq_len) {
     const int64_t last = std::min(begin + group, seq_len) - 1;
     if (last < first) continue;
     const int64_t g = begin / group;
-    const int64_t local_begin =
-        std::max<int64_t>(init_end, (g - config.local_groups + 1) * group);
+    const int64_t local_begin = std::max<int64_t>(init_end, (g - config.local_groups + 1) * group);
     entries += static_cast<double>(last - first + 1) * static_cast<double>(init_end);
     entries += SumRange(first - local_begin + 1, last - local_begin + 1);
   }
@@ -47,9 +46,10 @@ ModeChoice ResolveMode(const AnchorConfig& config, int64_t seq_len) {
   const double fraction = AnchorRegionFraction(config, seq_len);
   const bool dense = fraction > kAutoDenseAnchorFraction;
   choice.mode = dense ? AttentionMode::kDense : AttentionMode::kAnchor;
-  choice.reason = absl::StrCat("auto: ", dense ? "dense" : "anchor", ", the anchor region is ",
-                               absl::SixDigits(100.0 * fraction), "% of the causal entries at N=",
-                               seq_len, " (dense above ", 100.0 * kAutoDenseAnchorFraction, "%)");
+  choice.reason =
+      absl::StrCat("auto: ", dense ? "dense" : "anchor", ", the anchor region is ",
+                   absl::SixDigits(100.0 * fraction), "% of the causal entries at N=", seq_len,
+                   " (dense above ", 100.0 * kAutoDenseAnchorFraction, "%)");
   return choice;
 }
 

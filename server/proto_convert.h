@@ -43,7 +43,7 @@ struct RequestSpec {
   AttentionShape shape;
   DType dtype = DType::kBf16;
   Layout layout = Layout::kTokenMajor;
-  AnchorConfig config;  // defaults applied, mode resolved (never kAuto)
+  AnchorConfig config;      // defaults applied, mode resolved (never kAuto)
   std::string mode_choice;  // ResolveMode's reason when the request's mode was auto
   bool metrics_only = false;
   bool compute_recall = false;

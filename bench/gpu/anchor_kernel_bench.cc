@@ -435,7 +435,8 @@ int Main(int argc, char** argv) {
       if (dense_out != nullptr) BENCH_CUDA(cudaFree(dense_out));
       if (dense_lse != nullptr) BENCH_CUDA(cudaFree(dense_lse));
       BENCH_CUDA(cudaMalloc(&dense_out, out_bytes));
-      BENCH_CUDA(cudaMalloc(reinterpret_cast<void**>(&dense_lse), n * options.q_heads * sizeof(float)));
+      BENCH_CUDA(
+          cudaMalloc(reinterpret_cast<void**>(&dense_lse), n * options.q_heads * sizeof(float)));
       dense_capacity = out_bytes;
     }
     BENCH_CUDA(cudaMemset(dense_out, 0xff, out_bytes));
@@ -511,7 +512,8 @@ int Main(int argc, char** argv) {
         candidate_keys += std::max(0, group.cand_end - group.cand_begin);
       }
       row.anchor_tflops = anchor_entries * 2 * kD / (row.anchor_ms * 1e9);
-      row.stripe_tflops = candidate_keys * options.q_heads * config.step * 2.0 * kD / (row.stripes_ms * 1e9);
+      row.stripe_tflops =
+          candidate_keys * options.q_heads * config.step * 2.0 * kD / (row.stripes_ms * 1e9);
       row.sparse_tflops = computed * 4 * kD / (row.sparse_ms * 1e9);
       row.dense_tflops = causal * 4 * kD / (dense_ms * 1e9);
       if (auto it = cudnn_ms.find(n); it != cudnn_ms.end()) {
@@ -519,8 +521,8 @@ int Main(int argc, char** argv) {
         row.cudnn_tflops = 4.0 * n * n * kD * options.q_heads / 2 / (row.cudnn_ms * 1e9);
       }
       bench::DeviceRecall recall;
-      BENCH_CUDA(bench::ComputeDeviceRecall(runner.out(), dense_out, n * options.q_heads * kD, runner.lse(),
-                                            dense_lse, n * options.q_heads, &recall));
+      BENCH_CUDA(bench::ComputeDeviceRecall(runner.out(), dense_out, n * options.q_heads * kD,
+                                            runner.lse(), dense_lse, n * options.q_heads, &recall));
       row.recall_0_01 = static_cast<double>(recall.within_0_01) / recall.elements;
       row.recall_0_005 = static_cast<double>(recall.within_0_005) / recall.elements;
       row.mass_mean = recall.mass_sum / recall.rows;

@@ -119,8 +119,8 @@ TEST_F(CliE2eTest, AttendInAutoModeSaysWhichModeRanAndWhy) {
   EXPECT_THAT(explicit_anchor.output, HasSubstr("effective config:   mode=anchor"));
   EXPECT_THAT(explicit_anchor.output, Not(HasSubstr("mode choice:")));
 
-  const ProcessResult bad = Run({"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1",
-                                 "--head_dim=64", "--mode=fast"});
+  const ProcessResult bad = Run(
+      {"attend", "--seq_len=64", "--q_heads=2", "--kv_heads=1", "--head_dim=64", "--mode=fast"});
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
   EXPECT_THAT(bad.output, HasSubstr("--mode must be auto, anchor or dense"));
 }
