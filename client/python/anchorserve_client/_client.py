@@ -764,7 +764,10 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
         :func:`grpc_target`) or a channel from :func:`create_channel` or :func:`connect` (TLS and
         tokens), or any ``grpc.Channel``.
       ids: the prompt's token ids.
-      theta: AnchorAttention's difference threshold (server default when None).
+      theta: AnchorAttention's difference threshold (server default when None). In the server's
+        default mode, auto, a prompt short enough that AnchorAttention cannot be cheaper (up to
+        10,592 tokens with the default block, step and regions) runs dense whatever ``theta`` or
+        ``mass_target`` say; ``metrics.mode_choice`` of the result says which mode ran and why.
       dense: exact dense attention instead (not with ``theta`` or ``mass_target``).
       mass_target: p in [0, 1]: each (head, group) uses the smallest threshold whose estimated
         kept attention mass reaches p instead of ``theta``; 0 = off (server default when None;
