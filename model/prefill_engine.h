@@ -42,6 +42,9 @@ struct PrefillResult {
   // The whole Run: excluding time spent in the sink (CPU engine); the GPU's time from the
   // embedding to the logits (CUDA engine, whose sink waits overlap the GPU work).
   double compute_seconds = 0;
+  // Device memory the whole process held once the last layer was done, the run's buffers still
+  // allocated (cudaMemGetInfo: weights, workspace, CUDA context, library handles); 0 on the CPU.
+  int64_t device_bytes_in_use = 0;
 };
 
 class KvSink {

@@ -189,6 +189,10 @@ int Main(int argc, char** argv) {
           "%.3f s, mean density %.3f, %.1f MB of K/V\n",
           r, seconds, n / seconds, flops / seconds / 1e9, attention, identification, density,
           sink.bytes / 1e6);
+      if (result->device_bytes_in_use > 0) {
+        printf("    device memory in use after the last layer: %.2f GiB (whole process)\n",
+               result->device_bytes_in_use / 1073741824.0);
+      }
       if (o.per_layer && r == o.repeats - 1) {
         for (size_t l = 0; l < result->layers.size(); ++l) {
           const PrefillLayerStats& s = result->layers[l];

@@ -509,6 +509,9 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     stats.attention_seconds = SecondsBetween(attention_mid[l], attention_end[l]);
     stats.layer_seconds = SecondsBetween(layer_start[l], layer_end[l]);
   }
+  size_t free_bytes = 0, total_bytes = 0;
+  ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  result->device_bytes_in_use = static_cast<int64_t>(total_bytes - free_bytes);
   return absl::OkStatus();
 }
 
