@@ -24,15 +24,29 @@ double AnchorRegionFraction(const AnchorConfig& config, int64_t seq_len) {
   // Rows below init_end see keys 0..r (r + 1 of them); later rows see init_end sink keys plus
   // keys local_begin..r of their local groups.
   double entries = SumRange(1, init_end);
-  for (int64_t begin = (init_end / group) * group; begin < seq_len; begin += group) {
-    const int64_t first = std::max(begin, init_end);
-    const int64_t last = std::min(begin + group, seq_len) - 1;
-    if (last < first) continue;
-    const int64_t g = begin / group;
+  auto add_group = [&](int64_t g) {
+    const int64_t first = std::max(g * group, init_end);
+    const int64_t last = std::min((g + 1) * group, seq_len) - 1;
+    if (last < first) return;
     const int64_t local_begin = std::max<int64_t>(init_end, (g - config.local_groups + 1) * group);
     entries += static_cast<double>(last - first + 1) * static_cast<double>(init_end);
     entries += SumRange(first - local_begin + 1, last - local_begin + 1);
+  };
+  // Full groups from n_init + n_loc - 1 on all add the same count (their local region starts
+  // past the sink region), so the work is O(n_init + n_loc) whatever N and G are.
+  const int64_t num_groups = (seq_len + group - 1) / group;
+  const int64_t steady_begin =
+      std::max<int64_t>(init_end / group, int64_t{config.init_groups} + config.local_groups - 1);
+  int64_t g = init_end / group;
+  for (; g < std::min(steady_begin, num_groups); ++g) add_group(g);
+  if (g < num_groups - 1) {
+    const int64_t lead = int64_t{config.local_groups - 1} * group;  // local keys before a group
+    entries += static_cast<double>(num_groups - 1 - g) *
+               (static_cast<double>(group) * static_cast<double>(init_end) +
+                SumRange(lead + 1, lead + group));
+    g = num_groups - 1;
   }
+  for (; g < num_groups; ++g) add_group(g);
   const double causal = 0.5 * static_cast<double>(seq_len) * static_cast<double>(seq_len + 1);
   return std::min(1.0, entries / causal);
 }
