@@ -62,7 +62,10 @@ double AttentionExecutor::Run(absl::Span<BatchJob* const> batch_jobs) {
   }
   if (!recall_jobs.empty()) RunRecall(recall_jobs);
   for (AttentionJob* job : batch) {
-    if (job->status.ok()) metrics_->ObserveDensity(job->summary.density);
+    if (!job->status.ok()) continue;
+    metrics_->ObserveDensity(job->summary.density);
+    metrics_->CountModeRun(job->task.config.mode == AttentionMode::kDense,
+                           !job->mode_choice.empty());
   }
   // maybe_lse points into sparse_lse, which dies with this call.
   for (AttentionJob* job : recall_jobs) job->task.maybe_lse = nullptr;

@@ -116,6 +116,18 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                   .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.02, 0.05, 0.1, 0.2, 0.3,
                                                                    0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                    0.95, 0.99, 1.0});
+  auto& mode_runs = prometheus::BuildCounter()
+                        .Name("anchorserve_mode_runs_total")
+                        .Help(
+                            "Successful Attend, AttendStream and Prefill requests by the mode "
+                            "they ran in and whether mode auto chose it.")
+                        .Register(*registry_);
+  for (int dense = 0; dense < 2; ++dense) {
+    for (int by_auto = 0; by_auto < 2; ++by_auto) {
+      mode_runs_[dense][by_auto] = &mode_runs.Add(
+          {{"mode", dense ? "dense" : "anchor"}, {"chosen_by", by_auto ? "auto" : "request"}});
+    }
+  }
   auto& queue_depth = prometheus::BuildGauge()
                           .Name("anchorserve_queue_depth")
                           .Help("Requests waiting in a batcher queue.")
@@ -201,6 +213,10 @@ void MetricsRegistry::ObserveBatchSize(int requests) { batch_size_->Observe(requ
 void MetricsRegistry::AddTokens(int64_t tokens) { tokens_->Increment(static_cast<double>(tokens)); }
 
 void MetricsRegistry::ObserveDensity(double density) { density_->Observe(density); }
+
+void MetricsRegistry::CountModeRun(bool dense, bool chosen_by_auto) {
+  mode_runs_[dense ? 1 : 0][chosen_by_auto ? 1 : 0]->Increment();
+}
 
 void MetricsRegistry::SetQueueDepth(Queue queue, int64_t depth) {
   queue_depth_[static_cast<int>(queue)]->Set(static_cast<double>(depth));

@@ -78,6 +78,9 @@ class MetricsRegistry {
   void AddTokens(int64_t tokens);
   // anchorserve_density: computed fraction of the causal score matrix, per request.
   void ObserveDensity(double density);
+  // anchorserve_mode_runs_total{mode, chosen_by}: successful requests by the mode they ran in
+  // (anchor or dense) and who chose it (the request or its default, or mode auto).
+  void CountModeRun(bool dense, bool chosen_by_auto);
   // anchorserve_queue_depth{queue}: requests waiting in a batcher queue.
   void SetQueueDepth(Queue queue, int64_t depth);
   // anchorserve_prefill_pending_kv_bytes: KV bytes computed and not yet handed to gRPC, over
@@ -108,6 +111,7 @@ class MetricsRegistry {
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Counter* tokens_ = nullptr;
   prometheus::Histogram* density_ = nullptr;
+  std::array<std::array<prometheus::Counter*, 2>, 2> mode_runs_{};  // [dense][chosen_by_auto]
   std::array<prometheus::Gauge*, kNumQueues> queue_depth_{};
   prometheus::Gauge* prefill_pending_kv_bytes_ = nullptr;
   prometheus::Gauge* inflight_ = nullptr;

@@ -563,6 +563,8 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
     metrics->set_backend(serving_->engine->name());
     *metrics->mutable_effective_config() = AnchorConfigToProto(spec_.config);
     metrics->set_mode_choice(spec_.mode_choice);
+    host_->metrics().CountModeRun(spec_.config.mode == AttentionMode::kDense,
+                                  !spec_.mode_choice.empty());
     metrics->set_kv_bytes(kv_bytes_);
     return message;
   }

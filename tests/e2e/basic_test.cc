@@ -342,8 +342,8 @@ TEST_F(BasicE2eTest, MetricsEndpointCountsRequests) {
        {"anchorserve_request_duration_seconds", "anchorserve_queue_duration_seconds",
         "anchorserve_compute_duration_seconds", "anchorserve_batch_size",
         "anchorserve_tokens_total", "anchorserve_density", "anchorserve_queue_depth",
-        "anchorserve_inflight_requests", "anchorserve_received_bytes_total",
-        "anchorserve_sent_bytes_total"}) {
+        "anchorserve_mode_runs_total", "anchorserve_inflight_requests",
+        "anchorserve_received_bytes_total", "anchorserve_sent_bytes_total"}) {
     EXPECT_THAT(*page, HasSubstr(name));
   }
   absl::StatusOr<double> tokens = FindMetricValue(*page, "anchorserve_tokens_total", {});

@@ -47,6 +47,9 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   metrics.ObserveBatchSize(3);
   metrics.AddTokens(4096);
   metrics.ObserveDensity(0.4);
+  metrics.CountModeRun(/*dense=*/true, /*chosen_by_auto=*/true);
+  metrics.CountModeRun(/*dense=*/true, /*chosen_by_auto=*/true);
+  metrics.CountModeRun(/*dense=*/false, /*chosen_by_auto=*/false);
   metrics.SetQueueDepth(Queue::kAttention, 5);
   metrics.RequestStarted();
   metrics.RequestStarted();
@@ -64,6 +67,10 @@ TEST(MetricsRegistryTest, RecordsWithLabels) {
   EXPECT_THAT(text, HasSubstr("anchorserve_tokens_total 4096"));
   EXPECT_THAT(text, HasSubstr("anchorserve_density_bucket{le=\"0.5\"} 1"));
   EXPECT_THAT(text, HasSubstr("anchorserve_density_bucket{le=\"0.3\"} 0"));
+  EXPECT_THAT(text, HasSubstr("anchorserve_mode_runs_total{chosen_by=\"auto\",mode=\"dense\"} 2"));
+  EXPECT_THAT(text,
+              HasSubstr("anchorserve_mode_runs_total{chosen_by=\"request\",mode=\"anchor\"} 1"));
+  EXPECT_THAT(text, HasSubstr("anchorserve_mode_runs_total{chosen_by=\"auto\",mode=\"anchor\"} 0"));
   EXPECT_THAT(text, HasSubstr("anchorserve_queue_depth{queue=\"attention\"} 5"));
   EXPECT_THAT(text, HasSubstr("anchorserve_inflight_requests 1"));
   EXPECT_THAT(text, HasSubstr("anchorserve_received_bytes_total 1000"));
