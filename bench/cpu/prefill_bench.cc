@@ -104,7 +104,9 @@ int64_t StatusKb(const std::string& field) {
   while (std::getline(status, line)) {
     if (!absl::StartsWith(line, field + ":")) continue;
     int64_t kb = -1;
-    std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    // "VmHWM:\t  1234 kB"; an 8-digit value leaves no space after the tab.
+    std::vector<std::string> parts =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
     if (parts.size() >= 2 && absl::SimpleAtoi(parts[1], &kb)) return kb;
   }
   return -1;
