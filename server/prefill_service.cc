@@ -527,6 +527,8 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
           writer_.PushMessage(std::move(logits));
         }
         writer_.PushMessage(MetricsMessage(job, now));
+        host_->metrics().CountModeRun(spec_.config.mode == AttentionMode::kDense,
+                                      !spec_.mode_choice.empty());
       }
       WriteNextLocked(&next);
     }
@@ -563,8 +565,6 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
     metrics->set_backend(serving_->engine->name());
     *metrics->mutable_effective_config() = AnchorConfigToProto(spec_.config);
     metrics->set_mode_choice(spec_.mode_choice);
-    host_->metrics().CountModeRun(spec_.config.mode == AttentionMode::kDense,
-                                  !spec_.mode_choice.empty());
     metrics->set_kv_bytes(kv_bytes_);
     return message;
   }
