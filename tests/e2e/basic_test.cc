@@ -325,6 +325,10 @@ TEST_F(BasicE2eTest, MetricsEndpointCountsRequests) {
   const double before =
       FindMetricValue(*before_page, "anchorserve_requests_total", {"rpc=\"Attend\"", "code=\"OK\""})
           .value_or(0);
+  // The config is left to the server's default, auto, which runs these 64 rows dense.
+  const std::vector<std::string> auto_dense = {"chosen_by=\"auto\"", "mode=\"dense\""};
+  const double auto_dense_before =
+      FindMetricValue(*before_page, "anchorserve_mode_runs_total", auto_dense).value_or(0);
 
   for (int i = 0; i < 2; ++i) {
     const absl::StatusOr<AttendResult> result = client_->Attend(InputsFor(*qkv));
@@ -338,6 +342,10 @@ TEST_F(BasicE2eTest, MetricsEndpointCountsRequests) {
       FindMetricValue(*page, "anchorserve_requests_total", {"rpc=\"Attend\"", "code=\"OK\""});
   ASSERT_TRUE(after.ok()) << after.status() << "\n" << *page;
   EXPECT_EQ(*after, before + 2);
+  absl::StatusOr<double> auto_dense_after =
+      FindMetricValue(*page, "anchorserve_mode_runs_total", auto_dense);
+  ASSERT_TRUE(auto_dense_after.ok()) << auto_dense_after.status() << "\n" << *page;
+  EXPECT_EQ(*auto_dense_after, auto_dense_before + 2);
   for (const char* name :
        {"anchorserve_request_duration_seconds", "anchorserve_queue_duration_seconds",
         "anchorserve_compute_duration_seconds", "anchorserve_batch_size",
