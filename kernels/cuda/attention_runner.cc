@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -19,6 +20,10 @@ namespace {
 static_assert(static_cast<int>(ElemType::kBf16) == static_cast<int>(DType::kBf16) &&
                   static_cast<int>(ElemType::kFp16) == static_cast<int>(DType::kFp16),
               "ElemType mirrors the 16-bit DTypes");
+
+static_assert(kMassGridLevels == kMassThetaBins + 1 && kMassGridStep == kMassThetaStep &&
+                  kMassWeightCeiling == kMassGapCeiling,
+              "the device mass-target grid mirrors kernels/attention_types.h");
 
 // The ElemType of a 16-bit DType.
 ElemType ToElemType(DType dtype) { return static_cast<ElemType>(dtype); }
@@ -112,6 +117,7 @@ absl::Status AttentionRunner::Prepare(const BatchPlanRequest& request, DType dty
   elem_type_ = ToElemType(dtype);
   softmax_scale_ = request.config.ScaleFor(request.head_dim);
   theta_ = request.config.theta;
+  config_ = request.config;
   layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor);
   ANCHOR_RETURN_IF_ERROR(ReserveArena(layout_.total_bytes));
   active_stream_ = stream_;
@@ -186,6 +192,7 @@ absl::Status AttentionRunner::PrepareOnDevice(const AttentionShape& shape,
   elem_type_ = ToElemType(dtype);
   softmax_scale_ = config.ScaleFor(shape.head_dim);
   theta_ = config.theta;
+  config_ = config;
   layout_ = LayoutWorkspace(plan_, static_cast<int>(ElementSize(dtype)), keep_row_anchor,
                             TensorPlacement::kCallerOwned);
   if (workspace != nullptr) {
@@ -287,6 +294,22 @@ IdentificationParams AttentionRunner::identification_params() const {
     p.maybe_row_anchor =
         layout_.row_anchor != 0 ? static_cast<float*>(At(layout_.row_anchor)) : nullptr;
   }
+  if (plan_.mass) {
+    MassTargetParams& mass = p.mass;
+    mass.enabled = 1;
+    mass.target = config_.mass_target;
+    mass.density_cap = config_.mass_density_cap;
+    mass.min_theta = config_.mass_min_theta;
+    mass.num_items = static_cast<int32_t>(plan_.stripe_items.size());
+    p.num_items = plan_.candidate_items;
+    mass.levels = static_cast<uint8_t*>(At(layout_.mass_levels));
+    mass.level_mass = static_cast<float*>(At(layout_.level_mass));
+    mass.candidate_mass = static_cast<float*>(At(layout_.candidate_mass));
+    mass.anchor_mass = static_cast<float*>(At(layout_.anchor_mass));
+    mass.level_keys = static_cast<int32_t*>(At(layout_.level_keys));
+    mass.scratch_bytes = layout_.mass_scratch_bytes;
+    mass.choice = static_cast<MassChoiceRecord*>(At(layout_.mass_choice));
+  }
   return p;
 }
 
@@ -369,6 +392,30 @@ absl::Status AttentionRunner::CopyHeadStats(std::vector<HeadStats>* stats) const
     s.stripes_total = device_stats[i].stripes_total;
     s.stripes_min = device_stats[i].stripes_min;
     s.stripes_max = device_stats[i].stripes_max;
+    s.mass_groups = device_stats[i].mass_groups;
+    s.mass_full_groups = device_stats[i].mass_full_groups;
+    s.mass_theta_min = device_stats[i].mass_theta_min;
+    s.mass_theta_max = device_stats[i].mass_theta_max;
+    s.mass_theta_sum = device_stats[i].mass_theta_sum;
+    s.estimated_mass_sum = device_stats[i].estimated_mass_sum;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AttentionRunner::CopyMassThetas(std::vector<float>* thetas) const {
+  if (!plan_.mass) return absl::FailedPreconditionError("no mass-target plan");
+  std::vector<MassChoiceRecord> records(plan_.list_offset.size());
+  if (!records.empty()) {
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(records.data(), At(layout_.mass_choice),
+                                                records.size() * sizeof(MassChoiceRecord),
+                                                cudaMemcpyDeviceToHost, active_stream_));
+    ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(active_stream_));
+  }
+  thetas->assign(records.size(), std::numeric_limits<float>::quiet_NaN());
+  const int hq = plan_.num_q_heads;
+  for (size_t list = 0; list < records.size(); ++list) {
+    const IdGroup& group = plan_.groups[list / hq];
+    if (group.cand_end > group.cand_begin) (*thetas)[list] = records[list].theta;
   }
   return absl::OkStatus();
 }

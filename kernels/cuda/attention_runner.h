@@ -126,6 +126,9 @@ class AttentionRunner {
   absl::Status CopyHeadStats(std::vector<HeadStats>* stats) const;
   // counts [groups * Hq]; index: the whole list buffer (list_entries), lists at plan offsets.
   absl::Status CopyStripeLists(std::vector<int32_t>* counts, std::vector<int32_t>* index) const;
+  // Mass-target plans: each list's chosen threshold, [groups * Hq] (batch group major; NaN for
+  // groups without candidates, +inf where every candidate was kept).
+  absl::Status CopyMassThetas(std::vector<float>* thetas) const;
   // x(i) per head and row, [Hq, N] per sequence at lse_offset (needs keep_row_anchor).
   absl::Status CopyRowAnchor(std::vector<float>* row_anchor) const;
 
@@ -157,6 +160,7 @@ class AttentionRunner {
   ElemType elem_type_ = ElemType::kBf16;
   float softmax_scale_ = 0;
   float theta_ = 0;
+  AnchorConfig config_;  // of the last Prepare: the mass-target fields
   bool prepared_ = false;
 };
 

@@ -53,6 +53,7 @@ absl::StatusOr<BatchPlan> PlanBatch(const BatchPlanRequest& request) {
   plan.num_kv_heads = hkv;
   plan.head_dim = d;
   plan.sparse = request.sparse;
+  plan.mass = request.sparse && config.UsesMassTarget();
   plan.geometry = AnchorGeometry{static_cast<int32_t>(group_size), config.block_size, config.step,
                                  config.init_groups, config.local_groups};
   plan.pooled_rows = static_cast<int>(RoundUp(config.step, kPooledRowTile));
@@ -137,7 +138,29 @@ absl::StatusOr<BatchPlan> PlanBatch(const BatchPlanRequest& request) {
       item.key_begin = static_cast<int32_t>(key);
       item.key_end =
           static_cast<int32_t>(std::min<int64_t>(key + kStripeChunkKeys, group.cand_end));
+      item.kind = kCandidates;
       plan.stripe_items.push_back(item);
+    }
+  }
+  plan.candidate_items = static_cast<int32_t>(
+      std::min<size_t>(plan.stripe_items.size(), std::numeric_limits<int32_t>::max()));
+  if (plan.mass) {
+    // A(i) of the sampled rows: [0, init_end) and [cand_end, last row of the group].
+    for (int32_t gg = 0; gg < static_cast<int32_t>(plan.groups.size()); ++gg) {
+      const IdGroup& group = plan.groups[gg];
+      if (group.cand_end <= group.cand_begin) continue;
+      const int64_t ranges[2][2] = {{0, group.cand_begin},
+                                    {group.cand_end, int64_t{group.row_begin} + group.rows}};
+      for (const auto& range : ranges) {
+        for (int64_t key = range[0]; key < range[1]; key += kStripeChunkKeys) {
+          StripeItem item{};
+          item.batch_group = gg;
+          item.key_begin = static_cast<int32_t>(key);
+          item.key_end = static_cast<int32_t>(std::min<int64_t>(key + kStripeChunkKeys, range[1]));
+          item.kind = kAnchorRegion;
+          plan.stripe_items.push_back(item);
+        }
+      }
     }
   }
   if (plan.anchor_tiles.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()) ||
@@ -187,7 +210,19 @@ WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool k
     layout.pooled_split = take(pooled * 3 * d * element_bytes);
     layout.pooled_unscale = take(pooled * sizeof(float));
     layout.pooled_anchor = take(pooled * sizeof(float));
-    if (keep_row_anchor) layout.row_anchor = take(plan.lse_elements * sizeof(float));
+    if (keep_row_anchor || plan.mass) layout.row_anchor = take(plan.lse_elements * sizeof(float));
+    if (plan.mass) {
+      const int64_t lists = static_cast<int64_t>(plan.list_offset.size());
+      layout.mass_levels = take(plan.list_entries);
+      // The zeroed scratch is one contiguous run: level_mass .. level_keys.
+      const int64_t scratch_begin = cursor;
+      layout.level_mass = take(pooled * kMassGridLevels * sizeof(float));
+      layout.candidate_mass = take(pooled * sizeof(float));
+      layout.anchor_mass = take(pooled * sizeof(float));
+      layout.level_keys = take(lists * kMassGridLevels * sizeof(int32_t));
+      layout.mass_scratch_bytes = cursor - scratch_begin;
+      layout.mass_choice = take(lists * sizeof(MassChoiceRecord));
+    }
   }
   layout.total_bytes = cursor;
   return layout;

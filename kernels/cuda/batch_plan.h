@@ -31,6 +31,7 @@ struct BatchPlan {
   int num_kv_heads = 0;
   int head_dim = 0;
   bool sparse = false;
+  bool mass = false;  // mass-target selection (sparse plans only)
   AnchorGeometry geometry;
   int pooled_rows = 0;  // step rounded up to kPooledRowTile
   std::vector<SeqDesc> seqs;
@@ -39,11 +40,14 @@ struct BatchPlan {
   std::vector<IdGroup> groups;             // every group of every sequence, in sequence order
   std::vector<IdBlock> blocks;             // sparse: [groups.size() * step]
   std::vector<int64_t> list_offset;        // [groups.size() * Hq], multiples of kListAlign
-  std::vector<StripeItem> stripe_items;    // sparse: chunks of kStripeChunkKeys candidates
-  int64_t q_elements = 0;                  // packed q (and out) elements over the batch
-  int64_t kv_elements = 0;                 // packed k (and v) elements
-  int64_t lse_elements = 0;                // Hq * sum of seq_len
-  int64_t list_entries = 0;  // int32 stripe index capacity: sum over lists of list_capacity
+  // sparse: chunks of <= kStripeChunkKeys candidates; mass plans then add the anchor-region
+  // chunks of the groups with candidates.
+  std::vector<StripeItem> stripe_items;
+  int32_t candidate_items = 0;  // the first candidate_items entries of stripe_items
+  int64_t q_elements = 0;       // packed q (and out) elements over the batch
+  int64_t kv_elements = 0;      // packed k (and v) elements
+  int64_t lse_elements = 0;     // Hq * sum of seq_len
+  int64_t list_entries = 0;     // int32 stripe index capacity: sum over lists of list_capacity
 };
 
 // INVALID_ARGUMENT for empty batches, non-positive or > INT32_MAX lengths, bad head counts or an
@@ -58,6 +62,9 @@ struct WorkspaceLayout {
   int64_t list_offset = 0, stripe_items = 0, counts = 0, index = 0, bitmask = 0;
   int64_t tile_qsum = 0, tile_xsum = 0, pooled_split = 0, pooled_unscale = 0, pooled_anchor = 0;
   int64_t row_anchor = 0, head_stats = 0;
+  int64_t mass_levels = 0, level_mass = 0, candidate_mass = 0, anchor_mass = 0, level_keys = 0,
+          mass_choice = 0;
+  int64_t mass_scratch_bytes = 0;  // level_mass .. level_keys, cleared before each stripe stage
   int64_t bitmask_words = 0;
   int64_t total_bytes = 0;
 };
@@ -66,7 +73,8 @@ struct WorkspaceLayout {
 // or in device buffers the caller owns (the workspace then holds only the plan and scratch).
 enum class TensorPlacement { kInWorkspace, kCallerOwned };
 
-// `element_bytes` of q/k/v/out; `keep_row_anchor` adds the [Hq, N] x(i) buffer (tests).
+// `element_bytes` of q/k/v/out; `keep_row_anchor` adds the [Hq, N] x(i) buffer (tests; mass
+// plans always have it).
 WorkspaceLayout LayoutWorkspace(const BatchPlan& plan, int element_bytes, bool keep_row_anchor,
                                 TensorPlacement tensors = TensorPlacement::kInWorkspace);
 

@@ -106,11 +106,12 @@ absl::Status CanRunOnCuda(const AttentionProblem& problem) {
     return absl::FailedPreconditionError(absl::StrCat("num_q_heads ", problem.shape.num_q_heads,
                                                       " exceeds the cuda backend's 65535"));
   }
-  if (problem.config.UsesMassTarget()) {
-    // The identification kernels select by a fixed theta only; mass targets run on the CPU
-    // backend until they are ported and checked on a GPU.
-    return absl::FailedPreconditionError(
-        "config.mass_target is not supported by the cuda backend yet (cpu backend only)");
+  if (problem.config.UsesMassTarget() && problem.config.step > cuda::kPooledRowTile) {
+    // The level pass takes each head's pooled rows in one 16-row tensor-core tile.
+    return absl::FailedPreconditionError(absl::StrCat("config.step ", problem.config.step,
+                                                      " with config.mass_target: the cuda "
+                                                      "backend's mass targets support step <= ",
+                                                      cuda::kPooledRowTile));
   }
   return absl::OkStatus();
 }
@@ -295,6 +296,7 @@ absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {
     snapshot_.plan = plan;
     ANCHOR_RETURN_IF_ERROR(runner_->CopyStripeLists(&snapshot_.counts, &snapshot_.index));
     ANCHOR_RETURN_IF_ERROR(runner_->CopyRowAnchor(&snapshot_.row_anchor));
+    if (plan.mass) ANCHOR_RETURN_IF_ERROR(runner_->CopyMassThetas(&snapshot_.mass_theta));
   }
   return absl::OkStatus();
 }

@@ -48,6 +48,7 @@ class CudaBackend : public AttentionBackend {
     std::vector<int32_t> counts;    // [groups * Hq]
     std::vector<int32_t> index;     // lists at plan.list_offset
     std::vector<float> row_anchor;  // [Hq, N] per sequence at SeqDesc::lse_offset
+    std::vector<float> mass_theta;  // mass targets: [groups * Hq] chosen theta (NaN: no C_g)
   };
   void KeepStripesForTesting(bool keep);
   StripeSnapshot LastStripesForTesting() const;

@@ -1,6 +1,7 @@
 // Per-(sequence, query head) metrics of the spec (HeadStats: computed entries, stripe counts),
 // reduced on the device so that a batch needs one device->host copy.
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/identification.h"
@@ -16,7 +17,10 @@ constexpr int kStatsThreads = 128;
 
 __global__ void __launch_bounds__(kStatsThreads)
     HeadStatsKernel(const IdentificationParams p, bool dense) {
-  __shared__ long long shared[6][kStatsThreads / 32];
+  constexpr int kWarps = kStatsThreads / 32;
+  __shared__ long long shared[8][kWarps];
+  __shared__ double shared_mass_sums[2][kWarps];
+  __shared__ float shared_theta[2][kWarps];
   const SeqDesc seq = p.seqs[blockIdx.x];
   const int head = blockIdx.y;
   if (dense) {  // every causal entry, no stripes (as the reference reports dense mode)
@@ -32,6 +36,10 @@ __global__ void __launch_bounds__(kStatsThreads)
   const int num_groups = static_cast<int>((seq.seq_len + group_size - 1) / group_size);
   long long anchor_entries = 0, stripe_entries = 0, groups = 0, total = 0;
   long long minimum = LLONG_MAX, maximum = 0;
+  // Mass-target plans: chosen thresholds and estimated kept mass (rows without candidates: 1).
+  long long mass_groups = 0, full_groups = 0;
+  double theta_sum = 0, estimated_mass = 0;
+  float theta_min = INFINITY, theta_max = -INFINITY;
   for (int g = threadIdx.x; g < num_groups; g += kStatsThreads) {
     const int64_t batch_group = int64_t{seq.group_begin} + g;
     const IdGroup group = p.groups[batch_group];
@@ -45,6 +53,22 @@ __global__ void __launch_bounds__(kStatsThreads)
       stripe_entries += selected * group.rows;
       minimum = selected < minimum ? selected : minimum;
       maximum = selected > maximum ? selected : maximum;
+    }
+    if (p.mass.enabled) {
+      if (candidates <= 0) {
+        estimated_mass += group.rows;
+        continue;
+      }
+      const MassChoiceRecord choice = p.mass.choice[batch_group * p.num_q_heads + head];
+      estimated_mass += static_cast<double>(group.rows) * choice.estimate;
+      if (choice.level >= kMassGridLevels) {
+        ++full_groups;
+        continue;
+      }
+      ++mass_groups;
+      theta_sum += choice.theta;
+      theta_min = fminf(theta_min, choice.theta);
+      theta_max = fmaxf(theta_max, choice.theta);
     }
   }
   long long values[6] = {anchor_entries, stripe_entries, groups, total, minimum, maximum};
@@ -60,6 +84,25 @@ __global__ void __launch_bounds__(kStatsThreads)
     }
     if (lane == 0) shared[v][warp] = x;
   }
+  double mass_sums[2] = {theta_sum, estimated_mass};
+  long long mass_counts[2] = {mass_groups, full_groups};
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    for (int v = 0; v < 2; ++v) {
+      mass_sums[v] += __shfl_xor_sync(kFullMask, mass_sums[v], offset);
+      mass_counts[v] += __shfl_xor_sync(kFullMask, mass_counts[v], offset);
+    }
+    theta_min = fminf(theta_min, __shfl_xor_sync(kFullMask, theta_min, offset));
+    theta_max = fmaxf(theta_max, __shfl_xor_sync(kFullMask, theta_max, offset));
+  }
+  if (lane == 0) {
+    shared_mass_sums[0][warp] = mass_sums[0];
+    shared_mass_sums[1][warp] = mass_sums[1];
+    shared[6][warp] = mass_counts[0];
+    shared[7][warp] = mass_counts[1];
+    shared_theta[0][warp] = theta_min;
+    shared_theta[1][warp] = theta_max;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int v = 0; v < 6; ++v) {
@@ -70,7 +113,19 @@ __global__ void __launch_bounds__(kStatsThreads)
       }
       values[v] = x;
     }
-    DeviceHeadStats stats;
+    DeviceHeadStats stats{};
+    for (int w = 0; w < kWarps; ++w) {
+      stats.mass_theta_sum += shared_mass_sums[0][w];
+      stats.estimated_mass_sum += shared_mass_sums[1][w];
+      stats.mass_groups += shared[6][w];
+      stats.mass_full_groups += shared[7][w];
+      theta_min = fminf(theta_min, shared_theta[0][w]);
+      theta_max = fmaxf(theta_max, shared_theta[1][w]);
+    }
+    if (stats.mass_groups > 0) {
+      stats.mass_theta_min = theta_min;
+      stats.mass_theta_max = theta_max;
+    }
     stats.computed_entries = values[0] + values[1];
     stats.stripe_entries = values[1];
     stats.stripe_groups = values[2];

@@ -23,7 +23,14 @@ LaunchResult LaunchPooling(const IdentificationParams& params, cudaStream_t stre
 // stripe_scoring.cu: scores every candidate key of every group against the pooled queries of each
 // head (max_r(scale * qbar_r.k_j - abar_r) >= -theta, dot products exact up to fp32
 // accumulation) into the bitmask, then LaunchStripeCompaction. Needs the anchor stage's outputs.
+// Mass-target plans instead grade the candidates by level, estimate each level's kept mass from
+// the sampled rows and select with LaunchMassSelection.
 LaunchResult LaunchStripeStage(const IdentificationParams& params, cudaStream_t stream);
+
+// mass_selection.cu (mass-target plans, after the scoring kernels): per (group, head) the
+// smallest grid level whose estimated kept mass reaches the target (spec section 8), then the
+// bitmask of the candidates at or below it. Part of LaunchStripeStage.
+LaunchResult LaunchMassSelection(const IdentificationParams& params, cudaStream_t stream);
 
 // stripe_compaction.cu: bitmask -> sorted per-(group, head) index lists and counts. Part of
 // LaunchStripeStage; on its own, e.g. to time it (the bitmask must hold a stripe stage's bits).

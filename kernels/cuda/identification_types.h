@@ -47,15 +47,32 @@ struct IdBlock {
 
 // A chunk of a group's candidate keys, scored by one CTA against the pooled queries of every
 // query head that shares a KV head.
+// Mass-target plans append items over the anchor region A of each group with candidates
+// (kind kAnchorRegion), scored only by the sampled rows for their anchor-region mass.
+enum StripeItemKind : int32_t { kCandidates = 0, kAnchorRegion = 1 };
+
 struct StripeItem {
   int32_t batch_group;
   int32_t key_begin;  // within the sequence; key_begin - cand_begin is a multiple of 64
   int32_t key_end;
+  int32_t kind;  // StripeItemKind
+};
+
+// Mass-target mode (docs/anchorattention.md section 8): the grid of per-group thresholds,
+// mirrored from kernels/attention_types.h (static_assert in attention_runner.cc).
+inline constexpr int kMassGridLevels = 161;  // levels 0..kMassThetaBins; a key past them is 161
+inline constexpr float kMassGridStep = 0.25f;
+inline constexpr float kMassWeightCeiling = 40.0f;
+
+// What one (batch group, query head) with candidates chose.
+struct MassChoiceRecord {
+  int32_t level;   // grid level k kept (level(j) <= k), or kMassGridLevels: every candidate
+  float theta;     // mass_min_theta + k * step, or +inf
+  float estimate;  // estimated kept mass F(k) (1 when every candidate is kept)
   int32_t reserved;
 };
 
-// The counts of anchorserve::HeadStats the GPU computes (CopyHeadStats copies them field by
-// field; the mass-target fields stay zero: the CUDA backend does not run mass targets).
+// anchorserve::HeadStats as the GPU computes it (CopyHeadStats copies it field by field).
 struct DeviceHeadStats {
   int64_t computed_entries;
   int64_t stripe_entries;
@@ -63,6 +80,30 @@ struct DeviceHeadStats {
   int64_t stripes_total;
   int64_t stripes_min;
   int64_t stripes_max;
+  // Mass-target mode only.
+  int64_t mass_groups;
+  int64_t mass_full_groups;
+  double mass_theta_sum;
+  double estimated_mass_sum;
+  float mass_theta_min;
+  float mass_theta_max;
+};
+
+// Mass-target selection: the request's target and the per-(group, head) scratch of the stripe
+// stage. Off (enabled == 0) for fixed-theta plans, whose buffers are then null.
+struct MassTargetParams {
+  int32_t enabled;
+  float target;           // p in (0, 1]
+  float density_cap;      // (0, 1]
+  float min_theta;        // the grid's first threshold
+  int32_t num_items;      // stripe items including the anchor-region ones (items[num_items])
+  uint8_t* levels;        // [list capacity] grid level of every candidate, at list_offset
+  float* level_mass;      // [groups * Hq, pooled_rows, kMassGridLevels] sampled-row weight by level
+  float* candidate_mass;  // [groups * Hq, pooled_rows] sum of the weights over all of C_g
+  float* anchor_mass;     // [groups * Hq, pooled_rows] sum over A(i) of exp(s_ij - x(i))
+  int32_t* level_keys;    // [groups * Hq, kMassGridLevels] candidates per level
+  int64_t scratch_bytes;  // level_mass .. level_keys: one run, cleared before scoring
+  MassChoiceRecord* choice;  // [groups * Hq]
 };
 
 struct IdentificationParams {
@@ -71,7 +112,7 @@ struct IdentificationParams {
   int32_t num_kv_heads;
   int32_t head_dim;     // 64 or 128
   float softmax_scale;  // applied in fp32 to the fp32 dot products
-  float theta;          // finite, or -inf (nothing selected)
+  float theta;          // finite, or -inf (nothing selected); unused in mass-target mode
   AnchorGeometry geometry;
   int32_t pooled_rows;  // step rounded up to kPooledRowTile (rows per head in pooled arrays)
 
@@ -99,7 +140,9 @@ struct IdentificationParams {
   uint32_t* bitmask;      // [list capacity / 32] one bit per candidate key, at list_offset / 32
   int64_t bitmask_words;
   float* maybe_row_anchor;      // [Hq, N] per sequence at SeqDesc::lse_offset: x(i); may be null
+                                // (never in mass-target mode: the sampled rows read it)
   DeviceHeadStats* head_stats;  // [num_seqs, Hq]
+  MassTargetParams mass;
 };
 
 // Sum over v in [first, last] of min(cap, v).

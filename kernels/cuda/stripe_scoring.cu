@@ -232,27 +232,84 @@ __global__ void __launch_bounds__(128, 3)
 }
 
 // ---------------------------------------------------------------------------------------------
-// wgmma stripe scoring. CTA (one warpgroup) = one StripeItem (<= 2048 candidate keys of one group)
-// x one KV head x one pass over 4 units (warp w: unit 4 * pass + w = 16 pooled rows of one query
-// head). Accumulator layout as in the anchor kernels; a key is selected for a unit when any of
-// its 16 rows passes, i.e. OR over the 8 lanes of equal lane % 4 and over the two row halves.
-template <int kDim>
+// wgmma stripe scoring. CTA (one warpgroup) = one StripeItem (<= 2048 keys of one group) x one KV
+// head x one pass over 4 units (warp w: unit 4 * pass + w = 16 rows of one query head). Accumulator
+// layout as in the anchor kernels: thread rows lane/4 and lane/4 + 8, key 8j + 2 * (lane % 4) + e.
+// Three passes share the kernel:
+//   kSelect (fixed theta): rows are pooled queries; a key is selected for a unit when any of its
+//     16 rows passes, i.e. OR over the 8 lanes of equal lane % 4 and over the two row halves.
+//   kLevels (mass target): the same margins, max over the head's pooled rows, give each candidate
+//     its grid level (spec section 8), one byte per key. Needs one unit per head (step <= 16).
+//   kMass (mass target): rows are each block's last query row (the sampled rows, the input dtype
+//     is exact, one piece). Candidate items add exp(min(s - x(i), 40)) per level into a
+//     shared-memory histogram per (row, level) and count the keys per level; anchor-region items
+//     (kAnchorRegion) sum exp(s - x(i)) over A(i). The sums go to global memory with atomics.
+enum class StripePass { kSelect, kLevels, kMass };
+
+template <int kDim, StripePass kPass>
 struct StripeShape {
-  static constexpr int kStages = kDim == 128 ? 3 : 4;
-  static constexpr int kSmemBytes = kStages * Tile<kDim>::kBytes + 1024;  // 97 KiB at d = 128
+  static constexpr bool kMass = kPass == StripePass::kMass;
+  // The mass pass gives a stage up for its histogram, keeping two CTAs per SM.
+  static constexpr int kStages = (kDim == 128 ? 3 : 4) - (kMass ? 1 : 0);
+  static constexpr int kHistFloats = kMass ? 4 * kPooledRowTile * kMassGridLevels : 0;
+  static constexpr int kKeyCounts = kMass ? 4 * kMassGridLevels : 0;
+  static constexpr int kSmemBytes =
+      kStages * Tile<kDim>::kBytes + 1024 + 4 * (kHistFloats + kKeyCounts);  // 97 KiB at d = 128
 };
 
-template <typename T, int kDim>
+// The grid level of a pooled margin (MassLevelOf in kernels/attention_types.h, same fp32 steps):
+// the smallest k with margin >= -(min_theta + k * step), or kMassGridLevels past the grid.
+__device__ __forceinline__ int MassLevel(float margin, float min_theta) {
+  auto threshold = [&](int k) { return min_theta + static_cast<float>(k) * kMassGridStep; };
+  if (margin >= -threshold(0)) return 0;
+  const float steps = (-min_theta - margin) / kMassGridStep;
+  if (!(steps <= static_cast<float>(kMassGridLevels))) return kMassGridLevels;  // NaN too
+  int k = max(1, static_cast<int>(ceilf(steps)));
+  while (k > 1 && margin >= -threshold(k - 1)) --k;
+  while (k < kMassGridLevels && margin < -threshold(k)) ++k;
+  return k;
+}
+
+// A fragments (mma.m16n8k16 layout) of this warp's 16 rows, rows lane/4 (`upper`) and lane/4 + 8
+// (`lower`), piece p at column p * kDim; a null row is zero.
+template <int kPieces, int kDim>
+__device__ __forceinline__ void LoadRowFragments(const uint16_t* upper, const uint16_t* lower,
+                                                 int lane, uint32_t (&a)[kPieces][kDim / 16][4]) {
+  const int quad_col = 2 * (lane & 3);
+  auto word = [](const uint16_t* row, int col) {
+    return row != nullptr ? *reinterpret_cast<const uint32_t*>(row + col) : 0u;
+  };
+#pragma unroll
+  for (int piece = 0; piece < kPieces; ++piece) {
+#pragma unroll
+    for (int ks = 0; ks < kDim / 16; ++ks) {
+      const int col = piece * kDim + ks * 16 + quad_col;
+      a[piece][ks][0] = word(upper, col);
+      a[piece][ks][1] = word(lower, col);
+      a[piece][ks][2] = word(upper, col + 8);
+      a[piece][ks][3] = word(lower, col + 8);
+    }
+  }
+}
+
+template <typename T, int kDim, StripePass kPass>
 __global__ void __launch_bounds__(128, 2)
     WgmmaStripeKernel(const __grid_constant__ IdentificationParams p, int passes, int row_tiles) {
 #if ANCHOR_ID_HAS_WGMMA
   using Geo = Tile<kDim>;
-  constexpr int kPieces = 3;  // hi, mid, lo
-  constexpr int kStages = StripeShape<kDim>::kStages;
+  using Shape = StripeShape<kDim, kPass>;
+  constexpr bool kMass = kPass == StripePass::kMass;
+  constexpr int kPieces = kMass ? 1 : 3;  // sampled rows are exact; pooled ones hi + mid + lo
+  constexpr int kStages = Shape::kStages;
   constexpr int kKSteps = Geo::kKSteps;
+  constexpr int kLevels = kMassGridLevels;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
   auto k_tile = [&](int t) { return base + (t % kStages) * Geo::kBytes; };
+  // Mass pass: [4 units][16 rows][kLevels] weights, then [4 units][kLevels] key counts.
+  float* level_mass =
+      reinterpret_cast<float*>(smem_raw + (base - SmemAddress(smem_raw)) + kStages * Geo::kBytes);
+  int* level_keys = reinterpret_cast<int*>(level_mass + Shape::kHistFloats);
 
   const int item_index = blockIdx.x / passes;
   const int pass = blockIdx.x % passes;
@@ -271,46 +328,58 @@ __global__ void __launch_bounds__(128, 2)
   const int unit = active ? pass * 4 + warp : units - 1;
   const int head = kv_head * gqa + unit / row_tiles;
   const int row_tile = unit % row_tiles;
-
-  // This warp's 16 pooled rows as A fragments (mma.m16n8k16 layout): rows lane/4 and lane/4 + 8.
-  const int64_t pooled_row0 =
-      (int64_t{item.batch_group} * p.num_q_heads + head) * p.pooled_rows + row_tile * 16;
+  const int64_t list = int64_t{item.batch_group} * p.num_q_heads + head;
+  const int64_t pooled_row0 = list * p.pooled_rows + row_tile * 16;
   const int quad_row = lane >> 2;
-  const int quad_col = 2 * (lane & 3);
+
   uint32_t a_frag[kPieces][kKSteps][4];
-  {
-    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
-    const uint16_t* upper = split + (pooled_row0 + quad_row) * 3 * kDim;
-    const uint16_t* lower = split + (pooled_row0 + quad_row + 8) * 3 * kDim;
+  // Pooled passes: margin = scale * (2^-e * acc) - abar in one FFMA: 2^-e * scale is exact, and
+  // so is the product inside the FFMA, which rounds once (as MmaSyncStripeKernel's FFMA).
+  // Mass pass: row_scale = scale and pooled_anchor = x(i) of the sampled row.
+  float row_scale[2], pooled_anchor[2];
+  int sampled_row[2] = {-1, -1};  // mass pass: row i of the sequence, -1 without one
+  if constexpr (kMass) {
+    const T* q_base = static_cast<const T*>(p.q) + seq.q_offset + head * seq.q_head_stride;
+    const uint16_t* rows[2] = {nullptr, nullptr};
 #pragma unroll
-    for (int piece = 0; piece < kPieces; ++piece) {
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        const int col = piece * kDim + ks * 16 + quad_col;
-        a_frag[piece][ks][0] = *reinterpret_cast<const uint32_t*>(upper + col);
-        a_frag[piece][ks][1] = *reinterpret_cast<const uint32_t*>(lower + col);
-        a_frag[piece][ks][2] = *reinterpret_cast<const uint32_t*>(upper + col + 8);
-        a_frag[piece][ks][3] = *reinterpret_cast<const uint32_t*>(lower + col + 8);
-        if (!active) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) a_frag[piece][ks][r] = 0u;
-        }
+    for (int h = 0; h < 2; ++h) {
+      const int block = row_tile * 16 + quad_row + 8 * h;
+      const int block_rows =
+          active && block < p.geometry.step
+              ? p.blocks[int64_t{item.batch_group} * p.geometry.step + block].rows
+              : 0;
+      row_scale[h] = p.softmax_scale;
+      pooled_anchor[h] = INFINITY;
+      if (block_rows > 0) {
+        const int i = group.row_begin + block * p.geometry.block_size + block_rows - 1;
+        sampled_row[h] = i;
+        rows[h] = reinterpret_cast<const uint16_t*>(q_base + int64_t{i} * seq.q_token_stride);
+        pooled_anchor[h] = p.maybe_row_anchor[seq.lse_offset + int64_t{head} * seq.seq_len + i];
       }
     }
-  }
-  // margin = scale * (2^-e * acc) - abar in one FFMA: 2^-e * scale is exact, and so is the
-  // product inside the FFMA, which rounds once (as MmaSyncStripeKernel's contracted FFMA).
-  float row_scale[2], pooled_anchor[2];
+    LoadRowFragments<kPieces, kDim>(rows[0], rows[1], lane, a_frag);
+    for (int idx = tid; idx < Shape::kHistFloats + Shape::kKeyCounts; idx += 128) {
+      level_mass[idx] = 0.0f;  // level_keys follow: 0.0f and 0 share the bit pattern
+    }
+  } else {
+    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
+    const uint16_t* upper = active ? split + (pooled_row0 + quad_row) * 3 * kDim : nullptr;
+    const uint16_t* lower = active ? split + (pooled_row0 + quad_row + 8) * 3 * kDim : nullptr;
+    LoadRowFragments<kPieces, kDim>(upper, lower, lane, a_frag);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = pooled_row0 + quad_row + 8 * h;
-    row_scale[h] = p.pooled_unscale[row] * p.softmax_scale;
-    // +inf for rows without queries (and inactive warps): never selected.
-    pooled_anchor[h] = active ? p.pooled_anchor[row] : INFINITY;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = pooled_row0 + quad_row + 8 * h;
+      row_scale[h] = p.pooled_unscale[row] * p.softmax_scale;
+      // +inf for rows without queries (and inactive warps): never selected.
+      pooled_anchor[h] = active ? p.pooled_anchor[row] : INFINITY;
+    }
   }
   const float neg_theta = -p.theta;
-  uint32_t* head_bits =
-      p.bitmask + p.lists.list_offset[int64_t{item.batch_group} * p.num_q_heads + head] / 32;
+  uint32_t* head_bits = p.bitmask + p.lists.list_offset[list] / 32;
+  uint8_t* head_levels =
+      kPass == StripePass::kSelect ? nullptr : p.mass.levels + p.lists.list_offset[list];
+  const bool anchor_region = item.kind == kAnchorRegion;
+  float row_sum[2] = {0.0f, 0.0f};  // mass pass: this thread's share of each row's sum
 
   const RowCopier<kDim, 128> copier(tid);
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
@@ -356,41 +425,142 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) PinRegisters(a_frag[piece][ks]);
     }
-
-    // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
-    // thread's two rows.
-    uint32_t bits = 0;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool upper = fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]) >= neg_theta;
-        const bool lower = fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]) >= neg_theta;
-        bits |= static_cast<uint32_t>(upper | lower) << (2 * j + e);
-      }
-    }
-    // OR over the 16 rows: lanes of equal lane % 4.
-    bits |= __shfl_xor_sync(kFullMask, bits, 4);
-    bits |= __shfl_xor_sync(kFullMask, bits, 8);
-    bits |= __shfl_xor_sync(kFullMask, bits, 16);
-    // Word w (keys 32w .. 32w + 31) has bit 8j' + 2q + e from lane q's bit 2(4w + j') + e:
-    // spread byte w of lane q's bits to 2-bit fields 8 apart, shift by 2q, OR over q.
-    const uint32_t byte = (bits >> (8 * word_lane)) & 0xffu;
-    uint32_t word =
-        ((byte & 0x3u) | ((byte & 0xcu) << 6) | ((byte & 0x30u) << 12) | ((byte & 0xc0u) << 18))
-        << (2 * (lane & 3));
-    word |= __shfl_xor_sync(kFullMask, word, 1);
-    word |= __shfl_xor_sync(kFullMask, word, 2);
     const int first = item.key_begin + t * kKeyTile;
     const int valid = item.key_end - first;  // keys past the chunk were zero-filled
-    if (valid < 32 * (word_lane + 1)) {
-      word &= valid <= 32 * word_lane ? 0u : (1u << (valid - 32 * word_lane)) - 1u;
-    }
-    if (active && lane < 16 && (lane & 3) == 0 && word != 0u) {
-      atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
+
+    if constexpr (kPass == StripePass::kSelect) {
+      // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
+      // thread's two rows.
+      uint32_t bits = 0;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool upper = fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]) >= neg_theta;
+          const bool lower = fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]) >= neg_theta;
+          bits |= static_cast<uint32_t>(upper | lower) << (2 * j + e);
+        }
+      }
+      // OR over the 16 rows: lanes of equal lane % 4.
+      bits |= __shfl_xor_sync(kFullMask, bits, 4);
+      bits |= __shfl_xor_sync(kFullMask, bits, 8);
+      bits |= __shfl_xor_sync(kFullMask, bits, 16);
+      // Word w (keys 32w .. 32w + 31) has bit 8j' + 2q + e from lane q's bit 2(4w + j') + e:
+      // spread byte w of lane q's bits to 2-bit fields 8 apart, shift by 2q, OR over q.
+      const uint32_t byte = (bits >> (8 * word_lane)) & 0xffu;
+      uint32_t word =
+          ((byte & 0x3u) | ((byte & 0xcu) << 6) | ((byte & 0x30u) << 12) | ((byte & 0xc0u) << 18))
+          << (2 * (lane & 3));
+      word |= __shfl_xor_sync(kFullMask, word, 1);
+      word |= __shfl_xor_sync(kFullMask, word, 2);
+      if (valid < 32 * (word_lane + 1)) {
+        word &= valid <= 32 * word_lane ? 0u : (1u << (valid - 32 * word_lane)) - 1u;
+      }
+      if (active && lane < 16 && (lane & 3) == 0 && word != 0u) {
+        atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
+      }
+    } else if constexpr (kPass == StripePass::kLevels) {
+      // Max over the 16 rows (lanes of equal lane % 4); lane (r, q) then writes the level bytes
+      // of keys 8j + 2q and 8j + 2q + 1 for j = r and r + 8 (two-byte stores: the chunk and the
+      // list start at even keys; a pair past the chunk's end lies in the list's padding).
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        uint32_t pair = 0;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float margin = fmaxf(fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]),
+                               fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 4));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 8));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 16));
+          if ((j & 7) == quad_row) pair |= MassLevel(margin, p.mass.min_theta) << (8 * e);
+        }
+        const int key = 8 * j + 2 * (lane & 3);
+        if (active && (j & 7) == quad_row && key < valid) {
+          *reinterpret_cast<uint16_t*>(head_levels + (first - group.cand_begin) + key) =
+              static_cast<uint16_t>(pair);
+        }
+      }
+    } else if (!anchor_region) {
+      // Candidates: each sampled row's weight of every key, by the key's level.
+      float* unit_mass = level_mass + warp * (kPooledRowTile * kLevels);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int key = 8 * j + 2 * (lane & 3);
+        const uint32_t pair =
+            active && key < valid
+                ? *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key)
+                : 0xffffu;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (key + e >= valid) continue;
+          const int level = (pair >> (8 * e)) & 0xffu;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (sampled_row[h] < 0) continue;
+            const float gap = fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]);
+            const float weight = expf(fminf(gap, kMassWeightCeiling));
+            row_sum[h] += weight;
+            if (level < kLevels)
+              atomicAdd(unit_mass + (quad_row + 8 * h) * kLevels + level, weight);
+          }
+          if (active && quad_row == 0 && level < kLevels)
+            atomicAdd(level_keys + warp * kLevels + level, 1);
+        }
+      }
+    } else {
+      // Anchor region: keys up to each sampled row (the init region always is).
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = 8 * j + 2 * (lane & 3) + e;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (key < valid && first + key <= sampled_row[h]) {
+              row_sum[h] += expf(fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]));
+            }
+          }
+        }
+      }
     }
   }
   CpAsyncWait<0>();
+
+  if constexpr (kMass) {
+    // Row sums over the lane quad, then the shared histogram into the global one.
+    float* row_total = anchor_region ? p.mass.anchor_mass : p.mass.candidate_mass;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[h];
+      sum += __shfl_xor_sync(kFullMask, sum, 1);
+      sum += __shfl_xor_sync(kFullMask, sum, 2);
+      if ((lane & 3) == 0 && sampled_row[h] >= 0) {
+        atomicAdd(row_total + pooled_row0 + quad_row + 8 * h, sum);
+      }
+    }
+    if (anchor_region) return;
+    __syncthreads();
+    const int units_here = min(4, units - pass * 4);
+    for (int idx = tid; idx < units_here * kPooledRowTile * kLevels; idx += 128) {
+      const float weight = level_mass[idx];
+      if (weight == 0.0f) continue;
+      const int u = pass * 4 + idx / (kPooledRowTile * kLevels);
+      const int64_t u_list =
+          int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa + u / row_tiles;
+      const int row = (u % row_tiles) * 16 + (idx / kLevels) % kPooledRowTile;
+      atomicAdd(p.mass.level_mass + (u_list * p.pooled_rows + row) * kLevels + idx % kLevels,
+                weight);
+    }
+    for (int idx = tid; idx < units_here * kLevels; idx += 128) {
+      const int count = level_keys[idx];
+      if (count == 0) continue;
+      const int u = pass * 4 + idx / kLevels;
+      const int64_t u_list =
+          int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa + u / row_tiles;
+      atomicAdd(p.mass.level_keys + u_list * kLevels + idx % kLevels, count);
+    }
+  }
 #endif  // ANCHOR_ID_HAS_WGMMA
 }
 
@@ -409,26 +579,46 @@ cudaError_t LaunchMmaSyncStripe(const IdentificationParams& p, cudaStream_t stre
   return cudaGetLastError();
 }
 
-template <typename T, int kDim>
-cudaError_t LaunchWgmmaStripe(const IdentificationParams& p, cudaStream_t stream) {
-  constexpr int kSmem = StripeShape<kDim>::kSmemBytes;
-  cudaError_t error = cudaFuncSetAttribute(WgmmaStripeKernel<T, kDim>,
+template <typename T, int kDim, StripePass kPass>
+cudaError_t LaunchWgmmaStripe(const IdentificationParams& p, int num_items, cudaStream_t stream) {
+  constexpr int kSmem = StripeShape<kDim, kPass>::kSmemBytes;
+  cudaError_t error = cudaFuncSetAttribute(WgmmaStripeKernel<T, kDim, kPass>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const int row_tiles = p.pooled_rows / kPooledRowTile;
   const int passes = (p.num_q_heads / p.num_kv_heads * row_tiles + 3) / 4;
-  const dim3 grid(p.num_items * passes, p.num_kv_heads);
-  WgmmaStripeKernel<T, kDim><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
+  const dim3 grid(num_items * passes, p.num_kv_heads);
+  WgmmaStripeKernel<T, kDim, kPass><<<grid, 128, kSmem, stream>>>(p, passes, row_tiles);
   return cudaGetLastError();
 }
 
-// The wgmma kernel's 64-row passes waste a quarter or more of their MMAs when a KV head has
-// fewer than 4 units (16 pooled rows of one query head); mma.sync passes size to 1, 2 or 4.
+// Fixed theta. The wgmma kernel's 64-row passes waste a quarter or more of their MMAs when a KV
+// head has fewer than 4 units (16 pooled rows of one query head); mma.sync passes size to 1, 2
+// or 4.
 template <typename T, int kDim>
-cudaError_t LaunchStripeTyped(const IdentificationParams& p, cudaStream_t stream) {
+cudaError_t LaunchSelectTyped(const IdentificationParams& p, cudaStream_t stream) {
   const int units = p.num_q_heads / p.num_kv_heads * (p.pooled_rows / kPooledRowTile);
-  return units >= 4 ? LaunchWgmmaStripe<T, kDim>(p, stream)
+  return units >= 4 ? LaunchWgmmaStripe<T, kDim, StripePass::kSelect>(p, p.num_items, stream)
                     : LaunchMmaSyncStripe<T, kDim>(p, stream);
+}
+
+// Mass target: levels of the candidates, then the sampled rows' weights (both wgmma: the
+// histogram pass has no mma.sync variant, and its cost is set by the level pass's rows).
+template <typename T, int kDim>
+cudaError_t LaunchMassTyped(const IdentificationParams& p, cudaStream_t stream) {
+  cudaError_t error = LaunchWgmmaStripe<T, kDim, StripePass::kLevels>(p, p.num_items, stream);
+  if (error != cudaSuccess) return error;
+  return LaunchWgmmaStripe<T, kDim, StripePass::kMass>(p, p.mass.num_items, stream);
+}
+
+template <typename T>
+cudaError_t LaunchScoring(const IdentificationParams& p, cudaStream_t stream) {
+  if (p.mass.enabled) {
+    return p.head_dim == 128 ? LaunchMassTyped<T, 128>(p, stream)
+                             : LaunchMassTyped<T, 64>(p, stream);
+  }
+  return p.head_dim == 128 ? LaunchSelectTyped<T, 128>(p, stream)
+                           : LaunchSelectTyped<T, 64>(p, stream);
 }
 
 }  // namespace
@@ -437,23 +627,30 @@ LaunchResult LaunchStripeStage(const IdentificationParams& p, cudaStream_t strea
   const LaunchResult shape = id_detail::CheckShape(p);
   if (!shape.ok()) return shape;
   if (p.num_groups == 0) return LaunchResult::Ok();
-  if (p.bitmask_words > 0) {
+  if (p.mass.enabled) {
+    if (p.pooled_rows != kPooledRowTile) {
+      return LaunchResult::InvalidArgument("mass targets need step <= 16 (one row tile per head)");
+    }
+    if (p.maybe_row_anchor == nullptr) {
+      return LaunchResult::InvalidArgument("mass targets need the anchor stage's row anchors");
+    }
+    const cudaError_t error = cudaMemsetAsync(p.mass.level_mass, 0, p.mass.scratch_bytes, stream);
+    if (error != cudaSuccess) return LaunchResult::Cuda(error);
+  } else if (p.bitmask_words > 0) {
     const cudaError_t error =
         cudaMemsetAsync(p.bitmask, 0, p.bitmask_words * sizeof(uint32_t), stream);
     if (error != cudaSuccess) return LaunchResult::Cuda(error);
   }
   // theta = -inf selects nothing: the cleared bitmask compacts to empty lists.
-  if (p.num_items > 0 && !(std::isinf(p.theta) && p.theta < 0)) {
-    const bool bf16 = p.elem_type == ElemType::kBf16;
-    cudaError_t error;
-    if (p.head_dim == 128) {
-      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 128>(p, stream)
-                   : LaunchStripeTyped<__half, 128>(p, stream);
-    } else {
-      error = bf16 ? LaunchStripeTyped<__nv_bfloat16, 64>(p, stream)
-                   : LaunchStripeTyped<__half, 64>(p, stream);
-    }
+  if (p.num_items > 0 && (p.mass.enabled || !(std::isinf(p.theta) && p.theta < 0))) {
+    const cudaError_t error = p.elem_type == ElemType::kBf16
+                                  ? LaunchScoring<__nv_bfloat16>(p, stream)
+                                  : LaunchScoring<__half>(p, stream);
     if (error != cudaSuccess) return LaunchResult::Cuda(error);
+  }
+  if (p.mass.enabled) {
+    const LaunchResult chosen = LaunchMassSelection(p, stream);
+    if (!chosen.ok()) return chosen;
   }
   return LaunchStripeCompaction(p, stream);
 }

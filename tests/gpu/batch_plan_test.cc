@@ -277,5 +277,55 @@ TEST(BatchPlanTest, RejectsBadRequests) {
   EXPECT_FALSE(PlanBatch(request).ok());
 }
 
+// Mass-target plans add, after the candidate items, items that cover exactly the anchor region
+// of each group with candidates up to its last row (the sampled rows' A(i)), and a workspace with
+// the row anchors and the level and histogram buffers.
+TEST(BatchPlanTest, MassTargetPlanCoversTheAnchorRegionOfGroupsWithCandidates) {
+  BatchPlanRequest request = Request({9000, 300, 5000}, 4, 1, 64);
+  request.config.mass_target = 0.9f;
+  absl::StatusOr<BatchPlan> plan = PlanBatch(request);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_TRUE(plan->mass);
+  ASSERT_LT(plan->candidate_items, static_cast<int32_t>(plan->stripe_items.size()));
+  std::vector<std::vector<int>> covered(plan->groups.size());
+  for (size_t i = 0; i < plan->stripe_items.size(); ++i) {
+    const StripeItem& item = plan->stripe_items[i];
+    EXPECT_EQ(item.kind,
+              static_cast<int32_t>(i) < plan->candidate_items ? kCandidates : kAnchorRegion);
+    if (item.kind != kAnchorRegion) continue;
+    EXPECT_LE(item.key_end - item.key_begin, kStripeChunkKeys);
+    std::vector<int>& keys = covered[item.batch_group];
+    const IdGroup& group = plan->groups[item.batch_group];
+    keys.resize(group.row_begin + group.rows, 0);
+    for (int key = item.key_begin; key < item.key_end; ++key) ++keys[key];
+  }
+  int groups_with_candidates = 0;
+  for (size_t gg = 0; gg < plan->groups.size(); ++gg) {
+    const IdGroup& group = plan->groups[gg];
+    if (group.cand_end <= group.cand_begin) {
+      EXPECT_TRUE(covered[gg].empty()) << gg;
+      continue;
+    }
+    ++groups_with_candidates;
+    ASSERT_EQ(covered[gg].size(), static_cast<size_t>(group.row_begin + group.rows)) << gg;
+    for (int key = 0; key < group.row_begin + group.rows; ++key) {
+      const bool in_anchor = key < group.cand_begin || key >= group.cand_end;
+      EXPECT_EQ(covered[gg][key], in_anchor ? 1 : 0) << "group " << gg << " key " << key;
+    }
+  }
+  EXPECT_EQ(groups_with_candidates, 3 + 0 + 1);  // 9000: groups 2-4 of 5; 5000: group 2 of 3
+  const WorkspaceLayout layout = LayoutWorkspace(*plan, 2, false);
+  EXPECT_NE(layout.row_anchor, 0);
+  EXPECT_GT(layout.mass_scratch_bytes, 0);
+  EXPECT_GT(layout.mass_choice, layout.mass_levels);
+
+  request.config.mass_target = 0.0f;
+  plan = PlanBatch(request);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_FALSE(plan->mass);
+  EXPECT_EQ(plan->candidate_items, static_cast<int32_t>(plan->stripe_items.size()));
+  EXPECT_EQ(LayoutWorkspace(*plan, 2, false).row_anchor, 0);
+}
+
 }  // namespace
 }  // namespace anchorserve::cuda

@@ -12,10 +12,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <memory>
@@ -34,6 +36,7 @@
 #include "kernels/cuda/identification_types.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
+#include "tests/test_util/mass_check.h"
 #include "tests/test_util/reference.h"
 
 namespace anchorserve {
@@ -59,6 +62,10 @@ struct CaseSpec {
   InputKind kind = InputKind::kStructured;
   AnchorConfig config;
   uint64_t seed = 1;
+  // Structured inputs for small groups: the generator's local window and needle rows scaled
+  // down with G (0 = the generator's defaults).
+  int local_window = 0;
+  int needle_query_rows = 0;
 };
 
 // gtest prints parameters in test listings; the name says what the case is.
@@ -79,6 +86,8 @@ std::unique_ptr<TaskData> MakeTask(const CaseSpec& spec, int64_t n, uint64_t see
   if (spec.kind == InputKind::kStructured) {
     StructuredInputOptions options;
     options.seed = seed;
+    if (spec.local_window > 0) options.local_window = spec.local_window;
+    if (spec.needle_query_rows > 0) options.needle_query_rows = spec.needle_query_rows;
     qkv = GenerateStructuredQkv(shape, spec.dtype, spec.layout, options);
   } else {
     qkv = GenerateRandomQkv(shape, spec.dtype, spec.layout, seed);
@@ -911,6 +920,200 @@ TEST(CudaBackendTest, IdentificationKernelsAgreeAcrossGqaDispatch) {
                 static_cast<long long>(cmp.disputed));
     EXPECT_GT(NumGroups(spec.config, n), 2) << what << ": the case needs groups with candidates";
   }
+}
+
+// Mass targets (spec section 8): every (head, group) threshold the GPU picks is one the fp64
+// reference's estimate allows, its kept keys are the candidates within that threshold, the
+// outputs and LSE are exact for those keys, and the per-head mass statistics add up. The CPU
+// backend, which defines the semantics, picks the same thresholds on (nearly) every group.
+struct MassSpec {
+  CaseSpec base;
+  float target = 0.95f;
+  float density_cap = 1.0f;
+  float min_theta = 0.0f;
+};
+
+MassSpec Mass(std::string name, std::vector<int64_t> lens, int hq, int hkv, int d, DType dtype,
+              Layout layout, InputKind kind, float target, int block, int step, uint64_t seed) {
+  AnchorConfig config = Config(-kInf, block, step);  // theta is unused with a mass target
+  config.mass_target = target;
+  MassSpec spec{
+      Spec(std::move(name), std::move(lens), hq, hkv, d, dtype, layout, kind, config, seed),
+      target};
+  if (config.GroupSize() < 2048) {
+    spec.base.local_window = 32;
+    spec.base.needle_query_rows = 16;
+  }
+  return spec;
+}
+
+void PrintTo(const MassSpec& spec, std::ostream* os) { *os << spec.base.name; }
+
+void RunMassAgainstReference(const MassSpec& mass) {
+  CaseSpec spec = mass.base;
+  spec.config.mass_target = mass.target;
+  spec.config.mass_density_cap = mass.density_cap;
+  spec.config.mass_min_theta = mass.min_theta;
+  absl::StatusOr<std::unique_ptr<CudaBackend>> backend = CudaBackend::Create(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  (*backend)->KeepStripesForTesting(true);
+  std::vector<std::unique_ptr<TaskData>> tasks;
+  std::vector<AttentionTask*> batch;
+  for (size_t t = 0; t < spec.seq_lens.size(); ++t) {
+    tasks.push_back(MakeTask(spec, spec.seq_lens[t], spec.seed + 1000 * t));
+    batch.push_back(&tasks.back()->task);
+  }
+  ASSERT_TRUE((*backend)->CanRun(ProblemOf(*batch[0])).ok());
+  const absl::Status status = (*backend)->Run(batch);
+  ASSERT_TRUE(status.ok()) << status;
+  const CudaBackend::StripeSnapshot snapshot = (*backend)->LastStripesForTesting();
+  ASSERT_EQ(snapshot.mass_theta.size(), snapshot.counts.size());
+
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const AttentionTask& task = tasks[t]->task;
+    const int64_t n = task.shape.seq_len;
+    const std::string what =
+        absl::StrCat(Describe(spec, n, spec.seed + 1000 * t), " p=", mass.target,
+                     " cap=", mass.density_cap, " min_theta=", mass.min_theta);
+    SCOPED_TRACE(what);
+    ASSERT_TRUE(task.status.ok()) << task.status;
+    const ReferenceResult ref = ReferenceAttend(task);
+    const std::vector<std::vector<int64_t>> gpu = GpuStripes(snapshot, t, task);
+    const int hq = task.shape.num_q_heads;
+    const int64_t ng = ref.num_groups;
+    const int64_t group_begin = snapshot.plan.seqs[t].group_begin;
+
+    // The CPU backend on the same inputs, with its thresholds.
+    std::unique_ptr<TaskData> cpu_task = MakeTask(spec, n, spec.seed + 1000 * t);
+    cpu::ThreadPool pool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    std::vector<std::vector<int64_t>> cpu_stripes;
+    std::vector<float> cpu_thetas;
+    ASSERT_TRUE(cpu::RunCpuAttention(&cpu_task->task, &pool, cpu::SelectTileKernels(), &cpu_stripes,
+                                     &cpu_thetas)
+                    .ok());
+
+    int64_t groups = 0, same_as_reference = 0, same_as_cpu = 0, kept = 0, candidates = 0;
+    int64_t keys_differing_from_cpu = 0;
+    for (int h = 0; h < hq; ++h) {
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t hg = h * ng + g;
+        const float theta = snapshot.mass_theta[(group_begin + g) * hq + h];
+        const std::vector<double>& margins = ref.pooled_margins[hg];
+        SCOPED_TRACE(absl::StrCat("head ", h, " group ", g));
+        if (margins.empty()) {
+          EXPECT_TRUE(gpu[hg].empty());
+          EXPECT_TRUE(std::isnan(theta)) << theta;
+          continue;
+        }
+        ++groups;
+        same_as_reference += static_cast<double>(theta) == ref.group_theta[hg];
+        EXPECT_TRUE(ValidMassChoice(task.config, theta, ref.mass_estimate[hg],
+                                    ref.mass_kept_keys[hg], margins));
+        const GroupRanges geo = GroupRangesOf(task.config, n, g);
+        EXPECT_TRUE(KeptKeysMatchTheta(theta, geo.cand_begin, margins, gpu[hg]));
+        if (theta == cpu_thetas[hg]) {
+          ++same_as_cpu;
+          std::vector<int64_t> differ;
+          std::set_symmetric_difference(gpu[hg].begin(), gpu[hg].end(), cpu_stripes[hg].begin(),
+                                        cpu_stripes[hg].end(), std::back_inserter(differ));
+          keys_differing_from_cpu += static_cast<int64_t>(differ.size());
+        }
+        kept += static_cast<int64_t>(gpu[hg].size());
+        candidates += static_cast<int64_t>(margins.size());
+      }
+    }
+    // Disagreements about the threshold itself are rare ties of the estimate with the target.
+    EXPECT_GE(same_as_reference, groups * 9 / 10) << same_as_reference << " of " << groups;
+    EXPECT_GE(same_as_cpu, groups * 9 / 10) << same_as_cpu << " of " << groups;
+    std::printf(
+        "  %s: kept %lld of %lld candidates; threshold as the reference on %lld of %lld groups, "
+        "as the cpu backend on %lld (%lld keys differ there, margins within rounding)\n",
+        what.c_str(), static_cast<long long>(kept), static_cast<long long>(candidates),
+        static_cast<long long>(same_as_reference), static_cast<long long>(groups),
+        static_cast<long long>(same_as_cpu), static_cast<long long>(keys_differing_from_cpu));
+
+    // Outputs and LSE against the reference on the GPU's own key sets.
+    const ReferenceResult exact = ReferenceAttendWithStripes(task, gpu);
+    const ErrorStats out_error = CompareOutput(task, exact);
+    EXPECT_TRUE(out_error.ok()) << "output: " << out_error.ToString();
+    const ErrorStats lse_error = CompareLseToReference(task.maybe_lse, exact);
+    EXPECT_TRUE(lse_error.ok()) << "lse: " << lse_error.ToString();
+    ExpectStatsEqual(task.head_stats, StatsForStripes(task, gpu), "own stripes");
+    for (int h = 0; h < hq; ++h) {
+      SCOPED_TRACE(absl::StrCat("head ", h));
+      const HeadStats& got = task.head_stats[h];
+      const HeadStats& expected = ref.head_stats[h];
+      EXPECT_EQ(got.mass_groups + got.mass_full_groups, got.stripe_groups);
+      if (got.mass_groups == expected.mass_groups &&
+          got.mass_full_groups == expected.mass_full_groups &&
+          got.mass_theta_sum == expected.mass_theta_sum) {
+        EXPECT_NEAR(got.estimated_mass_sum, expected.estimated_mass_sum,
+                    kMassEstimateSlack * static_cast<double>(n));
+        EXPECT_EQ(got.mass_theta_min, expected.mass_theta_min);
+        EXPECT_EQ(got.mass_theta_max, expected.mass_theta_max);
+      }
+      EXPECT_GT(got.estimated_mass_sum, 0.0);
+      EXPECT_LE(got.estimated_mass_sum, static_cast<double>(n) * (1 + 1e-6));
+    }
+  }
+}
+
+class CudaMassTargetTest : public testing::TestWithParam<MassSpec> {};
+
+TEST_P(CudaMassTargetTest, MatchesReferenceAndCpuBackend) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  RunMassAgainstReference(GetParam());
+}
+
+std::vector<MassSpec> MassSpecs() {
+  std::vector<MassSpec> specs;
+  uint64_t seed = 700;
+  for (float p : {0.5f, 0.9f, 0.95f, 0.99f, 1.0f}) {
+    specs.push_back(
+        Mass(absl::StrCat("p", p), {700}, 4, 1, 64, kBf, kTok, kStruct, p, 16, 4, seed++));
+  }
+  // A batch of two lengths, fp16, GQA 2, d 128; GQA 7 (a partial last pass); MHA head-major.
+  specs.push_back(
+      Mass("batch_fp16_gqa2", {2600, 1500}, 4, 2, 128, kFp, kTok, kStruct, 0.95f, 16, 4, seed++));
+  specs.push_back(Mass("gqa7", {1800}, 7, 1, 128, kBf, kTok, kStruct, 0.9f, 16, 4, seed++));
+  specs.push_back(
+      Mass("mha_head_major", {900}, 2, 2, 64, kBf, kHead, kStruct, 0.95f, 16, 4, seed++));
+  // Random inputs: broad score distributions where most candidates carry some mass.
+  specs.push_back(Mass("random", {800}, 2, 1, 64, kFp, kTok, kRand, 0.95f, 16, 4, seed++));
+  // step 8 (rows 8..15 of each head's tile are padding) and the default geometry.
+  specs.push_back(Mass("step8", {1500}, 4, 1, 64, kBf, kTok, kStruct, 0.9f, 32, 8, seed++));
+  specs.push_back(
+      Mass("default_geometry", {9000}, 4, 1, 128, kBf, kTok, kStruct, 0.95f, 128, 16, seed++));
+  // A density cap many groups exceed; minimum thresholds above and below zero.
+  specs.push_back(Mass("cap", {700}, 4, 1, 64, kBf, kTok, kStruct, 0.95f, 16, 4, seed++));
+  specs.back().density_cap = 0.05f;
+  specs.push_back(Mass("min_theta3", {700}, 4, 1, 64, kBf, kTok, kStruct, 0.9f, 16, 4, seed++));
+  specs.back().min_theta = 3.0f;
+  specs.push_back(Mass("min_theta_neg", {700}, 4, 1, 64, kBf, kTok, kStruct, 0.9f, 16, 4, seed++));
+  specs.back().min_theta = -2.0f;
+  return specs;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaMassTargetTest, testing::ValuesIn(MassSpecs()),
+                         [](const testing::TestParamInfo<MassSpec>& info) {
+                           std::string name = info.param.base.name;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
+
+TEST(CudaBackendTest, MassTargetWithStepOver16IsFailedPrecondition) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  MassSpec spec = Mass("step32", {4096}, 4, 1, 64, kBf, kTok, kRand, 0.9f, 16, 32, 81);
+  std::unique_ptr<TaskData> data = MakeTask(spec.base, 4096, 81);
+  const absl::Status status = (*backend)->CanRun(ProblemOf(data->task));
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_NE(status.message().find("config.step"), std::string::npos) << status;
+  data->task.config.step = 16;
+  EXPECT_TRUE((*backend)->CanRun(ProblemOf(data->task)).ok());
 }
 
 TEST(CudaBackendTest, InfoAndSupports) {

@@ -17,6 +17,7 @@
 #include "kernels/cpu/tile_kernels.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
+#include "tests/test_util/mass_check.h"
 #include "tests/test_util/reference.h"
 
 namespace anchorserve {
@@ -43,13 +44,6 @@ struct MassCase {
 };
 
 void PrintTo(const MassCase& c, std::ostream* os) { *os << c.Name(); }
-
-// fp32 identification may place a key whose fp64 margin is this close to a grid threshold on
-// the other side of it (nats; as in cpu_backend_test.cc).
-constexpr double kMarginSlack = 2e-3;
-// The backend's estimate comes from fp32 gaps: each exp(gap) carries a relative error of about
-// the margin slack, and keys within the slack of a grid threshold may sit one level apart.
-constexpr double kEstimateSlack = 5e-3;
 
 struct MassRun {
   HostQkv qkv;
@@ -98,62 +92,6 @@ void RunCase(const MassCase& c, MassRun* run) {
   ASSERT_TRUE(run->task.status.ok()) << run->task.status;
 }
 
-// Candidates whose fp64 pooled margin lies within the slack of -theta.
-int64_t KeysNearThreshold(const std::vector<double>& margins, double theta) {
-  int64_t near = 0;
-  for (double margin : margins) near += std::fabs(margin + theta) < kMarginSlack;
-  return near;
-}
-
-// Whether `theta` (the backend's choice) is a choice the spec allows for this group, judged by
-// the reference's fp64 estimate at every grid level.
-::testing::AssertionResult ValidChoice(const AnchorConfig& config, float theta,
-                                       const std::vector<double>& estimate,
-                                       const std::vector<int64_t>& kept_keys,
-                                       const std::vector<double>& margins) {
-  const double p = config.mass_target;
-  const double cap = config.mass_density_cap * static_cast<double>(margins.size());
-  // The first level the reference's estimate reaches (or nearly reaches) the target.
-  auto reaches = [&](int k) { return estimate[k] >= p - kEstimateSlack; };
-  auto clearly_reaches = [&](int k) { return estimate[k] >= p + kEstimateSlack; };
-  if (p >= 1.0) {
-    if (std::isinf(theta) && theta > 0) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "p = 1 must keep every candidate, got theta " << theta;
-  }
-  if (std::isinf(theta) && theta > 0) {
-    // Everything kept: the target is out of the grid's reach, or the first level that reaches
-    // it keeps more than the cap allows.
-    if (!clearly_reaches(kMassThetaBins)) return ::testing::AssertionSuccess();
-    for (int k = 0; k <= kMassThetaBins; ++k) {
-      if (!reaches(k)) continue;
-      const double near = static_cast<double>(KeysNearThreshold(margins, MassThetaAt(config, k)));
-      if (static_cast<double>(kept_keys[k]) + near > cap) return ::testing::AssertionSuccess();
-      if (clearly_reaches(k)) break;
-    }
-    return ::testing::AssertionFailure()
-           << "kept every candidate although a grid level reaches " << p << " within the cap";
-  }
-  const double steps = (static_cast<double>(theta) - config.mass_min_theta) / kMassThetaStep;
-  const int k = static_cast<int>(std::lround(steps));
-  if (k < 0 || k > kMassThetaBins || MassThetaAt(config, k) != theta) {
-    return ::testing::AssertionFailure() << "theta " << theta << " is not on the grid";
-  }
-  if (!reaches(k)) {
-    return ::testing::AssertionFailure()
-           << "level " << k << " estimates " << estimate[k] << " < target " << p;
-  }
-  if (k > 0 && clearly_reaches(k - 1)) {
-    return ::testing::AssertionFailure()
-           << "level " << k - 1 << " already estimates " << estimate[k - 1] << " >= " << p;
-  }
-  const double near = static_cast<double>(KeysNearThreshold(margins, theta));
-  if (static_cast<double>(kept_keys[k]) - near > cap) {
-    return ::testing::AssertionFailure()
-           << "level " << k << " keeps " << kept_keys[k] << " keys, over the cap " << cap;
-  }
-  return ::testing::AssertionSuccess();
-}
-
 class CpuMassTargetTest : public ::testing::TestWithParam<MassCase> {};
 
 TEST_P(CpuMassTargetTest, MatchesReference) {
@@ -178,22 +116,11 @@ TEST_P(CpuMassTargetTest, MatchesReference) {
     ++groups;
     const float theta = run.group_thetas[hg];
     same_theta += static_cast<double>(theta) == ref.group_theta[hg];
-    EXPECT_TRUE(ValidChoice(run.task.config, theta, ref.mass_estimate[hg], ref.mass_kept_keys[hg],
-                            margins));
+    EXPECT_TRUE(ValidMassChoice(run.task.config, theta, ref.mass_estimate[hg],
+                                ref.mass_kept_keys[hg], margins));
     // The kept keys are exactly the candidates within the chosen threshold, up to fp32 rounding.
     const GroupRanges geo = GroupRangesOf(run.task.config, c.seq_len, g);
-    std::vector<bool> in_backend(margins.size(), false);
-    for (int64_t key : run.stripes[hg]) {
-      ASSERT_GE(key, geo.cand_begin);
-      ASSERT_LT(key, geo.cand_end);
-      in_backend[key - geo.cand_begin] = true;
-    }
-    for (size_t j = 0; j < margins.size(); ++j) {
-      const double margin = margins[j] + static_cast<double>(theta);
-      if (in_backend[j] != (margin >= 0)) {
-        EXPECT_LT(std::fabs(margin), kMarginSlack) << "key " << geo.cand_begin + j;
-      }
-    }
+    EXPECT_TRUE(KeptKeysMatchTheta(theta, geo.cand_begin, margins, run.stripes[hg]));
     kept += static_cast<int64_t>(run.stripes[hg].size());
     candidates += static_cast<int64_t>(margins.size());
   }
@@ -218,7 +145,7 @@ TEST_P(CpuMassTargetTest, MatchesReference) {
         got.mass_full_groups == expected.mass_full_groups &&
         got.mass_theta_sum == expected.mass_theta_sum) {
       EXPECT_NEAR(got.estimated_mass_sum, expected.estimated_mass_sum,
-                  kEstimateSlack * static_cast<double>(c.seq_len));
+                  kMassEstimateSlack * static_cast<double>(c.seq_len));
       EXPECT_EQ(got.mass_theta_min, expected.mass_theta_min);
       EXPECT_EQ(got.mass_theta_max, expected.mass_theta_max);
     }

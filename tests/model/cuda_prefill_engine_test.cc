@@ -170,7 +170,9 @@ TEST_P(CudaPrefillEngineTest, AnchorModeRunsAndInfiniteThetaIsDense) {
   }
 }
 
-TEST_P(CudaPrefillEngineTest, MassTargetIsFailedPreconditionNamingTheField) {
+// Mass targets run on cuda (step <= 16); a larger step is FAILED_PRECONDITION naming the field
+// before anything runs.
+TEST_P(CudaPrefillEngineTest, MassTargetRunsAndLargeStepIsFailedPrecondition) {
   SKIP_WITHOUT_CUDA_DEVICE();
   Loaded loaded;
   ASSERT_NO_FATAL_FAILURE(Load(GetParam(), &loaded));
@@ -178,10 +180,22 @@ TEST_P(CudaPrefillEngineTest, MassTargetIsFailedPreconditionNamingTheField) {
   const std::vector<int32_t> ids = testing::TestIds(300, c.vocab_size, 9);
   PrefillTask task = DenseTask(ids, c.num_layers);
   task.config.mode = AttentionMode::kAnchor;
+  task.config.block_size = 16;
+  task.config.step = 4;  // G = 64: groups with candidates at N = 300
   task.config.mass_target = 0.95f;
+  ASSERT_TRUE(loaded.cuda->CanRun(task.config).ok());
+  CollectingSink mass_sink;
+  const absl::StatusOr<PrefillResult> mass = loaded.cuda->Run(task, &mass_sink);
+  ASSERT_TRUE(mass.ok()) << mass.status();
+  ASSERT_EQ(mass_sink.layers.size(), static_cast<size_t>(c.num_layers));
+  for (const std::vector<float>& k : mass_sink.k) {
+    for (float value : k) ASSERT_TRUE(std::isfinite(value));
+  }
+
+  task.config.step = 32;
   const absl::Status can_run = loaded.cuda->CanRun(task.config);
   EXPECT_EQ(can_run.code(), absl::StatusCode::kFailedPrecondition) << can_run;
-  EXPECT_NE(can_run.message().find("config.mass_target"), absl::string_view::npos) << can_run;
+  EXPECT_NE(can_run.message().find("config.step"), absl::string_view::npos) << can_run;
   CollectingSink sink;
   const absl::StatusOr<PrefillResult> result = loaded.cuda->Run(task, &sink);
   ASSERT_FALSE(result.ok());
