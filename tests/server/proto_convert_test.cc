@@ -360,14 +360,15 @@ TEST(ProtoConvertTest, MassTargetRefusedByTheBackendIsFailedPrecondition) {
   fakes::FakeBackend backend;
   backend.SetInfo({"fake", "test", {DType::kBf16}, {16}});
   backend.SetCanRun(absl::FailedPreconditionError(
-      "config.mass_target is not supported by the cuda backend yet (cpu backend only)"));
+      "config.step 32 with config.mass_target: the cuda backend's mass targets support step <= "
+      "16"));
   ConvertOptions options = Options();
   options.backend = &backend;
   options.backend_info = backend.Info();
   v1::AttendRequest request = ValidRequest();
   request.mutable_config()->set_mass_target(0.95);
   ExpectError(SpecFromAttendRequest(request, options), absl::StatusCode::kFailedPrecondition,
-              "config.mass_target");
+              "config.step");
 }
 
 TEST(ProtoConvertTest, InfiniteThetaIsAllowed) {

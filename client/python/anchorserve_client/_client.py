@@ -771,7 +771,7 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
       dense: exact dense attention instead (not with ``theta`` or ``mass_target``).
       mass_target: p in [0, 1]: each (head, group) uses the smallest threshold whose estimated
         kept attention mass reaches p instead of ``theta``; 0 = off (server default when None;
-        the cpu backend only: a cuda server answers FAILED_PRECONDITION).
+        a cuda server needs step <= 16, else FAILED_PRECONDITION).
       mass_density_cap: in (0, 1]: a group that would keep more than this fraction of its
         candidate keys keeps all of them (server default when None).
       mass_min_theta: the smallest threshold, in nats, a mass target may choose (server default
