@@ -67,11 +67,12 @@ class PrefillEngine {
  public:
   virtual ~PrefillEngine() = default;
   virtual std::string name() const = 0;  // "cpu"
-  // Host bytes one Run over num_tokens needs beyond the weights (activations, K/V, scratch).
-  virtual int64_t WorkspaceBytes(int64_t num_tokens) const = 0;
+  // Bytes one Run over num_tokens with `config` needs beyond the weights (activations, K/V,
+  // scratch): host memory on the cpu engine, device memory on the cuda one.
+  virtual int64_t WorkspaceBytes(int64_t num_tokens, const AnchorConfig& config) const = 0;
   // Whether this engine supports a valid `config` (FAILED_PRECONDITION naming the field when it
-  // does not, e.g. a mass target on the cuda engine). The service asks before queueing a request;
-  // Run refuses such a task the same way.
+  // does not, e.g. a mass target with step > 16 on the cuda engine). The service asks before
+  // queueing a request; Run refuses such a task the same way.
   virtual absl::Status CanRun(const AnchorConfig& config) const { return absl::OkStatus(); }
   // Validates the task (ids in range, layer range, dtype) with INVALID_ARGUMENT naming the field.
   virtual absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) = 0;

@@ -277,12 +277,13 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
     absl::StatusOr<PrefillSpec> spec =
         PrefillSpecFromRequest(request, *serving_->model, host_->config());
     if (!spec.ok()) return FinishEarly(ToGrpcStatus(spec.status()));
-    // What the engine cannot run (a mass target on cuda) is refused before any work.
+    // What the engine cannot run (e.g. a mass target with step > 16 on cuda) is refused before
+    // any work.
     if (absl::Status supported = serving_->engine->CanRun(spec->config); !supported.ok()) {
       return FinishEarly(ToGrpcStatus(supported));
     }
     const int64_t n = static_cast<int64_t>(spec->token_ids.size());
-    const int64_t workspace = serving_->engine->WorkspaceBytes(n);
+    const int64_t workspace = serving_->engine->WorkspaceBytes(n, spec->config);
     if (workspace > host_->config().prefill_memory_bytes) {
       return FinishEarly(ToGrpcStatus(absl::ResourceExhaustedError(
           absl::StrCat("a prefill of ", n, " tokens needs ", workspace,

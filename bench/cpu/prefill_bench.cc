@@ -166,7 +166,7 @@ int Main(int argc, char** argv) {
     task.kv_dtype = o.kv_dtype;
     printf("\n%ld tokens, %s, workspace %.2f GB\n", static_cast<long>(n),
            o.dense ? "dense" : ("anchor theta " + std::to_string(o.theta)).c_str(),
-           (*engine)->WorkspaceBytes(n) / 1e9);
+           (*engine)->WorkspaceBytes(n, task.config) / 1e9);
     for (int r = 0; r < o.repeats; ++r) {
       CountingSink sink;
       const auto start = std::chrono::steady_clock::now();

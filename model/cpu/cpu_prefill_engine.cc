@@ -103,7 +103,7 @@ class CpuPrefillEngine : public PrefillEngine {
 
   std::string name() const override { return "cpu"; }
 
-  int64_t WorkspaceBytes(int64_t num_tokens) const override {
+  int64_t WorkspaceBytes(int64_t num_tokens, const AnchorConfig& /*config*/) const override {
     const int64_t n = std::max<int64_t>(num_tokens, 0);
     const ModelConfig& c = config_;
     const int64_t d_pad = CeilDiv(c.head_dim, 16) * 16;

@@ -137,7 +137,7 @@ class CudaPrefillEngine : public PrefillEngine {
 
   std::string name() const override { return "cuda"; }
 
-  int64_t WorkspaceBytes(int64_t num_tokens) const override {
+  int64_t WorkspaceBytes(int64_t num_tokens, const AnchorConfig& config) const override {
     const int64_t n = std::max<int64_t>(num_tokens, 1);
     const ModelConfig& c = config_;
     int64_t bytes = 0;
@@ -150,13 +150,20 @@ class CudaPrefillEngine : public PrefillEngine {
     bytes += 2 * 2 * n * c.KvDim() * 4;             // two export slots of K and V (fp32 at most)
     bytes += c.vocab_size * 4 + c.hidden_size * 2;  // logits, last normed row
     AttentionShape shape{n, c.num_heads, c.num_kv_heads, c.head_dim};
+    // The attention workspace depends on the mode (identification lists, mass-target scratch).
+    AnchorConfig attention_config = config;
+    attention_config.softmax_scale = 0.0f;
+    if (attention_config.mode == AttentionMode::kAuto) {
+      attention_config.mode = ResolveMode(attention_config, n).mode;
+    }
     absl::StatusOr<int64_t> attention =
-        cuda::AttentionRunner::DeviceWorkspaceBytes(shape, AnchorConfig{}, DType::kBf16, {n});
+        cuda::AttentionRunner::DeviceWorkspaceBytes(shape, attention_config, DType::kBf16, {n});
     bytes += attention.ok() ? *attention : 0;
     return bytes;
   }
 
-  // The attention backend's answer for this model's shape (bf16): e.g. no mass targets yet.
+  // The attention backend's answer for this model's shape (bf16): e.g. step <= 16 with mass
+  // targets.
   absl::Status CanRun(const AnchorConfig& config) const override {
     const AttentionShape shape{1, config_.num_heads, config_.num_kv_heads, config_.head_dim};
     return CanRunOnCuda(AttentionProblem{shape, DType::kBf16, Layout::kTokenMajor, config});

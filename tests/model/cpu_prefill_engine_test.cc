@@ -453,8 +453,8 @@ TEST(CpuPrefillEngineTest, CreationAndWorkspace) {
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_EQ((*engine)->name(), "cpu");
   const ModelConfig& c = model.config();
-  const int64_t small = (*engine)->WorkspaceBytes(128);
-  const int64_t large = (*engine)->WorkspaceBytes(4096);
+  const int64_t small = (*engine)->WorkspaceBytes(128, AnchorConfig{});
+  const int64_t large = (*engine)->WorkspaceBytes(4096, AnchorConfig{});
   // At least the residual stream, Q/K/V and the attention output of every token.
   EXPECT_GE(small, 128 * 4 * (2 * c.hidden_size + 2 * c.QDim() + 2 * c.KvDim()));
   EXPECT_GT(large, small);

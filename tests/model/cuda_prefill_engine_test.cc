@@ -184,6 +184,11 @@ TEST_P(CudaPrefillEngineTest, MassTargetRunsAndLargeStepIsFailedPrecondition) {
   task.config.step = 4;  // G = 64: groups with candidates at N = 300
   task.config.mass_target = 0.95f;
   ASSERT_TRUE(loaded.cuda->CanRun(task.config).ok());
+  // Admission counts the mass-target scratch (levels, histograms, row anchors).
+  AnchorConfig fixed_theta = task.config;
+  fixed_theta.mass_target = 0.0f;
+  EXPECT_GT(loaded.cuda->WorkspaceBytes(300, task.config),
+            loaded.cuda->WorkspaceBytes(300, fixed_theta));
   CollectingSink mass_sink;
   const absl::StatusOr<PrefillResult> mass = loaded.cuda->Run(task, &mass_sink);
   ASSERT_TRUE(mass.ok()) << mass.status();
