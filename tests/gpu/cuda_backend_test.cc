@@ -105,6 +105,17 @@ std::unique_ptr<TaskData> MakeTask(const CaseSpec& spec, int64_t n, uint64_t see
   return data;
 }
 
+// One task per length of `spec` (seed spec.seed + 1000 t for the t-th) and the batch of them.
+std::vector<AttentionTask*> MakeBatch(const CaseSpec& spec,
+                                      std::vector<std::unique_ptr<TaskData>>* tasks) {
+  std::vector<AttentionTask*> batch;
+  for (size_t t = 0; t < spec.seq_lens.size(); ++t) {
+    tasks->push_back(MakeTask(spec, spec.seq_lens[t], spec.seed + 1000 * t));
+    batch.push_back(&tasks->back()->task);
+  }
+  return batch;
+}
+
 // Rows of one head as doubles, [N, d].
 std::vector<double> HeadRows(const void* data, DType dtype, Layout layout, int64_t n, int num_heads,
                              int d, int head) {
@@ -469,11 +480,7 @@ void RunAgainstReference(const CaseSpec& spec) {
   ASSERT_TRUE(backend.ok()) << backend.status();
   (*backend)->KeepStripesForTesting(true);
   std::vector<std::unique_ptr<TaskData>> tasks;
-  std::vector<AttentionTask*> batch;
-  for (size_t t = 0; t < spec.seq_lens.size(); ++t) {
-    tasks.push_back(MakeTask(spec, spec.seq_lens[t], spec.seed + 1000 * t));
-    batch.push_back(&tasks.back()->task);
-  }
+  const std::vector<AttentionTask*> batch = MakeBatch(spec, &tasks);
   const absl::Status status = (*backend)->Run(batch);
   ASSERT_TRUE(status.ok()) << status;
   const CudaBackend::StripeSnapshot snapshot = (*backend)->LastStripesForTesting();
@@ -958,11 +965,7 @@ void RunMassAgainstReference(const MassSpec& mass) {
   ASSERT_TRUE(backend.ok()) << backend.status();
   (*backend)->KeepStripesForTesting(true);
   std::vector<std::unique_ptr<TaskData>> tasks;
-  std::vector<AttentionTask*> batch;
-  for (size_t t = 0; t < spec.seq_lens.size(); ++t) {
-    tasks.push_back(MakeTask(spec, spec.seq_lens[t], spec.seed + 1000 * t));
-    batch.push_back(&tasks.back()->task);
-  }
+  const std::vector<AttentionTask*> batch = MakeBatch(spec, &tasks);
   ASSERT_TRUE((*backend)->CanRun(ProblemOf(*batch[0])).ok());
   const absl::Status status = (*backend)->Run(batch);
   ASSERT_TRUE(status.ok()) << status;
