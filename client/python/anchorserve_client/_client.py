@@ -171,18 +171,32 @@ def _number(name: str, value) -> float:
     return float(value)
 
 
+_MODES = {
+    'auto': anchorserve_pb2.ATTENTION_MODE_AUTO,
+    'anchor': anchorserve_pb2.ATTENTION_MODE_ANCHOR,
+    'dense': anchorserve_pb2.ATTENTION_MODE_DENSE,
+}
+
+
 def build_request(ids: Iterable[int], *, theta: Optional[float] = None, dense: bool = False,
-                  mass_target: Optional[float] = None, mass_density_cap: Optional[float] = None,
+                  mode: Optional[str] = None, mass_target: Optional[float] = None, mass_density_cap: Optional[float] = None,
                   mass_min_theta: Optional[float] = None, kv_dtype: str = 'bf16',
                   kv_layout: str = 'head', kv_layers='all', logits: str = 'full',
                   expected_fingerprint: Optional[str] = None, request_id: str = ''):
     """The ``PrefillRequest`` that :func:`prefill` sends (arguments as there)."""
     request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=_token_ids(ids))
+    if mode is not None and mode not in _MODES:
+        raise ValueError(f"mode must be 'auto', 'anchor' or 'dense', got {mode!r}")
+    if dense and mode not in (None, 'dense'):
+        raise ValueError(f'dense and mode={mode!r} exclude each other')
+    dense = dense or mode == 'dense'
     if dense and theta is not None:
         raise ValueError('theta and dense exclude each other (dense is exact attention)')
     if dense and mass_target is not None:
         raise ValueError('mass_target and dense exclude each other (dense is exact attention)')
-    if dense:
+    if mode is not None:
+        request.config.mode = _MODES[mode]
+    elif dense:
         request.config.mode = anchorserve_pb2.ATTENTION_MODE_DENSE
     if theta is not None:
         request.config.theta = _number('theta', theta)
@@ -749,7 +763,7 @@ class _Channel:
 
 
 def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None,
-            dense: bool = False, mass_target: Optional[float] = None,
+            dense: bool = False, mode: Optional[str] = None, mass_target: Optional[float] = None,
             mass_density_cap: Optional[float] = None, mass_min_theta: Optional[float] = None,
             kv_dtype: str = 'bf16', kv_layout: str = 'head',
             kv_layers='all', logits: str = 'full', expected_fingerprint: Optional[str] = None,
@@ -769,6 +783,8 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
         10,592 tokens with the default block, step and regions) runs dense whatever ``theta`` or
         ``mass_target`` say; ``metrics.mode_choice`` of the result says which mode ran and why.
       dense: exact dense attention instead (not with ``theta`` or ``mass_target``).
+      mode: ``'auto'``, ``'anchor'`` or ``'dense'`` (server default, auto unless set, when
+        None); ``'anchor'`` runs AnchorAttention at any length, ``'dense'`` is ``dense=True``.
       mass_target: p in [0, 1]: each (head, group) uses the smallest threshold whose estimated
         kept attention mass reaches p instead of ``theta``; 0 = off (server default when None;
         a cuda server needs step <= 16, else FAILED_PRECONDITION).
@@ -793,7 +809,7 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
       StreamProtocolError: the server's stream broke the protocol (``code`` INTERNAL).
       ValueError, TypeError: bad arguments (nothing was sent).
     """
-    request = build_request(ids, theta=theta, dense=dense, mass_target=mass_target,
+    request = build_request(ids, theta=theta, dense=dense, mode=mode, mass_target=mass_target,
                             mass_density_cap=mass_density_cap, mass_min_theta=mass_min_theta,
                             kv_dtype=kv_dtype, kv_layout=kv_layout, kv_layers=kv_layers,
                             logits=logits, expected_fingerprint=expected_fingerprint,

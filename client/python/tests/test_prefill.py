@@ -223,6 +223,20 @@ class ErrorTest(PrefillTestCase):
         for field in ('mass_target', 'mass_density_cap', 'mass_min_theta'):
             self.assertFalse(plain.config.HasField(field), field)
 
+    def test_mode(self):
+        for mode, value in (('auto', anchorserve_pb2.ATTENTION_MODE_AUTO),
+                            ('anchor', anchorserve_pb2.ATTENTION_MODE_ANCHOR),
+                            ('dense', anchorserve_pb2.ATTENTION_MODE_DENSE)):
+            with self.subTest(mode=mode):
+                anchorserve_client.prefill(self.server.target, [1, 2, 3], mode=mode)
+                self.assertEqual(self.server.servicer.requests[-1].config.mode, value)
+        request = anchorserve_client.build_request([1], dense=True, mode='dense')
+        self.assertEqual(request.config.mode, anchorserve_pb2.ATTENTION_MODE_DENSE)
+        request = anchorserve_client.build_request([1], mode='anchor', theta=8)
+        self.assertEqual(request.config.theta, 8.0)
+        plain = anchorserve_client.build_request([1])
+        self.assertEqual(plain.config.mode, anchorserve_pb2.ATTENTION_MODE_UNSPECIFIED)
+
     def test_on_layer_exceptions_propagate(self):
         def fail(kv):
             raise RuntimeError(f'no room for layer {kv.layer}')
@@ -238,6 +252,9 @@ class ErrorTest(PrefillTestCase):
             dict(ids=[2**31]),
             dict(ids=[1], theta=3.0, dense=True),
             dict(ids=[1], mass_target=0.9, dense=True),
+            dict(ids=[1], mode='sparse'),
+            dict(ids=[1], mode='anchor', dense=True),
+            dict(ids=[1], mode='dense', theta=3.0),
             dict(ids=[1], mass_target=float('nan')),
             dict(ids=[1], mass_target='0.9'),
             dict(ids=[1], mass_target=True),
