@@ -233,19 +233,18 @@ __global__ void __launch_bounds__(128, 3)
 
 // ---------------------------------------------------------------------------------------------
 // wgmma stripe scoring. CTA (one warpgroup) = one StripeItem (<= 2048 keys of one group) x one KV
-// head x one pass over 4 units (warp w: unit 4 * pass + w = 16 pooled rows of one query head).
-// Accumulator layout as in the anchor kernels: thread rows lane/4 and lane/4 + 8, key
-// 8j + 2 * (lane % 4) + e of the 128-key tile. Two variants:
-//   kSelect (fixed theta): a key is selected for a unit when any of its 16 rows passes, i.e. OR
-//     over the 8 lanes of equal lane % 4 and over the two row halves; bits into the bitmask.
-//   kMass (mass target, spec section 8; one unit per head, step <= 16): per K tile, the pooled
-//     margins' max over the head's rows gives each candidate its grid level (one byte per key
-//     into the level list, a count per level); then the head's sampled rows (each block's last
-//     query row, exact in the input dtype: one piece) are scored against the same tile, and
-//     exp(min(s - x(i), 40)) goes into a shared histogram per (row, level) and a per-row total.
-//     Anchor-region items (kAnchorRegion) score only the sampled rows and sum exp(s - x(i)) over
-//     A(i). The sums reach global memory with atomics at the end of the CTA.
-enum class StripePass { kSelect, kMass };
+// head x one pass over 4 units (warp w: unit 4 * pass + w = 16 rows of one query head). Accumulator
+// layout as in the anchor kernels: thread rows lane/4 and lane/4 + 8, key 8j + 2 * (lane % 4) + e.
+// Three passes share the kernel:
+//   kSelect (fixed theta): rows are pooled queries; a key is selected for a unit when any of its
+//     16 rows passes, i.e. OR over the 8 lanes of equal lane % 4 and over the two row halves.
+//   kLevels (mass target): the same margins, max over the head's pooled rows, give each candidate
+//     its grid level (spec section 8), one byte per key. Needs one unit per head (step <= 16).
+//   kMass (mass target): rows are each block's last query row (the sampled rows, the input dtype
+//     is exact, one piece). Candidate items add exp(min(s - x(i), 40)) per level into a
+//     shared-memory histogram per (row, level) and count the keys per level; anchor-region items
+//     (kAnchorRegion) sum exp(s - x(i)) over A(i). The sums go to global memory with atomics.
+enum class StripePass { kSelect, kLevels, kMass };
 
 template <int kDim, StripePass kPass>
 struct StripeShape {
@@ -293,29 +292,6 @@ __device__ __forceinline__ void LoadRowFragments(const uint16_t* upper, const ui
   }
 }
 
-// S[64 x 128] (+)= A (registers, kPieces pieces) * K tile^T, over the tile's d / 16 k-steps.
-template <typename T, int kDim, int kPieces>
-__device__ __forceinline__ void ScoreTile(float (&acc)[64], uint32_t (&a)[kPieces][kDim / 16][4],
-                                          uint32_t keys) {
-  WgmmaFence();
-#pragma unroll
-  for (int ks = 0; ks < kDim / 16; ++ks) {
-    const uint64_t desc = SmemDescriptor128(keys + Tile<kDim>::KStep(ks));
-#pragma unroll
-    for (int piece = 0; piece < kPieces; ++piece) {
-      WgmmaRs<T>(acc, a[piece][ks], desc, (ks | piece) != 0 ? 1 : 0);
-    }
-  }
-  WgmmaCommit();
-  WgmmaWait<0>();
-  PinRegisters(acc);
-#pragma unroll
-  for (int piece = 0; piece < kPieces; ++piece) {
-#pragma unroll
-    for (int ks = 0; ks < kDim / 16; ++ks) PinRegisters(a[piece][ks]);
-  }
-}
-
 template <typename T, int kDim, StripePass kPass>
 __global__ void __launch_bounds__(128, 2)
     WgmmaStripeKernel(const __grid_constant__ IdentificationParams p, int passes, int row_tiles) {
@@ -323,10 +299,10 @@ __global__ void __launch_bounds__(128, 2)
   using Geo = Tile<kDim>;
   using Shape = StripeShape<kDim, kPass>;
   constexpr bool kMass = kPass == StripePass::kMass;
+  constexpr int kPieces = kMass ? 1 : 3;  // sampled rows are exact; pooled ones hi + mid + lo
   constexpr int kStages = Shape::kStages;
   constexpr int kKSteps = Geo::kKSteps;
   constexpr int kLevels = kMassGridLevels;
-  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
   auto k_tile = [&](int t) { return base + (t % kStages) * Geo::kBytes; };
@@ -355,35 +331,16 @@ __global__ void __launch_bounds__(128, 2)
   const int64_t list = int64_t{item.batch_group} * p.num_q_heads + head;
   const int64_t pooled_row0 = list * p.pooled_rows + row_tile * 16;
   const int quad_row = lane >> 2;
-  const bool anchor_region = kMass && item.kind == kAnchorRegion;
 
-  // The pooled queries as their exact split hi + mid + lo. margin = scale * (2^-e * acc) - abar
-  // in one FFMA: 2^-e * scale is exact, and so is the product inside the FFMA, which rounds once
-  // (as MmaSyncStripeKernel's FFMA).
-  uint32_t pooled_frag[3][kKSteps][4];
+  uint32_t a_frag[kPieces][kKSteps][4];
+  // Pooled passes: margin = scale * (2^-e * acc) - abar in one FFMA: 2^-e * scale is exact, and
+  // so is the product inside the FFMA, which rounds once (as MmaSyncStripeKernel's FFMA).
+  // Mass pass: row_scale = scale and pooled_anchor = x(i) of the sampled row.
   float row_scale[2], pooled_anchor[2];
-  if (!anchor_region) {
-    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
-    const uint16_t* upper = active ? split + (pooled_row0 + quad_row) * 3 * kDim : nullptr;
-    const uint16_t* lower = active ? split + (pooled_row0 + quad_row + 8) * 3 * kDim : nullptr;
-    LoadRowFragments<3, kDim>(upper, lower, lane, pooled_frag);
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = pooled_row0 + quad_row + 8 * h;
-    row_scale[h] = anchor_region ? 0.0f : p.pooled_unscale[row] * p.softmax_scale;
-    // +inf for rows without queries (and inactive warps): never selected.
-    pooled_anchor[h] = active && !anchor_region ? p.pooled_anchor[row] : INFINITY;
-  }
-  // Mass pass: the sampled rows (block b = row of the tile), in log2 units: gap * log2(e) =
-  // acc * sample_scale - sample_anchor.
-  uint32_t sample_frag[1][kKSteps][4];
-  float sample_scale = 0.0f, sample_anchor[2] = {0.0f, 0.0f};
-  int sampled_row[2] = {-1, -1};  // row i of the sequence, -1 without one
+  int sampled_row[2] = {-1, -1};  // mass pass: row i of the sequence, -1 without one
   if constexpr (kMass) {
     const T* q_base = static_cast<const T*>(p.q) + seq.q_offset + head * seq.q_head_stride;
     const uint16_t* rows[2] = {nullptr, nullptr};
-    sample_scale = p.softmax_scale * kLog2e;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int block = row_tile * 16 + quad_row + 8 * h;
@@ -391,23 +348,37 @@ __global__ void __launch_bounds__(128, 2)
           active && block < p.geometry.step
               ? p.blocks[int64_t{item.batch_group} * p.geometry.step + block].rows
               : 0;
+      row_scale[h] = p.softmax_scale;
+      pooled_anchor[h] = INFINITY;
       if (block_rows > 0) {
         const int i = group.row_begin + block * p.geometry.block_size + block_rows - 1;
         sampled_row[h] = i;
         rows[h] = reinterpret_cast<const uint16_t*>(q_base + int64_t{i} * seq.q_token_stride);
-        sample_anchor[h] =
-            p.maybe_row_anchor[seq.lse_offset + int64_t{head} * seq.seq_len + i] * kLog2e;
+        pooled_anchor[h] = p.maybe_row_anchor[seq.lse_offset + int64_t{head} * seq.seq_len + i];
       }
     }
-    LoadRowFragments<1, kDim>(rows[0], rows[1], lane, sample_frag);
+    LoadRowFragments<kPieces, kDim>(rows[0], rows[1], lane, a_frag);
     for (int idx = tid; idx < Shape::kHistFloats + Shape::kKeyCounts; idx += 128) {
       level_mass[idx] = 0.0f;  // level_keys follow: 0.0f and 0 share the bit pattern
+    }
+  } else {
+    const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
+    const uint16_t* upper = active ? split + (pooled_row0 + quad_row) * 3 * kDim : nullptr;
+    const uint16_t* lower = active ? split + (pooled_row0 + quad_row + 8) * 3 * kDim : nullptr;
+    LoadRowFragments<kPieces, kDim>(upper, lower, lane, a_frag);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = pooled_row0 + quad_row + 8 * h;
+      row_scale[h] = p.pooled_unscale[row] * p.softmax_scale;
+      // +inf for rows without queries (and inactive warps): never selected.
+      pooled_anchor[h] = active ? p.pooled_anchor[row] : INFINITY;
     }
   }
   const float neg_theta = -p.theta;
   uint32_t* head_bits = p.bitmask + p.lists.list_offset[list] / 32;
-  uint8_t* head_levels = kMass ? p.mass.levels + p.lists.list_offset[list] : nullptr;
-  const float min_theta = p.mass.min_theta;
+  uint8_t* head_levels =
+      kPass == StripePass::kSelect ? nullptr : p.mass.levels + p.lists.list_offset[list];
+  const bool anchor_region = item.kind == kAnchorRegion;
   float row_sum[2] = {0.0f, 0.0f};  // mass pass: this thread's share of each row's sum
 
   const RowCopier<kDim, 128> copier(tid);
@@ -437,9 +408,25 @@ __global__ void __launch_bounds__(128, 2)
     load_keys(t + kStages - 1);
     CpAsyncCommit();
     const uint32_t keys = k_tile(t);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const uint64_t desc = SmemDescriptor128(keys + Geo::KStep(ks));
+#pragma unroll
+      for (int piece = 0; piece < kPieces; ++piece) {
+        WgmmaRs<T>(acc, a_frag[piece][ks], desc, (ks | piece) != 0 ? 1 : 0);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    PinRegisters(acc);
+#pragma unroll
+    for (int piece = 0; piece < kPieces; ++piece) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) PinRegisters(a_frag[piece][ks]);
+    }
     const int first = item.key_begin + t * kKeyTile;
     const int valid = item.key_end - first;  // keys past the chunk were zero-filled
-    if (!anchor_region) ScoreTile<T, kDim, 3>(acc, pooled_frag, keys);
 
     if constexpr (kPass == StripePass::kSelect) {
       // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
@@ -472,67 +459,66 @@ __global__ void __launch_bounds__(128, 2)
       if (active && lane < 16 && (lane & 3) == 0 && word != 0u) {
         atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
       }
-    } else {
-      // levels[j / 2] byte 2 * (j % 2) + e: the level of key 8j + 2q + e (q = lane % 4).
-      uint32_t levels[8];
-      if (!anchor_region) {
-        // Max over the 16 rows (lanes of equal lane % 4). Lane (r, q) grades keys 8j + 2q + e
-        // for j = r and r + 8, stores them (two-byte stores: chunks and lists start at even
-        // keys; a pair past the chunk's end lies in the list's padding) and counts them; the
-        // other lanes of its column get them by shuffles.
-        uint32_t own[2] = {0u, 0u};
+    } else if constexpr (kPass == StripePass::kLevels) {
+      // Max over the 16 rows (lanes of equal lane % 4); lane (r, q) then writes the level bytes
+      // of keys 8j + 2q and 8j + 2q + 1 for j = r and r + 8 (two-byte stores: the chunk and the
+      // list start at even keys; a pair past the chunk's end lies in the list's padding).
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < 16; ++j) {
+        uint32_t pair = 0;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float margin = fmaxf(fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]),
-                                 fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]));
-            margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 4));
-            margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 8));
-            margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 16));
-            if ((j & 7) == quad_row) {
-              const int key = 8 * j + 2 * (lane & 3) + e;
-              const int level = key < valid ? MassLevel(margin, min_theta) : 0xff;
-              own[j >> 3] |= static_cast<uint32_t>(level) << (8 * e);
-              if (active && level < kLevels) atomicAdd(level_keys + warp * kLevels + level, 1);
-            }
-          }
+        for (int e = 0; e < 2; ++e) {
+          float margin = fmaxf(fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]),
+                               fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 4));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 8));
+          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 16));
+          if ((j & 7) == quad_row) pair |= MassLevel(margin, p.mass.min_theta) << (8 * e);
         }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int key = 8 * (quad_row + 8 * half) + 2 * (lane & 3);
-          if (active && key < valid) {
-            *reinterpret_cast<uint16_t*>(head_levels + (first - group.cand_begin) + key) =
-                static_cast<uint16_t>(own[half]);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 16; j += 2) {
-          const uint32_t even = __shfl_sync(kFullMask, own[j >> 3], (j & 7) * 4 + (lane & 3));
-          const uint32_t odd = __shfl_sync(kFullMask, own[j >> 3], ((j + 1) & 7) * 4 + (lane & 3));
-          levels[j / 2] = even | (odd << 16);
+        const int key = 8 * j + 2 * (lane & 3);
+        if (active && (j & 7) == quad_row && key < valid) {
+          *reinterpret_cast<uint16_t*>(head_levels + (first - group.cand_begin) + key) =
+              static_cast<uint16_t>(pair);
         }
       }
-      ScoreTile<T, kDim, 1>(acc, sample_frag, keys);
+    } else if (!anchor_region) {
+      // Candidates: each sampled row's weight of every key, by the key's level.
+      float* unit_mass = level_mass + warp * (kPooledRowTile * kLevels);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int key = 8 * j + 2 * (lane & 3);
+        const uint32_t pair =
+            active && key < valid
+                ? *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key)
+                : 0xffffu;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (key + e >= valid) continue;
+          const int level = (pair >> (8 * e)) & 0xffu;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (sampled_row[h] < 0) continue;
+            const float gap = fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]);
+            const float weight = expf(fminf(gap, kMassWeightCeiling));
+            row_sum[h] += weight;
+            if (level < kLevels)
+              atomicAdd(unit_mass + (quad_row + 8 * h) * kLevels + level, weight);
+          }
+          if (active && quad_row == 0 && level < kLevels)
+            atomicAdd(level_keys + warp * kLevels + level, 1);
+        }
+      }
+    } else {
+      // Anchor region: keys up to each sampled row (the init region always is).
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = 8 * j + 2 * (lane & 3) + e;
-          const int level = anchor_region ? 0 : (levels[j / 2] >> (16 * (j & 1) + 8 * e)) & 0xffu;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float gap2 = fmaf(acc[4 * j + 2 * h + e], sample_scale, -sample_anchor[h]);
-            if (anchor_region) {
-              // A(i) of the sampled row: every key of the item up to row i.
-              if (key < valid && first + key <= sampled_row[h]) row_sum[h] += exp2f(gap2);
-            } else if (key < valid && sampled_row[h] >= 0) {
-              const float weight = exp2f(fminf(gap2, kMassWeightCeiling * kLog2e));
-              row_sum[h] += weight;
-              if (level < kLevels) {
-                atomicAdd(level_mass + (warp * kPooledRowTile + quad_row + 8 * h) * kLevels + level,
-                          weight);
-              }
+            if (key < valid && first + key <= sampled_row[h]) {
+              row_sum[h] += expf(fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]));
             }
           }
         }
@@ -556,20 +542,23 @@ __global__ void __launch_bounds__(128, 2)
     if (anchor_region) return;
     __syncthreads();
     const int units_here = min(4, units - pass * 4);
-    const int64_t first_list = int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa;
     for (int idx = tid; idx < units_here * kPooledRowTile * kLevels; idx += 128) {
       const float weight = level_mass[idx];
       if (weight == 0.0f) continue;
-      const int64_t u = pass * 4 + idx / (kPooledRowTile * kLevels);  // a head (row_tiles == 1)
-      atomicAdd(p.mass.level_mass + (first_list + u) * kPooledRowTile * kLevels +
-                    idx % (kPooledRowTile * kLevels),
+      const int u = pass * 4 + idx / (kPooledRowTile * kLevels);
+      const int64_t u_list =
+          int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa + u / row_tiles;
+      const int row = (u % row_tiles) * 16 + (idx / kLevels) % kPooledRowTile;
+      atomicAdd(p.mass.level_mass + (u_list * p.pooled_rows + row) * kLevels + idx % kLevels,
                 weight);
     }
     for (int idx = tid; idx < units_here * kLevels; idx += 128) {
       const int count = level_keys[idx];
       if (count == 0) continue;
-      const int64_t u = pass * 4 + idx / kLevels;
-      atomicAdd(p.mass.level_keys + (first_list + u) * kLevels + idx % kLevels, count);
+      const int u = pass * 4 + idx / kLevels;
+      const int64_t u_list =
+          int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa + u / row_tiles;
+      atomicAdd(p.mass.level_keys + u_list * kLevels + idx % kLevels, count);
     }
   }
 #endif  // ANCHOR_ID_HAS_WGMMA
@@ -613,9 +602,12 @@ cudaError_t LaunchSelectTyped(const IdentificationParams& p, cudaStream_t stream
                     : LaunchMmaSyncStripe<T, kDim>(p, stream);
 }
 
-// Mass target: one wgmma pass over the candidate and anchor-region items (no mma.sync variant).
+// Mass target: levels of the candidates, then the sampled rows' weights (both wgmma: the
+// histogram pass has no mma.sync variant, and its cost is set by the level pass's rows).
 template <typename T, int kDim>
 cudaError_t LaunchMassTyped(const IdentificationParams& p, cudaStream_t stream) {
+  cudaError_t error = LaunchWgmmaStripe<T, kDim, StripePass::kLevels>(p, p.num_items, stream);
+  if (error != cudaSuccess) return error;
   return LaunchWgmmaStripe<T, kDim, StripePass::kMass>(p, p.mass.num_items, stream);
 }
 
