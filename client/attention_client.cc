@@ -2,7 +2,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
+#include <optional>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -405,6 +409,37 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
   return result;
 }
 
+namespace {
+
+// Outputs at least this large are zero-filled on a helper thread during the upload.
+constexpr int64_t kBackgroundFillMinBytes = int64_t{8} << 20;
+
+// A zero-filled buffer, filled on a helper thread while the caller does other work (the upload
+// and the server's compute). Writing a fresh buffer's pages for the first time is what makes the
+// kernel map them; done inside the receive loop it stalls the download.
+class BackgroundZeroedBuffer {
+ public:
+  explicit BackgroundZeroedBuffer(size_t bytes)
+      : thread_([this, bytes] { buffer_.resize(bytes); }) {}
+  ~BackgroundZeroedBuffer() {
+    if (thread_.joinable()) thread_.join();
+  }
+  BackgroundZeroedBuffer(const BackgroundZeroedBuffer&) = delete;
+  BackgroundZeroedBuffer& operator=(const BackgroundZeroedBuffer&) = delete;
+
+  // Waits for the fill; call once.
+  std::vector<uint8_t> Take() {
+    thread_.join();
+    return std::move(buffer_);
+  }
+
+ private:
+  std::vector<uint8_t> buffer_;
+  std::thread thread_;  // after buffer_: starts once buffer_ exists
+};
+
+}  // namespace
+
 absl::StatusOr<AttendResult> AttentionClient::AttendStreamed(const AttendInputs& inputs,
                                                              const CallOptions& call) {
   return AttendStreamedInChunks(inputs, call, options_.stream_chunk_bytes);
@@ -425,6 +460,12 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
   PrepareContext(call, &context);
   ScopedCallRegistration registration(call.canceller, &context);
   const absl::Time call_start = absl::Now();
+  const bool want_output = !inputs.options.metrics_only();
+  const int64_t output_bytes = static_cast<int64_t>(inputs.q.bytes.size());  // like q
+  std::optional<BackgroundZeroedBuffer> output_fill;
+  if (want_output && output_bytes >= kBackgroundFillMinBytes) {
+    output_fill.emplace(static_cast<size_t>(output_bytes));
+  }
   // The stub's typed stream would copy every chunk into and out of protobuf strings; the raw
   // stream is what generated stubs build, with ByteBuffer messages.
   const grpc::internal::RpcMethod method(kAttendStreamMethod,
@@ -479,9 +520,7 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
   result.streamed = true;
   result.upload_time = upload_end - call_start;
   absl::Time download_start = absl::InfiniteFuture();
-  const bool want_output = !inputs.options.metrics_only();
-  std::optional<HostTensor> output;  // allocated at output_spec when the output is wanted
-  const int64_t output_bytes = static_cast<int64_t>(inputs.q.bytes.size());  // like q
+  std::optional<HostTensor> output;  // taken at output_spec when the output is wanted
   bool have_spec = false;
   int64_t received = 0;
   bool have_metrics = false;
@@ -516,10 +555,10 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
       } else if (want_output) {
         have_spec = true;
         download_start = absl::Now();
-        // Reserved, not zero-filled: the chunks arrive in order and are appended (filling 128 MiB
-        // with zeros first cost as much as a tenth of the download).
-        output = HostTensor{inputs.q.dtype, inputs.q.layout, inputs.q.shape, {}};
-        output->bytes.reserve(static_cast<size_t>(output_bytes));
+        output = HostTensor{inputs.q.dtype, inputs.q.layout, inputs.q.shape,
+                            output_fill.has_value()
+                                ? output_fill->Take()
+                                : std::vector<uint8_t>(static_cast<size_t>(output_bytes))};
       } else {
         have_spec = true;
       }
@@ -541,8 +580,10 @@ absl::StatusOr<AttendResult> AttentionClient::AttendStreamedInChunks(const Atten
             absl::StrCat("server sent ", received + size, " output bytes, more than the ",
                          output_bytes, " its output_spec implies");
       } else {
+        uint8_t* to = output->bytes.data() + received;
         for (absl::string_view piece : chunk_data.pieces) {
-          output->bytes.insert(output->bytes.end(), piece.begin(), piece.end());
+          std::memcpy(to, piece.data(), piece.size());
+          to += piece.size();
         }
         received += size;
         result.download_time = absl::Now() - download_start;
