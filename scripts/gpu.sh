@@ -18,6 +18,9 @@
 #            at three sizes, a short load, then SIGTERM and a clean exit
 #   all      tests, service, bench (ARGS go to bench)
 #   profile  Nsight Compute (ncu) over the identification kernels at N = 32k (not in all)
+#   mass     mass targets vs fixed theta (bench/RESULTS.md section 10a): the cuDNN baseline, then
+#            anchor_mass_bench --backend=cuda one length at a time (not in all); ARGS go to
+#            anchor_mass_bench, e.g. --n=32768,65536,131072 --seeds=0,1 (the baseline follows --n)
 #
 # On the GPU host, from the repository root: scripts/gpu.sh run all
 # (or from anywhere: BUNDLE/scripts/gpu.sh run all, the bundle carries this script).
@@ -30,7 +33,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
-  sed -n '2,28s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,31s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 die() {
   echo "gpu.sh: $*" >&2
@@ -278,6 +281,34 @@ suite_bench() {
   suite_end bench
 }
 
+suite_mass() {
+  suite_begin mass
+  local lengths=(32768 65536 131072) args=() a
+  for a in "$@"; do
+    case "$a" in
+      --n=*) IFS=, read -r -a lengths <<<"${a#--n=}" ;;
+      *) args+=("$a") ;;
+    esac
+  done
+  local sdpa=$bundle/bench/gpu/sdpa_baseline.py
+  [ -f "$sdpa" ] || sdpa=$root/bench/gpu/sdpa_baseline.py
+  if ! command -v python3 >/dev/null; then
+    step_missing sdpa_baseline "python3 not found (the cuDNN baseline needs python3 with torch)"
+  else
+    step sdpa_baseline 240 sdpa.log env PYTHONUNBUFFERED=1 python3 "$sdpa" "${lengths[@]}"
+  fi
+  if have_exe anchor_mass_bench; then
+    local n
+    for n in "${lengths[@]}"; do
+      step "mass_$n" 300 "mass_$n.log" "$bundle/run" anchor_mass_bench --backend=cuda --n="$n" \
+        --repeats=2 "${args[@]}"
+    done
+  else
+    step_missing anchor_mass_bench "not in the bundle"
+  fi
+  suite_end mass
+}
+
 suite_service() {
   suite_begin service
   if ! have_exe anchorserve || ! have_exe anchorctl; then
@@ -369,7 +400,7 @@ suite_profile() {
 }
 
 cmd_run() {
-  [ $# -ge 1 ] || die "usage: gpu.sh run tests|bench|service|all|profile [ARGS...]"
+  [ $# -ge 1 ] || die "usage: gpu.sh run tests|bench|service|all|profile|mass [ARGS...]"
   local suite=$1
   shift
   # The bundle: ANCHOR_BUNDLE, else the bundle this script was copied into, else .gpu/bundle.
@@ -393,6 +424,7 @@ cmd_run() {
       "suite_$suite"
       ;;
     bench) suite_bench "$@" ;;
+    mass) suite_mass "$@" ;;
     all)
       local failed=()
       suite_tests || failed+=(tests)
@@ -406,7 +438,7 @@ cmd_run() {
       fi
       echo "gpu.sh: all suites passed"
       ;;
-    *) die "unknown suite: $suite (tests, bench, service, all, profile)" ;;
+    *) die "unknown suite: $suite (tests, bench, service, all, profile, mass)" ;;
   esac
 }
 

@@ -45,12 +45,13 @@ struct IdBlock {
   int32_t reserved;
 };
 
-// A chunk of a group's candidate keys, scored by one CTA against the pooled queries of every
-// query head that shares a KV head.
-// Mass-target plans append items over the anchor region A of each group with candidates
-// (kind kAnchorRegion), scored only by the sampled rows for their anchor-region mass.
+// What a stripe item covers: candidate keys, or (mass-target plans, appended after the candidate
+// items) keys of the anchor region A of a group with candidates, scored only by the sampled rows
+// for their anchor-region mass.
 enum StripeItemKind : int32_t { kCandidates = 0, kAnchorRegion = 1 };
 
+// A chunk of a group's keys, scored by one CTA against the rows of every query head that shares
+// a KV head.
 struct StripeItem {
   int32_t batch_group;
   int32_t key_begin;  // within the sequence; key_begin - cand_begin is a multiple of 64
