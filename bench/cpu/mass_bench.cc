@@ -5,16 +5,23 @@
 //   anchor_mass_bench [--backend=cpu|cuda] [--n=8192,16384] [--hq=32] [--hkv=8] [--d=128]
 //                     [--dtype=bf16] [--seeds=0,1] [--thetas=8,10,12,15]
 //                     [--targets=0.9,0.95,0.98] [--density_cap=1] [--min_theta=0]
-//                     [--question_rows=128] [--threads=0] [--repeats=1]
+//                     [--question_rows=128] [--threads=0] [--repeats=1] [--oracle_rows=0]
 //
 // Every configuration runs on the same inputs as one dense run, which gives the true kept mass
 // (exp(lse - lse_dense) per row) and the output recall. Times: the CPU backend's wall time per
 // run; the CUDA backend's identification and attention kernel times (CUDA events, no host
 // copies), the fastest of --repeats runs.
+//
+// --oracle_rows=R adds, per head kind, the density a per-row oracle needs: for R rows per head
+// (evenly spaced in the second half of the sequence), the fewest keys of [0, i] whose dense
+// softmax mass reaches each target, as a fraction of i + 1. No selection that keeps a set of
+// keys per row can reach the target with less; AnchorAttention's sets are coarser (shared by a
+// group's rows, always including the anchor region).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -42,6 +49,7 @@ ABSL_FLAG(int, question_rows, 128, "generator: rows at the end that look up a fa
 ABSL_FLAG(int, threads, 0, "CPU threads (0 = all)");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
 ABSL_FLAG(int, repeats, 1, "runs per configuration and input (the fastest counts)");
+ABSL_FLAG(int, oracle_rows, 0, "rows per head of the per-row oracle (0 = off)");
 
 namespace anchorserve {
 namespace {
@@ -142,6 +150,51 @@ double Min(const std::vector<HeadResult>& heads, double HeadResult::*field) {
   return best;
 }
 
+// Per-row oracle: for `rows` rows of head h (evenly spaced over [N/2, N)), the fraction of keys
+// [0, i] that the largest dense softmax probabilities need to reach each target, averaged over
+// the rows. fp64 scores from the bf16/fp16/fp32 inputs.
+std::vector<double> OracleDensity(const HostQkv& qkv, int h, int rows,
+                                  const std::vector<float>& targets) {
+  const AttentionShape& shape = qkv.shape;
+  const int64_t n = shape.seq_len;
+  const int d = shape.head_dim;
+  const int kv_head = h / shape.GqaRatio();
+  const TensorStrides q_strides = StridesFor(qkv.layout, n, shape.num_q_heads, d);
+  const TensorStrides kv_strides = StridesFor(qkv.layout, n, shape.num_kv_heads, d);
+  const size_t element = ElementSize(qkv.dtype);
+  std::vector<float> q(d), k(static_cast<size_t>(n) * d);
+  for (int64_t j = 0; j < n; ++j) {
+    ConvertToFloat(qkv.k.data() + (j * kv_strides.token + kv_head * kv_strides.head) * element,
+                   qkv.dtype, d, k.data() + j * d);
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> sums(targets.size(), 0.0), p;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = n / 2 + (n / 2) * r / std::max(rows, 1);
+    ConvertToFloat(qkv.q.data() + (i * q_strides.token + h * q_strides.head) * element, qkv.dtype,
+                   d, q.data());
+    p.assign(static_cast<size_t>(i + 1), 0.0);
+    double best = -1e300;
+    for (int64_t j = 0; j <= i; ++j) {
+      double dot = 0;
+      for (int e = 0; e < d; ++e) dot += static_cast<double>(q[e]) * k[j * d + e];
+      p[j] = scale * dot;
+      best = std::max(best, p[j]);
+    }
+    double total = 0;
+    for (double& value : p) total += (value = std::exp(value - best));
+    std::sort(p.begin(), p.end(), std::greater<>());
+    for (size_t t = 0; t < targets.size(); ++t) {
+      double kept = 0;
+      int64_t count = 0;
+      while (count <= i && kept < static_cast<double>(targets[t]) * total) kept += p[count++];
+      sums[t] += static_cast<double>(count) / static_cast<double>(i + 1);
+    }
+  }
+  for (double& sum : sums) sum /= std::max(rows, 1);
+  return sums;
+}
+
 struct RunTimes {
   double seconds = 0;                 // cpu: wall; cuda: identification + attention kernels
   double identification_seconds = 0;  // cuda only
@@ -218,6 +271,8 @@ int Main(int argc, char** argv) {
                                absl::GetFlag(FLAGS_d)};
     std::vector<Aggregate> results(configs.size());
     double dense_seconds = 0;
+    const int oracle_rows = absl::GetFlag(FLAGS_oracle_rows);
+    std::map<std::string, std::vector<std::vector<double>>> oracle_by_kind;  // per head: [target]
     for (uint64_t seed : seeds) {
       StructuredInputOptions options;
       options.seed = seed;
@@ -227,6 +282,12 @@ int Main(int argc, char** argv) {
       if (!qkv.ok()) {
         std::fprintf(stderr, "%s\n", qkv.status().ToString().c_str());
         return 1;
+      }
+      if (oracle_rows > 0) {
+        for (int h = 0; h < shape.num_q_heads; ++h) {
+          oracle_by_kind[std::string(StructuredHeadKindName(qkv->head_kinds[h]))].push_back(
+              OracleDensity(*qkv, h, oracle_rows, targets));
+        }
       }
       std::vector<uint8_t> dense_out(qkv->q.size()), out(qkv->q.size());
       std::vector<float> dense_lse(static_cast<size_t>(n) * shape.num_q_heads), lse(dense_lse);
@@ -330,6 +391,31 @@ int Main(int argc, char** argv) {
         std::printf(" |");
       }
       std::printf("\n");
+    }
+    if (oracle_rows > 0) {
+      std::printf(
+          "\nPer-row oracle (%d rows per head in [N/2, N)): mean fraction of keys [0, i] whose "
+          "dense mass reaches the target\n\n| target |",
+          oracle_rows);
+      for (const auto& [kind, heads] : oracle_by_kind) {
+        std::printf(" %s (%zu) |", kind.c_str(), heads.size());
+      }
+      std::printf(" all |\n|---|");
+      for (size_t k = 0; k <= oracle_by_kind.size(); ++k) std::printf("---|");
+      std::printf("\n");
+      for (size_t t = 0; t < targets.size(); ++t) {
+        std::printf("| p %.2f |", targets[t]);
+        double all = 0;
+        size_t count = 0;
+        for (const auto& [kind, heads] : oracle_by_kind) {
+          double sum = 0;
+          for (const std::vector<double>& head : heads) sum += head[t];
+          std::printf(" %.4f |", sum / static_cast<double>(heads.size()));
+          all += sum;
+          count += heads.size();
+        }
+        std::printf(" %.4f |\n", all / static_cast<double>(count));
+      }
     }
     std::fflush(stdout);
   }
