@@ -255,6 +255,17 @@ suite_tests() {
   suite_end tests
 }
 
+# The cuDNN baseline (torch SDPA) at the given lengths, into sdpa.log of the suite.
+step_sdpa_baseline() {
+  local sdpa=$bundle/bench/gpu/sdpa_baseline.py
+  [ -f "$sdpa" ] || sdpa=$root/bench/gpu/sdpa_baseline.py
+  if ! command -v python3 >/dev/null; then
+    step_missing sdpa_baseline "python3 not found (the cuDNN baseline needs python3 with torch)"
+  else
+    step sdpa_baseline 240 sdpa.log env PYTHONUNBUFFERED=1 python3 "$sdpa" "$@"
+  fi
+}
+
 suite_bench() {
   suite_begin bench
   # The baseline runs the lengths the benchmark runs.
@@ -262,13 +273,7 @@ suite_bench() {
   for a in "$@"; do
     case "$a" in --lengths=*) IFS=, read -r -a lengths <<<"${a#--lengths=}" ;; esac
   done
-  local sdpa=$bundle/bench/gpu/sdpa_baseline.py
-  [ -f "$sdpa" ] || sdpa=$root/bench/gpu/sdpa_baseline.py
-  if ! command -v python3 >/dev/null; then
-    step_missing sdpa_baseline "python3 not found (the cuDNN baseline needs python3 with torch)"
-  else
-    step sdpa_baseline 240 sdpa.log env PYTHONUNBUFFERED=1 python3 "$sdpa" "${lengths[@]}"
-  fi
+  step_sdpa_baseline "${lengths[@]}"
   if have_exe anchor_kernel_bench; then
     local sdpa_args=()
     [ -s "$suite_dir/sdpa.log" ] && sdpa_args=(--sdpa_log="$suite_dir/sdpa.log")
@@ -290,13 +295,7 @@ suite_mass() {
       *) args+=("$a") ;;
     esac
   done
-  local sdpa=$bundle/bench/gpu/sdpa_baseline.py
-  [ -f "$sdpa" ] || sdpa=$root/bench/gpu/sdpa_baseline.py
-  if ! command -v python3 >/dev/null; then
-    step_missing sdpa_baseline "python3 not found (the cuDNN baseline needs python3 with torch)"
-  else
-    step sdpa_baseline 240 sdpa.log env PYTHONUNBUFFERED=1 python3 "$sdpa" "${lengths[@]}"
-  fi
+  step_sdpa_baseline "${lengths[@]}"
   if have_exe anchor_mass_bench; then
     local n
     for n in "${lengths[@]}"; do
