@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <optional>
 #include <thread>
@@ -416,18 +417,26 @@ constexpr int64_t kBackgroundFillMinBytes = int64_t{8} << 20;
 
 // A zero-filled buffer, filled on a helper thread while the caller does other work (the upload
 // and the server's compute). Writing a fresh buffer's pages for the first time is what makes the
-// kernel map them; done inside the receive loop it stalls the download.
+// kernel map them; done inside the receive loop it stalls the download. A call that ends without
+// taking the buffer stops the fill at the next step.
 class BackgroundZeroedBuffer {
  public:
   explicit BackgroundZeroedBuffer(size_t bytes)
-      : thread_([this, bytes] { buffer_.resize(bytes); }) {}
+      : thread_([this, bytes] {
+          constexpr size_t kStep = size_t{8} << 20;
+          buffer_.reserve(bytes);
+          while (buffer_.size() < bytes && !stop_.load(std::memory_order_relaxed)) {
+            buffer_.resize(std::min(bytes, buffer_.size() + kStep));
+          }
+        }) {}
   ~BackgroundZeroedBuffer() {
+    stop_.store(true, std::memory_order_relaxed);
     if (thread_.joinable()) thread_.join();
   }
   BackgroundZeroedBuffer(const BackgroundZeroedBuffer&) = delete;
   BackgroundZeroedBuffer& operator=(const BackgroundZeroedBuffer&) = delete;
 
-  // Waits for the fill; call once.
+  // Waits for the whole fill; call once.
   std::vector<uint8_t> Take() {
     thread_.join();
     return std::move(buffer_);
@@ -435,7 +444,8 @@ class BackgroundZeroedBuffer {
 
  private:
   std::vector<uint8_t> buffer_;
-  std::thread thread_;  // after buffer_: starts once buffer_ exists
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: starts once buffer_ and stop_ exist
 };
 
 }  // namespace
