@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <utility>
 
@@ -9,14 +10,19 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "client/background_fill.h"
 #include "google/protobuf/descriptor.h"
 #include "grpcpp/client_context.h"
+#include "grpcpp/impl/rpc_method.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/sync_stream.h"
 #include "kernels/status_macros.h"
 #include "proto/anchorserve/v1/convert.h"
 
 namespace anchorserve {
 namespace {
+
+constexpr char kPrefillMethod[] = "/anchorserve.v1.PrefillService/Prefill";
 
 // "TENSOR_NAME_K", or "unknown value 9" for a number the enum does not define.
 template <typename Enum>
@@ -94,15 +100,26 @@ std::string PrefillStreamAssembler::Position() const {
 }
 
 absl::Status PrefillStreamAssembler::Consume(const v1::PrefillResponse& response) {
+  SegmentedBytes kv_data;
+  if (response.has_kv_chunk() && !response.kv_chunk().data().empty()) {
+    kv_data.pieces.push_back(response.kv_chunk().data());
+    kv_data.size = response.kv_chunk().data().size();
+  }
+  return Consume(response, kv_data);
+}
+
+absl::Status PrefillStreamAssembler::Consume(const v1::PrefillResponse& response,
+                                             const SegmentedBytes& kv_data) {
   if (failed_) {
     return absl::FailedPreconditionError("the Prefill stream has already failed");
   }
-  absl::Status status = Dispatch(response);
+  absl::Status status = Dispatch(response, kv_data);
   if (!status.ok()) failed_ = true;
   return status;
 }
 
-absl::Status PrefillStreamAssembler::Dispatch(const v1::PrefillResponse& response) {
+absl::Status PrefillStreamAssembler::Dispatch(const v1::PrefillResponse& response,
+                                              const SegmentedBytes& kv_data) {
   const std::string& id = response.request_id();
   if (!id.empty()) {
     if (!request_.request_id().empty() && id != request_.request_id()) {
@@ -122,7 +139,7 @@ absl::Status PrefillStreamAssembler::Dispatch(const v1::PrefillResponse& respons
     case v1::PrefillResponse::kHeader:
       return ConsumeHeader(response.header());
     case v1::PrefillResponse::kKvChunk:
-      return ConsumeChunk(response.kv_chunk());
+      return ConsumeChunk(response.kv_chunk(), kv_data);
     case v1::PrefillResponse::kLogits:
       return ConsumeLogits(response.logits());
     case v1::PrefillResponse::kMetrics:
@@ -251,7 +268,8 @@ absl::Status PrefillStreamAssembler::ConsumeHeader(const v1::PrefillHeader& head
   return absl::OkStatus();
 }
 
-absl::Status PrefillStreamAssembler::ConsumeChunk(const v1::KvChunk& chunk) {
+absl::Status PrefillStreamAssembler::ConsumeChunk(const v1::KvChunk& chunk,
+                                                  const SegmentedBytes& data) {
   if (!have_header_) return Violation("kv_chunk before the header");
   if (have_logits_) return Violation("kv_chunk after the logits");
   if (KvComplete()) {
@@ -285,7 +303,7 @@ absl::Status PrefillStreamAssembler::ConsumeChunk(const v1::KvChunk& chunk) {
                                   KvName(tensor_), ", expected ", offset_,
                                   " (chunks are contiguous)"));
   }
-  const auto size = static_cast<int64_t>(chunk.data().size());
+  const auto size = static_cast<int64_t>(data.size);
   if (size == 0) {
     return Violation(absl::StrCat("kv_chunk.data is empty (layer ", layer_, " ", KvName(tensor_),
                                   " at byte ", offset_, ")"));
@@ -296,11 +314,14 @@ absl::Status PrefillStreamAssembler::ConsumeChunk(const v1::KvChunk& chunk) {
                                   " bytes of header.kv_spec"));
   }
   if (summary_.kv_bytes == 0) summary_.time_to_first_kv_byte = absl::Now() - start_;
-  if (callbacks_.on_kv_data) {
-    ANCHOR_RETURN_IF_ERROR(callbacks_.on_kv_data(layer_, tensor_, offset_, chunk.data()));
+  for (absl::string_view piece : data.pieces) {
+    if (piece.empty()) continue;
+    if (callbacks_.on_kv_data) {
+      ANCHOR_RETURN_IF_ERROR(callbacks_.on_kv_data(layer_, tensor_, offset_, piece));
+    }
+    offset_ += static_cast<int64_t>(piece.size());
+    summary_.kv_bytes += static_cast<int64_t>(piece.size());
   }
-  offset_ += size;
-  summary_.kv_bytes += size;
   if (offset_ < tensor_bytes_) return absl::OkStatus();
   offset_ = 0;
   if (tensor_ == v1::TENSOR_NAME_K) {
@@ -426,14 +447,30 @@ absl::StatusOr<PrefillSummary> PrefillClient::PrefillStreamed(const v1::PrefillR
   PrepareClientContext(options_, call, &context);
   ScopedCallRegistration registration(call.canceller, &context);
   PrefillStreamAssembler assembler(request, std::move(callbacks), absl::Now(), target_);
-  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader =
-      stub_->Prefill(&context, request);
-  // One message for the whole stream: its chunk's data string keeps its capacity.
+  // Read raw: each chunk's KV bytes stay in gRPC's slices until the callback takes them, instead
+  // of being copied into a protobuf string first (the stub's typed reader).
+  const grpc::internal::RpcMethod method(kPrefillMethod,
+                                         grpc::internal::RpcMethod::SERVER_STREAMING, channel_);
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(channel_.get(), method,
+                                                                    &context, request));
   v1::PrefillResponse response;
+  grpc::ByteBuffer buffer;
   absl::Status broken;  // the first protocol violation or callback error
-  while (reader->Read(&response)) {
+  while (reader->Read(&buffer)) {
     if (!broken.ok()) continue;  // drain what is in flight after cancelling
-    broken = assembler.Consume(response);
+    absl::StatusOr<SplitMessage> split = SplitTensorData(
+        buffer, {v1::PrefillResponse::kKvChunkFieldNumber}, v1::KvChunk::kDataFieldNumber);
+    response.Clear();
+    if (!split.ok() || !response.ParseFromString(split->rest)) {
+      broken = absl::InternalError(absl::StrCat(
+          "Prefill to ", target_,
+          " broke the stream protocol: a message does not parse as a PrefillResponse"));
+    } else {
+      const auto found = split->data.find(v1::PrefillResponse::kKvChunkFieldNumber);
+      broken = assembler.Consume(response,
+                                 found == split->data.end() ? SegmentedBytes{} : found->second);
+    }
     if (!broken.ok()) context.TryCancel();
   }
   grpc::Status status = reader->Finish();
@@ -445,8 +482,22 @@ absl::StatusOr<PrefillSummary> PrefillClient::PrefillStreamed(const v1::PrefillR
 absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     const v1::PrefillRequest& request, const CallOptions& call,
     std::function<void(const PrefillLayerProgress&)> on_layer) {
+  // Tensors arrive in stream order (each layer's K, then its V); the next few of them are
+  // zero-filled on helper threads while earlier ones arrive, so that the receive loop copies into
+  // mapped pages instead of taking a page fault every 4 KiB.
+  constexpr size_t kFillAheadTensors = 4;
   PrefillResult result;
   int32_t layer_begin = 0;
+  size_t tensor_bytes = 0;
+  size_t tensors_total = 0;
+  size_t tensors_started = 0;  // fills started so far, in stream order
+  std::deque<BackgroundZeroedBuffer> fills;
+  auto start_fills = [&] {
+    while (tensors_started < tensors_total && fills.size() < kFillAheadTensors) {
+      fills.emplace_back(tensor_bytes);
+      ++tensors_started;
+    }
+  };
   PrefillCallbacks callbacks;
   callbacks.on_header = [&](const v1::PrefillHeader& header, absl::string_view) -> absl::Status {
     layer_begin = header.kv_layer_begin();
@@ -459,28 +510,43 @@ absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     const std::array<int64_t, 3> shape = {spec.shape(0), spec.shape(1), spec.shape(2)};
     ANCHOR_ASSIGN_OR_RETURN(const TensorGeometry geometry,
                             MakeTensorGeometry("header.kv_spec", dtype, layout, shape));
+    tensor_bytes = static_cast<size_t>(geometry.bytes);
     for (int32_t layer = header.kv_layer_begin(); layer < header.kv_layer_end(); ++layer) {
       PrefillLayerKv& kv = result.layers.emplace_back();
       kv.layer = layer;
-      // Reserved, not zero-filled: each tensor's chunks arrive in order and are appended.
       kv.k = HostTensor{dtype, layout, shape, {}};
       kv.v = HostTensor{dtype, layout, shape, {}};
-      kv.k.bytes.reserve(static_cast<size_t>(geometry.bytes));
-      kv.v.bytes.reserve(static_cast<size_t>(geometry.bytes));
+    }
+    if (geometry.bytes >= kBackgroundFillMinBytes) {
+      tensors_total = 2 * result.layers.size();
+      start_fills();
     }
     return absl::OkStatus();
   };
   callbacks.on_kv_data = [&](int32_t layer, v1::TensorName tensor, int64_t offset,
                              absl::string_view data) -> absl::Status {
     // Offsets and sizes are checked by the assembler before this is called: each tensor's
-    // chunks come in order without gaps.
+    // pieces come in order without gaps.
     PrefillLayerKv& kv = result.layers[static_cast<size_t>(layer - layer_begin)];
-    HostTensor& target = tensor == v1::TENSOR_NAME_K ? kv.k : kv.v;
-    if (offset != static_cast<int64_t>(target.bytes.size())) {
-      return absl::InternalError(
-          absl::StrCat("KV chunk at offset ", offset, " after ", target.bytes.size(), " bytes"));
+    std::vector<uint8_t>& bytes = (tensor == v1::TENSOR_NAME_K ? kv.k : kv.v).bytes;
+    if (offset == 0) {
+      if (!fills.empty()) {
+        bytes = fills.front().Take();
+        fills.pop_front();
+        start_fills();
+      } else {
+        bytes.reserve(tensor_bytes);  // small tensors: appended
+      }
     }
-    target.bytes.insert(target.bytes.end(), data.begin(), data.end());
+    if (bytes.size() == tensor_bytes) {  // filled ahead
+      std::memcpy(bytes.data() + offset, data.data(), data.size());
+      return absl::OkStatus();
+    }
+    if (offset != static_cast<int64_t>(bytes.size())) {
+      return absl::InternalError(
+          absl::StrCat("KV piece at offset ", offset, " after ", bytes.size(), " bytes"));
+    }
+    bytes.insert(bytes.end(), data.begin(), data.end());
     return absl::OkStatus();
   };
   if (on_layer) {

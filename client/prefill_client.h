@@ -24,6 +24,7 @@
 #include "client/attention_client.h"
 #include "client/host_tensor.h"
 #include "grpcpp/channel.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 
 namespace anchorserve {
 
@@ -43,8 +44,8 @@ struct PrefillCallbacks {
   // server echoed or made up.
   std::function<absl::Status(const v1::PrefillHeader& header, absl::string_view request_id)>
       on_header;
-  // A piece of layer `layer`'s K or V (TENSOR_NAME_K / _V) at byte `offset`, in stream order.
-  // `data` is valid only during the call.
+  // A piece of layer `layer`'s K or V (TENSOR_NAME_K / _V) at byte `offset`, in stream order
+  // (one chunk may come as several pieces). `data` is valid only during the call.
   std::function<absl::Status(int32_t layer, v1::TensorName tensor, int64_t offset,
                              absl::string_view data)>
       on_kv_data;
@@ -91,15 +92,18 @@ class PrefillStreamAssembler {
   // stream protocol: kv_chunk.offset is 96 for layer 2 K, expected 64 ..."), or a callback's
   // error as it is; after an error the assembler accepts nothing more (FAILED_PRECONDITION).
   absl::Status Consume(const v1::PrefillResponse& response);
+  // The same for a message whose kv_chunk.data was split off as received (SplitTensorData):
+  // `kv_data` holds it in pieces, each handed to on_kv_data at its own offset.
+  absl::Status Consume(const v1::PrefillResponse& response, const SegmentedBytes& kv_data);
 
   // The stream ended with OK: INTERNAL unless the header, every announced layer, the logits
   // (unless LOGITS_MODE_NONE) and the metrics have arrived.
   absl::StatusOr<PrefillSummary> Finish();
 
  private:
-  absl::Status Dispatch(const v1::PrefillResponse& response);
+  absl::Status Dispatch(const v1::PrefillResponse& response, const SegmentedBytes& kv_data);
   absl::Status ConsumeHeader(const v1::PrefillHeader& header);
-  absl::Status ConsumeChunk(const v1::KvChunk& chunk);
+  absl::Status ConsumeChunk(const v1::KvChunk& chunk, const SegmentedBytes& data);
   absl::Status ConsumeLogits(const v1::Logits& logits);
   absl::Status ConsumeMetrics(const v1::PrefillMetrics& metrics);
   absl::Status CheckHeader(const v1::PrefillHeader& header) const;

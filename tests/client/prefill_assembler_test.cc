@@ -113,6 +113,52 @@ TEST_P(GoodStreamTest, ReassemblesEveryLayer) {
 // One byte, uneven, exactly one tensor, more than a tensor.
 INSTANTIATE_TEST_SUITE_P(Chunkings, GoodStreamTest, ::testing::Values(1, 7, 80, 4096));
 
+// A chunk whose data was split off as received comes to on_kv_data piece by piece, each at its
+// own offset; no pieces at all is an empty chunk.
+TEST(PrefillAssemblerTest, SplitChunkDataArrivesPieceByPiece) {
+  const v1::PrefillRequest request = RequestOf(5);
+  const FakeOutput output = MakeFakeOutput(request, FakeModel{});
+  std::vector<std::string> k(3), v(3);
+  std::vector<int64_t> offsets;
+  PrefillCallbacks callbacks;
+  callbacks.on_kv_data = [&](int32_t layer, v1::TensorName tensor, int64_t offset,
+                             absl::string_view data) {
+    if (layer == 0 && tensor == v1::TENSOR_NAME_K) offsets.push_back(offset);
+    std::string& target = (tensor == v1::TENSOR_NAME_K ? k : v)[static_cast<size_t>(layer)];
+    EXPECT_EQ(offset, static_cast<int64_t>(target.size()));
+    target.append(data.data(), data.size());
+    return absl::OkStatus();
+  };
+  PrefillStreamAssembler assembler(request, std::move(callbacks), absl::Now(), "test-server");
+  for (v1::PrefillResponse message : StreamOf(output, 80)) {
+    if (!message.has_kv_chunk()) {
+      ASSERT_TRUE(assembler.Consume(message).ok());
+      continue;
+    }
+    // 80 bytes as pieces of 3, 0, 50 and 27 bytes.
+    const std::string data = message.kv_chunk().data();
+    message.mutable_kv_chunk()->clear_data();
+    SegmentedBytes pieces;
+    pieces.pieces = {absl::string_view(data).substr(0, 3), absl::string_view(data).substr(3, 0),
+                     absl::string_view(data).substr(3, 50), absl::string_view(data).substr(53)};
+    pieces.size = data.size();
+    ASSERT_TRUE(assembler.Consume(message, pieces).ok());
+  }
+  absl::StatusOr<PrefillSummary> summary = assembler.Finish();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(k, output.k);
+  EXPECT_EQ(v, output.v);
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 3, 53}));  // empty pieces are skipped
+  EXPECT_EQ(summary->kv_bytes, 480);
+
+  PrefillStreamAssembler empty(request, {}, absl::Now(), "test-server");
+  const std::vector<v1::PrefillResponse> messages = StreamOf(output, 80);
+  ASSERT_TRUE(empty.Consume(messages[0]).ok());
+  v1::PrefillResponse chunk = messages[1];
+  chunk.mutable_kv_chunk()->clear_data();
+  ExpectViolation(empty.Consume(chunk, SegmentedBytes{}), "kv_chunk.data is empty");
+}
+
 TEST(PrefillAssemblerTest, RangeNoneAndTopK) {
   v1::PrefillRequest request = RequestOf(3);
   ASSERT_TRUE(SetKvLayers("1:3", &request).ok());

@@ -180,6 +180,54 @@ TEST_F(PrefillFakeServerTest, DeadlineApplies) {
   EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded) << result.status();
 }
 
+// Tensors of 8 MiB and more are zero-filled ahead of the stream on helper threads and the chunks
+// copied in at their offsets; smaller ones are appended (the tests above).
+TEST_F(PrefillFakeServerTest, LargeTensorsAreFilledAheadAndAssembled) {
+  model_.num_layers = 3;
+  model_.num_kv_heads = 8;
+  model_.head_dim = 128;
+  constexpr int kTokens = 4096;  // 8 MiB per bf16 tensor, 6 tensors: more than the fill-ahead
+  const v1::PrefillRequest request = Request(kTokens);
+  const FakeOutput expected = MakeFakeOutput(request, model_);
+  ASSERT_EQ(expected.k[0].size(), size_t{8} << 20);
+  const std::vector<v1::PrefillResponse> stream =
+      StreamOf(expected, (int64_t{1} << 20) + 5);  // uneven chunks
+  server_->service().SetScript([&stream](const v1::PrefillRequest&) {
+    FakeScript script;
+    script.messages = stream;
+    return script;
+  });
+  absl::StatusOr<PrefillResult> result = client_->Prefill(request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->layers.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    const PrefillLayerKv& kv = result->layers[i];
+    EXPECT_TRUE(std::string(kv.k.bytes.begin(), kv.k.bytes.end()) == expected.k[i]) << i;
+    EXPECT_TRUE(std::string(kv.v.bytes.begin(), kv.v.bytes.end()) == expected.v[i]) << i;
+  }
+  EXPECT_EQ(result->summary.kv_bytes, int64_t{48} << 20);
+
+  // Ended mid-stream (by the server, then by a protocol violation) while fills are under way:
+  // the error comes back and nothing waits on the fills.
+  server_->service().SetScript([&stream](const v1::PrefillRequest&) {
+    FakeScript script;
+    script.messages.assign(stream.begin(), stream.begin() + 12);  // header, layer 0 K, part of V
+    script.status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "device lost");
+    return script;
+  });
+  result = client_->Prefill(request);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable) << result.status();
+  server_->service().SetScript([&stream](const v1::PrefillRequest&) {
+    FakeScript script;
+    script.messages = stream;
+    script.messages.erase(script.messages.begin() + 11);  // a gap in layer 0 V
+    return script;
+  });
+  result = client_->Prefill(request);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
+  EXPECT_THAT(result.status().message(), HasSubstr("chunks are contiguous"));
+}
+
 // ---- anchorctl ----------------------------------------------------------------------------------
 
 TEST_F(PrefillFakeServerTest, AnchorctlWritesSafetensorsAndNpy) {
