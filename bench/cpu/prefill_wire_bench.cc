@@ -7,7 +7,11 @@
 // embedding the client does).
 //
 //   anchor_prefill_wire_bench [--tokens=16384] [--layers=32] [--kv_heads=8] [--head_dim=128]
-//                             [--chunk_bytes=4194304] [--repeats=5]
+//                             [--chunk_bytes=4194304] [--repeats=5] [--serve_seconds=0]
+//
+// --serve_seconds=S only serves the synthetic cache for S seconds (any request gets the cache of
+// the flags' shape) and prints "listening on 127.0.0.1:PORT": for measuring other clients, such
+// as the Python one (bench/serving/prefill_wire_python.py).
 //
 // The bytes are bf16 K/V, head-major, of the shape given (the defaults are Llama-3.1-8B's at
 // 16k: 32 MiB per tensor, 2 GiB per call). Server and client share the machine's cores.
@@ -17,6 +21,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -37,6 +42,7 @@ ABSL_FLAG(int, kv_heads, 8, "KV heads");
 ABSL_FLAG(int, head_dim, 128, "head dim");
 ABSL_FLAG(int64_t, chunk_bytes, int64_t{4} << 20, "KV bytes per message (anchorserve's default)");
 ABSL_FLAG(int, repeats, 5, "calls per client mode");
+ABSL_FLAG(int, serve_seconds, 0, "only serve the synthetic cache for this long (0: measure)");
 
 namespace anchorserve {
 namespace {
@@ -172,6 +178,13 @@ int Run() {
   if (server == nullptr || port == 0) {
     std::fprintf(stderr, "cannot start the in-process server on 127.0.0.1\n");
     return 1;
+  }
+  if (absl::GetFlag(FLAGS_serve_seconds) > 0) {
+    std::printf("listening on 127.0.0.1:%d\n", port);
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::seconds(absl::GetFlag(FLAGS_serve_seconds)));
+    server->Shutdown();
+    return 0;
   }
   absl::StatusOr<std::unique_ptr<PrefillClient>> client =
       PrefillClient::Create(absl::StrCat("127.0.0.1:", port));

@@ -220,6 +220,81 @@ def build_request(ids: Iterable[int], *, theta: Optional[float] = None, dense: b
     return request
 
 
+# ---- reading responses ---------------------------------------------------------------------------
+
+_PREFILL_METHOD = '/anchorserve.v1.PrefillService/Prefill'
+_KV_CHUNK_FIELD = prefill_pb2.PrefillResponse.KV_CHUNK_FIELD_NUMBER
+_KV_DATA_FIELD = prefill_pb2.KvChunk.DATA_FIELD_NUMBER
+
+
+def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
+    """The varint at ``buf[pos]`` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError('varint too long')
+
+
+def _fields(buf: bytes, start: int, end: int):
+    """Yields (field number, wire type, field start, value start, value end) over buf[start:end]."""
+    pos = start
+    while pos < end:
+        tag, value_start = _varint(buf, pos)
+        wire = tag & 7
+        if wire == 0:
+            _, value_end = _varint(buf, value_start)
+        elif wire == 1:
+            value_end = value_start + 8
+        elif wire == 5:
+            value_end = value_start + 4
+        elif wire == 2:
+            length, value_start = _varint(buf, value_start)
+            value_end = value_start + length
+        else:
+            raise ValueError(f'wire type {wire}')  # groups: not in this protocol
+        if value_end > end:
+            raise ValueError('field runs past its message')
+        yield tag >> 3, wire, pos, value_start, value_end
+        pos = value_end
+
+
+def _split_response(raw: bytes):
+    """Parses a serialized PrefillResponse, leaving a kv_chunk's ``data`` where grpcio put it.
+
+    Returns (message, data): data is a memoryview into ``raw`` (None when the message has no
+    chunk data). Protobuf would copy the bytes into its own message and again into a ``bytes``
+    object on access, which costs more than the transfer itself at several GB per prefill. The
+    server may send kv_chunk in several occurrences (its data in one of its own); protobuf merges
+    them, and so does this. Anything this does not recognise is parsed by protobuf whole.
+    """
+    try:
+        rest, chunk_parts, data, has_chunk = [], [], None, False
+        for number, wire, field_start, value_start, value_end in _fields(raw, 0, len(raw)):
+            if number != _KV_CHUNK_FIELD or wire != 2:
+                rest.append(raw[field_start:value_end])
+                continue
+            has_chunk = True
+            for inner, inner_wire, inner_start, inner_value, inner_end in _fields(
+                    raw, value_start, value_end):
+                if inner == _KV_DATA_FIELD and inner_wire == 2:
+                    data = memoryview(raw)[inner_value:inner_end]  # the last occurrence wins
+                else:
+                    chunk_parts.append(raw[inner_start:inner_end])
+        message = prefill_pb2.PrefillResponse.FromString(b''.join(rest))
+        if has_chunk:
+            message.kv_chunk.SetInParent()
+            message.kv_chunk.MergeFromString(b''.join(chunk_parts))
+        return message, data
+    except (ValueError, IndexError):
+        return prefill_pb2.PrefillResponse.FromString(raw), None
+
+
 # ---- stream assembly ----------------------------------------------------------------------------
 
 
@@ -265,7 +340,9 @@ class _Assembler:
                      f'{self._offset} of {self._tensor_bytes}')
         return text
 
-    def consume(self, response) -> None:
+    def consume(self, response, data=None) -> None:
+        """Takes the next message; ``data``: its kv_chunk's bytes when split off by
+        :func:`_split_response` (else the message's own)."""
         if response.request_id:
             if self._request.request_id and response.request_id != self._request.request_id:
                 raise StreamProtocolError(f"request_id is '{response.request_id}', the "
@@ -280,7 +357,8 @@ class _Assembler:
         if kind == 'header':
             self._consume_header(response.header)
         elif kind == 'kv_chunk':
-            self._consume_chunk(response.kv_chunk)
+            chunk = response.kv_chunk
+            self._consume_chunk(chunk, chunk.data if data is None else data)
         elif kind == 'logits':
             self._consume_logits(response.logits)
         elif kind == 'metrics':
@@ -364,7 +442,7 @@ class _Assembler:
             self._tensor_bytes = math.prod(self._shape) * self._wire_dtype.itemsize
             self._k = bytearray(self._tensor_bytes)
 
-    def _consume_chunk(self, chunk) -> None:
+    def _consume_chunk(self, chunk, data) -> None:
         if self.header is None:
             raise StreamProtocolError('kv_chunk before the header')
         if self.logits is not None:
@@ -396,7 +474,7 @@ class _Assembler:
             raise StreamProtocolError(
                 f'kv_chunk.offset is {chunk.offset} for layer {self._layer} '
                 f'{_kv_name(self._tensor)}, expected {self._offset} (chunks are contiguous)')
-        size = len(chunk.data)
+        size = len(data)
         if size == 0:
             raise StreamProtocolError(f'kv_chunk.data is empty (layer {self._layer} '
                                       f'{_kv_name(self._tensor)} at byte {self._offset})')
@@ -405,7 +483,7 @@ class _Assembler:
                 f'kv_chunk.data of layer {self._layer} {_kv_name(self._tensor)} runs to byte '
                 f'{self._offset + size}, past the {self._tensor_bytes} bytes of header.kv_spec')
         target = self._k if self._tensor == _K else self._v
-        target[self._offset:self._offset + size] = chunk.data
+        target[self._offset:self._offset + size] = data
         self._offset += size
         self.kv_bytes += size
         if self._offset < self._tensor_bytes:
@@ -427,8 +505,11 @@ class _Assembler:
     def _to_array(self, data: bytearray) -> np.ndarray:
         array = np.frombuffer(data, dtype=self._wire_dtype).reshape(self._shape)
         if self._wire_dtype == np.dtype('<u2') and not self._raw_bf16:
-            # bf16 is the upper half of a float32: widening is exact.
-            return (array.astype(np.uint32) << 16).view(np.float32)
+            # bf16 is the upper half of a float32: widening is exact (shifted in place: one
+            # new array, not two).
+            wide = array.astype(np.uint32)
+            wide <<= 16
+            return wide.view(np.float32)
         return array
 
     def _consume_logits(self, logits) -> None:
@@ -816,11 +897,13 @@ def prefill(target: Target, ids: Sequence[int], *, theta: Optional[float] = None
                             request_id=request_id)
     assembler = _Assembler(request, raw_bf16, on_layer)
     with _Channel(target) as channel:
-        stub = prefill_pb2_grpc.PrefillServiceStub(channel)
-        call = stub.Prefill(request, timeout=timeout, metadata=metadata)
+        method = channel.unary_stream(
+            _PREFILL_METHOD, request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=_split_response)
+        call = method(request, timeout=timeout, metadata=metadata)
         try:
-            for response in call:
-                assembler.consume(response)
+            for response, data in call:
+                assembler.consume(response, data)
         except grpc.RpcError as error:
             raise AnchorServeError(error.code(), error.details(), 'Prefill') from None
         except BaseException:

@@ -13,11 +13,13 @@ import unittest
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import anchorserve_client  # noqa: E402
 from anchorserve_client import AnchorServeError, StreamProtocolError  # noqa: E402
+from anchorserve_client._client import _split_response  # noqa: E402
 from anchorserve_client._stubs import anchorserve_pb2, prefill_pb2  # noqa: E402
 
 from fake_server import FakeModel, FakeServer, Script, make_output, stream_of  # noqa: E402
@@ -373,6 +375,71 @@ class ProtocolTest(PrefillTestCase):
             messages[0].header.num_tokens = 9
 
         self.expect_violation(tokens, 'header.num_tokens is 9, the request has 5 token ids')
+
+
+def _length_delimited(field, payload):
+    """One length-delimited protobuf field (tag, varint length, payload)."""
+    out = bytearray()
+    for value in ((field << 3) | 2, len(payload)):
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+class SplitResponseTest(unittest.TestCase):
+    """_split_response leaves kv_chunk.data in the received bytes and parses the rest."""
+
+    def setUp(self):
+        self.data = np.random.default_rng().integers(0, 256, 300, dtype=np.uint8).tobytes()
+        self.head = prefill_pb2.PrefillResponse(request_id='r-1')
+        self.head.kv_chunk.layer = 2
+        self.head.kv_chunk.tensor = anchorserve_pb2.TENSOR_NAME_V
+        self.head.kv_chunk.offset = 1 << 40
+
+    def check(self, raw):
+        message, data = _split_response(raw)
+        self.assertIsInstance(data, memoryview)
+        self.assertEqual(bytes(data), self.data)
+        self.assertEqual(message.request_id, 'r-1')
+        self.assertEqual(message.WhichOneof('kind'), 'kv_chunk')
+        self.assertEqual((message.kv_chunk.layer, message.kv_chunk.tensor, message.kv_chunk.offset),
+                         (2, anchorserve_pb2.TENSOR_NAME_V, 1 << 40))
+        self.assertEqual(message.kv_chunk.data, b'')
+        # Protobuf reads the same bytes as the same message with the data inside.
+        whole = prefill_pb2.PrefillResponse.FromString(raw)
+        message.kv_chunk.data = bytes(data)
+        self.assertEqual(message, whole)
+
+    def test_data_in_a_second_occurrence_as_anchorserve_sends_it(self):
+        data_field = prefill_pb2.KvChunk.DATA_FIELD_NUMBER
+        chunk_field = prefill_pb2.PrefillResponse.KV_CHUNK_FIELD_NUMBER
+        self.check(self.head.SerializeToString() +
+                   _length_delimited(chunk_field, _length_delimited(data_field, self.data)))
+
+    def test_data_inside_the_one_occurrence(self):
+        message = prefill_pb2.PrefillResponse()
+        message.CopyFrom(self.head)
+        message.kv_chunk.data = self.data
+        self.check(message.SerializeToString())
+
+    def test_other_messages_and_empty_chunks_parse_as_protobuf_does(self):
+        header = prefill_pb2.PrefillResponse(request_id='r-1')
+        header.header.num_tokens = 7
+        empty = prefill_pb2.PrefillResponse()
+        empty.kv_chunk.layer = 1
+        for message in (header, empty, prefill_pb2.PrefillResponse()):
+            parsed, data = _split_response(message.SerializeToString())
+            self.assertIsNone(data)
+            self.assertEqual(parsed, message)
+            self.assertEqual(parsed.WhichOneof('kind'), message.WhichOneof('kind'))
+
+    def test_malformed_bytes_fail_as_protobuf_fails(self):
+        raw = self.head.SerializeToString()
+        for bad in (raw[:-1], b'\x1a\xff', b'\xff' * 11):
+            with self.assertRaises(DecodeError):
+                _split_response(bad)
 
 
 class DynamicCacheTest(unittest.TestCase):
