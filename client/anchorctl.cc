@@ -41,6 +41,7 @@
 #include "client/local_reference.h"
 #include "client/npy.h"
 #include "client/qkv_inputs.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 
 // Health.
 ABSL_FLAG(std::string, service, "",
@@ -634,6 +635,7 @@ int main(int argc, char** argv) {
   usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
   absl::SetFlagsUsageConfig(usage_config);
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  anchorserve::KeepReceiveBuffersResident();
   if (positional.size() != 2) {
     std::fprintf(stderr,
                  "anchorctl: expected exactly one command (info, health, attend, load, model or "

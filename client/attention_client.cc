@@ -14,7 +14,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
-#include "client/background_fill.h"
 #include "client/channel_target.h"
 #include "client/client_credentials.h"
 #include "grpcpp/create_channel.h"
@@ -410,6 +409,46 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
   result.metrics = std::move(*response.mutable_metrics());
   return result;
 }
+
+namespace {
+
+// Outputs at least this large are zero-filled on a helper thread during the upload.
+constexpr int64_t kBackgroundFillMinBytes = int64_t{8} << 20;
+
+// A zero-filled buffer, filled on a helper thread while the caller does other work (the upload
+// and the server's compute). Writing a fresh buffer's pages for the first time is what makes the
+// kernel map them; done inside the receive loop it stalls the download. A call that ends without
+// taking the buffer stops the fill at the next step.
+class BackgroundZeroedBuffer {
+ public:
+  explicit BackgroundZeroedBuffer(size_t bytes)
+      : thread_([this, bytes] {
+          constexpr size_t kStep = size_t{8} << 20;
+          buffer_.reserve(bytes);
+          while (buffer_.size() < bytes && !stop_.load(std::memory_order_relaxed)) {
+            buffer_.resize(std::min(bytes, buffer_.size() + kStep));
+          }
+        }) {}
+  ~BackgroundZeroedBuffer() {
+    stop_.store(true, std::memory_order_relaxed);
+    if (thread_.joinable()) thread_.join();
+  }
+  BackgroundZeroedBuffer(const BackgroundZeroedBuffer&) = delete;
+  BackgroundZeroedBuffer& operator=(const BackgroundZeroedBuffer&) = delete;
+
+  // Waits for the whole fill; call once.
+  std::vector<uint8_t> Take() {
+    thread_.join();
+    return std::move(buffer_);
+  }
+
+ private:
+  std::vector<uint8_t> buffer_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: starts once buffer_ and stop_ exist
+};
+
+}  // namespace
 
 absl::StatusOr<AttendResult> AttentionClient::AttendStreamed(const AttendInputs& inputs,
                                                              const CallOptions& call) {

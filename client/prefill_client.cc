@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <deque>
 #include <limits>
 #include <utility>
 
@@ -10,7 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "client/background_fill.h"
 #include "google/protobuf/descriptor.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/impl/rpc_method.h"
@@ -482,22 +480,8 @@ absl::StatusOr<PrefillSummary> PrefillClient::PrefillStreamed(const v1::PrefillR
 absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     const v1::PrefillRequest& request, const CallOptions& call,
     std::function<void(const PrefillLayerProgress&)> on_layer) {
-  // Tensors arrive in stream order (each layer's K, then its V); the next few of them are
-  // zero-filled on helper threads while earlier ones arrive, so that the receive loop copies into
-  // mapped pages instead of taking a page fault every 4 KiB.
-  constexpr size_t kFillAheadTensors = 4;
   PrefillResult result;
   int32_t layer_begin = 0;
-  size_t tensor_bytes = 0;
-  size_t tensors_total = 0;
-  size_t tensors_started = 0;  // fills started so far, in stream order
-  std::deque<BackgroundZeroedBuffer> fills;
-  auto start_fills = [&] {
-    while (tensors_started < tensors_total && fills.size() < kFillAheadTensors) {
-      fills.emplace_back(tensor_bytes);
-      ++tensors_started;
-    }
-  };
   PrefillCallbacks callbacks;
   callbacks.on_header = [&](const v1::PrefillHeader& header, absl::string_view) -> absl::Status {
     layer_begin = header.kv_layer_begin();
@@ -510,16 +494,14 @@ absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     const std::array<int64_t, 3> shape = {spec.shape(0), spec.shape(1), spec.shape(2)};
     ANCHOR_ASSIGN_OR_RETURN(const TensorGeometry geometry,
                             MakeTensorGeometry("header.kv_spec", dtype, layout, shape));
-    tensor_bytes = static_cast<size_t>(geometry.bytes);
     for (int32_t layer = header.kv_layer_begin(); layer < header.kv_layer_end(); ++layer) {
       PrefillLayerKv& kv = result.layers.emplace_back();
       kv.layer = layer;
+      // Reserved, not zero-filled: each tensor's pieces arrive in order and are appended.
       kv.k = HostTensor{dtype, layout, shape, {}};
       kv.v = HostTensor{dtype, layout, shape, {}};
-    }
-    if (geometry.bytes >= kBackgroundFillMinBytes) {
-      tensors_total = 2 * result.layers.size();
-      start_fills();
+      kv.k.bytes.reserve(static_cast<size_t>(geometry.bytes));
+      kv.v.bytes.reserve(static_cast<size_t>(geometry.bytes));
     }
     return absl::OkStatus();
   };
@@ -528,25 +510,12 @@ absl::StatusOr<PrefillResult> PrefillClient::Prefill(
     // Offsets and sizes are checked by the assembler before this is called: each tensor's
     // pieces come in order without gaps.
     PrefillLayerKv& kv = result.layers[static_cast<size_t>(layer - layer_begin)];
-    std::vector<uint8_t>& bytes = (tensor == v1::TENSOR_NAME_K ? kv.k : kv.v).bytes;
-    if (offset == 0) {
-      if (!fills.empty()) {
-        bytes = fills.front().Take();
-        fills.pop_front();
-        start_fills();
-      } else {
-        bytes.reserve(tensor_bytes);  // small tensors: appended
-      }
-    }
-    if (bytes.size() == tensor_bytes) {  // filled ahead
-      std::memcpy(bytes.data() + offset, data.data(), data.size());
-      return absl::OkStatus();
-    }
-    if (offset != static_cast<int64_t>(bytes.size())) {
+    HostTensor& target = tensor == v1::TENSOR_NAME_K ? kv.k : kv.v;
+    if (offset != static_cast<int64_t>(target.bytes.size())) {
       return absl::InternalError(
-          absl::StrCat("KV piece at offset ", offset, " after ", bytes.size(), " bytes"));
+          absl::StrCat("KV piece at offset ", offset, " after ", target.bytes.size(), " bytes"));
     }
-    bytes.insert(bytes.end(), data.begin(), data.end());
+    target.bytes.insert(target.bytes.end(), data.begin(), data.end());
     return absl::OkStatus();
   };
   if (on_layer) {

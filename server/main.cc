@@ -36,6 +36,7 @@
 #include "kernels/backend.h"
 #include "model/model.h"
 #include "model/prefill_engine_factory.h"
+#include "proto/anchorserve/v1/tensor_wire.h"
 #include "server/attention_executor.h"
 #include "server/attention_service.h"
 #include "server/auth_tokens.h"
@@ -431,6 +432,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   absl::ParseCommandLine(argc, argv);
+  anchorserve::KeepReceiveBuffersResident();
   absl::StatusOr<anchorserve::ServerConfig> config = anchorserve::ServerConfigFromFlags();
   if (!config.ok()) {
     anchorserve::LogError(absl::StrCat("invalid flags: ", config.status().message()));

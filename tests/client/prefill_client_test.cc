@@ -180,13 +180,13 @@ TEST_F(PrefillFakeServerTest, DeadlineApplies) {
   EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded) << result.status();
 }
 
-// Tensors of 8 MiB and more are zero-filled ahead of the stream on helper threads and the chunks
-// copied in at their offsets; smaller ones are appended (the tests above).
-TEST_F(PrefillFakeServerTest, LargeTensorsAreFilledAheadAndAssembled) {
+// Chunks of a MiB reach the client in several gRPC slices, read without a protobuf copy: each
+// piece lands at its offset, and an error mid-stream comes back as it is.
+TEST_F(PrefillFakeServerTest, LargeChunksAreAssembledFromTheirSlices) {
   model_.num_layers = 3;
   model_.num_kv_heads = 8;
   model_.head_dim = 128;
-  constexpr int kTokens = 4096;  // 8 MiB per bf16 tensor, 6 tensors: more than the fill-ahead
+  constexpr int kTokens = 4096;  // 8 MiB per bf16 tensor
   const v1::PrefillRequest request = Request(kTokens);
   const FakeOutput expected = MakeFakeOutput(request, model_);
   ASSERT_EQ(expected.k[0].size(), size_t{8} << 20);
@@ -207,8 +207,7 @@ TEST_F(PrefillFakeServerTest, LargeTensorsAreFilledAheadAndAssembled) {
   }
   EXPECT_EQ(result->summary.kv_bytes, int64_t{48} << 20);
 
-  // Ended mid-stream (by the server, then by a protocol violation) while fills are under way:
-  // the error comes back and nothing waits on the fills.
+  // Ended mid-stream by the server, then by a protocol violation.
   server_->service().SetScript([&stream](const v1::PrefillRequest&) {
     FakeScript script;
     script.messages.assign(stream.begin(), stream.begin() + 12);  // header, layer 0 K, part of V

@@ -1,6 +1,9 @@
 #include "proto/anchorserve/v1/tensor_wire.h"
 
+#include <malloc.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -229,6 +232,13 @@ void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slic
   header += data_key;
   slices->emplace_back(header);
   slices->push_back(std::move(data));
+}
+
+void KeepReceiveBuffersResident() {
+  if (std::getenv("MALLOC_TRIM_THRESHOLD_") != nullptr) return;
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (tunables != nullptr && std::strstr(tunables, "trim_threshold") != nullptr) return;
+  mallopt(M_TRIM_THRESHOLD, kReceiveHeapTrimBytes);
 }
 
 }  // namespace anchorserve

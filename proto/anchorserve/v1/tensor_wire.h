@@ -65,4 +65,13 @@ absl::StatusOr<SplitMessage> SplitTensorData(const grpc::ByteBuffer& buffer,
 void AppendTensorData(int tensor_field, grpc::Slice data, std::vector<grpc::Slice>* slices,
                       int data_field = kTensorDataField);
 
+// For processes that receive large streams (anchorserve, anchorctl; call once at start): keeps up
+// to kReceiveHeapTrimBytes of freed memory at the top of each malloc arena instead of glibc's
+// default of 128 KiB. gRPC reads into 64 KiB slices and frees them once a message is consumed;
+// with the default, that memory goes back to the kernel after every few messages and the next
+// reads fault it in and zero it again, which costs more than the copy of the bytes. Does nothing
+// when the user set the threshold (MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES).
+inline constexpr int kReceiveHeapTrimBytes = 64 << 20;
+void KeepReceiveBuffersResident();
+
 }  // namespace anchorserve

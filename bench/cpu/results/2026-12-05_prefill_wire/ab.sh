@@ -1,0 +1,28 @@
+#!/bin/bash
+# Alternates two builds' Prefill clients over loopback against the synthetic KV server of
+# anchor_prefill_wire_bench: the C++ client (each build's own bench binary) and the Python client
+# (each checkout's client/python against the NEW build's server).
+#   BASE=/path/to/old/checkout NEW=/path/to/new/checkout ab.sh ROUNDS [bench flags...]
+# Each checkout has its build in build/ (anchor_prefill_wire_bench, client/python/gen).
+set -euo pipefail
+rounds=${1:-2}
+shift || true
+flags=("$@")
+tokens=16384
+for f in "${flags[@]}"; do case "$f" in --tokens=*) tokens=${f#--tokens=} ;; esac; done
+serve_log=$(mktemp)
+"$NEW/build/bin/anchor_prefill_wire_bench" "${flags[@]}" --serve_seconds=3600 >"$serve_log" &
+server=$!
+trap 'kill $server 2>/dev/null || true; rm -f "$serve_log"' EXIT
+for _ in $(seq 50); do grep -q listening "$serve_log" && break; sleep 0.1; done
+port=$(sed -n 's/listening on 127.0.0.1://p' "$serve_log")
+for round in $(seq "$rounds"); do
+  for side in BASE NEW; do
+    dir=${!side}
+    echo "## round $round, $side ($(git -C "$dir" rev-parse --short HEAD))"
+    "$dir/build/bin/anchor_prefill_wire_bench" "${flags[@]}" --repeats=3 | tail -n +4
+    PYTHONPATH="$dir/client/python" ANCHORSERVE_CLIENT_GEN_DIR="$NEW/build/client/python/gen" \
+      /usr/bin/python3 "$NEW/bench/serving/prefill_wire_python.py" --target="127.0.0.1:$port" \
+      --tokens="$tokens" --reps=3 | tail -n +3
+  done
+done
