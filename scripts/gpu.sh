@@ -15,7 +15,9 @@
 #            anchor_kernel_bench on the same lengths; ARGS go to anchor_kernel_bench, e.g.
 #            --lengths=32768,131072 --reps=3 (the baseline follows --lengths)
 #   service  anchorserve on the CUDA backend on loopback, anchorctl health/info, attend --verify
-#            at three sizes, a short load, then SIGTERM and a clean exit
+#            at three sizes, a short load, the Prefill client's download from a synthetic server
+#            (anchor_prefill_wire_bench, default and 64 MiB malloc trim threshold), then SIGTERM
+#            and a clean exit
 #   all      tests, service, bench (ARGS go to bench)
 #   profile  Nsight Compute (ncu) over the identification kernels at N = 32k (not in all)
 #   mass     mass targets vs fixed theta (bench/RESULTS.md section 10a): the cuDNN baseline, then
@@ -43,7 +45,8 @@ die() {
 # What the GPU host runs. The bundle takes those that exist.
 gpu_tests=(anchor_cuda_plan_tests anchor_attention_kernel_test anchor_gpu_tests anchor_layer_ops_tests
   anchor_cuda_prefill_tests anchor_device_fault_test)
-gpu_benches=(anchor_kernel_bench anchor_attention_microbench anchor_prefill_bench anchor_mass_bench)
+gpu_benches=(anchor_kernel_bench anchor_attention_microbench anchor_prefill_bench anchor_mass_bench
+  anchor_prefill_wire_bench)
 bundle_exes=(anchorserve anchorctl "${gpu_tests[@]}" "${gpu_benches[@]}")
 # Lengths of anchor_kernel_bench when --lengths is not given (its own default list).
 bench_lengths=(4096 8192 16384 32768 65536 131072)
@@ -354,6 +357,15 @@ suite_service() {
     --q_heads=32 --kv_heads=8 --head_dim=128 --dtype=bf16 --verify --recall
   step load_32x8k 300 load_32x8k.log "${ctl[@]}" load --requests=32 --concurrency=4 \
     --seq_len=8192 --q_heads=32 --kv_heads=8 --head_dim=128 --dtype=bf16
+  if have_exe anchor_prefill_wire_bench; then
+    # The client's Prefill download without an engine (RESULTS section 7): glibc's default trim
+    # threshold, then anchorserve's and anchorctl's.
+    step prefill_wire_default_malloc 300 prefill_wire_default_malloc.log "$bundle/run" \
+      anchor_prefill_wire_bench --repeats=3
+    step prefill_wire_trim_64m 300 prefill_wire_trim_64m.log env \
+      GLIBC_TUNABLES=glibc.malloc.trim_threshold=67108864 "$bundle/run" anchor_prefill_wire_bench \
+      --repeats=3
+  fi
   # SIGTERM drains and exits 0; give it the drain timeout (30 s) and a little more.
   local start rc=0 secs
   start=$(date +%s.%N)
