@@ -295,11 +295,6 @@ def _split_response(raw: bytes):
         return prefill_pb2.PrefillResponse.FromString(raw), None
 
 
-def _tensor_buffer(size: int) -> np.ndarray:
-    """Bytes for one K or V tensor; every byte is written by the stream."""
-    return np.empty(size, np.uint8)
-
-
 # ---- stream assembly ----------------------------------------------------------------------------
 
 
@@ -445,7 +440,7 @@ class _Assembler:
             self._shape = tuple(header.kv_spec.shape)
             self._wire_dtype = _WIRE_NUMPY[_DTYPE_NAMES[header.kv_dtype]]
             self._tensor_bytes = math.prod(self._shape) * self._wire_dtype.itemsize
-            self._k = _tensor_buffer(self._tensor_bytes)
+            self._k = bytearray(self._tensor_bytes)
 
     def _consume_chunk(self, chunk, data) -> None:
         if self.header is None:
@@ -488,7 +483,7 @@ class _Assembler:
                 f'kv_chunk.data of layer {self._layer} {_kv_name(self._tensor)} runs to byte '
                 f'{self._offset + size}, past the {self._tensor_bytes} bytes of header.kv_spec')
         target = self._k if self._tensor == _K else self._v
-        target[self._offset:self._offset + size] = np.frombuffer(data, np.uint8)
+        target[self._offset:self._offset + size] = data
         self._offset += size
         self.kv_bytes += size
         if self._offset < self._tensor_bytes:
@@ -496,18 +491,18 @@ class _Assembler:
         self._offset = 0
         if self._tensor == _K:
             self._tensor = _V
-            self._v = _tensor_buffer(self._tensor_bytes)
+            self._v = bytearray(self._tensor_bytes)
             return
         kv = LayerKV(self._layer, self._to_array(self._k), self._to_array(self._v))
         self.layers.append(kv)
         self._layer += 1
         self._tensor = _K
-        self._k = _tensor_buffer(self._tensor_bytes) if not self._kv_complete() else None
+        self._k = bytearray(self._tensor_bytes) if not self._kv_complete() else None
         self._v = None
         if self._on_layer is not None:
             self._on_layer(kv)
 
-    def _to_array(self, data: np.ndarray) -> np.ndarray:
+    def _to_array(self, data: bytearray) -> np.ndarray:
         array = np.frombuffer(data, dtype=self._wire_dtype).reshape(self._shape)
         if self._wire_dtype == np.dtype('<u2') and not self._raw_bf16:
             # bf16 is the upper half of a float32: widening is exact (shifted in place: one
