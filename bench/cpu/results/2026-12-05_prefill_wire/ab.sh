@@ -4,7 +4,8 @@
 #   - the C++ client: each build's own bench binary (server and client in one process), and the
 #     NEW one again with glibc's trim threshold at anchorserve's and anchorctl's 64 MiB;
 #   - the Python client: each checkout's client/python against the NEW build's server serving
-#     with that threshold, as anchorserve does.
+#     with that threshold, as anchorserve does; each mode in a fresh process (columns: calls,
+#     GB/s of the first call, median and range of the later calls).
 #   BASE=/path/to/old/checkout NEW=/path/to/new/checkout ab.sh ROUNDS [bench flags...]
 # Each checkout has its build in build/ (anchor_prefill_wire_bench, client/python/gen).
 set -euo pipefail
@@ -30,8 +31,10 @@ for round in $(seq "$rounds"); do
     GLIBC_TUNABLES=$tunables "$dir/build/bin/anchor_prefill_wire_bench" "${flags[@]}" \
       --repeats=3 | tail -n +4
     [ "$side" = NEW+trim ] && continue
-    PYTHONPATH="$dir/client/python" ANCHORSERVE_CLIENT_GEN_DIR="$NEW/build/client/python/gen" \
-      /usr/bin/python3 "$NEW/bench/serving/prefill_wire_python.py" --target="127.0.0.1:$port" \
-      --tokens="$tokens" --reps=3 | tail -n +3
+    for raw in "" --raw_bf16; do  # a fresh process per mode: its first call maps the memory
+      PYTHONPATH="$dir/client/python" ANCHORSERVE_CLIENT_GEN_DIR="$NEW/build/client/python/gen" \
+        /usr/bin/python3 "$NEW/bench/serving/prefill_wire_python.py" --target="127.0.0.1:$port" \
+        --tokens="$tokens" --reps=4 $raw
+    done
   done
 done
