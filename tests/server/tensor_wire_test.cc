@@ -1,14 +1,18 @@
 #include "proto/anchorserve/v1/tensor_wire.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "anchorserve/v1/anchorserve.pb.h"
 #include "gtest/gtest.h"
+#include "tests/test_util/sanitizers.h"
 
 namespace anchorserve {
 namespace {
@@ -186,6 +190,57 @@ TEST_F(TensorWireTest, RejectsMalformedMessages) {
   const std::string bad("\x12\x03\x22\x05xyzab", 9);
   EXPECT_EQ(SplitTensorData(Chop(bad, 4), {kQField}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// Frees 16 MiB of 64 KiB blocks (what gRPC's reads leave behind) and returns how much free
+// memory the top of the heap still holds.
+size_t TopOfHeapAfterReceiveBuffersAreFreed() {
+  std::vector<char*> blocks;
+  blocks.reserve(256);  // before the blocks: nothing of its own between them and the top
+  for (int i = 0; i < 256; ++i) {
+    blocks.push_back(static_cast<char*>(std::malloc(64 << 10)));
+    blocks.back()[0] = 1;
+  }
+  for (auto block = blocks.rbegin(); block != blocks.rend(); ++block) std::free(*block);
+  return mallinfo2().keepcost;
+}
+
+// In a fresh process (threadsafe death tests re-run the binary), so that the heap is this
+// thread's alone and the blocks land at its top; glibc's default threshold set explicitly.
+class ReceiveBufferHeapTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (kUnderSanitizer) GTEST_SKIP() << "the sanitizers' allocators ignore mallopt";
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+  }
+};
+
+TEST_F(ReceiveBufferHeapTest, FreedBuffersStayMappedAfterKeepReceiveBuffersResident) {
+  EXPECT_EXIT(
+      {
+        unsetenv("MALLOC_TRIM_THRESHOLD_");
+        unsetenv("GLIBC_TUNABLES");
+        mallopt(M_TRIM_THRESHOLD, 128 << 10);
+        const size_t by_default = TopOfHeapAfterReceiveBuffersAreFreed();
+        KeepReceiveBuffersResident();
+        const size_t kept = TopOfHeapAfterReceiveBuffersAreFreed();
+        std::fprintf(stderr, "top of heap %zu by default, %zu kept\n", by_default, kept);
+        std::exit(by_default < (1 << 20) && kept >= (16 << 20) ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+TEST_F(ReceiveBufferHeapTest, AThresholdTheUserSetIsLeftAlone) {
+  EXPECT_EXIT(
+      {
+        setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072", 1);
+        mallopt(M_TRIM_THRESHOLD, 128 << 10);
+        KeepReceiveBuffersResident();
+        const size_t top = TopOfHeapAfterReceiveBuffersAreFreed();
+        std::fprintf(stderr, "top of heap %zu\n", top);
+        std::exit(top < (1 << 20) ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
 }
 
 }  // namespace
