@@ -129,10 +129,47 @@ class BorrowedSlices {
   int live_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// Outputs at least this large are zero-filled on a helper thread while the call runs.
+constexpr int64_t kBackgroundFillMinBytes = int64_t{8} << 20;
+
+// A zero-filled buffer, filled on a helper thread while the caller does other work (the upload,
+// the server's compute, and for a unary call the download as well). Writing a fresh buffer's pages
+// for the first time is what makes the kernel map them; done inside the receive loop it stalls the
+// download. A call that ends without taking the buffer stops the fill at the next step.
+class BackgroundZeroedBuffer {
+ public:
+  explicit BackgroundZeroedBuffer(size_t bytes)
+      : thread_([this, bytes] {
+          constexpr size_t kStep = size_t{8} << 20;
+          buffer_.reserve(bytes);
+          while (buffer_.size() < bytes && !stop_.load(std::memory_order_relaxed)) {
+            buffer_.resize(std::min(bytes, buffer_.size() + kStep));
+          }
+        }) {}
+  ~BackgroundZeroedBuffer() {
+    stop_.store(true, std::memory_order_relaxed);
+    if (thread_.joinable()) thread_.join();
+  }
+  BackgroundZeroedBuffer(const BackgroundZeroedBuffer&) = delete;
+  BackgroundZeroedBuffer& operator=(const BackgroundZeroedBuffer&) = delete;
+
+  // Waits for the whole fill; call once.
+  std::vector<uint8_t> Take() {
+    thread_.join();
+    return std::move(buffer_);
+  }
+
+ private:
+  std::vector<uint8_t> buffer_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: starts once buffer_ and stop_ exist
+};
+
 // The output of a unary response: its spec from `tensor` (the message without data), its bytes
-// from where gRPC received them, copied once.
-absl::StatusOr<HostTensor> HostTensorFromSplit(const v1::Tensor& tensor,
-                                               const SegmentedBytes* data) {
+// from where gRPC received them, copied once into `buffer` when it has their size (pages already
+// written), else into a new vector.
+absl::StatusOr<HostTensor> HostTensorFromSplit(const v1::Tensor& tensor, const SegmentedBytes* data,
+                                               std::vector<uint8_t> buffer) {
   ANCHOR_ASSIGN_OR_RETURN(
       const TensorGeometry geometry,
       TensorGeometryFromProto("output", tensor.dtype(), tensor.layout(), tensor.shape()));
@@ -142,12 +179,20 @@ absl::StatusOr<HostTensor> HostTensorFromSplit(const v1::Tensor& tensor,
   host.dtype = geometry.dtype;
   host.layout = geometry.layout;
   std::copy(geometry.dims.begin(), geometry.dims.end(), host.shape.begin());
+  if (data == nullptr) return host;
+  if (buffer.size() == static_cast<size_t>(size)) {
+    host.bytes = std::move(buffer);
+    uint8_t* to = host.bytes.data();
+    for (absl::string_view piece : data->pieces) {
+      std::memcpy(to, piece.data(), piece.size());
+      to += piece.size();
+    }
+    return host;
+  }
   // reserve + insert: no zero-fill of a buffer about to be overwritten.
   host.bytes.reserve(static_cast<size_t>(size));
-  if (data != nullptr) {
-    for (absl::string_view piece : data->pieces) {
-      host.bytes.insert(host.bytes.end(), piece.begin(), piece.end());
-    }
+  for (absl::string_view piece : data->pieces) {
+    host.bytes.insert(host.bytes.end(), piece.begin(), piece.end());
   }
   return host;
 }
@@ -342,6 +387,11 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
   }
   // Declared first so it is destroyed last: waits until gRPC has released the caller's bytes.
   BorrowedSlices borrowed;
+  const int64_t output_bytes = static_cast<int64_t>(inputs.q.bytes.size());  // like q
+  std::optional<BackgroundZeroedBuffer> output_fill;
+  if (!inputs.options.metrics_only() && output_bytes >= kBackgroundFillMinBytes) {
+    output_fill.emplace(static_cast<size_t>(output_bytes));
+  }
   grpc::ByteBuffer response_buffer;
   grpc::Status status;
   {
@@ -399,7 +449,9 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
         CheckOutputSpec(inputs.q, output.dtype(), output.layout(),
                         absl::MakeConstSpan(output.shape().data(), output.shape().size()));
     if (!spec.ok()) return spec;
-    absl::StatusOr<HostTensor> tensor = HostTensorFromSplit(output, output_data);
+    absl::StatusOr<HostTensor> tensor =
+        HostTensorFromSplit(output, output_data,
+                            output_fill.has_value() ? output_fill->Take() : std::vector<uint8_t>());
     if (!tensor.ok()) {
       return absl::InternalError(
           absl::StrCat("server returned a malformed output: ", tensor.status().message()));
@@ -409,46 +461,6 @@ absl::StatusOr<AttendResult> AttentionClient::Attend(const AttendInputs& inputs,
   result.metrics = std::move(*response.mutable_metrics());
   return result;
 }
-
-namespace {
-
-// Outputs at least this large are zero-filled on a helper thread during the upload.
-constexpr int64_t kBackgroundFillMinBytes = int64_t{8} << 20;
-
-// A zero-filled buffer, filled on a helper thread while the caller does other work (the upload
-// and the server's compute). Writing a fresh buffer's pages for the first time is what makes the
-// kernel map them; done inside the receive loop it stalls the download. A call that ends without
-// taking the buffer stops the fill at the next step.
-class BackgroundZeroedBuffer {
- public:
-  explicit BackgroundZeroedBuffer(size_t bytes)
-      : thread_([this, bytes] {
-          constexpr size_t kStep = size_t{8} << 20;
-          buffer_.reserve(bytes);
-          while (buffer_.size() < bytes && !stop_.load(std::memory_order_relaxed)) {
-            buffer_.resize(std::min(bytes, buffer_.size() + kStep));
-          }
-        }) {}
-  ~BackgroundZeroedBuffer() {
-    stop_.store(true, std::memory_order_relaxed);
-    if (thread_.joinable()) thread_.join();
-  }
-  BackgroundZeroedBuffer(const BackgroundZeroedBuffer&) = delete;
-  BackgroundZeroedBuffer& operator=(const BackgroundZeroedBuffer&) = delete;
-
-  // Waits for the whole fill; call once.
-  std::vector<uint8_t> Take() {
-    thread_.join();
-    return std::move(buffer_);
-  }
-
- private:
-  std::vector<uint8_t> buffer_;
-  std::atomic<bool> stop_{false};
-  std::thread thread_;  // last: starts once buffer_ and stop_ exist
-};
-
-}  // namespace
 
 absl::StatusOr<AttendResult> AttentionClient::AttendStreamed(const AttendInputs& inputs,
                                                              const CallOptions& call) {

@@ -1,5 +1,7 @@
 // A request of more than 64 MiB that cannot go unary (the server's message limit is 16 MiB) is
-// streamed in chunks both ways and matches the local CPU backend element for element.
+// streamed in chunks both ways and matches the local CPU backend element for element; a large
+// unary request (inputs copied into the server's reused buffers, output received into a buffer
+// the client wrote during the call) does too, call after call.
 #include <cmath>
 #include <memory>
 #include <string>
@@ -73,6 +75,33 @@ TEST_F(StreamingE2eTest, LargeRequestIsStreamedAndMatchesLocalCpu) {
       FindMetricValue(*page, "anchorserve_requests_total", {"rpc=\"AttendStream\"", "code=\"OK\""});
   ASSERT_TRUE(ok_streams.ok()) << ok_streams.status();
   EXPECT_EQ(*ok_streams, 1);
+}
+
+TEST_F(StreamingE2eTest, LargeUnaryRequestsMatchLocalCpu) {
+  ASSERT_NO_FATAL_FAILURE(StartServer({"--cpu_threads=2"}, absl::Seconds(240)));
+  // fp32 [1024, 32, 128] = 16 MiB per tensor: gRPC receives each in many slices, so the server
+  // copies it, and the output is large enough for the client's background-written buffer.
+  v1::AnchorConfig config;
+  config.set_block_size(16);
+  config.set_step(1);
+  config.set_theta(-INFINITY);
+  for (uint64_t seed : {uint64_t{20261205}, uint64_t{20261206}}) {
+    SCOPED_TRACE(absl::StrCat("seed ", seed));
+    absl::StatusOr<QkvTensors> qkv =
+        MakeQkv(InputKind::kRandom, 1024, 32, 32, 128, DType::kFp32, Layout::kTokenMajor, seed);
+    ASSERT_TRUE(qkv.ok()) << qkv.status();
+    const AttendInputs inputs = InputsFor(*qkv, config);
+    absl::StatusOr<AttendResult> unary = client_->Attend(inputs);
+    ASSERT_TRUE(unary.ok()) << unary.status();
+    EXPECT_FALSE(unary->streamed);
+    ASSERT_TRUE(unary->output.has_value());
+    ASSERT_EQ(unary->output->bytes.size(), qkv->q.bytes.size());
+    absl::StatusOr<CpuVerification> verified = VerifyOnCpu(
+        inputs.q, inputs.k, inputs.v, unary->metrics.effective_config(), *unary->output, 2);
+    ASSERT_TRUE(verified.ok()) << verified.status();
+    EXPECT_EQ(verified->comparison.over_tolerance, 0) << verified->comparison.Describe();
+    EXPECT_EQ(verified->comparison.non_finite, 0);
+  }
 }
 
 }  // namespace
