@@ -8,6 +8,8 @@
 # Environment: ANCHOR_RUN (prefix that runs a binary, e.g. ".gpu/bundle/run"; default: build/bin
 # directly), BACKEND (cuda|cpu, default cuda), LENGTHS (single-request lengths, default
 # "8192 16384 32768 131072"), LOAD_SHAPES ("N:Hq:Hkv ..."), CONCURRENCY ("1 8 32 64"),
+# LOAD_REQUESTS_PER_CALLER and LOAD_REQUESTS_MIN (requests of a load run: max(MIN, c * PER_CALLER),
+# default 8 and 64),
 # ANCHORSERVE_CLIENT_GEN_DIR (the generated Python modules, for step 2), PYTHON (default python3).
 set -u
 out=${1:?usage: serving_bench.sh OUT_DIR [server flags...]}
@@ -66,7 +68,9 @@ for batching in on off; do
   for load_shape in ${LOAD_SHAPES:-2048:8:2 2048:32:8 8192:32:8}; do
     IFS=: read -r n hq hkv <<<"$load_shape"
     for c in ${CONCURRENCY:-1 8 32 64}; do
-      requests=$((c * 8 > 64 ? c * 8 : 64))
+      per_caller=${LOAD_REQUESTS_PER_CALLER:-8}
+      at_least=${LOAD_REQUESTS_MIN:-64}
+      requests=$((c * per_caller > at_least ? c * per_caller : at_least))
       echo "--- load batching=$batching N=$n Hq=$hq Hkv=$hkv c=$c requests=$requests"
       run anchorctl --target="$target" load --requests=$requests --concurrency="$c" \
         --seq_len="$n" --q_heads="$hq" --kv_heads="$hkv" --head_dim=128 |
