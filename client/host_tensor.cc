@@ -1,30 +1,12 @@
 #include "client/host_tensor.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdint>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 
 namespace anchorserve {
-
-void PrefaultReserved(std::vector<uint8_t>& bytes) {
-#ifdef MADV_POPULATE_WRITE
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(bytes.data() + bytes.size());
-  const uintptr_t end = reinterpret_cast<uintptr_t>(bytes.data() + bytes.capacity());
-  const uintptr_t first = (begin + page - 1) & ~(page - 1);
-  const uintptr_t last = end & ~(page - 1);
-  // Fails harmlessly (EINVAL) on kernels without it; the pages then fault in as they are written.
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
-#else
-  (void)bytes;
-#endif
-}
 
 absl::StatusOr<HostTensor> AllocateHostTensor(DType dtype, Layout layout,
                                               std::array<int64_t, 3> shape) {

@@ -41,12 +41,6 @@ struct HostTensor {
   int64_t NumElements() const { return shape[0] * shape[1] * shape[2]; }
 };
 
-// Maps the pages of `bytes`' reserved but unused storage now, in one system call, so that
-// appending up to its capacity takes no page faults: received tensors are written into fresh
-// memory, and faulting it in page by page costs more than the copy. Best effort (Linux >= 5.14);
-// whole pages only.
-void PrefaultReserved(std::vector<uint8_t>& bytes);
-
 // A tensor of `shape` filled with zero bytes. Fails when the size overflows.
 absl::StatusOr<HostTensor> AllocateHostTensor(DType dtype, Layout layout,
                                               std::array<int64_t, 3> shape);

@@ -515,7 +515,6 @@ absl::StatusOr<PrefillResult> PrefillClient::Prefill(
       return absl::InternalError(
           absl::StrCat("KV piece at offset ", offset, " after ", target.bytes.size(), " bytes"));
     }
-    if (offset == 0) PrefaultReserved(target.bytes);
     target.bytes.insert(target.bytes.end(), data.begin(), data.end());
     return absl::OkStatus();
   };
