@@ -38,7 +38,8 @@ struct ReceivedAttend {
   int64_t copied_bytes = 0;  // of `copies`
 };
 
-// Copies come from `cache`: pages already resident, so the copy takes no page faults.
+// Copies take their blocks from `cache` when it holds one of their size: pages a previous
+// request left resident, so the copy takes no page faults.
 ReceivedAttend ReceiveAttend(const grpc::ByteBuffer& request, HostBufferCache* cache) {
   ReceivedAttend received;
   const int fields[3] = {kRequestQField, kRequestKField, kRequestVField};
