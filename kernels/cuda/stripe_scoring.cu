@@ -269,11 +269,11 @@ static_assert(kLevelTiles <= 32, "one bit per level tile");
 __device__ __forceinline__ void OneHotLevels(uint32_t levels, int tile, uint32_t& b0,
                                              uint32_t& b1) {
   const uint32_t diff = levels ^ (static_cast<uint32_t>(8 * tile) * 0x01010101u);
-  // 0x80 in each zero byte of diff, 0 elsewhere (no carry crosses a byte).
+  // 0x80 in each zero byte of diff, 0 elsewhere (no carry crosses a byte), then 0xff.
   const uint32_t zero = ~(((diff & 0x7f7f7f7fu) + 0x7f7f7f7fu) | diff) & 0x80808080u;
-  // prmt with the selector's high bit set replicates a byte's sign: 0xffff or 0 per half.
-  b0 = __byte_perm(zero, 0u, 0x9988) & 0x3f803f80u;
-  b1 = __byte_perm(zero, 0u, 0xbbaa) & 0x3f803f80u;
+  const uint32_t match = (zero >> 7) * 0xffu;
+  b0 = __byte_perm(match, 0u, 0x1100) & 0x3f803f80u;  // keys 2q, 2q + 1: 0xffff or 0 per half
+  b1 = __byte_perm(match, 0u, 0x3322) & 0x3f803f80u;
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo_half, float hi_half) {
