@@ -462,6 +462,28 @@ __global__ void __launch_bounds__(128, 2)
       }
     }
     WgmmaCommit();
+    const int first = item.key_begin + t * kKeyTile;
+    const int valid = item.key_end - first;  // keys past the chunk were zero-filled
+    // Mass pass, candidates: the levels of this thread's keys, loaded while the wgmmas run.
+    // chunk_levels[c] holds keys 16c + 2q, +1, 16c + 8 + 2q, +1 (q = lane % 4) as bytes; keys
+    // past the chunk read as 0xff (past the grid).
+    uint32_t chunk_levels[kPass == StripePass::kMass ? 8 : 1];
+    if constexpr (kPass == StripePass::kMass) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        chunk_levels[c] = 0xffffffffu;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int key = 16 * c + 8 * half + 2 * (lane & 3);
+          if (!anchor_region && active && key < valid) {
+            uint32_t pair =
+                *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key);
+            if (key + 1 == valid) pair |= 0xff00u;  // the pair's second key lies in the padding
+            chunk_levels[c] = (chunk_levels[c] & ~(0xffffu << (16 * half))) | (pair << (16 * half));
+          }
+        }
+      }
+    }
     WgmmaWait<0>();
     PinRegisters(acc);
 #pragma unroll
@@ -469,8 +491,6 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) PinRegisters(a_frag[piece][ks]);
     }
-    const int first = item.key_begin + t * kKeyTile;
-    const int valid = item.key_end - first;  // keys past the chunk were zero-filled
 
     if constexpr (kPass == StripePass::kSelect) {
       // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
@@ -542,18 +562,12 @@ __global__ void __launch_bounds__(128, 2)
       // chunk's A fragment.
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        uint32_t levels = 0xffffffffu;  // keys past the chunk: past the grid, weight 0
-        float weight[2][2][2];          // [j - 2c][h][e]
+        const uint32_t levels = chunk_levels[c];
+        float weight[2][2][2];  // [j - 2c][h][e]; 0 past the chunk
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int j = 2 * c + half;
           const int key = 8 * j + 2 * (lane & 3);
-          if (active && key < valid) {
-            uint32_t pair =
-                *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key);
-            if (key + 1 == valid) pair |= 0xff00u;  // the pair's second key lies in the padding
-            levels = (levels & ~(0xffffu << (16 * half))) | (pair << (16 * half));
-          }
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const uint32_t level = (levels >> (16 * half + 8 * e)) & 0xffu;
