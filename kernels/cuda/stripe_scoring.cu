@@ -241,21 +241,65 @@ __global__ void __launch_bounds__(128, 3)
 //   kLevels (mass target): the same margins, max over the head's pooled rows, give each candidate
 //     its grid level (spec section 8), one byte per key. Needs one unit per head (step <= 16).
 //   kMass (mass target): rows are each block's last query row (the sampled rows, the input dtype
-//     is exact, one piece). Candidate items add exp(min(s - x(i), 40)) per level into a
-//     shared-memory histogram per (row, level) and count the keys per level; anchor-region items
-//     (kAnchorRegion) sum exp(s - x(i)) over A(i). The sums go to global memory with atomics.
+//     is exact, one piece). Candidate items sum exp(min(s - x(i), 40)) per (row, level) and count
+//     the keys per level; anchor-region items (kAnchorRegion) sum exp(s - x(i)) over A(i). The
+//     sums go to global memory with atomics at the end of the CTA.
 enum class StripePass { kSelect, kLevels, kMass };
 
 template <int kDim, StripePass kPass>
 struct StripeShape {
   static constexpr bool kMass = kPass == StripePass::kMass;
-  // The mass pass gives a stage up for its histogram, keeping two CTAs per SM.
-  static constexpr int kStages = (kDim == 128 ? 3 : 4) - (kMass ? 1 : 0);
-  static constexpr int kHistFloats = kMass ? 4 * kPooledRowTile * kMassGridLevels : 0;
-  static constexpr int kKeyCounts = kMass ? 4 * kMassGridLevels : 0;
-  static constexpr int kSmemBytes =
-      kStages * Tile<kDim>::kBytes + 1024 + 4 * (kHistFloats + kKeyCounts);  // 97 KiB at d = 128
+  static constexpr int kStages = kDim == 128 ? 3 : 4;
+  static constexpr int kKeyCounts = kMass ? 4 * kMassGridLevels : 0;  // [4 units][kLevels]
+  static constexpr int kSmemBytes = kStages * Tile<kDim>::kBytes + 1024 + 4 * kKeyCounts;
 };
+
+// Mass pass: a unit's weights by (sampled row, level) are the product W * E of its weights
+// W [16 rows x keys] and the keys' one-hot levels E [keys x levels], on the tensor cores:
+// mma.sync m16n8k16 takes W straight from the wgmma accumulators (the same thread owns the same
+// (row, key) pairs in both layouts), split hi + lo in bf16 so that the sums keep about 16
+// significant bits, and keeps the histogram in fp32 registers. Shared-memory float atomics, one
+// per (row, key), serialise on keys of equal level.
+constexpr int kLevelTiles = (kMassGridLevels + 7) / 8;  // n8 tiles of levels
+static_assert(kLevelTiles <= 32, "one bit per level tile");
+
+// B fragment of E for levels 8 * tile + lane / 4: `levels` holds the levels of keys 2q, 2q + 1,
+// 2q + 8, 2q + 9 of a 16-key chunk (q = lane % 4) as bytes, XORed with lane / 4 in every byte;
+// the two registers are bf16 pairs (1.0 where a key's level matches).
+__device__ __forceinline__ void OneHotLevels(uint32_t levels, int tile, uint32_t& b0,
+                                             uint32_t& b1) {
+  const uint32_t diff = levels ^ (static_cast<uint32_t>(8 * tile) * 0x01010101u);
+  // 0x80 in each zero byte of diff, 0 elsewhere (no carry crosses a byte), then 0xff.
+  const uint32_t zero = ~(((diff & 0x7f7f7f7fu) + 0x7f7f7f7fu) | diff) & 0x80808080u;
+  const uint32_t match = (zero >> 7) * 0xffu;
+  b0 = __byte_perm(match, 0u, 0x1100) & 0x3f803f80u;  // keys 2q, 2q + 1: 0xffff or 0 per half
+  b1 = __byte_perm(match, 0u, 0x3322) & 0x3f803f80u;
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo_half, float hi_half) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo_half, hi_half);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// One step of the levels pass's reduce-scatter of row maxima: `in` holds 2 * kOut pairs
+// [index][e]; the indices i and i | kBit form a pair (kBit a power of two below kOut). The
+// thread keeps the member whose kBit is `upper`, sends the other to lane xor kLane, and keeps
+// the max of its member and the partner's; `out` is indexed with kBit removed.
+template <int kOut, int kBit, int kLane>
+__device__ __forceinline__ void ExchangeHalf(const float (&in)[4 * kOut], float (&out)[2 * kOut],
+                                             int upper) {
+#pragma unroll
+  for (int o = 0; o < kOut; ++o) {
+    const int lower_index = ((o / kBit) * 2 * kBit) | (o % kBit);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float lower = in[2 * lower_index + e], higher = in[2 * (lower_index | kBit) + e];
+      const float send = upper ? lower : higher;
+      const float keep = upper ? higher : lower;
+      out[2 * o + e] = fmaxf(keep, __shfl_xor_sync(kFullMask, send, kLane));
+    }
+  }
+}
 
 // The grid level of a pooled margin (MassLevelOf in kernels/attention_types.h, same fp32 steps):
 // the smallest k with margin >= -(min_theta + k * step), or kMassGridLevels past the grid.
@@ -306,10 +350,9 @@ __global__ void __launch_bounds__(128, 2)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (SmemAddress(smem_raw) + 1023u) & ~1023u;
   auto k_tile = [&](int t) { return base + (t % kStages) * Geo::kBytes; };
-  // Mass pass: [4 units][16 rows][kLevels] weights, then [4 units][kLevels] key counts.
-  float* level_mass =
-      reinterpret_cast<float*>(smem_raw + (base - SmemAddress(smem_raw)) + kStages * Geo::kBytes);
-  int* level_keys = reinterpret_cast<int*>(level_mass + Shape::kHistFloats);
+  // Mass pass: [4 units][kLevels] key counts after the K stages.
+  int* level_keys =
+      reinterpret_cast<int*>(smem_raw + (base - SmemAddress(smem_raw)) + kStages * Geo::kBytes);
 
   const int item_index = blockIdx.x / passes;
   const int pass = blockIdx.x % passes;
@@ -358,9 +401,7 @@ __global__ void __launch_bounds__(128, 2)
       }
     }
     LoadRowFragments<kPieces, kDim>(rows[0], rows[1], lane, a_frag);
-    for (int idx = tid; idx < Shape::kHistFloats + Shape::kKeyCounts; idx += 128) {
-      level_mass[idx] = 0.0f;  // level_keys follow: 0.0f and 0 share the bit pattern
-    }
+    for (int idx = tid; idx < Shape::kKeyCounts; idx += 128) level_keys[idx] = 0;
   } else {
     const uint16_t* split = static_cast<const uint16_t*>(p.pooled_split);
     const uint16_t* upper = active ? split + (pooled_row0 + quad_row) * 3 * kDim : nullptr;
@@ -380,6 +421,9 @@ __global__ void __launch_bounds__(128, 2)
       kPass == StripePass::kSelect ? nullptr : p.mass.levels + p.lists.list_offset[list];
   const bool anchor_region = item.kind == kAnchorRegion;
   float row_sum[2] = {0.0f, 0.0f};  // mass pass: this thread's share of each row's sum
+  // Mass pass: C fragments of the unit's histogram, [level tile][rows quad_row, quad_row + 8 x
+  // levels 8 * tile + 2 * (lane % 4) + {0, 1}].
+  float level_hist[kMass ? kLevelTiles : 1][4] = {};
 
   const RowCopier<kDim, 128> copier(tid);
   const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
@@ -418,6 +462,28 @@ __global__ void __launch_bounds__(128, 2)
       }
     }
     WgmmaCommit();
+    const int first = item.key_begin + t * kKeyTile;
+    const int valid = item.key_end - first;  // keys past the chunk were zero-filled
+    // Mass pass, candidates: the levels of this thread's keys, loaded while the wgmmas run.
+    // chunk_levels[c] holds keys 16c + 2q, +1, 16c + 8 + 2q, +1 (q = lane % 4) as bytes; keys
+    // past the chunk read as 0xff (past the grid).
+    uint32_t chunk_levels[kPass == StripePass::kMass ? 8 : 1];
+    if constexpr (kPass == StripePass::kMass) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        chunk_levels[c] = 0xffffffffu;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int key = 16 * c + 8 * half + 2 * (lane & 3);
+          if (!anchor_region && active && key < valid) {
+            uint32_t pair =
+                *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key);
+            if (key + 1 == valid) pair |= 0xff00u;  // the pair's second key lies in the padding
+            chunk_levels[c] = (chunk_levels[c] & ~(0xffffu << (16 * half))) | (pair << (16 * half));
+          }
+        }
+      }
+    }
     WgmmaWait<0>();
     PinRegisters(acc);
 #pragma unroll
@@ -425,8 +491,6 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) PinRegisters(a_frag[piece][ks]);
     }
-    const int first = item.key_begin + t * kKeyTile;
-    const int valid = item.key_end - first;  // keys past the chunk were zero-filled
 
     if constexpr (kPass == StripePass::kSelect) {
       // Bit 2j + e of `bits`: key 8j + 2 * (lane % 4) + e of the tile passes in one of this
@@ -460,52 +524,89 @@ __global__ void __launch_bounds__(128, 2)
         atomicOr(head_bits + (first - group.cand_begin) / 32 + word_lane, word);
       }
     } else if constexpr (kPass == StripePass::kLevels) {
-      // Max over the 16 rows (lanes of equal lane % 4); lane (r, q) then writes the level bytes
-      // of keys 8j + 2q and 8j + 2q + 1 for j = r and r + 8 (two-byte stores: the chunk and the
-      // list start at even keys; a pair past the chunk's end lies in the list's padding).
+      // Max over the 16 rows (lanes of equal lane % 4) as a reduce-scatter over the row index
+      // r = lane / 4: at each exchange (lane xor 16, 8, 4: bit 2, 1, 0 of r) a thread keeps
+      // the keys whose j has that bit equal to r's and sends the others, so that lane (r, q) ends
+      // with the maxima of keys 8j + 2q + e for j = r and r + 8 alone: 28 shuffles instead of
+      // 96, and 4 level computations per thread instead of 32. It then writes their level
+      // bytes (two-byte stores: the chunk and the list start at even keys; a pair past the
+      // chunk's end lies in the list's padding).
+      float row_max[32];  // [j][e], over this thread's two rows
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        uint32_t pair = 0;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float margin = fmaxf(fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]),
-                               fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]));
-          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 4));
-          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 8));
-          margin = fmaxf(margin, __shfl_xor_sync(kFullMask, margin, 16));
-          if ((j & 7) == quad_row) pair |= MassLevel(margin, p.mass.min_theta) << (8 * e);
+          row_max[2 * j + e] = fmaxf(fmaf(acc[4 * j + e], row_scale[0], -pooled_anchor[0]),
+                                     fmaf(acc[4 * j + 2 + e], row_scale[1], -pooled_anchor[1]));
         }
-        const int key = 8 * j + 2 * (lane & 3);
-        if (active && (j & 7) == quad_row && key < valid) {
+      }
+      float by_j3_j1_j0[16];  // j bit 2 = bit 2 of r
+      ExchangeHalf<8, 4, 16>(row_max, by_j3_j1_j0, (quad_row >> 2) & 1);
+      float by_j3_j0[8];  // j bit 1 = bit 1 of r
+      ExchangeHalf<4, 2, 8>(by_j3_j1_j0, by_j3_j0, (quad_row >> 1) & 1);
+      float by_j3[4];  // j bit 0 = bit 0 of r
+      ExchangeHalf<2, 1, 4>(by_j3_j0, by_j3, quad_row & 1);
+#pragma unroll
+      for (int j3 = 0; j3 < 2; ++j3) {
+        const int key = 8 * (quad_row + 8 * j3) + 2 * (lane & 3);
+        if (active && key < valid) {
+          const uint32_t pair = MassLevel(by_j3[2 * j3], p.mass.min_theta) |
+                                (MassLevel(by_j3[2 * j3 + 1], p.mass.min_theta) << 8);
           *reinterpret_cast<uint16_t*>(head_levels + (first - group.cand_begin) + key) =
               static_cast<uint16_t>(pair);
         }
       }
     } else if (!anchor_region) {
-      // Candidates: each sampled row's weight of every key, by the key's level.
-      float* unit_mass = level_mass + warp * (kPooledRowTile * kLevels);
+      // Candidates, 16 keys at a time: this thread's weights of keys 16c + 2q + {0, 1} (j = 2c)
+      // and 16c + 8 + 2q + {0, 1} (j = 2c + 1) in rows quad_row and quad_row + 8 are the
+      // chunk's A fragment.
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int key = 8 * j + 2 * (lane & 3);
-        const uint32_t pair =
-            active && key < valid
-                ? *reinterpret_cast<const uint16_t*>(head_levels + (first - group.cand_begin) + key)
-                : 0xffffu;
+      for (int c = 0; c < 8; ++c) {
+        const uint32_t levels = chunk_levels[c];
+        float weight[2][2][2];  // [j - 2c][h][e]; 0 past the chunk
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (key + e >= valid) continue;
-          const int level = (pair >> (8 * e)) & 0xffu;
+        for (int half = 0; half < 2; ++half) {
+          const int j = 2 * c + half;
+          const int key = 8 * j + 2 * (lane & 3);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (sampled_row[h] < 0) continue;
-            const float gap = fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]);
-            const float weight = expf(fminf(gap, kMassWeightCeiling));
-            row_sum[h] += weight;
-            if (level < kLevels)
-              atomicAdd(unit_mass + (quad_row + 8 * h) * kLevels + level, weight);
+          for (int e = 0; e < 2; ++e) {
+            const uint32_t level = (levels >> (16 * half + 8 * e)) & 0xffu;
+            if (active && quad_row == 0 && level < kLevels) {
+              atomicAdd(level_keys + warp * kLevels + level, 1);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float gap = fmaf(acc[4 * j + 2 * h + e], row_scale[h], -pooled_anchor[h]);
+              const bool counted = sampled_row[h] >= 0 && key + e < valid;
+              weight[half][h][e] = counted ? __expf(fminf(gap, kMassWeightCeiling)) : 0.0f;
+              row_sum[h] += weight[half][h][e];
+            }
           }
-          if (active && quad_row == 0 && level < kLevels)
-            atomicAdd(level_keys + warp * kLevels + level, 1);
+        }
+        uint32_t tiles = 0;  // level tiles this chunk's keys fall in (the same for the quad)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t level = (levels >> (8 * b)) & 0xffu;
+          if (level < kLevels) tiles |= 1u << (level / 8);
+        }
+        tiles = __reduce_or_sync(kFullMask, tiles);
+        if (tiles == 0) continue;
+        uint32_t a_hi[4], a_lo[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // register r: half r / 2, row half r % 2
+          const float w0 = weight[r / 2][r % 2][0], w1 = weight[r / 2][r % 2][1];
+          a_hi[r] = PackBf16(w0, w1);
+          const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(&a_hi[r]);
+          a_lo[r] = PackBf16(w0 - __low2float(hi), w1 - __high2float(hi));
+        }
+        const uint32_t my_levels = levels ^ (static_cast<uint32_t>(quad_row) * 0x01010101u);
+#pragma unroll
+        for (int tile = 0; tile < kLevelTiles; ++tile) {
+          if (!(tiles & (1u << tile))) continue;
+          uint32_t b0, b1;
+          OneHotLevels(my_levels, tile, b0, b1);
+          Elem<__nv_bfloat16>::Mma(level_hist[tile], a_hi, b0, b1);
+          Elem<__nv_bfloat16>::Mma(level_hist[tile], a_lo, b0, b1);
         }
       }
     } else {
@@ -540,18 +641,22 @@ __global__ void __launch_bounds__(128, 2)
       }
     }
     if (anchor_region) return;
+    if (active) {
+#pragma unroll
+      for (int tile = 0; tile < kLevelTiles; ++tile) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int level = 8 * tile + 2 * (lane & 3) + (i & 1);
+          const float weight = level_hist[tile][i];
+          if (level < kLevels && weight != 0.0f) {
+            atomicAdd(p.mass.level_mass + (pooled_row0 + quad_row + 8 * (i / 2)) * kLevels + level,
+                      weight);
+          }
+        }
+      }
+    }
     __syncthreads();
     const int units_here = min(4, units - pass * 4);
-    for (int idx = tid; idx < units_here * kPooledRowTile * kLevels; idx += 128) {
-      const float weight = level_mass[idx];
-      if (weight == 0.0f) continue;
-      const int u = pass * 4 + idx / (kPooledRowTile * kLevels);
-      const int64_t u_list =
-          int64_t{item.batch_group} * p.num_q_heads + kv_head * gqa + u / row_tiles;
-      const int row = (u % row_tiles) * 16 + (idx / kLevels) % kPooledRowTile;
-      atomicAdd(p.mass.level_mass + (u_list * p.pooled_rows + row) * kLevels + idx % kLevels,
-                weight);
-    }
     for (int idx = tid; idx < units_here * kLevels; idx += 128) {
       const int count = level_keys[idx];
       if (count == 0) continue;
