@@ -1,6 +1,7 @@
 // The interface every compute backend (CPU, CUDA) implements.
 #pragma once
 
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,17 @@ struct BackendInfo {
   std::vector<int> head_dims;
 };
 
+// Page-locks host memory so that a device's copies can read and write it directly, without
+// staging. Thread-safe; Pin and Unpin may run while the backend computes.
+class HostMemoryPinner {
+ public:
+  virtual ~HostMemoryPinner() = default;
+  // `data` page-aligned, `bytes` a whole number of pages. False when the range stays pageable.
+  virtual bool Pin(void* data, size_t bytes) = 0;
+  // A range Pin accepted, before its memory is unmapped.
+  virtual void Unpin(void* data) = 0;
+};
+
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
@@ -38,6 +50,10 @@ class AttentionBackend {
   // may differ in seq_len; each must pass CanRun. A non-OK return means the batch
   // failed as a whole; per-task outcomes (cancellation) go to task->status.
   virtual absl::Status Run(absl::Span<AttentionTask* const> batch) = 0;
+
+  // Pins host buffers whose copies to and from this backend's device would otherwise be staged;
+  // null when host memory is used as it is (the CPU backend). Lives as long as the backend.
+  virtual HostMemoryPinner* host_memory_pinner() { return nullptr; }
 };
 
 // A failure after which this process cannot use its device again (a sticky CUDA error: an illegal

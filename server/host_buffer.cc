@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 
 #include <new>
+#include <utility>
+#include <vector>
 
 namespace anchorserve {
 namespace {
@@ -19,10 +21,20 @@ size_t BlockBytes(size_t bytes) {
 }  // namespace
 
 HostBufferCache::~HostBufferCache() {
-  absl::MutexLock lock(&mu_);
-  for (auto& [size, blocks] : free_) {
-    for (void* block : blocks) munmap(block, size);
+  std::vector<std::pair<void*, size_t>> blocks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [size, sized] : free_) {
+      for (void* block : sized) blocks.emplace_back(block, size);
+    }
+    free_.clear();
   }
+  for (auto [block, size] : blocks) Release(block, size);
+}
+
+void HostBufferCache::SetPinner(HostMemoryPinner* pinner) {
+  absl::MutexLock lock(&mu_);
+  pinner_ = pinner;
 }
 
 void* HostBufferCache::Take(size_t block_bytes) {
@@ -36,20 +48,55 @@ void* HostBufferCache::Take(size_t block_bytes) {
 }
 
 void HostBufferCache::Give(void* block, size_t block_bytes) {
+  HostMemoryPinner* pin_with = nullptr;
   {
     absl::MutexLock lock(&mu_);
     if (cached_bytes_ + static_cast<int64_t>(block_bytes) <= capacity_bytes_) {
-      free_[block_bytes].push_back(block);
       cached_bytes_ += static_cast<int64_t>(block_bytes);
-      return;
+      if (pinner_ == nullptr || pinned_.count(block) > 0) {
+        free_[block_bytes].push_back(block);
+        return;
+      }
+      // Listed once pinned: pinning takes milliseconds, not to be spent under the lock.
+      pin_with = pinner_;
     }
   }
+  if (pin_with == nullptr) {  // no room
+    Release(block, block_bytes);
+    return;
+  }
+  const bool pinned = pin_with->Pin(block, block_bytes);
+  absl::MutexLock lock(&mu_);
+  if (pinned) {
+    pinned_[block] = pin_with;
+    pinned_bytes_ += static_cast<int64_t>(block_bytes);
+  }
+  free_[block_bytes].push_back(block);
+}
+
+void HostBufferCache::Release(void* block, size_t block_bytes) {
+  HostMemoryPinner* pinned_with = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    auto found = pinned_.find(block);
+    if (found != pinned_.end()) {
+      pinned_with = found->second;
+      pinned_.erase(found);
+      pinned_bytes_ -= static_cast<int64_t>(block_bytes);
+    }
+  }
+  if (pinned_with != nullptr) pinned_with->Unpin(block);
   munmap(block, block_bytes);
 }
 
 int64_t HostBufferCache::cached_bytes() const {
   absl::MutexLock lock(&mu_);
   return cached_bytes_;
+}
+
+int64_t HostBufferCache::pinned_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return pinned_bytes_;
 }
 
 void HostBufferDeleter::operator()(char* data) const {

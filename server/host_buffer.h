@@ -15,11 +15,14 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/backend.h"
 
 namespace anchorserve {
 
 // Freed mapped blocks kept for reuse, in power-of-two sizes, at most `capacity_bytes` in all.
-// Thread-safe. Must outlive every buffer allocated through it.
+// With a pinner (the CUDA backend's), a block is page-locked when it first enters the cache and
+// stays so until it is unmapped: reused buffers then go to and from the device without staging.
+// Thread-safe. Must outlive every buffer allocated through it; the pinner must outlive it.
 class HostBufferCache {
  public:
   explicit HostBufferCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
@@ -27,17 +30,28 @@ class HostBufferCache {
   HostBufferCache(const HostBufferCache&) = delete;
   HostBufferCache& operator=(const HostBufferCache&) = delete;
 
+  // From now on, blocks that enter the cache are pinned with `pinner` (null: no more pinning).
+  void SetPinner(HostMemoryPinner* pinner);
   // A cached block of `block_bytes`, or null.
   void* Take(size_t block_bytes);
   // Keeps the block when there is room, else unmaps it.
   void Give(void* block, size_t block_bytes);
   int64_t cached_bytes() const;
+  // Bytes of blocks pinned now, cached or in use.
+  int64_t pinned_bytes() const;
 
  private:
+  // Unpins `block` if it is pinned, then unmaps it.
+  void Release(void* block, size_t block_bytes);
+
   const int64_t capacity_bytes_;
   mutable absl::Mutex mu_;
   std::map<size_t, std::vector<void*>> free_ ABSL_GUARDED_BY(mu_);
   int64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  HostMemoryPinner* pinner_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Block -> the pinner that pinned it (SetPinner may change the pinner later).
+  std::map<void*, HostMemoryPinner*> pinned_ ABSL_GUARDED_BY(mu_);
+  int64_t pinned_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 class HostBufferDeleter {

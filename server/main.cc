@@ -296,6 +296,10 @@ int Run(const ServerConfig& config) {
     LogError(absl::StrCat("the device is unusable, reporting NOT_SERVING: ", status.message()));
     SetServingHealth(server, false);
   };
+  if (config.pin_host_buffers && backend->host_memory_pinner() != nullptr) {
+    // The backend outlives the service and so the cache, which unpins through it.
+    service.host_buffer_cache().SetPinner(backend->host_memory_pinner());
+  }
   executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
       BatchLimits{config.max_batch_requests, config.max_batch_tokens, config.max_queue_delay,

@@ -65,6 +65,9 @@ ABSL_FLAG(double, upload_stall_timeout_s,
           absl::ToDoubleSeconds(anchorserve::kDefaultServerConfig.upload_stall_timeout),
           "A streaming upload that receives no message for this long is cancelled "
           "(DEADLINE_EXCEEDED) and its memory freed.");
+ABSL_FLAG(bool, pin_host_buffers, anchorserve::kDefaultServerConfig.pin_host_buffers,
+          "With the CUDA backend, page-lock the reused request and output buffers (at most a "
+          "quarter of --max_inflight_bytes) so that device copies skip the staging buffers.");
 ABSL_FLAG(
     int64_t, max_message_bytes, anchorserve::kDefaultServerConfig.max_message_bytes,
     "Largest gRPC message received or sent (a whole unary Attend must fit); at most 2 GiB - 1.");
@@ -389,6 +392,7 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
       SecondsFlag("upload_stall_timeout_s", absl::GetFlag(FLAGS_upload_stall_timeout_s));
   if (!stall.ok()) return stall.status();
   config.upload_stall_timeout = *stall;
+  config.pin_host_buffers = absl::GetFlag(FLAGS_pin_host_buffers);
 
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);

@@ -61,6 +61,9 @@ struct ServerConfig {
   int64_t max_inflight_bytes = 0;
   // A streaming upload (AttendStream) that receives no message for this long is cancelled.
   absl::Duration upload_stall_timeout = absl::Seconds(30);
+  // With the CUDA backend, reused request/output buffers (at most a quarter of the budget) are
+  // page-locked so that their device copies skip the staging buffers.
+  bool pin_host_buffers = true;
 
   // Prefill.
   std::string model_dir;                     // empty: no model, Prefill answers FAILED_PRECONDITION

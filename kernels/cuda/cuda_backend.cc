@@ -72,13 +72,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
                      "; the kernels are built for 9.0 (sm_90a: H100/H200)"));
   }
   ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<AttentionRunner> runner, AttentionRunner::Create(device));
+  auto pinned = std::make_unique<cuda::PinnedHostRanges>(device);
   ANCHOR_ASSIGN_OR_RETURN(std::unique_ptr<PinnedStaging> staging,
-                          PinnedStaging::Create(kStagingSliceBytes));
+                          PinnedStaging::Create(kStagingSliceBytes, pinned.get()));
   const std::string name =
       absl::StrCat(properties.name, " (device ", device, ", sm_", properties.major,
                    properties.minor, ", ", properties.totalGlobalMem >> 20, " MiB)");
   return std::unique_ptr<CudaBackend>(
-      new CudaBackend(device, std::move(runner), std::move(staging), name));
+      new CudaBackend(device, std::move(runner), std::move(pinned), std::move(staging), name));
 }
 
 BackendInfo CudaBackend::Info() const { return DescribeBackend(*this, "cuda", device_name_); }
@@ -170,7 +171,10 @@ CudaBackend::StripeSnapshot CudaBackend::LastStripesForTesting() const {
 
 absl::Status CudaBackend::Run(absl::Span<AttentionTask* const> batch) {
   absl::MutexLock lock(&mu_);
-  return RunLocked(batch);
+  absl::Status status = RunLocked(batch);
+  // A failure may leave copies of pinned task memory queued; the caller frees it on return.
+  if (!status.ok()) cudaStreamSynchronize(runner_->stream());
+  return status;
 }
 
 absl::Status CudaBackend::RunLocked(absl::Span<AttentionTask* const> batch) {

@@ -35,6 +35,7 @@ class CudaBackend : public AttentionBackend {
   BackendInfo Info() const override;
   absl::Status CanRun(const AttentionProblem& problem) const override;
   absl::Status Run(absl::Span<AttentionTask* const> batch) override;
+  HostMemoryPinner* host_memory_pinner() override { return pinned_.get(); }
 
   // Device bytes one Run of these sequences needs (packed q/k/v/out, LSE, work lists, stripe
   // lists sized by their bound, identification scratch): the arena's peak for that batch.
@@ -55,9 +56,11 @@ class CudaBackend : public AttentionBackend {
 
  private:
   CudaBackend(int device, std::unique_ptr<cuda::AttentionRunner> runner,
+              std::unique_ptr<cuda::PinnedHostRanges> pinned,
               std::unique_ptr<cuda::PinnedStaging> staging, std::string device_name)
       : device_(device),
         runner_(std::move(runner)),
+        pinned_(std::move(pinned)),
         staging_(std::move(staging)),
         device_name_(std::move(device_name)) {}
   absl::Status RunLocked(absl::Span<AttentionTask* const> tasks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -67,7 +70,9 @@ class CudaBackend : public AttentionBackend {
   const int device_;
   mutable absl::Mutex mu_;
   std::unique_ptr<cuda::AttentionRunner> runner_ ABSL_GUARDED_BY(mu_);
-  // Request tensors are pageable host memory: copies go through these pinned buffers.
+  // Host buffers the server pinned (its reused request buffers); before staging_, which reads it.
+  const std::unique_ptr<cuda::PinnedHostRanges> pinned_;
+  // Copies of other (pageable) request tensors go through these pinned buffers.
   std::unique_ptr<cuda::PinnedStaging> staging_ ABSL_GUARDED_BY(mu_);
   const std::string device_name_;
   bool keep_stripes_ ABSL_GUARDED_BY(mu_) = false;

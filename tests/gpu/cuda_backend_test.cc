@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
@@ -34,6 +36,7 @@
 #include "kernels/cpu/tile_kernels.h"
 #include "kernels/cuda/attention_runner.h"
 #include "kernels/cuda/identification_types.h"
+#include "kernels/cuda/pinned_staging.h"
 #include "kernels/structured_inputs.h"
 #include "tests/test_util/compare.h"
 #include "tests/test_util/mass_check.h"
@@ -1160,6 +1163,86 @@ TEST(CudaBackendTest, CancelledTaskIsSkipped) {
   const ReferenceResult ref = ReferenceAttend(kept->task);
   const ErrorStats error = CompareOutput(kept->task, ref);
   EXPECT_TRUE(error.ok()) << error.ToString();
+}
+
+// Page-aligned host memory of whole pages, as the server's buffer cache pins it.
+class PageBlock {
+ public:
+  explicit PageBlock(size_t bytes) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    size_ = (bytes + page - 1) / page * page;
+    data_ = static_cast<char*>(std::aligned_alloc(page, size_));
+  }
+  ~PageBlock() { std::free(data_); }
+  PageBlock(const PageBlock&) = delete;
+  PageBlock& operator=(const PageBlock&) = delete;
+  char* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  size_t size_ = 0;
+  char* data_ = nullptr;
+};
+
+TEST(CudaBackendTest, PinnedHostRangesContainOnlyWhatWasPinned) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  cuda::PinnedHostRanges ranges(0);
+  PageBlock block(3 << 20);
+  ASSERT_TRUE(ranges.Pin(block.data(), block.size()));
+  cudaPointerAttributes attributes{};
+  ASSERT_EQ(cudaPointerGetAttributes(&attributes, block.data() + 12345), cudaSuccess);
+  EXPECT_EQ(attributes.type, cudaMemoryTypeHost);  // registered with the driver
+  EXPECT_TRUE(ranges.Contains(block.data(), static_cast<int64_t>(block.size())));
+  EXPECT_TRUE(ranges.Contains(block.data() + 100, 1 << 20));
+  EXPECT_FALSE(ranges.Contains(block.data() + 100, static_cast<int64_t>(block.size())));
+  EXPECT_FALSE(ranges.Contains(block.data() - 1, 2));
+  EXPECT_EQ(ranges.pinned_bytes(), static_cast<int64_t>(block.size()));
+  ranges.Unpin(block.data());
+  EXPECT_FALSE(ranges.Contains(block.data(), 1));
+  EXPECT_EQ(ranges.pinned_bytes(), 0);
+}
+
+// The direct copies of pinned buffers give the staged copies' output, bit for bit.
+TEST(CudaBackendTest, PinnedHostBuffersGiveTheSameOutputAsPageable) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  absl::StatusOr<std::unique_ptr<AttentionBackend>> backend = CreateCudaBackend(0);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  HostMemoryPinner* pinner = (*backend)->host_memory_pinner();
+  ASSERT_NE(pinner, nullptr);
+  CaseSpec spec = Spec("pinned", {3000}, 4, 2, 128, kBf, kTok, kStruct, Config(12), 91);
+  std::unique_ptr<TaskData> pageable = MakeTask(spec, 3000, 91);
+  AttentionTask* pageable_batch[] = {&pageable->task};
+  ASSERT_TRUE((*backend)->Run(pageable_batch).ok());
+  ASSERT_TRUE(pageable->task.status.ok()) << pageable->task.status;
+  const ReferenceResult ref = ReferenceAttend(pageable->task);
+  const ErrorStats error = CompareOutput(pageable->task, ref);
+  ASSERT_TRUE(error.ok()) << error.ToString();
+
+  // q, k and v in one block (as in a request buffer), the output in another; both pinned.
+  std::unique_ptr<TaskData> pinned = MakeTask(spec, 3000, 91);
+  const size_t q_bytes = pinned->qkv.q.size();
+  const size_t kv_bytes = pinned->qkv.k.size();
+  const size_t out_bytes = pinned->out.size();
+  PageBlock inputs(q_bytes + 2 * kv_bytes);
+  PageBlock output(out_bytes);
+  std::memcpy(inputs.data(), pinned->qkv.q.data(), q_bytes);
+  std::memcpy(inputs.data() + q_bytes, pinned->qkv.k.data(), kv_bytes);
+  std::memcpy(inputs.data() + q_bytes + kv_bytes, pinned->qkv.v.data(), kv_bytes);
+  std::memcpy(output.data(), pinned->out.data(), out_bytes);  // NaN-poisoned
+  ASSERT_TRUE(pinner->Pin(inputs.data(), inputs.size()));
+  ASSERT_TRUE(pinner->Pin(output.data(), output.size()));
+  pinned->task.q = inputs.data();
+  pinned->task.k = inputs.data() + q_bytes;
+  pinned->task.v = inputs.data() + q_bytes + kv_bytes;
+  pinned->task.out = output.data();
+  AttentionTask* pinned_batch[] = {&pinned->task};
+  const absl::Status run = (*backend)->Run(pinned_batch);
+  pinner->Unpin(inputs.data());
+  pinner->Unpin(output.data());
+  ASSERT_TRUE(run.ok()) << run;
+  ASSERT_TRUE(pinned->task.status.ok()) << pinned->task.status;
+  EXPECT_EQ(std::memcmp(output.data(), pageable->out.data(), out_bytes), 0);
+  EXPECT_EQ(pinned->lse, pageable->lse);
 }
 
 TEST(CudaBackendTest, MismatchedBatchIsRejected) {
