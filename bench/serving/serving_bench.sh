@@ -7,9 +7,9 @@
 # Usage: serving_bench.sh OUT_DIR [server flags...]
 # Environment: ANCHOR_RUN (prefix that runs a binary, e.g. ".gpu/bundle/run"; default: build/bin
 # directly), BACKEND (cuda|cpu, default cuda), LENGTHS (single-request lengths, default
-# "8192 16384 32768 131072"), LOAD_SHAPES ("N:Hq:Hkv ..."), CONCURRENCY ("1 8 32 64"),
+# "8192 16384 32768 131072"; empty: none), LOAD_SHAPES ("N:Hq:Hkv ..."), CONCURRENCY ("1 8 32 64"),
 # LOAD_REQUESTS_PER_CALLER and LOAD_REQUESTS_MIN (requests of a load run: max(MIN, c * PER_CALLER),
-# default 8 and 64),
+# default 8 and 64), LOAD_FLAGS (more anchorctl load flags, e.g. --stream; default: unary),
 # ANCHORSERVE_CLIENT_GEN_DIR (the generated Python modules, for step 2), PYTHON (default python3).
 set -u
 out=${1:?usage: serving_bench.sh OUT_DIR [server flags...]}
@@ -46,7 +46,7 @@ trap stop_server EXIT
 shape=(--q_heads=32 --kv_heads=8 --head_dim=128)
 
 start_server "$@" || exit 1
-for n in ${LENGTHS:-8192 16384 32768 131072}; do
+for n in ${LENGTHS-8192 16384 32768 131072}; do
   for mode in stream unary; do
     # A unary Attend must fit one message (--max_message_bytes, 256 MiB by default).
     if [ $mode = unary ] && [ "$n" -gt 16384 ]; then continue; fi
@@ -73,7 +73,7 @@ for batching in on off; do
       requests=$((c * per_caller > at_least ? c * per_caller : at_least))
       echo "--- load batching=$batching N=$n Hq=$hq Hkv=$hkv c=$c requests=$requests"
       run anchorctl --target="$target" load --requests=$requests --concurrency="$c" \
-        --seq_len="$n" --q_heads="$hq" --kv_heads="$hkv" --head_dim=128 |
+        --seq_len="$n" --q_heads="$hq" --kv_heads="$hkv" --head_dim=128 ${LOAD_FLAGS:-} |
         grep -E "throughput|latency|errors"
     done
   done
