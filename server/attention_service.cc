@@ -29,7 +29,7 @@ AttentionServiceImpl::AttentionServiceImpl(const ServerConfig& config, MetricsRe
       request_id_prefix_(std::random_device{}()),
       memory_budget_(ResolveInflightBytesLimit(config.max_inflight_bytes), metrics),
       upload_watchdog_(config.upload_stall_timeout, clock),
-      host_buffer_cache_(memory_budget_.limit() / 4) {}
+      host_buffer_cache_(memory_budget_.limit() / 4, metrics) {}
 
 absl::Status AttentionServiceImpl::SetReady(AttentionBackend* backend, DynamicBatcher* batcher) {
   if (backend == nullptr || batcher == nullptr) {

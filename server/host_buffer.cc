@@ -70,6 +70,7 @@ void HostBufferCache::Give(void* block, size_t block_bytes) {
   if (pinned) {
     pinned_[block] = pin_with;
     pinned_bytes_ += static_cast<int64_t>(block_bytes);
+    if (metrics_ != nullptr) metrics_->AddPinnedHostBytes(static_cast<int64_t>(block_bytes));
   }
   free_[block_bytes].push_back(block);
 }
@@ -83,6 +84,7 @@ void HostBufferCache::Release(void* block, size_t block_bytes) {
       pinned_with = found->second;
       pinned_.erase(found);
       pinned_bytes_ -= static_cast<int64_t>(block_bytes);
+      if (metrics_ != nullptr) metrics_->AddPinnedHostBytes(-static_cast<int64_t>(block_bytes));
     }
   }
   if (pinned_with != nullptr) pinned_with->Unpin(block);

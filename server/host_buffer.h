@@ -16,6 +16,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
+#include "server/metrics.h"
 
 namespace anchorserve {
 
@@ -25,7 +26,9 @@ namespace anchorserve {
 // Thread-safe. Must outlive every buffer allocated through it; the pinner must outlive it.
 class HostBufferCache {
  public:
-  explicit HostBufferCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {}
+  // `metrics` (optional) must outlive the cache; it shows the pinned bytes.
+  explicit HostBufferCache(int64_t capacity_bytes, MetricsRegistry* metrics = nullptr)
+      : capacity_bytes_(capacity_bytes), metrics_(metrics) {}
   ~HostBufferCache();
   HostBufferCache(const HostBufferCache&) = delete;
   HostBufferCache& operator=(const HostBufferCache&) = delete;
@@ -45,6 +48,7 @@ class HostBufferCache {
   void Release(void* block, size_t block_bytes);
 
   const int64_t capacity_bytes_;
+  MetricsRegistry* const metrics_;
   mutable absl::Mutex mu_;
   std::map<size_t, std::vector<void*>> free_ ABSL_GUARDED_BY(mu_);
   int64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;

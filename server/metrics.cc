@@ -140,6 +140,14 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
                                    .Help("KV bytes of Prefill calls computed and not yet sent.")
                                    .Register(*registry_)
                                    .Add({});
+  pinned_host_bytes_ =
+      &prometheus::BuildGauge()
+           .Name("anchorserve_pinned_host_bytes")
+           .Help(
+               "Host buffers page-locked for the GPU's copies (--pin_host_buffers), cached or "
+               "in use.")
+           .Register(*registry_)
+           .Add({});
   inflight_ = &prometheus::BuildGauge()
                    .Name("anchorserve_inflight_requests")
                    .Help("RPCs started and not yet finished.")
@@ -240,6 +248,10 @@ void MetricsRegistry::AddSentBytes(int64_t bytes) {
 
 void MetricsRegistry::AddInflightBytes(int64_t delta) {
   inflight_bytes_->Increment(static_cast<double>(delta));
+}
+
+void MetricsRegistry::AddPinnedHostBytes(int64_t delta) {
+  pinned_host_bytes_->Increment(static_cast<double>(delta));
 }
 
 void MetricsRegistry::SetInflightBytesLimit(int64_t bytes) {

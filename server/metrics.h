@@ -96,6 +96,9 @@ class MetricsRegistry {
   // now and its size (--max_inflight_bytes, resolved).
   void AddInflightBytes(int64_t delta);
   void SetInflightBytesLimit(int64_t bytes);
+  // anchorserve_pinned_host_bytes: host buffers page-locked for the GPU's copies
+  // (--pin_host_buffers), cached or in use.
+  void AddPinnedHostBytes(int64_t delta);
   // anchorserve_refusals_total{reason}: calls refused (or stopped) for lack of room.
   void CountRefusal(Refusal reason);
 
@@ -119,6 +122,7 @@ class MetricsRegistry {
   prometheus::Counter* sent_bytes_ = nullptr;
   prometheus::Gauge* inflight_bytes_ = nullptr;
   prometheus::Gauge* inflight_bytes_limit_ = nullptr;
+  prometheus::Gauge* pinned_host_bytes_ = nullptr;
   std::array<prometheus::Counter*, kNumRefusals> refusals_{};
 };
 

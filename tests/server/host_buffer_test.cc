@@ -9,6 +9,9 @@
 #include <map>
 #include <set>
 
+#include "prometheus/metric_family.h"
+#include "server/metrics.h"
+
 namespace anchorserve {
 namespace {
 
@@ -65,6 +68,27 @@ TEST(HostBufferCacheTest, ABlockIsPinnedWhenCachedAndStaysPinnedWhileReused) {
   // The cache's end unmaps its blocks, unpinning them first.
   EXPECT_EQ(pinner.unpin_calls, 1);
   EXPECT_TRUE(pinner.pinned.empty());
+}
+
+TEST(HostBufferCacheTest, PinnedBytesAreAGauge) {
+  MetricsRegistry metrics;
+  auto gauge = [&metrics] {
+    for (const prometheus::MetricFamily& family : metrics.registry()->Collect()) {
+      if (family.name == "anchorserve_pinned_host_bytes") return family.metric.at(0).gauge.value;
+    }
+    return -1.0;
+  };
+  FakePinner pinner;
+  {
+    HostBufferCache cache(4 * kBlock, &metrics);
+    cache.SetPinner(&pinner);
+    HostBuffer a = AllocateBytes(2 * kBlock, &cache);
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(gauge(), 0.0);
+    a.reset();
+    EXPECT_EQ(gauge(), 2.0 * kBlock);
+  }
+  EXPECT_EQ(gauge(), 0.0);  // unpinned when the cache unmapped it
 }
 
 TEST(HostBufferCacheTest, AnEvictedPinnedBlockIsUnpinnedAndAnUnpinnedOneIsNot) {

@@ -33,6 +33,7 @@ TEST(MetricsRegistryTest, RendersEveryContractMetric) {
            "# TYPE anchorserve_inflight_requests gauge",
            "# TYPE anchorserve_received_bytes_total counter",
            "# TYPE anchorserve_sent_bytes_total counter",
+           "# TYPE anchorserve_pinned_host_bytes gauge",
        }) {
     EXPECT_THAT(text, HasSubstr(name));
   }
