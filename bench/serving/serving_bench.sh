@@ -3,13 +3,15 @@
 #   1. single Llama-shape bf16 requests (32 query heads, 8 KV heads, d 128), streamed and unary:
 #      server stage times, client-measured upload/download rates, end to end
 #   2. Python grpcio throughput (bench/serving/wire_python.py)
-#   3. small requests under load, batching on (server defaults) and off (--max_batch_requests=1)
+#   3. small requests under load, batching on (server defaults) and off (--max_batch_requests=1);
+#      bench/serving/load_table.py turns load.txt into a markdown table
 # Usage: serving_bench.sh OUT_DIR [server flags...]
 # Environment: ANCHOR_RUN (prefix that runs a binary, e.g. ".gpu/bundle/run"; default: build/bin
 # directly), BACKEND (cuda|cpu, default cuda), LENGTHS (single-request lengths, default
 # "8192 16384 32768 131072"; empty: none), LOAD_SHAPES ("N:Hq:Hkv ..."), CONCURRENCY ("1 8 32 64"),
 # LOAD_REQUESTS_PER_CALLER and LOAD_REQUESTS_MIN (requests of a load run: max(MIN, c * PER_CALLER),
-# default 8 and 64), LOAD_FLAGS (more anchorctl load flags, e.g. --stream; default: unary),
+# default 8 and 64), LOAD_REPEATS (runs of each load row, default 1: rows vary between runs),
+# LOAD_FLAGS (more anchorctl load flags, e.g. --stream; default: unary),
 # ANCHORSERVE_CLIENT_GEN_DIR (the generated Python modules, for step 2), PYTHON (default python3).
 set -u
 out=${1:?usage: serving_bench.sh OUT_DIR [server flags...]}
@@ -71,10 +73,12 @@ for batching in on off; do
       per_caller=${LOAD_REQUESTS_PER_CALLER:-8}
       at_least=${LOAD_REQUESTS_MIN:-64}
       requests=$((c * per_caller > at_least ? c * per_caller : at_least))
-      echo "--- load batching=$batching N=$n Hq=$hq Hkv=$hkv c=$c requests=$requests"
-      run anchorctl --target="$target" load --requests=$requests --concurrency="$c" \
-        --seq_len="$n" --q_heads="$hq" --kv_heads="$hkv" --head_dim=128 ${LOAD_FLAGS:-} |
-        grep -E "throughput|latency|errors"
+      for rep in $(seq 1 "${LOAD_REPEATS:-1}"); do
+        echo "--- load batching=$batching N=$n Hq=$hq Hkv=$hkv c=$c requests=$requests rep=$rep"
+        run anchorctl --target="$target" load --requests=$requests --concurrency="$c" \
+          --seq_len="$n" --q_heads="$hq" --kv_heads="$hkv" --head_dim=128 ${LOAD_FLAGS:-} |
+          grep -E "throughput|latency|errors"
+      done
     done
   done
 done >"$out/load.txt" 2>&1
