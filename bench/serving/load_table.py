@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Markdown table of serving_bench.sh's load.txt: one row per (shape, concurrency), a column per
 batching setting, each cell "requests/s (p50 / p99 ms)". With repeated runs (LOAD_REPEATS) a cell
-gives the median run by throughput and the range of throughputs.
+gives the median run by throughput (the lower middle one of an even count) and the range of
+throughputs.
 
   load_table.py OUT/load.txt [more load.txt files, whose columns are added in order]
 """
@@ -21,7 +22,8 @@ def parse(path):
         header = HEADER.match(line)
         if header:
             batching, n, hq, hkv, c = header.groups()
-            key = (f'{int(n) // 1024}k, {hq} / {hkv} heads', int(c), batching)
+            tokens = f'{int(n) // 1024}k' if int(n) % 1024 == 0 else n
+            key = (f'{tokens}, {hq} / {hkv} heads', int(c), batching)
             rps = None
         elif line.startswith('throughput:') and key:
             rps = float(line.split()[1])
