@@ -40,6 +40,7 @@ class HostBufferCache {
   // Keeps the block when there is room, else unmaps it.
   void Give(void* block, size_t block_bytes);
   int64_t cached_bytes() const;
+  int64_t capacity_bytes() const { return capacity_bytes_; }
   // Bytes of blocks pinned now, cached or in use.
   int64_t pinned_bytes() const;
 

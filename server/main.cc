@@ -299,6 +299,9 @@ int Run(const ServerConfig& config) {
   if (config.pin_host_buffers && backend->host_memory_pinner() != nullptr) {
     // The backend outlives the service and so the cache, which unpins through it.
     service.host_buffer_cache().SetPinner(backend->host_memory_pinner());
+    LogInfo(absl::StrCat("reused host buffers are page-locked for the device's copies, up to ",
+                         service.host_buffer_cache().capacity_bytes(),
+                         " bytes (--pin_host_buffers; anchorserve_pinned_host_bytes)"));
   }
   executor = std::make_unique<AttentionExecutor>(backend.get(), &metrics);
   batcher = std::make_unique<DynamicBatcher>(
