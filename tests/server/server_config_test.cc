@@ -14,6 +14,7 @@
 ABSL_DECLARE_FLAG(std::string, backend);
 ABSL_DECLARE_FLAG(int32_t, grpc_port);
 ABSL_DECLARE_FLAG(double, max_queue_delay_ms);
+ABSL_DECLARE_FLAG(bool, pin_host_buffers);
 ABSL_DECLARE_FLAG(double, max_queue_time_ms);
 ABSL_DECLARE_FLAG(int64_t, max_inflight_bytes);
 ABSL_DECLARE_FLAG(double, upload_stall_timeout_s);
@@ -48,6 +49,7 @@ TEST(ServerConfigTest, DefaultsAreValidAndMatchTheContract) {
   EXPECT_TRUE(config.auth_token_file.empty());
   EXPECT_TRUE(config.reflection);
   EXPECT_EQ(config.MetricsHost(), config.host);
+  EXPECT_TRUE(config.pin_host_buffers);
 }
 
 TEST(ServerConfigTest, EveryBadKnobIsNamed) {
@@ -146,6 +148,7 @@ TEST(ServerConfigTest, FromFlags) {
   absl::SetFlag(&FLAGS_upload_stall_timeout_s, 2.5);
   absl::SetFlag(&FLAGS_max_connection_age_s, 60);
   absl::SetFlag(&FLAGS_max_connection_age_grace_s, 0.25);
+  absl::SetFlag(&FLAGS_pin_host_buffers, false);
   absl::StatusOr<ServerConfig> config = ServerConfigFromFlags();
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->backend.kind, BackendKind::kCpu);
@@ -157,6 +160,7 @@ TEST(ServerConfigTest, FromFlags) {
   EXPECT_EQ(config->upload_stall_timeout, absl::Milliseconds(2500));
   EXPECT_EQ(config->max_connection_age, absl::Seconds(60));
   EXPECT_EQ(config->max_connection_age_grace, absl::Milliseconds(250));
+  EXPECT_FALSE(config->pin_host_buffers);
   EXPECT_TRUE(std::isinf(config->defaults.theta));
   EXPECT_EQ(config->defaults.mass_target, 0.0f);  // off unless asked for
   EXPECT_EQ(config->defaults.mass_density_cap, 1.0f);
