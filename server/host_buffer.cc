@@ -34,7 +34,7 @@ HostBufferCache::~HostBufferCache() {
 
 void HostBufferCache::SetPinner(HostMemoryPinner* pinner) {
   absl::MutexLock lock(&mu_);
-  pinner_ = pinner;
+  if (pinner_ == nullptr) pinner_ = pinner;  // pinned blocks are unpinned with the same one
 }
 
 void* HostBufferCache::Take(size_t block_bytes) {
@@ -68,7 +68,7 @@ void HostBufferCache::Give(void* block, size_t block_bytes) {
   const bool pinned = pin_with->Pin(block, block_bytes);
   absl::MutexLock lock(&mu_);
   if (pinned) {
-    pinned_[block] = pin_with;
+    pinned_.insert(block);
     pinned_bytes_ += static_cast<int64_t>(block_bytes);
     if (metrics_ != nullptr) metrics_->AddPinnedHostBytes(static_cast<int64_t>(block_bytes));
   }
@@ -79,10 +79,8 @@ void HostBufferCache::Release(void* block, size_t block_bytes) {
   HostMemoryPinner* pinned_with = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    auto found = pinned_.find(block);
-    if (found != pinned_.end()) {
-      pinned_with = found->second;
-      pinned_.erase(found);
+    if (pinned_.erase(block) > 0) {
+      pinned_with = pinner_;
       pinned_bytes_ -= static_cast<int64_t>(block_bytes);
       if (metrics_ != nullptr) metrics_->AddPinnedHostBytes(-static_cast<int64_t>(block_bytes));
     }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -33,7 +34,8 @@ class HostBufferCache {
   HostBufferCache(const HostBufferCache&) = delete;
   HostBufferCache& operator=(const HostBufferCache&) = delete;
 
-  // From now on, blocks that enter the cache are pinned with `pinner` (null: no more pinning).
+  // From now on, blocks that enter the cache are pinned with `pinner`. Once, before the first
+  // Give; later calls change nothing.
   void SetPinner(HostMemoryPinner* pinner);
   // A cached block of `block_bytes`, or null.
   void* Take(size_t block_bytes);
@@ -54,8 +56,7 @@ class HostBufferCache {
   std::map<size_t, std::vector<void*>> free_ ABSL_GUARDED_BY(mu_);
   int64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   HostMemoryPinner* pinner_ ABSL_GUARDED_BY(mu_) = nullptr;
-  // Block -> the pinner that pinned it (SetPinner may change the pinner later).
-  std::map<void*, HostMemoryPinner*> pinned_ ABSL_GUARDED_BY(mu_);
+  std::set<void*> pinned_ ABSL_GUARDED_BY(mu_);
   int64_t pinned_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
