@@ -8,8 +8,13 @@
 // Timing: CUDA events around each launch, warm-up first, median of the repeats. Inputs are
 // random (never zeros); outputs are poisoned before the first run.
 //
+// Key tiles are copied as the product copies them (whole contiguous tiles in bulk by TMA, the
+// rest row by row); --copy=rows copies every tile row by row, --copy=both runs each problem both
+// ways, alternating (an A/B of the bulk copies in one process).
+//
 // Usage: anchor_attention_microbench [--dense=4096,8192,...] [--sparse=32768,131072]
 //                                    [--densities=0.05,0.1,0.3] [--check_rows=128]
+//                                    [--copy=bulk|rows|both]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -165,6 +170,7 @@ struct Problem {
   Elem* out = nullptr;
   float* lse = nullptr;
   SeqDesc* seq = nullptr;
+  KvTensorShape kv_tensor{};
   QueryTile* tiles = nullptr;
   int32_t num_tiles = 0;
 };
@@ -197,6 +203,7 @@ Problem MakeProblem(int32_t n, uint64_t seed) {
   seq.group_begin = 0;
   BENCH_CUDA(cudaMalloc(&p.seq, sizeof(SeqDesc)));
   BENCH_CUDA(cudaMemcpy(p.seq, &seq, sizeof(SeqDesc), cudaMemcpyHostToDevice));
+  p.kv_tensor = UniformKvTensor({seq});
   const std::vector<QueryTile> tiles = BuildQueryTiles({n}, 2048);
   p.num_tiles = static_cast<int32_t>(tiles.size());
   BENCH_CUDA(cudaMalloc(&p.tiles, tiles.size() * sizeof(QueryTile)));
@@ -275,7 +282,9 @@ StripeSet MakeStripes(int32_t n, const AnchorGeometry& geo, double density, uint
   return set;
 }
 
-AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const AnchorGeometry& geo) {
+// bulk: the product's copies (KvTensorShape given); else every key tile row by row.
+AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const AnchorGeometry& geo,
+                          bool bulk) {
   AttentionParams params{};
   params.elem_type = ElemType::kBf16;
   params.num_q_heads = kHq;
@@ -289,6 +298,7 @@ AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const Anch
   params.maybe_lse = p.lse;
   params.seqs = p.seq;
   params.num_seqs = 1;
+  if (bulk) params.kv_tensor = p.kv_tensor;
   params.tiles = p.tiles;
   params.num_tiles = p.num_tiles;
   params.sparse = stripes != nullptr;
@@ -419,6 +429,7 @@ int Main(int argc, char** argv) {
   std::vector<double> sparse_n = {32768, 131072};
   std::vector<double> densities = {0.05, 0.1, 0.3};
   int check_rows = 128;
+  std::vector<bool> copy_modes = {true};  // bulk
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* prefix) -> const char* {
@@ -432,6 +443,14 @@ int Main(int argc, char** argv) {
       densities = ParseList(v);
     } else if (const char* v = value("--check_rows=")) {
       check_rows = std::atoi(v);
+    } else if (const char* v = value("--copy=")) {
+      const std::string mode = v;
+      if (mode != "bulk" && mode != "rows" && mode != "both") {
+        std::fprintf(stderr, "--copy must be bulk, rows or both\n");
+        return 2;
+      }
+      copy_modes =
+          mode == "both" ? std::vector<bool>{true, false} : std::vector<bool>{mode == "bulk"};
     } else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -456,21 +475,25 @@ int Main(int argc, char** argv) {
   };
 
   std::printf("\n== dense causal ==\n");
-  std::vector<std::pair<int32_t, double>> dense_ms;
+  auto copy_name = [](bool bulk) { return bulk ? "bulk" : "rows"; };
+  std::vector<std::pair<int32_t, double>> dense_ms;  // first copy mode's times
   for (double nd : dense_n) {
     const int32_t n = static_cast<int32_t>(nd);
     Problem p = MakeProblem(n, 1234 + n);
-    const AttentionParams params = ParamsFor(p, nullptr, geo);
     const double flops = 4.0 * static_cast<double>(n) * n * kD * kHq / 2.0;
-    Poison(p);
-    const double ms = TimeMs(params, 2, Reps(n));
-    const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
-    dense_ms.push_back({n, ms});
-    std::snprintf(line, sizeof(line), "dense  N=%6d            ms=%9.3f  TFLOP/s=%6.1f  | %s", n,
-                  ms, flops / ms * 1e-9, accuracy_text(acc).c_str());
-    std::printf("%s\n", line);
-    std::fflush(stdout);
-    summary.push_back(line);
+    for (bool bulk : copy_modes) {
+      const AttentionParams params = ParamsFor(p, nullptr, geo, bulk);
+      Poison(p);
+      const double ms = TimeMs(params, 2, Reps(n));
+      const Accuracy acc = CheckAccuracy(p, nullptr, geo, check_rows);
+      if (bulk == copy_modes[0]) dense_ms.push_back({n, ms});
+      std::snprintf(line, sizeof(line),
+                    "dense  N=%6d copy=%s             ms=%9.3f  TFLOP/s=%6.1f  | %s", n,
+                    copy_name(bulk), ms, flops / ms * 1e-9, accuracy_text(acc).c_str());
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+      summary.push_back(line);
+    }
     FreeProblem(&p);
   }
 
@@ -484,25 +507,28 @@ int Main(int argc, char** argv) {
     }
     for (double density : densities) {
       StripeSet stripes = MakeStripes(n, geo, density, 99 + n);
-      const AttentionParams params = ParamsFor(p, &stripes, geo);
       const double kept = stripes.kept_entries_per_head;
       const double flops = 4.0 * kD * kept * kHq;
       const double causal = static_cast<double>(n) * (n + 1) / 2.0;
-      Poison(p);
-      const double ms = TimeMs(params, 2, Reps(n));
-      const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
-      char speedup[32] = "n/a";
-      if (dense_reference_ms > 0) {
-        std::snprintf(speedup, sizeof(speedup), "%.2fx", dense_reference_ms / ms);
+      for (bool bulk : copy_modes) {
+        const AttentionParams params = ParamsFor(p, &stripes, geo, bulk);
+        Poison(p);
+        const double ms = TimeMs(params, 2, Reps(n));
+        const Accuracy acc = CheckAccuracy(p, &stripes, geo, check_rows);
+        char speedup[32] = "n/a";
+        if (dense_reference_ms > 0) {
+          std::snprintf(speedup, sizeof(speedup), "%.2fx", dense_reference_ms / ms);
+        }
+        std::snprintf(line, sizeof(line),
+                      "sparse N=%6d copy=%s cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
+                      "stripe_density=%.4f  vs_dense=%s | %s",
+                      n, copy_name(bulk), density, ms, flops / ms * 1e-9, kept / causal,
+                      stripes.stripe_entries_per_head / causal, speedup,
+                      accuracy_text(acc).c_str());
+        std::printf("%s\n", line);
+        std::fflush(stdout);
+        summary.push_back(line);
       }
-      std::snprintf(line, sizeof(line),
-                    "sparse N=%6d cand=%4.2f  ms=%9.3f  TFLOP/s=%6.1f  density=%.4f "
-                    "stripe_density=%.4f  vs_dense=%s | %s",
-                    n, density, ms, flops / ms * 1e-9, kept / causal,
-                    stripes.stripe_entries_per_head / causal, speedup, accuracy_text(acc).c_str());
-      std::printf("%s\n", line);
-      std::fflush(stdout);
-      summary.push_back(line);
       cudaFree(stripes.list_offset);
       cudaFree(stripes.count);
       cudaFree(stripes.index);

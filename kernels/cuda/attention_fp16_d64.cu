@@ -4,8 +4,9 @@
 
 namespace anchorserve::cuda::attention_detail {
 
-cudaError_t LaunchAttentionFp16D64(const AttentionParams& params, cudaStream_t stream) {
-  return LaunchAttentionTyped<__half, 64>(params, stream);
+cudaError_t LaunchAttentionFp16D64(const AttentionParams& params, const KvTensorMaps& maps,
+                                   cudaStream_t stream) {
+  return LaunchAttentionTyped<__half, 64>(params, maps, stream);
 }
 
 }  // namespace anchorserve::cuda::attention_detail

@@ -6,13 +6,15 @@
 // (dense: [0, q_end); sparse: the anchor region's initial and local ranges), causal-masked where
 // they reach the tile's rows, then (sparse) the gathered stripe positions of the tile's group,
 // which precede every row of the group and need no causal mask. 384 threads:
-//   - warpgroup 0, the producer: issues every copy (Q once, then K and V key tiles, contiguous
-//     ranges and gathered stripe rows alike) as cp.async 16-byte row pieces into a ring of
-//     kStages K stages and kStages V stages. Each stage has a "full" mbarrier that completes
-//     when all 128 producer threads' copies have landed (cp.async.mbarrier.arrive.noinc) and an
-//     "empty" mbarrier that completes when all 8 consumer warps have finished the wgmmas that
-//     read it. No CTA-wide barrier in the mainloop. It gives most of its registers away
-//     (setmaxnreg).
+//   - warpgroup 0, the producer: issues every copy (Q once, then K and V key tiles) into a ring
+//     of kStages K stages and kStages V stages. A whole contiguous key tile is one bulk tensor
+//     copy (TMA, one thread) when the launcher built K/V tensor maps; other tiles (gathered
+//     stripe rows, partial tiles, batches without a shared K/V layout) and Q are cp.async
+//     16-byte row pieces from all 128 threads. Each stage has a "full" mbarrier that completes
+//     when all 128 producer threads have arrived and the bulk bytes, if any, have landed
+//     (cp.async.mbarrier.arrive.noinc for row copies) and an "empty" mbarrier that completes
+//     when all 8 consumer warps have finished the wgmmas that read it. No CTA-wide barrier in
+//     the mainloop. It gives most of its registers away (setmaxnreg).
 //   - warpgroups 1 and 2, the consumers: 64 query rows each, S = Q K^T and O += P V by wgmma
 //     with FA3's two overlaps: within a warpgroup the softmax of tile t runs while the tensor
 //     cores finish P_{t-1} V_{t-1}; between the warpgroups a pair of named barriers makes them
@@ -25,6 +27,7 @@
 #pragma once
 
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/attention_instances.h"
 
 namespace anchorserve::cuda::attention_detail {
 
@@ -131,9 +134,16 @@ __host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int3
   return item;
 }
 
+// Whether key tile `tile` is copied in bulk (one TMA copy per 64-column panel): a whole
+// contiguous tile of a batch with K/V tensor maps. Producer and consumers decide alike.
+__device__ __forceinline__ bool IsBulkTile(const KvTensorMaps& maps, const KeyTile& tile) {
+  return maps.enabled != 0 && tile.positions == nullptr && tile.n_valid == kTileKeys;
+}
+
 template <typename Elem, int kHeadDim, bool kSparse, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
-    AttentionKernel(const __grid_constant__ AttentionParams params, const int32_t tiles_per_chunk) {
+    AttentionKernel(const __grid_constant__ AttentionParams params,
+                    const __grid_constant__ KvTensorMaps maps, const int32_t tiles_per_chunk) {
 #if ANCHOR_ATTENTION_HAS_WGMMA
   static_assert(kStages >= 2 && kStages <= 3, "2 or 3 stages");
   using Geo = TileGeometry<kHeadDim>;
@@ -184,28 +194,62 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Elem* v_base =
         static_cast<const Elem*>(params.v) + seq.kv_offset + kv_head * seq.kv_head_stride;
     const ProducerLoader<kHeadDim> loader(tid);
+    // Token coordinate of this sequence's key 0 in the K/V tensor maps.
+    const int32_t token_base =
+        maps.enabled != 0 ? static_cast<int32_t>((seq.kv_offset - params.kv_tensor.base_offset) /
+                                                 seq.kv_token_stride)
+                          : 0;
+    // Fills a K or V stage with a key tile: bulk from key `bulk_first` (>= 0; thread 0 copies,
+    // the others only arrive) or row by row from `my_source`.
+    auto fill = [&](uint32_t stage_smem, uint32_t full, const CUtensorMap* map, const Elem* base,
+                    int32_t bulk_first, int32_t my_source) {
+      if (bulk_first >= 0) {
+        if (tid == 0) {
+          MbarrierArriveExpectTx(full, Geo::kTileBytes);
+          const int32_t token = token_base + bulk_first;
+          const int32_t c1 = maps.token_dim == 1 ? token : kv_head;
+          const int32_t c2 = maps.token_dim == 1 ? kv_head : token;
+#pragma unroll
+          for (int panel = 0; panel < Geo::kPanels; ++panel) {
+            TmaLoad3d(stage_smem + panel * Geo::kPanelBytes, map, full, 64 * panel, c1, c2);
+          }
+        } else {
+          MbarrierArrive(full);
+        }
+      } else {
+        loader.Copy(stage_smem, base, seq.kv_token_stride, my_source);
+        CpAsyncMbarrierArrive(full);
+      }
+    };
 
     loader.Copy(q_smem, q_base, seq.q_token_stride, loader.ContiguousSource(q_start, qt.q_len));
     CpAsyncMbarrierArrive(q_full);
     // Order: K_0, then K_t and V_{t-1} (what consumer iteration t needs), then V_last. A stage
     // is refilled once both consumer warpgroups released the tile kStages earlier.
-    int32_t previous_source = -1;  // my_row's source in tile t - 1 (for V_{t-1})
+    // Tile t - 1 (for V_{t-1}): its first key if bulk, else -1; my_row's source if not.
+    int32_t previous_bulk_first = -1;
+    int32_t previous_source = -1;
     for (int t = 0; t <= num_key_tiles; ++t) {
+      int32_t bulk_first = -1;
       int32_t source = -1;
       if (t < num_key_tiles) {
-        source = loader.Source(plan.Tile(t, q_start));  // look up before waiting
+        const KeyTile tile = plan.Tile(t, q_start);
+        if (IsBulkTile(maps, tile)) {
+          bulk_first = tile.first;
+        } else {
+          source = loader.Source(tile);  // look up before waiting
+        }
         const int stage = t % kStages;
         if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
-        loader.Copy(k_smem(stage), k_base, seq.kv_token_stride, source);
-        CpAsyncMbarrierArrive(k_full(stage));
+        fill(k_smem(stage), k_full(stage), &maps.k, k_base, bulk_first, source);
       }
       if (t > 0) {
         const int u = t - 1;
         const int stage = u % kStages;
         if (u >= kStages) MbarrierWait(v_empty(stage), ((u / kStages) - 1) & 1);
-        loader.Copy(v_smem(stage), v_base, seq.kv_token_stride, previous_source);
-        CpAsyncMbarrierArrive(v_full(stage));
+        fill(v_smem(stage), v_full(stage), &maps.v, v_base, previous_bulk_first, previous_source);
       }
+      previous_bulk_first = bulk_first;
       previous_source = source;
     }
     CpAsyncWaitAllUngrouped();
@@ -236,8 +280,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto softmax = [&](const KeyTile& tile) {
       SoftmaxKeyTile(s, row_max, row_sum, alpha, scale_log2, lane, row0, tile);
     };
-    // Waits until the use-th fill of a stage has landed. The copies wrote through the generic
-    // proxy and the wgmmas read through the async proxy: each wait is followed by a proxy fence.
+    // Waits until the use-th fill of a stage has landed. Row copies write through the generic
+    // proxy and the wgmmas read through the async proxy: a wait for one is followed by a proxy
+    // fence (bulk copies write through the async proxy and need none).
     auto wait_full = [&](uint32_t barrier, int use) { MbarrierWait(barrier, use & 1); };
     // One arrival per warp once its part of the wgmmas that read the stage has completed.
     auto release = [&](uint32_t barrier) {
@@ -248,7 +293,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     MbarrierWait(q_full, 0);
     if (num_key_tiles > 0) {
-      // Tile 0: S_0 = Q K_0^T and its softmax (both warpgroups at once, as in FA3).
+      // Tile 0: S_0 = Q K_0^T and its softmax (both warpgroups at once, as in FA3). The fence
+      // also covers Q's row copies.
       wait_full(k_full(0), 0);
       FenceProxyAsync();
       WgmmaFence();
@@ -257,7 +303,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       WgmmaWait<0>();
       PinRegisters(s);
       release(k_empty(0));
-      softmax(plan.Tile(0, q_start));
+      const KeyTile first_tile = plan.Tile(0, q_start);
+      bool previous_bulk = IsBulkTile(maps, first_tile);  // tile t - 1 (V_{t-1}) came in bulk
+      softmax(first_tile);
       ConvertP<Elem>(s, p);
       // Warpgroup 0 issues first. Each warpgroup waits for its turn before issuing an
       // iteration's wgmmas and passes the turn on after issuing; the counts match exactly
@@ -269,9 +317,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int t = 1; t < num_key_tiles; ++t) {
         const int k_stage = t % kStages;
         const int v_stage = (t - 1) % kStages;
+        const KeyTile tile = plan.Tile(t, q_start);
+        const bool bulk = IsBulkTile(maps, tile);
         wait_full(k_full(k_stage), t / kStages);
         wait_full(v_full(v_stage), (t - 1) / kStages);
-        FenceProxyAsync();
+        if (!bulk || !previous_bulk) FenceProxyAsync();
         NamedBarrierSync(my_turn, 256);
         WgmmaFence();
         issue_qk(k_smem(k_stage));
@@ -282,19 +332,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         WgmmaWait<1>();
         PinRegisters(s);
         release(k_empty(k_stage));
-        softmax(plan.Tile(t, q_start));
+        softmax(tile);
         WgmmaWait<0>();
         PinRegisters(o);
         PinRegisters(p);
         release(v_empty(v_stage));
         RescaleO(o, alpha);
         ConvertP<Elem>(s, p);
+        previous_bulk = bulk;
       }
 
       // Last PV product.
       const int v_stage = (num_key_tiles - 1) % kStages;
       wait_full(v_full(v_stage), (num_key_tiles - 1) / kStages);
-      FenceProxyAsync();
+      if (!previous_bulk) FenceProxyAsync();
       WgmmaFence();
       issue_pv(v_smem(v_stage));
       WgmmaCommit();
@@ -319,7 +370,8 @@ inline constexpr int32_t kTilesPerChunk = 16;
 // Host side: launches one instantiation. Instantiated once per (dtype, head_dim) in
 // attention_<dtype>_d<head_dim>.cu.
 template <typename Elem, int kHeadDim>
-cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t LaunchAttentionTyped(const AttentionParams& params, const KvTensorMaps& maps,
+                                 cudaStream_t stream) {
   if (params.num_tiles == 0) return cudaSuccess;
   auto launch = [&](auto* kernel, int smem_bytes) {
     cudaError_t error =
@@ -327,7 +379,7 @@ cudaError_t LaunchAttentionTyped(const AttentionParams& params, cudaStream_t str
     if (error != cudaSuccess) return error;
     const dim3 grid(static_cast<unsigned>(params.num_tiles),
                     static_cast<unsigned>(params.num_q_heads));
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(params, kTilesPerChunk);
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(params, maps, kTilesPerChunk);
     return cudaGetLastError();
   };
   constexpr int kSmemBytes = SmemLayout<kHeadDim>::SmemBytes(kRingStages);

@@ -23,12 +23,35 @@ inline constexpr int32_t kAttentionTileRows = 128;
 // Writes params.out (input dtype) and, when non-null, params.maybe_lse (natural log).
 // Supported: bf16/fp16, head_dim 64/128, Hq % Hkv == 0, compute capability 9.0 (sm_90a code).
 // Preconditions the launcher cannot check (device memory): every SeqDesc offset and stride is a
-// multiple of 8 elements (16-byte rows), stripe positions lie in [n_init*G, (g-n_loc+1)*G) of
+// multiple of 8 elements (16-byte rows), params.kv_tensor is zeros or describes the SeqDescs
+// (UniformKvTensor), stripe positions lie in [n_init*G, (g-n_loc+1)*G) of
 // their sequence, tiles never straddle a group and have 1 <= q_len <= kAttentionTileRows.
 // Returns the failed precondition for unsupported or inconsistent arguments (InvalidArgument)
 // and on a GPU other than sm_90 (UnsupportedDevice), otherwise the launch's CUDA error.
 // Asynchronous: no synchronisation.
 LaunchResult LaunchAttention(const AttentionParams& params, cudaStream_t stream);
+
+// The one strided K/V tensor that the sequences of a batch share (KvTensorShape), or zeros when
+// their K/V layouts differ (e.g. head-major sequences of different lengths).
+inline KvTensorShape UniformKvTensor(const std::vector<SeqDesc>& seqs) {
+  KvTensorShape shape{0, 0, 0, 0};
+  if (seqs.empty() || seqs[0].kv_token_stride <= 0 || seqs[0].kv_head_stride <= 0) return shape;
+  const int64_t token_stride = seqs[0].kv_token_stride;
+  const int64_t base_offset = seqs[0].kv_offset % token_stride;
+  int64_t num_tokens = 0;
+  for (const SeqDesc& seq : seqs) {
+    if (seq.kv_token_stride != token_stride || seq.kv_head_stride != seqs[0].kv_head_stride ||
+        seq.kv_offset < base_offset || seq.kv_offset % token_stride != base_offset) {
+      return shape;
+    }
+    num_tokens = std::max(num_tokens, (seq.kv_offset - base_offset) / token_stride + seq.seq_len);
+  }
+  shape.base_offset = base_offset;
+  shape.num_tokens = num_tokens;
+  shape.token_stride = token_stride;
+  shape.head_stride = seqs[0].kv_head_stride;
+  return shape;
+}
 
 // Query tiles of at most kAttentionTileRows rows that never straddle a group of `group_size`
 // rows, for the sequences of `seq_lens` (QueryTile::seq = index in seq_lens). Listed with the

@@ -53,6 +53,19 @@ struct StripeLists {
   int32_t* index;              // [sum of bounds] key positions within the sequence
 };
 
+// K and V of every sequence of a batch as one strided tensor [num_tokens, Hkv, d] (d contiguous)
+// starting `base_offset` elements into k / v, so that whole contiguous key tiles can be copied
+// by the tensor memory accelerator (TMA). It exists when all sequences share kv_token_stride and
+// kv_head_stride and their kv_offsets are base_offset plus whole numbers of tokens
+// (UniformKvTensor in attention_launch.h decides). num_tokens = 0: no such tensor (or the caller
+// did not say); every key tile is then copied row by row.
+struct KvTensorShape {
+  int64_t base_offset;   // elements; a multiple of 8 (16 bytes)
+  int64_t num_tokens;    // max over sequences of (kv_offset - base_offset) / token_stride + seq_len
+  int64_t token_stride;  // elements
+  int64_t head_stride;   // elements
+};
+
 struct AttentionParams {
   ElemType elem_type;
   int32_t num_q_heads;
@@ -68,7 +81,8 @@ struct AttentionParams {
 
   const SeqDesc* seqs;  // [num_seqs] device
   int32_t num_seqs;
-  const QueryTile* tiles;  // [num_tiles] device
+  KvTensorShape kv_tensor;  // optional (zeros: none)
+  const QueryTile* tiles;   // [num_tiles] device
   int32_t num_tiles;
 
   // Sparse mode only (null/zero for dense): which keys each row attends is the anchor region

@@ -327,6 +327,7 @@ AttentionParams AttentionRunner::attention_params(KernelChoice choice) const {
   p.maybe_lse = lse();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
+  p.kv_tensor = UniformKvTensor(plan_.seqs);
   p.tiles = static_cast<const QueryTile*>(At(layout_.attention_tiles));
   p.num_tiles = static_cast<int32_t>(plan_.attention_tiles.size());
   p.sparse = choice == KernelChoice::kSparse;

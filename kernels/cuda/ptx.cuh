@@ -100,6 +100,26 @@ __device__ __forceinline__ void CpAsyncWaitAllUngrouped() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// One arrival on `barrier` that also expects `bytes` more bytes of bulk (TMA) copies to land
+// before the phase can complete.
+__device__ __forceinline__ void MbarrierArriveExpectTx(uint32_t barrier, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(
+          barrier),
+      "r"(bytes)
+      : "memory");
+}
+// Tensor-map (TMA) copy of one 3-D box global -> shared; its bytes complete on `barrier`.
+// `tensor_map` is the generic address of a CUtensorMap in parameter, constant or global memory.
+__device__ __forceinline__ void TmaLoad3d(uint32_t dst, const void* tensor_map, uint32_t barrier,
+                                          int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(barrier), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
 // Register reallocation between warpgroups (sm_90a). Every warp of a warpgroup executes it.
 template <int kRegisters>
 __device__ __forceinline__ void SetMaxRegistersIncrease() {

@@ -2,7 +2,7 @@
 // the same key sets: dense causal, and sparse = anchor region + given stripe lists.
 //
 // Every run poisons the outputs (NaN) first and checks that every row of every head was written
-// and finite, that padding between sequences was neither read (it holds NaN inputs) nor written,
+// and finite, that padding around sequences was neither read (it holds NaN inputs) nor written,
 // and compares the checked rows elementwise with tolerances derived from the dtype:
 //   |out - ref| <= 1.5 u (|ref| + max|v|)    (u = unit roundoff of bf16 / fp16)
 // which covers rounding the output and P (the softmax weights fed to the PV product) to the
@@ -105,6 +105,9 @@ struct Case {
   AnchorGeometry geometry{2048, 128, 16, 1, 1};
   double stripe_density = 0.0;
   bool with_lse = true;
+  // NaN padding between sequences too (else only before the first and after the last: then
+  // token-major K/V form one strided tensor and whole key tiles are copied in bulk).
+  bool pad_between = true;
   int sampled_rows = 0;  // 0: check every row; else this many random rows (+ boundaries)
   uint64_t seed = 1;
 };
@@ -120,7 +123,8 @@ std::string Describe(const Case& c) {
                          " n_loc=" + std::to_string(c.geometry.local_groups) +
                          " density=" + std::to_string(c.stripe_density)
                    : " dense") +
-         " seq_lens=[ " + lens + "] seed=" + std::to_string(c.seed);
+         " seq_lens=[ " + lens + "]" + (c.pad_between ? "" : " packed") +
+         " seed=" + std::to_string(c.seed);
 }
 
 // Host copy of one batch: inputs (as stored bits and as the floats they represent), layout,
@@ -160,8 +164,10 @@ Batch MakeBatch(const Case& c) {
   const int32_t group_size = c.geometry.group_size;
   for (int32_t n : c.seq_lens) {
     SeqDesc s{};
-    q_at += kPadElements;
-    kv_at += kPadElements;
+    if (c.pad_between || b.seqs.empty()) {
+      q_at += kPadElements;
+      kv_at += kPadElements;
+    }
     s.q_offset = q_at;
     s.kv_offset = kv_at;
     s.seq_len = n;
@@ -338,6 +344,7 @@ void RunOnDevice(const Batch& b, DeviceOutputs* result) {
   params.maybe_lse = c.with_lse ? lse.get<float>() : nullptr;
   params.seqs = seqs.get<SeqDesc>();
   params.num_seqs = static_cast<int32_t>(b.seqs.size());
+  params.kv_tensor = UniformKvTensor(b.seqs);
   params.tiles = tiles.get<QueryTile>();
   params.num_tiles = static_cast<int32_t>(b.tiles.size());
   params.sparse = c.sparse;
@@ -523,6 +530,23 @@ TEST(AttentionKernelDense, LongFp16D64HeadMajor) {
   CheckCase(c);
 }
 
+// Packed token-major batches: K/V form one strided tensor, so whole key tiles are bulk copies
+// (TMA), mixed with row copies for the partial tiles.
+Case Packed(Case c) {
+  c.pad_between = false;
+  EXPECT_GT(UniformKvTensor(MakeBatch(c).seqs).num_tokens, 0) << Describe(c);
+  return c;
+}
+TEST(AttentionKernelDense, PackedBatchesBulkCopies) {
+  CheckCase(Packed(Dense(ElemType::kBf16, 128, 8, 2, false, kMixedLens, 51)));
+  CheckCase(Packed(Dense(ElemType::kFp16, 64, 8, 1, false, kMixedLens, 52)));
+}
+TEST(AttentionKernelDense, PackedLongBf16D128Gqa7) {
+  Case c = Packed(Dense(ElemType::kBf16, 128, 7, 1, false, {5000, 9000}, 53));
+  c.sampled_rows = 40;
+  CheckCase(c);
+}
+
 // Same inputs twice: identical bits (a race would show here first).
 void CheckDeterministic(const Case& c) {
   if (!HasGpu()) GTEST_SKIP() << "no CUDA device";
@@ -598,6 +622,12 @@ TEST(AttentionKernelSparse, MixedShapesOtherSeeds) {
   CheckCase(Sparse(Dense(ElemType::kBf16, 128, 4, 1, true, {191, 1000, 1500}, 37),
                    AnchorGeometry{192, 64, 3, 1, 1}, 0.15));
 }
+TEST(AttentionKernelSparse, PackedBatchesBulkCopies) {
+  CheckCase(Sparse(Packed(Dense(ElemType::kBf16, 128, 8, 2, false, {100, 257, 1000, 3001}, 54)),
+                   kSmallGroups, 0.2));
+  CheckCase(Sparse(Packed(Dense(ElemType::kFp16, 64, 4, 2, false, {900, 1300}, 55)),
+                   AnchorGeometry{256, 64, 4, 0, 2}, 0.3));
+}
 TEST(AttentionKernelSparse, Deterministic) {
   CheckDeterministic(
       Sparse(Dense(ElemType::kBf16, 128, 8, 2, false, {3001, 1000}, 41), kSmallGroups, 0.2));
@@ -651,6 +681,38 @@ TEST(AttentionKernelArgs, RejectsUnsupported) {
 }
 
 // The block order visits every (tile, head) exactly once, also with a short last chunk.
+// Which batches share one strided K/V tensor (host only).
+TEST(AttentionKernelArgs, UniformKvTensor) {
+  const int64_t d = 128;
+  auto token_major = [&](int64_t offset, int32_t n) {
+    SeqDesc s{};
+    s.kv_offset = offset;
+    s.kv_token_stride = 8 * d;
+    s.kv_head_stride = d;
+    s.seq_len = n;
+    return s;
+  };
+  // Packed after a 64-element lead: base 64, tokens end at the last sequence's end.
+  KvTensorShape shape = UniformKvTensor({token_major(64, 100), token_major(64 + 100 * 8 * d, 300)});
+  EXPECT_EQ(shape.base_offset, 64);
+  EXPECT_EQ(shape.num_tokens, 400);
+  EXPECT_EQ(shape.token_stride, 8 * d);
+  EXPECT_EQ(shape.head_stride, d);
+  // A gap that is not a whole number of tokens, or different strides: none.
+  EXPECT_EQ(UniformKvTensor({token_major(0, 100), token_major(100 * 8 * d + 64, 10)}).num_tokens,
+            0);
+  SeqDesc head_major = token_major(0, 100);
+  head_major.kv_token_stride = d;
+  head_major.kv_head_stride = 100 * d;
+  EXPECT_GT(UniformKvTensor({head_major}).num_tokens, 0);
+  SeqDesc second = head_major;
+  second.kv_offset = 8 * 100 * d;
+  second.kv_head_stride = 50 * d;
+  second.seq_len = 50;
+  EXPECT_EQ(UniformKvTensor({head_major, second}).num_tokens, 0);
+  EXPECT_EQ(UniformKvTensor({}).num_tokens, 0);
+}
+
 TEST(AttentionKernelArgs, BlockOrderIsAPermutation) {
   for (int32_t num_tiles : {1, 5, 16, 17, 50}) {
     for (int32_t heads : {1, 4, 32}) {
