@@ -22,6 +22,7 @@
 
 #include "kernels/cuda/identification.h"
 #include "kernels/cuda/identification_common.cuh"
+#include "kernels/cuda/kv_tensor_map.h"
 
 namespace anchorserve::cuda {
 namespace {
@@ -41,6 +42,7 @@ using ptx::CpAsyncWaitAllUngrouped;
 using ptx::FenceMbarrierInit;
 using ptx::FenceProxyAsync;
 using ptx::MbarrierArrive;
+using ptx::MbarrierArriveExpectTx;
 using ptx::MbarrierInit;
 using ptx::MbarrierWait;
 using ptx::NamedBarrierSync;
@@ -285,9 +287,11 @@ __global__ void __launch_bounds__(OneHeadAnchorShape<kDim>::kThreads,
 // ---------------------------------------------------------------------------------------------
 // Two-head anchor (same outputs as OneHeadAnchorKernel), warp-specialized. CTA = one anchor tile x
 // the two query heads 2p, 2p + 1 of one KV head, 3 warpgroups: warpgroup 0 (the producer) copies Q
-// of both heads once and then the K tiles into a ring of kStages stages with cp.async, each stage
-// published by a "full" mbarrier (cp.async.mbarrier.arrive.noinc by the 128 producer threads)
-// and released by an "empty" mbarrier (one arrival per consumer warp); warpgroups 1 and 2 (the
+// of both heads once with cp.async and then the K tiles into a ring of kStages stages (a whole
+// 128-key tile as one bulk tensor copy when the launcher built K tensor maps, else cp.async row
+// pieces), each stage published by a "full" mbarrier (an arrival of all 128 producer threads,
+// cp.async.mbarrier.arrive.noinc for row copies, plus the bulk bytes) and released by an "empty"
+// mbarrier (one arrival per consumer warp); warpgroups 1 and 2 (the
 // consumers: rows 64 * (c - 1) .. of both heads) issue the wgmmas of both heads per key tile
 // into two accumulator sets and fold head 0's maxima while head 1's wgmmas run. No CTA-wide
 // barrier in the mainloop: one consumer's folds overlap the other's wgmmas, and K is read from
@@ -302,15 +306,17 @@ struct TwoHeadAnchorShape {
   // d = 128: Q (64 KiB) + 4 K stages (128 KiB) + barriers + alignment slack = 193 KiB.
   static constexpr int kSmemBytes = (kHeads + kStages) * Tile<kDim>::kBytes + 1024 + 256;
   static constexpr int kSumParts = kConsumerThreads / (kHeads * kDim);
-  // 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (launch cap: 168 each).
-  static constexpr int kProducerRegisters = 56;
-  static constexpr int kConsumerRegisters = 224;
+  // 128 x 56 + 256 x 224 (d = 128) or 128 x 64 + 256 x 216 (d = 64: the producer's row copies
+  // need more) of the 64512 the launch gives a CTA (cap 168 each).
+  static constexpr int kProducerRegisters = kDim == 128 ? 56 : 64;
+  static constexpr int kConsumerRegisters = kDim == 128 ? 224 : 216;
   static constexpr int kEpilogueBarrier = 1;  // named barrier over the consumer threads
 };
 
 template <typename T, int kDim>
 __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
-    TwoHeadAnchorKernel(const __grid_constant__ IdentificationParams p) {
+    TwoHeadAnchorKernel(const __grid_constant__ IdentificationParams p,
+                        const __grid_constant__ KvTensorMaps maps) {
 #if ANCHOR_ID_HAS_WGMMA
   using Shape = TwoHeadAnchorShape<kDim>;
   using Geo = Tile<kDim>;
@@ -360,6 +366,8 @@ __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
   const int lo2 = keys.local_lo;
   const int tiles1 = keys.init_tiles;
   const int num_key_tiles = keys.num_tiles;
+  // A key tile is copied in bulk when it is whole (producer and consumers decide alike).
+  static_assert(kKeyTile == kBulkTileKeys, "one key tile = one bulk copy");
 
   if (tid < 128) {
     // ------------------------------------------------------------------ producer warpgroup
@@ -374,13 +382,28 @@ __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
     }
     CpAsyncMbarrierArrive(q_full);
     const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
+    // Token coordinate of this sequence's key 0 in the K tensor map.
+    const int32_t token_base =
+        maps.enabled != 0
+            ? static_cast<int32_t>((seq.kv_offset - p.kv_tensor.base_offset) / seq.kv_token_stride)
+            : 0;
     for (int t = 0; t < num_key_tiles; ++t) {
       const int stage = t % kStages;
       if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
       const int first = keys.Begin(t);
       const int end = t < tiles1 ? hi1 : row_end;
-      copier.Copy(k_tile(stage), k_base, seq.kv_token_stride, first, end - first);
-      CpAsyncMbarrierArrive(k_full(stage));
+      if (maps.enabled != 0 && first + kKeyTile <= end) {
+        if (tid == 0) {
+          MbarrierArriveExpectTx(k_full(stage), Geo::kBytes);
+          TmaLoadKeyTile<kDim / 64>(k_tile(stage), &maps.k, maps.token_dim, k_full(stage),
+                                    token_base + first, kv_head);
+        } else {
+          MbarrierArrive(k_full(stage));
+        }
+      } else {
+        copier.Copy(k_tile(stage), k_base, seq.kv_token_stride, first, end - first);
+        CpAsyncMbarrierArrive(k_full(stage));
+      }
     }
     CpAsyncWaitAllUngrouped();
     return;
@@ -400,6 +423,7 @@ __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
   const uint32_t q_rows1 = q_tile(1) + half * 64 * kRowBytes;
 
   MbarrierWait(q_full, 0);
+  bool q_fenced = false;  // Q's row copies are fenced with the first tile's
   float row_max0[2] = {-INFINITY, -INFINITY};
   float row_max1[2] = {-INFINITY, -INFINITY};
   {
@@ -417,11 +441,15 @@ __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
       MbarrierWait(k_full(stage), (t / kStages) & 1);
       const int key_begin = keys.Begin(t);
       if (wg_has_rows && key_begin <= wg_last_row) {
-        FenceProxyAsync();
         const int range_lo = t < tiles1 ? 0 : lo2;
         const int range_hi = t < tiles1 ? hi1 : row_end;
-        const bool need_mask = key_begin < range_lo || key_begin + kKeyTile > range_hi ||
-                               key_begin + kKeyTile - 1 > wg_first_row;
+        const bool whole = key_begin + kKeyTile <= range_hi;  // as the producer decides
+        // Row copies (Q, and K tiles not copied in bulk) write through the generic proxy, the
+        // wgmmas read through the async one.
+        if (!q_fenced || !whole || maps.enabled == 0) FenceProxyAsync();
+        q_fenced = true;
+        const bool need_mask =
+            key_begin < range_lo || !whole || key_begin + kKeyTile - 1 > wg_first_row;
         const uint32_t keys = k_tile(stage);
         WgmmaFence();
 #pragma unroll
@@ -531,8 +559,10 @@ cudaError_t LaunchTwoHeadAnchor(const IdentificationParams& p, cudaStream_t stre
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (error != cudaSuccess) return error;
+  const KvTensorMaps maps =
+      BuildKvTensorMaps(p.elem_type, p.head_dim, p.num_kv_heads, p.kv_tensor, p.k, nullptr);
   const dim3 grid(p.num_anchor_tiles, p.num_q_heads / Shape::kHeads);
-  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 

@@ -47,7 +47,6 @@ using ptx::PinRegisters;
 using ptx::SetMaxRegistersDecrease;
 using ptx::SetMaxRegistersIncrease;
 using ptx::SmemAddress;
-using ptx::TmaLoad3d;
 using ptx::WarpgroupBarrier;
 using ptx::WgmmaCommit;
 using ptx::WgmmaFence;

@@ -137,6 +137,7 @@ __host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int3
 // Whether key tile `tile` is copied in bulk (one TMA copy per 64-column panel): a whole
 // contiguous tile of a batch with K/V tensor maps. Producer and consumers decide alike.
 __device__ __forceinline__ bool IsBulkTile(const KvTensorMaps& maps, const KeyTile& tile) {
+  static_assert(kTileKeys == kBulkTileKeys, "one key tile = one bulk copy");
   return maps.enabled != 0 && tile.positions == nullptr && tile.n_valid == kTileKeys;
 }
 
@@ -206,13 +207,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (bulk_first >= 0) {
         if (tid == 0) {
           MbarrierArriveExpectTx(full, Geo::kTileBytes);
-          const int32_t token = token_base + bulk_first;
-          const int32_t c1 = maps.token_dim == 1 ? token : kv_head;
-          const int32_t c2 = maps.token_dim == 1 ? kv_head : token;
-#pragma unroll
-          for (int panel = 0; panel < Geo::kPanels; ++panel) {
-            TmaLoad3d(stage_smem + panel * Geo::kPanelBytes, map, full, 64 * panel, c1, c2);
-          }
+          TmaLoadKeyTile<Geo::kPanels>(stage_smem, map, maps.token_dim, full,
+                                       token_base + bulk_first, kv_head);
         } else {
           MbarrierArrive(full);
         }

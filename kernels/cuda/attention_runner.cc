@@ -272,6 +272,7 @@ IdentificationParams AttentionRunner::identification_params() const {
   p.k = k();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
+  p.kv_tensor = UniformKvTensor(plan_.seqs);
   p.groups = static_cast<const IdGroup*>(At(layout_.groups));
   p.num_groups = static_cast<int32_t>(plan_.groups.size());
   p.head_stats = static_cast<DeviceHeadStats*>(At(layout_.head_stats));

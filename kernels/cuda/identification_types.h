@@ -122,6 +122,7 @@ struct IdentificationParams {
 
   const SeqDesc* seqs;  // [num_seqs]
   int32_t num_seqs;
+  KvTensorShape kv_tensor;        // optional (zeros: none); K tiles in bulk when given
   const QueryTile* anchor_tiles;  // [num_anchor_tiles]
   int32_t num_anchor_tiles;
   const IdGroup* groups;  // [num_groups]
