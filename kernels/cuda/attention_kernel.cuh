@@ -134,10 +134,8 @@ __host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int3
   return item;
 }
 
-// Whether key tile `tile` is a whole tile of a contiguous key range of a batch with K/V tensor
-// maps, copied in bulk (one TMA copy per 64-column panel). Producer and consumers decide alike.
-// (The producer also bulk-copies whole gathered tiles whose positions happen to be consecutive;
-// the consumers treat those as row copies, which only costs them a proxy fence.)
+// Whether key tile `tile` is copied in bulk (one TMA copy per 64-column panel): a whole
+// contiguous tile of a batch with K/V tensor maps. Producer and consumers decide alike.
 __device__ __forceinline__ bool IsBulkTile(const KvTensorMaps& maps, const KeyTile& tile) {
   static_assert(kTileKeys == kBulkTileKeys, "one key tile = one bulk copy");
   return maps.enabled != 0 && tile.positions == nullptr && tile.n_valid == kTileKeys;
@@ -236,11 +234,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_first = tile.first;
         } else {
           source = loader.Source(tile);  // look up before waiting
-          // A whole gathered tile of 128 consecutive positions (sorted, distinct): one range.
-          if (maps.enabled != 0 && tile.positions != nullptr && tile.n_valid == kTileKeys) {
-            const int32_t first = __ldg(tile.positions);
-            if (__ldg(tile.positions + kTileKeys - 1) - first == kTileKeys - 1) bulk_first = first;
-          }
         }
         const int stage = t % kStages;
         if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
