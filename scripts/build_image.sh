@@ -252,21 +252,34 @@ ctl prefill --random_ids=64 --logits=topk:1 >"$run_dir/prefill.log" 2>&1 ||
 log "probe 3/4 Prefill from the model at /model answered"
 
 # SIGTERM while a request is in flight: the request still succeeds, the server drains, exits 0.
-ctl attend --seq_len=8192 --q_heads=8 --kv_heads=2 --head_dim=128 >"$run_dir/drain_attend.log" 2>&1 &
+ctl attend --seq_len=16384 --q_heads=8 --kv_heads=2 --head_dim=128 >"$run_dir/drain_attend.log" 2>&1 &
 client_pid=$!
-inflight=0
-for _ in $(seq 300); do
-  inflight=$(python3 - "$metrics_port" <<'EOF' || echo 0
-import sys, urllib.request
-text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-print(next((int(float(l.split()[1])) for l in text.splitlines()
-            if l.startswith("anchorserve_inflight_requests")), 0))
+# One poller (an interpreter start per poll can miss a short request): prints the in-flight
+# count once it is >= 1, or the last count when the client has exited or 30 s have passed.
+inflight=$(python3 - "$metrics_port" "$client_pid" <<'EOF' || echo 0
+import os, sys, time, urllib.request
+port, client = sys.argv[1], int(sys.argv[2])
+def client_alive():
+    try:
+        os.kill(client, 0)
+        return True
+    except OSError:
+        return False
+deadline = time.time() + 30
+seen = 0
+while time.time() < deadline and client_alive():
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        seen = next((int(float(l.split()[1])) for l in text.splitlines()
+                     if l.startswith("anchorserve_inflight_requests")), 0)
+    except OSError:
+        seen = 0
+    if seen >= 1:
+        break
+    time.sleep(0.02)
+print(seen)
 EOF
-  )
-  [ "$inflight" -ge 1 ] && break
-  kill -0 "$client_pid" 2>/dev/null || break
-  sleep 0.1
-done
+)
 [ "$inflight" -ge 1 ] || die "no request was seen in flight before SIGTERM"
 kill -TERM "$server_pid"
 server_rc=0
