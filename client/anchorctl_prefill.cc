@@ -245,11 +245,12 @@ class ProgressLine {
 void PrintResults(const PrefillSummary& s) {
   const v1::PrefillMetrics& m = s.metrics;
   if (m.layers_size() > 0) {
-    std::printf("%6s %10s %12s %12s %12s\n", "layer", "density", "ident_ms", "attn_ms", "layer_ms");
+    std::printf("%6s %10s %12s %12s %12s %12s\n", "layer", "density", "ident_ms", "attn_ms",
+                "gemm_ms", "layer_ms");
     for (const v1::PrefillLayerMetrics& layer : m.layers()) {
-      std::printf("%6d %10.6f %12.3f %12.3f %12.3f\n", layer.layer(), layer.density(),
+      std::printf("%6d %10.6f %12.3f %12.3f %12.3f %12.3f\n", layer.layer(), layer.density(),
                   layer.identification_seconds() * 1e3, layer.attention_seconds() * 1e3,
-                  layer.layer_seconds() * 1e3);
+                  layer.gemm_seconds() * 1e3, layer.layer_seconds() * 1e3);
     }
   }
   std::printf("density:         %.6f (mean over layers)\n", m.density());

@@ -549,6 +549,7 @@ class PrefillReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>, 
       layer->set_identification_seconds(stats.identification_seconds);
       layer->set_attention_seconds(stats.attention_seconds);
       layer->set_layer_seconds(stats.layer_seconds);
+      layer->set_gemm_seconds(stats.gemm_seconds);
       density_sum += stats.density;
     }
     if (!job.result.layers.empty()) {

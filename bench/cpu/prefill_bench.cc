@@ -3,12 +3,14 @@
 //
 //   anchor_prefill_bench --model=DIR --tokens=1024[,2048...] [--dense | --theta=12] [--engine=cpu]
 //                        [--block_size=128] [--step=16] [--threads=0] [--kv_dtype=bf16]
-//                        [--repeats=1] [--per_layer]
+//                        [--repeats=1] [--per_layer] [--mlp_chunk_rows=0]
 //
 // Prints the model (fingerprint, parameters, load time), then per prompt length the prefill time,
 // tokens/s, achieved GFLOP/s (linear layers 2 * N * linear parameters, plus attention
-// 4 * d * computed score entries), per-layer times with --per_layer, and the process's peak
-// resident set (VmHWM from /proc/self/status). K/V go to a sink that only counts bytes.
+// 4 * d * computed score entries), the GEMMs' share and rate where the engine times them (CUDA),
+// per-layer times with --per_layer, and the process's peak resident set (VmHWM from
+// /proc/self/status). K/V go to a sink that only counts bytes. --mlp_chunk_rows sets the CUDA
+// engine's MLP chunk height (0: its default).
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -37,6 +39,7 @@ struct Options {
   int repeats = 1;
   bool per_layer = false;
   bool cuda = false;
+  int64_t mlp_chunk_rows = 0;
 };
 
 bool ParseFlags(int argc, char** argv, Options* o) {
@@ -82,6 +85,8 @@ bool ParseFlags(int argc, char** argv, Options* o) {
       o->cuda = value == "cuda";
     } else if (key == "--per_layer") {
       o->per_layer = true;
+    } else if (key == "--mlp_chunk_rows") {
+      ok = absl::SimpleAtoi(value, &o->mlp_chunk_rows) && o->mlp_chunk_rows >= 0;
     } else {
       ok = false;
     }
@@ -143,8 +148,11 @@ int Main(int argc, char** argv) {
   printf("  fingerprint %s\n", model.fingerprint().c_str());
   printf("  peak RSS after load: %.2f GiB\n", StatusKb("VmHWM") / 1048576.0);
 
-  absl::StatusOr<std::unique_ptr<PrefillEngine>> engine = CreatePrefillEngine(
-      model, PrefillEngineOptions{.use_cuda = o.cuda, .cuda_device = 0, .cpu_threads = o.threads});
+  absl::StatusOr<std::unique_ptr<PrefillEngine>> engine =
+      CreatePrefillEngine(model, PrefillEngineOptions{.use_cuda = o.cuda,
+                                                      .cuda_device = 0,
+                                                      .cpu_threads = o.threads,
+                                                      .mlp_chunk_rows = o.mlp_chunk_rows});
   if (!engine.ok()) {
     fprintf(stderr, "%s\n", engine.status().ToString().c_str());
     return 1;
@@ -177,12 +185,13 @@ int Main(int argc, char** argv) {
         fprintf(stderr, "%s\n", result.status().ToString().c_str());
         return 1;
       }
-      double attention_flops = 0, density = 0, attention = 0, identification = 0;
+      double attention_flops = 0, density = 0, attention = 0, identification = 0, gemm = 0;
       for (const PrefillLayerStats& layer : result->layers) {
         attention_flops += 4.0 * c.head_dim * c.num_heads * layer.density * CausalEntries(n);
         density += layer.density / c.num_layers;
         attention += layer.attention_seconds;
         identification += layer.identification_seconds;
+        gemm += layer.gemm_seconds;
       }
       const double flops =
           2.0 * n * linear_params + attention_flops + 2.0 * c.vocab_size * c.hidden_size;
@@ -191,6 +200,10 @@ int Main(int argc, char** argv) {
           "%.3f s, mean density %.3f, %.1f MB of K/V\n",
           r, seconds, n / seconds, flops / seconds / 1e9, attention, identification, density,
           sink.bytes / 1e6);
+      if (gemm > 0) {
+        printf("    GEMMs %.3f s (%.1f TFLOP/s), everything else %.3f s\n", gemm,
+               2.0 * n * linear_params / gemm / 1e12, seconds - attention - identification - gemm);
+      }
       if (result->device_bytes_in_use > 0) {
         printf("    device memory in use after the last layer: %.2f GiB (whole process)\n",
                result->device_bytes_in_use / 1073741824.0);
@@ -198,8 +211,11 @@ int Main(int argc, char** argv) {
       if (o.per_layer && r == o.repeats - 1) {
         for (size_t l = 0; l < result->layers.size(); ++l) {
           const PrefillLayerStats& s = result->layers[l];
-          printf("    layer %2zu: %.4f s (attention %.4f s, identification %.4f s, density %.3f)\n",
-                 l, s.layer_seconds, s.attention_seconds, s.identification_seconds, s.density);
+          printf(
+              "    layer %2zu: %.4f s (attention %.4f s, identification %.4f s, GEMMs %.4f s, "
+              "density %.3f)\n",
+              l, s.layer_seconds, s.attention_seconds, s.identification_seconds, s.gemm_seconds,
+              s.density);
         }
       }
     }

@@ -42,7 +42,6 @@ using ptx::CpAsyncWaitAllUngrouped;
 using ptx::FenceMbarrierInit;
 using ptx::FenceProxyAsync;
 using ptx::MbarrierArrive;
-using ptx::MbarrierArriveExpectTx;
 using ptx::MbarrierInit;
 using ptx::MbarrierWait;
 using ptx::NamedBarrierSync;
@@ -382,24 +381,17 @@ __global__ void __launch_bounds__(TwoHeadAnchorShape<kDim>::kThreads, 1)
     }
     CpAsyncMbarrierArrive(q_full);
     const T* k_base = static_cast<const T*>(p.k) + seq.kv_offset + kv_head * seq.kv_head_stride;
-    // Token coordinate of this sequence's key 0 in the K tensor map.
     const int32_t token_base =
-        maps.enabled != 0
-            ? static_cast<int32_t>((seq.kv_offset - p.kv_tensor.base_offset) / seq.kv_token_stride)
-            : 0;
+        KvMapTokenBase(maps, p.kv_tensor, seq.kv_offset, seq.kv_token_stride);
     for (int t = 0; t < num_key_tiles; ++t) {
       const int stage = t % kStages;
       if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);
       const int first = keys.Begin(t);
       const int end = t < tiles1 ? hi1 : row_end;
       if (maps.enabled != 0 && first + kKeyTile <= end) {
-        if (tid == 0) {
-          MbarrierArriveExpectTx(k_full(stage), Geo::kBytes);
-          TmaLoadKeyTile<kDim / 64>(k_tile(stage), &maps.k, maps.token_dim, k_full(stage),
-                                    token_base + first, kv_head);
-        } else {
-          MbarrierArrive(k_full(stage));
-        }
+        static_assert(Geo::kBytes == (kDim / 64) * kBulkTileKeys * 128, "bulk tile bytes");
+        BulkFillKeyTile<kDim / 64>(tid, k_tile(stage), &maps.k, maps.token_dim, k_full(stage),
+                                   token_base + first, kv_head);
       } else {
         copier.Copy(k_tile(stage), k_base, seq.kv_token_stride, first, end - first);
         CpAsyncMbarrierArrive(k_full(stage));

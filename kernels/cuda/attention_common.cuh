@@ -38,7 +38,6 @@ using ptx::FenceMbarrierInit;
 using ptx::FenceProxyAsync;
 using ptx::MakeSmemDescriptor;
 using ptx::MbarrierArrive;
-using ptx::MbarrierArriveExpectTx;
 using ptx::MbarrierInit;
 using ptx::MbarrierWait;
 using ptx::NamedBarrierArrive;

@@ -27,7 +27,7 @@
 #pragma once
 
 #include "kernels/cuda/attention_common.cuh"
-#include "kernels/cuda/attention_instances.h"
+#include "kernels/cuda/kv_tensor_map.h"
 
 namespace anchorserve::cuda::attention_detail {
 
@@ -134,8 +134,10 @@ __host__ __device__ __forceinline__ WorkItem DecodeWorkItem(int64_t linear, int3
   return item;
 }
 
-// Whether key tile `tile` is copied in bulk (one TMA copy per 64-column panel): a whole
-// contiguous tile of a batch with K/V tensor maps. Producer and consumers decide alike.
+// Whether key tile `tile` is a whole tile of a contiguous key range of a batch with K/V tensor
+// maps, copied in bulk (one TMA copy per 64-column panel). Producer and consumers decide alike.
+// (The producer also bulk-copies whole gathered tiles whose positions happen to be consecutive;
+// the consumers treat those as row copies, which only costs them a proxy fence.)
 __device__ __forceinline__ bool IsBulkTile(const KvTensorMaps& maps, const KeyTile& tile) {
   static_assert(kTileKeys == kBulkTileKeys, "one key tile = one bulk copy");
   return maps.enabled != 0 && tile.positions == nullptr && tile.n_valid == kTileKeys;
@@ -195,23 +197,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Elem* v_base =
         static_cast<const Elem*>(params.v) + seq.kv_offset + kv_head * seq.kv_head_stride;
     const ProducerLoader<kHeadDim> loader(tid);
-    // Token coordinate of this sequence's key 0 in the K/V tensor maps.
     const int32_t token_base =
-        maps.enabled != 0 ? static_cast<int32_t>((seq.kv_offset - params.kv_tensor.base_offset) /
-                                                 seq.kv_token_stride)
-                          : 0;
+        KvMapTokenBase(maps, params.kv_tensor, seq.kv_offset, seq.kv_token_stride);
     // Fills a K or V stage with a key tile: bulk from key `bulk_first` (>= 0; thread 0 copies,
     // the others only arrive) or row by row from `my_source`.
     auto fill = [&](uint32_t stage_smem, uint32_t full, const CUtensorMap* map, const Elem* base,
                     int32_t bulk_first, int32_t my_source) {
       if (bulk_first >= 0) {
-        if (tid == 0) {
-          MbarrierArriveExpectTx(full, Geo::kTileBytes);
-          TmaLoadKeyTile<Geo::kPanels>(stage_smem, map, maps.token_dim, full,
-                                       token_base + bulk_first, kv_head);
-        } else {
-          MbarrierArrive(full);
-        }
+        static_assert(Geo::kTileBytes == Geo::kPanels * kBulkTileKeys * 128, "bulk tile bytes");
+        BulkFillKeyTile<Geo::kPanels>(tid, stage_smem, map, maps.token_dim, full,
+                                      token_base + bulk_first, kv_head);
       } else {
         loader.Copy(stage_smem, base, seq.kv_token_stride, my_source);
         CpAsyncMbarrierArrive(full);
@@ -234,6 +229,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_first = tile.first;
         } else {
           source = loader.Source(tile);  // look up before waiting
+          // A whole gathered tile of 128 consecutive positions (sorted, distinct): one range.
+          if (maps.enabled != 0 && tile.positions != nullptr && tile.n_valid == kTileKeys) {
+            const int32_t first = __ldg(tile.positions);
+            if (__ldg(tile.positions + kTileKeys - 1) - first == kTileKeys - 1) bulk_first = first;
+          }
         }
         const int stage = t % kStages;
         if (t >= kStages) MbarrierWait(k_empty(stage), ((t / kStages) - 1) & 1);

@@ -93,6 +93,7 @@ absl::Status AttentionRunner::ReserveArena(int64_t bytes) {
 }
 
 absl::Status AttentionRunner::UploadPlan() {
+  kv_tensor_ = UniformKvTensor(plan_.seqs);
   ANCHOR_RETURN_IF_ERROR(Upload(base_, layout_.seqs, plan_.seqs, active_stream_));
   ANCHOR_RETURN_IF_ERROR(
       Upload(base_, layout_.attention_tiles, plan_.attention_tiles, active_stream_));
@@ -272,7 +273,7 @@ IdentificationParams AttentionRunner::identification_params() const {
   p.k = k();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
-  p.kv_tensor = UniformKvTensor(plan_.seqs);
+  p.kv_tensor = kv_tensor_;
   p.groups = static_cast<const IdGroup*>(At(layout_.groups));
   p.num_groups = static_cast<int32_t>(plan_.groups.size());
   p.head_stats = static_cast<DeviceHeadStats*>(At(layout_.head_stats));
@@ -328,7 +329,7 @@ AttentionParams AttentionRunner::attention_params(KernelChoice choice) const {
   p.maybe_lse = lse();
   p.seqs = static_cast<const SeqDesc*>(At(layout_.seqs));
   p.num_seqs = static_cast<int32_t>(plan_.seqs.size());
-  p.kv_tensor = UniformKvTensor(plan_.seqs);
+  p.kv_tensor = kv_tensor_;
   p.tiles = static_cast<const QueryTile*>(At(layout_.attention_tiles));
   p.num_tiles = static_cast<int32_t>(plan_.attention_tiles.size());
   p.sparse = choice == KernelChoice::kSparse;

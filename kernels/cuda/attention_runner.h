@@ -156,6 +156,7 @@ class AttentionRunner {
   void* out_ = nullptr;
   float* lse_ = nullptr;
   BatchPlan plan_;
+  KvTensorShape kv_tensor_{};  // of plan_.seqs (UniformKvTensor), set by UploadPlan
   WorkspaceLayout layout_;
   ElemType elem_type_ = ElemType::kBf16;
   float softmax_scale_ = 0;

@@ -50,6 +50,29 @@ __device__ __forceinline__ void TmaLoadKeyTile(uint32_t dst, const CUtensorMap* 
     ptx::TmaLoad3d(dst + panel * kPanelBytes, map, full, 64 * panel, c1, c2);
   }
 }
+
+// A producer warpgroup's part in a bulk tile fill: thread 0 arrives on `full` expecting the
+// tile's bytes and issues the copy; the other producer threads only arrive (the barrier counts
+// every producer thread, as it does for row copies).
+template <int kPanels>
+__device__ __forceinline__ void BulkFillKeyTile(int producer_thread, uint32_t dst,
+                                                const CUtensorMap* map, int32_t token_dim,
+                                                uint32_t full, int32_t token, int32_t kv_head) {
+  if (producer_thread == 0) {
+    ptx::MbarrierArriveExpectTx(full, kPanels * kBulkTileKeys * 128);
+    TmaLoadKeyTile<kPanels>(dst, map, token_dim, full, token, kv_head);
+  } else {
+    ptx::MbarrierArrive(full);
+  }
+}
+
+// Token coordinate, in the K/V tensor maps, of key 0 of the sequence at `kv_offset`.
+__device__ __forceinline__ int32_t KvMapTokenBase(const KvTensorMaps& maps,
+                                                  const KvTensorShape& shape, int64_t kv_offset,
+                                                  int64_t kv_token_stride) {
+  return maps.enabled != 0 ? static_cast<int32_t>((kv_offset - shape.base_offset) / kv_token_stride)
+                           : 0;
+}
 #endif
 
 }  // namespace anchorserve::cuda

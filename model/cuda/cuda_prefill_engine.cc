@@ -34,8 +34,10 @@ double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Rows of the MLP's [rows, 2I] intermediate per chunk: bounds it to about 256 MiB of bf16.
+// Default rows of the MLP's [rows, 2I] intermediate per chunk: about 256 MiB of bf16.
 constexpr int64_t kMlpChunkElements = int64_t{128} << 20;
+// Chunk heights are whole GEMM tiles.
+constexpr int64_t kMlpChunkAlign = 128;
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
   if (error == cudaSuccess) return absl::OkStatus();
@@ -122,8 +124,13 @@ struct DeviceLayer {
 
 class CudaPrefillEngine : public PrefillEngine {
  public:
-  CudaPrefillEngine(const Model& model, int device)
-      : model_(model), config_(model.config()), device_(device) {}
+  CudaPrefillEngine(const Model& model, int device, int64_t mlp_chunk_rows)
+      : model_(model), config_(model.config()), device_(device) {
+    const int64_t rows =
+        mlp_chunk_rows > 0 ? mlp_chunk_rows : kMlpChunkElements / (2 * config_.intermediate_size);
+    mlp_chunk_rows_ = std::max<int64_t>(
+        kMlpChunkAlign, (rows + kMlpChunkAlign - 1) / kMlpChunkAlign * kMlpChunkAlign);
+  }
   ~CudaPrefillEngine() override {
     cudaSetDevice(device_);
     if (compute_ != nullptr) cudaStreamSynchronize(compute_);
@@ -173,9 +180,7 @@ class CudaPrefillEngine : public PrefillEngine {
 
  private:
   int64_t MlpChunkRows(int64_t n) const {
-    const int64_t rows =
-        std::max<int64_t>(256, kMlpChunkElements / (2 * config_.intermediate_size));
-    return std::max<int64_t>(1, std::min(n, rows));
+    return std::max<int64_t>(1, std::min(n, mlp_chunk_rows_));
   }
 
   // fp32 host [count] -> bf16 device at dst (through a staging buffer).
@@ -191,6 +196,7 @@ class CudaPrefillEngine : public PrefillEngine {
   const Model& model_;
   const ModelConfig& config_;
   const int device_;
+  int64_t mlp_chunk_rows_ = 0;  // a multiple of kMlpChunkAlign
   cudaStream_t compute_ = nullptr;
   cudaStream_t copy_ = nullptr;
   std::unique_ptr<cuda::GemmRunner> gemm_;
@@ -352,6 +358,13 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_RETURN_IF_ERROR(exported[s].Create());
     ANCHOR_RETURN_IF_ERROR(copied[s].Create());
   }
+  // A start and an end event around each layer's GEMM brackets (q and k|v together, o, and each
+  // MLP chunk's two): the GEMM share of the layer's time.
+  const int64_t gemm_brackets = 2 + 2 * ((n + mlp_rows - 1) / mlp_rows);
+  std::vector<Event> gemm_marks(static_cast<size_t>(2 * gemm_brackets * num_layers));
+  for (Event& e : gemm_marks) ANCHOR_RETURN_IF_ERROR(e.Create());
+  size_t next_mark = 0;
+  auto mark_gemm = [&]() { return gemm_marks[next_mark++].Record(compute_); };
 
   ANCHOR_RETURN_IF_ERROR(run_begin.Record(compute_));
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), task.token_ids.data(), n * 4,
@@ -401,11 +414,13 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
         cuda::LaunchRmsNorm(x.as<float>(), n, static_cast<int>(h), w.input_norm.as<uint16_t>(), eps,
                             normed.as<uint16_t>(), compute_),
         "LaunchRmsNorm"));
+    ANCHOR_RETURN_IF_ERROR(mark_gemm());
     ANCHOR_RETURN_IF_ERROR(gemm_->Linear(normed.as<uint16_t>(), n, h, w.q.as<uint16_t>(), q_dim,
                                          w.q_bias.as<uint16_t>(), q.as<uint16_t>(), compute_));
     ANCHOR_RETURN_IF_ERROR(gemm_->Linear(normed.as<uint16_t>(), n, h, w.kv.as<uint16_t>(),
                                          2 * kv_dim, w.kv_bias.as<uint16_t>(), kv.as<uint16_t>(),
                                          compute_));
+    ANCHOR_RETURN_IF_ERROR(mark_gemm());
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(
         cuda::LaunchRope(q.as<uint16_t>(), n, q_dim, hq, d, inv_freq_.as<float>(), compute_),
         "LaunchRope(q)"));
@@ -429,8 +444,10 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
       // One small copy per layer for the density metric (the only synchronisation of a layer).
       ANCHOR_RETURN_IF_ERROR(attention_->CopyHeadStats(&head_stats[l]));
     }
+    ANCHOR_RETURN_IF_ERROR(mark_gemm());
     ANCHOR_RETURN_IF_ERROR(gemm_->Linear(attn.as<uint16_t>(), n, q_dim, w.o.as<uint16_t>(), h,
                                          nullptr, proj.as<uint16_t>(), compute_));
+    ANCHOR_RETURN_IF_ERROR(mark_gemm());
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(),
                                                                 n, static_cast<int>(h), compute_),
                                         "LaunchResidualAdd"));
@@ -466,15 +483,19 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
         "LaunchRmsNorm"));
     for (int64_t row0 = 0; row0 < n; row0 += mlp_rows) {
       const int64_t rows = std::min(mlp_rows, n - row0);
+      ANCHOR_RETURN_IF_ERROR(mark_gemm());
       ANCHOR_RETURN_IF_ERROR(gemm_->Linear(normed.as<uint16_t>() + row0 * h, rows, h,
                                            w.gate_up.as<uint16_t>(), 2 * inter, nullptr,
                                            gate_up.as<uint16_t>(), compute_));
+      ANCHOR_RETURN_IF_ERROR(mark_gemm());
       ANCHOR_RETURN_IF_ERROR(
           LaunchStatus(cuda::LaunchSiluMul(gate_up.as<uint16_t>(), rows, static_cast<int>(inter),
                                            act.as<uint16_t>(), compute_),
                        "LaunchSiluMul"));
+      ANCHOR_RETURN_IF_ERROR(mark_gemm());
       ANCHOR_RETURN_IF_ERROR(gemm_->Linear(act.as<uint16_t>(), rows, inter, w.down.as<uint16_t>(),
                                            h, nullptr, proj.as<uint16_t>() + row0 * h, compute_));
+      ANCHOR_RETURN_IF_ERROR(mark_gemm());
     }
     ANCHOR_RETURN_IF_ERROR(LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(),
                                                                 n, static_cast<int>(h), compute_),
@@ -515,6 +536,10 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
         sparse ? SecondsBetween(attention_start[l], attention_mid[l]) : 0.0;
     stats.attention_seconds = SecondsBetween(attention_mid[l], attention_end[l]);
     stats.layer_seconds = SecondsBetween(layer_start[l], layer_end[l]);
+    for (int64_t b = 0; b < gemm_brackets; ++b) {
+      const size_t first = static_cast<size_t>(2 * (l * gemm_brackets + b));
+      stats.gemm_seconds += SecondsBetween(gemm_marks[first], gemm_marks[first + 1]);
+    }
   }
   size_t free_bytes = 0, total_bytes = 0;
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -525,7 +550,8 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCudaPrefillEngine(const Model& model,
-                                                                       int device) {
+                                                                       int device,
+                                                                       int64_t mlp_chunk_rows) {
   const ModelConfig& c = model.config();
   AttentionProblem probe;
   probe.shape = AttentionShape{1, c.num_heads, c.num_kv_heads, c.head_dim};
@@ -537,7 +563,7 @@ absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCudaPrefillEngine(const Mod
   if (device < 0 || device >= CudaDeviceCount()) {
     return absl::FailedPreconditionError(absl::StrCat("cuda device ", device, " is not visible"));
   }
-  auto engine = std::make_unique<CudaPrefillEngine>(model, device);
+  auto engine = std::make_unique<CudaPrefillEngine>(model, device, mlp_chunk_rows);
   ANCHOR_RETURN_IF_ERROR(engine->Init());
   return std::unique_ptr<PrefillEngine>(std::move(engine));
 }

@@ -14,6 +14,7 @@
 // only its weights.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -23,8 +24,11 @@
 namespace anchorserve {
 
 // `model` must outlive the engine. FAILED_PRECONDITION when the model's head_dim is not one the
-// CUDA attention serves (64, 128) or no such device exists.
+// CUDA attention serves (64, 128) or no such device exists. mlp_chunk_rows: token rows per MLP
+// chunk, rounded up to a multiple of 128; 0 = the engine's default (an intermediate of
+// about 256 MiB).
 absl::StatusOr<std::unique_ptr<PrefillEngine>> CreateCudaPrefillEngine(const Model& model,
-                                                                       int device);
+                                                                       int device,
+                                                                       int64_t mlp_chunk_rows = 0);
 
 }  // namespace anchorserve

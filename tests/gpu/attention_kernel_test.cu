@@ -593,6 +593,13 @@ TEST(AttentionKernelSparse, AllCandidatesIsDense) {
   CheckCase(
       Sparse(Dense(ElemType::kBf16, 64, 4, 4, false, {1, 129, 1500, 2048}, 24), kSmallGroups, 1.0));
 }
+// Packed: stripe tiles of 128 consecutive positions are bulk copies, mixed with gathered ones.
+TEST(AttentionKernelSparse, PackedConsecutiveStripes) {
+  CheckCase(Sparse(Packed(Dense(ElemType::kBf16, 128, 8, 2, false, {1500, 4000}, 56)),
+                   AnchorGeometry{512, 128, 4, 1, 1}, 1.0));
+  CheckCase(
+      Sparse(Packed(Dense(ElemType::kFp16, 64, 4, 1, false, {3000}, 57)), kSmallGroups, 0.97));
+}
 TEST(AttentionKernelSparse, WideRegionsFp16D128) {
   // n_init = 2, n_loc = 2: two initial groups and one previous group in the anchor region.
   CheckCase(Sparse(Dense(ElemType::kFp16, 128, 8, 2, false, {700, 2600}, 25),

@@ -65,6 +65,7 @@ double RelativeMaxError(const std::vector<float>& a, const std::vector<float>& b
 struct Loaded {
   std::unique_ptr<Model> model;
   std::unique_ptr<PrefillEngine> cpu, cuda;
+  std::unique_ptr<PrefillEngine> cuda_chunked;  // MLP chunks of 128 rows: several per prompt
 };
 
 void Load(const std::string& preset, Loaded* loaded) {
@@ -79,6 +80,10 @@ void Load(const std::string& preset, Loaded* loaded) {
   absl::StatusOr<std::unique_ptr<PrefillEngine>> cuda = CreateCudaPrefillEngine(*loaded->model, 0);
   ASSERT_TRUE(cuda.ok()) << cuda.status();
   loaded->cuda = *std::move(cuda);
+  absl::StatusOr<std::unique_ptr<PrefillEngine>> chunked =
+      CreateCudaPrefillEngine(*loaded->model, 0, /*mlp_chunk_rows=*/100);  // rounded up to 128
+  ASSERT_TRUE(chunked.ok()) << chunked.status();
+  loaded->cuda_chunked = *std::move(chunked);
 }
 
 PrefillTask DenseTask(const std::vector<int32_t>& ids, int layers) {
@@ -92,6 +97,41 @@ PrefillTask DenseTask(const std::vector<int32_t>& ids, int layers) {
   return task;
 }
 
+// The CUDA engine's dense run of `task` against the CPU engine's (fp32) to bf16 accuracy.
+void ExpectMatchesCpu(PrefillEngine& engine, const PrefillTask& task, const PrefillResult& cpu,
+                      const CollectingSink& cpu_sink, const ModelConfig& c) {
+  CollectingSink cuda_sink;
+  absl::StatusOr<PrefillResult> cuda = engine.Run(task, &cuda_sink);
+  ASSERT_TRUE(cuda.ok()) << cuda.status();
+  ASSERT_EQ(cuda_sink.layers, cpu_sink.layers);
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    // A few bf16 roundings per layer (norm output, GEMM output, RoPE) compound over the layers.
+    const double bound = 8 * kBf16Epsilon * (layer + 1);
+    EXPECT_LE(RelativeMaxError(cuda_sink.k[layer], cpu_sink.k[layer]), bound) << "K " << layer;
+    EXPECT_LE(RelativeMaxError(cuda_sink.v[layer], cpu_sink.v[layer]), bound) << "V " << layer;
+  }
+  const double logits_error = RelativeMaxError(cuda->last_logits, cpu.last_logits);
+  EXPECT_LE(logits_error, 8 * kBf16Epsilon * (c.num_layers + 1));
+  // Argmax equal unless the CPU's top two are closer than the error allows.
+  std::vector<float> sorted = cpu.last_logits;
+  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  const auto argmax = [](const std::vector<float>& v) {
+    return std::max_element(v.begin(), v.end()) - v.begin();
+  };
+  double rms = 0;
+  for (float value : cpu.last_logits) rms += static_cast<double>(value) * value;
+  rms = std::sqrt(rms / static_cast<double>(cpu.last_logits.size()));
+  if (sorted[0] - sorted[1] > 2 * logits_error * rms) {
+    EXPECT_EQ(argmax(cuda->last_logits), argmax(cpu.last_logits));
+  }
+  ASSERT_EQ(cuda->layers.size(), static_cast<size_t>(c.num_layers));
+  for (const PrefillLayerStats& stats : cuda->layers) {
+    EXPECT_EQ(stats.density, 1.0);
+    EXPECT_GT(stats.gemm_seconds, 0.0);
+    EXPECT_LT(stats.gemm_seconds, stats.layer_seconds);
+  }
+}
+
 class CudaPrefillEngineTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaPrefillEngineTest, DenseMatchesTheCpuEngineToBf16Accuracy) {
@@ -101,34 +141,14 @@ TEST_P(CudaPrefillEngineTest, DenseMatchesTheCpuEngineToBf16Accuracy) {
   const ModelConfig& c = loaded.model->config();
   const std::vector<int32_t> ids = testing::TestIds(777, c.vocab_size, 7);
   const PrefillTask task = DenseTask(ids, c.num_layers);
-  CollectingSink cpu_sink, cuda_sink;
+  CollectingSink cpu_sink;
   absl::StatusOr<PrefillResult> cpu = loaded.cpu->Run(task, &cpu_sink);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  absl::StatusOr<PrefillResult> cuda = loaded.cuda->Run(task, &cuda_sink);
-  ASSERT_TRUE(cuda.ok()) << cuda.status();
-  ASSERT_EQ(cuda_sink.layers, cpu_sink.layers);
-  for (int layer = 0; layer < c.num_layers; ++layer) {
-    // A few bf16 roundings per layer (norm output, GEMM output, RoPE) compound over the layers.
-    const double bound = 8 * kBf16Epsilon * (layer + 1);
-    EXPECT_LE(RelativeMaxError(cuda_sink.k[layer], cpu_sink.k[layer]), bound) << "K " << layer;
-    EXPECT_LE(RelativeMaxError(cuda_sink.v[layer], cpu_sink.v[layer]), bound) << "V " << layer;
+  // 777 tokens: one MLP chunk with the default height, seven (the last of 9 rows) with 128.
+  for (PrefillEngine* engine : {loaded.cuda.get(), loaded.cuda_chunked.get()}) {
+    SCOPED_TRACE(engine == loaded.cuda.get() ? "default MLP chunks" : "MLP chunks of 128 rows");
+    ExpectMatchesCpu(*engine, task, *cpu, cpu_sink, c);
   }
-  const double logits_error = RelativeMaxError(cuda->last_logits, cpu->last_logits);
-  EXPECT_LE(logits_error, 8 * kBf16Epsilon * (c.num_layers + 1));
-  // Argmax equal unless the CPU's top two are closer than the error allows.
-  std::vector<float> sorted = cpu->last_logits;
-  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
-  const auto argmax = [](const std::vector<float>& v) {
-    return std::max_element(v.begin(), v.end()) - v.begin();
-  };
-  double rms = 0;
-  for (float value : cpu->last_logits) rms += static_cast<double>(value) * value;
-  rms = std::sqrt(rms / static_cast<double>(cpu->last_logits.size()));
-  if (sorted[0] - sorted[1] > 2 * logits_error * rms) {
-    EXPECT_EQ(argmax(cuda->last_logits), argmax(cpu->last_logits));
-  }
-  ASSERT_EQ(cuda->layers.size(), static_cast<size_t>(c.num_layers));
-  for (const PrefillLayerStats& stats : cuda->layers) EXPECT_EQ(stats.density, 1.0);
 }
 
 TEST_P(CudaPrefillEngineTest, AnchorModeRunsAndInfiniteThetaIsDense) {
