@@ -34,7 +34,7 @@ struct PrefillLayerStats {
   double identification_seconds = 0;  // anchor + stripe identification (0 in dense mode)
   double attention_seconds = 0;       // dense or sparse attention compute, identification excluded
   double layer_seconds = 0;  // the whole layer incl. K/V conversion, excluding time in the sink
-  double gemm_seconds = 0;   // the layer's matrix products (CUDA engine; 0 where not measured)
+  double gemm_seconds = 0;   // the layer's matrix products (projections and MLP)
 };
 
 struct PrefillResult {

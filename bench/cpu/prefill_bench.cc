@@ -7,7 +7,7 @@
 //
 // Prints the model (fingerprint, parameters, load time), then per prompt length the prefill time,
 // tokens/s, achieved GFLOP/s (linear layers 2 * N * linear parameters, plus attention
-// 4 * d * computed score entries), the GEMMs' share and rate where the engine times them (CUDA),
+// 4 * d * computed score entries), the GEMMs' share and rate (summed per-layer GEMM times),
 // per-layer times with --per_layer, and the process's peak resident set (VmHWM from
 // /proc/self/status). K/V go to a sink that only counts bytes. --mlp_chunk_rows sets the CUDA
 // engine's MLP chunk height (0: its default).

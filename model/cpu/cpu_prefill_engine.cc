@@ -235,6 +235,13 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
     }
     const auto layer_start = Clock::now();
     const LayerWeights& lw = weights.layers[layer];
+    double gemm_seconds = 0;
+    auto linear = [&gemm_seconds](const float* a, int64_t m, int64_t k, const float* w, int64_t n,
+                                  float beta, float* out) {
+      const auto start = Clock::now();
+      Linear(a, m, k, w, n, beta, out);
+      gemm_seconds += SecondsSince(start);
+    };
 
     // Attention block: normed = RMSNorm(x); q, k, v projections (+ bias); RoPE.
     ParallelRows(n, [&](int64_t begin, int64_t end) {
@@ -242,9 +249,9 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
         RmsNormRow(x.get() + t * h, lw.input_norm, h, eps, normed.get() + t * h);
       }
     });
-    Linear(normed.get(), n, h, lw.q_proj, q_dim, 0.0f, q.get());
-    Linear(normed.get(), n, h, lw.k_proj, kv_dim, 0.0f, k.get());
-    Linear(normed.get(), n, h, lw.v_proj, kv_dim, 0.0f, v.get());
+    linear(normed.get(), n, h, lw.q_proj, q_dim, 0.0f, q.get());
+    linear(normed.get(), n, h, lw.k_proj, kv_dim, 0.0f, k.get());
+    linear(normed.get(), n, h, lw.v_proj, kv_dim, 0.0f, v.get());
     ParallelRows(n, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         float* qt = q.get() + t * q_dim;
@@ -289,7 +296,7 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
     stats.attention_seconds = attention.times.compute_seconds;
 
     // x += o_proj(attn)
-    Linear(attn.get(), n, q_dim, lw.o_proj, h, 1.0f, x.get());
+    linear(attn.get(), n, q_dim, lw.o_proj, h, 1.0f, x.get());
 
     // MLP block over row chunks: x += down(silu(gate(n)) * up(n)), n = RMSNorm(x).
     for (int64_t row0 = 0; row0 < n; row0 += mlp_rows) {
@@ -300,8 +307,8 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
           RmsNormRow(xr + t * h, lw.post_attention_norm, h, eps, normed.get() + t * h);
         }
       });
-      Linear(normed.get(), rows, h, lw.gate_proj, inter, 0.0f, gate.get());
-      Linear(normed.get(), rows, h, lw.up_proj, inter, 0.0f, up.get());
+      linear(normed.get(), rows, h, lw.gate_proj, inter, 0.0f, gate.get());
+      linear(normed.get(), rows, h, lw.up_proj, inter, 0.0f, up.get());
       ParallelRows(rows, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           float* g = gate.get() + t * inter;
@@ -309,9 +316,10 @@ absl::StatusOr<PrefillResult> CpuPrefillEngine::Run(const PrefillTask& task, KvS
           for (int64_t e = 0; e < inter; ++e) g[e] = g[e] / (1.0f + std::exp(-g[e])) * u[e];
         }
       });
-      Linear(gate.get(), rows, inter, lw.down_proj, h, 1.0f, xr);
+      linear(gate.get(), rows, inter, lw.down_proj, h, 1.0f, xr);
     }
 
+    stats.gemm_seconds = gemm_seconds;
     if (layer >= task.kv_layer_begin && layer < task.kv_layer_end) {
       ExportKv(k.get(), n, task.kv_dtype, task.kv_layout, k_out.get());
       ExportKv(v.get(), n, task.kv_dtype, task.kv_layout, v_out.get());

@@ -288,6 +288,10 @@ TEST_F(PrefillE2eTest, MassTargetRunsOnTheCpuEngine) {
   EXPECT_EQ(got.metrics.layers_size(), info.num_layers());
   EXPECT_GT(got.metrics.density(), 0.0);
   EXPECT_LE(got.metrics.density(), 1.0);
+  for (const v1::PrefillLayerMetrics& layer : got.metrics.layers()) {
+    EXPECT_GT(layer.gemm_seconds(), 0.0) << "layer " << layer.layer();
+    EXPECT_LT(layer.gemm_seconds(), layer.layer_seconds()) << "layer " << layer.layer();
+  }
   const v1::AnchorConfig& effective = got.metrics.effective_config();
   EXPECT_FLOAT_EQ(effective.mass_target(), 0.95f);
   EXPECT_FLOAT_EQ(effective.mass_density_cap(), 0.75f);

@@ -131,6 +131,8 @@ TEST_P(DenseMatchesReferenceTest, EveryLayerAndLogits) {
   for (const PrefillLayerStats& stats : result->layers) {
     EXPECT_EQ(stats.density, 1.0);
     EXPECT_GT(stats.layer_seconds, 0.0);
+    EXPECT_GT(stats.gemm_seconds, 0.0);
+    EXPECT_LT(stats.gemm_seconds, stats.layer_seconds);
   }
   EXPECT_GT(result->compute_seconds, 0.0);
 }
