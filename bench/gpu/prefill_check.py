@@ -173,7 +173,8 @@ def main():
         if well_conditioned:
             print(f'{"PASS" if greedy_ok else "FAIL"} {line}')
             print(f'{"PASS" if forced_ok else "FAIL"} {forced_line}')
-            failed += [] if greedy_ok else ['continuation']
+            if not greedy_ok:
+                failed.append('continuation')
         else:
             print(f'INFO {line} (not a criterion: the fp32 cache reproduces {ref_prefix})')
             print(f'{"PASS" if forced_ok else "FAIL"} {forced_line}')
