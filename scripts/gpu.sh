@@ -46,7 +46,7 @@ die() {
 gpu_tests=(anchor_cuda_plan_tests anchor_attention_kernel_test anchor_gpu_tests anchor_layer_ops_tests
   anchor_cuda_prefill_tests anchor_device_fault_test)
 gpu_benches=(anchor_kernel_bench anchor_attention_microbench anchor_prefill_bench anchor_mass_bench
-  anchor_prefill_wire_bench)
+  anchor_prefill_wire_bench anchor_layer_ops_bench)
 bundle_exes=(anchorserve anchorctl "${gpu_tests[@]}" "${gpu_benches[@]}")
 # Lengths of anchor_kernel_bench when --lengths is not given (its own default list).
 bench_lengths=(4096 8192 16384 32768 65536 131072)

@@ -8,6 +8,7 @@
 // Prints the model (fingerprint, parameters, load time), then per prompt length the prefill time,
 // tokens/s, achieved GFLOP/s (linear layers 2 * N * linear parameters, plus attention
 // 4 * d * computed score entries), the GEMMs' share and rate (summed per-layer GEMM times),
+// on the CUDA engine the GPU time of the run and the wall time outside it,
 // per-layer times with --per_layer, and the process's peak resident set (VmHWM from
 // /proc/self/status). K/V go to a sink that only counts bytes. --mlp_chunk_rows sets the CUDA
 // engine's MLP chunk height (0: its default).
@@ -203,6 +204,13 @@ int Main(int argc, char** argv) {
       if (gemm > 0) {
         printf("    GEMMs %.3f s (%.1f TFLOP/s), everything else %.3f s\n", gemm,
                2.0 * n * linear_params / gemm / 1e12, seconds - attention - identification - gemm);
+      }
+      if (o.cuda) {
+        // compute_seconds is the GPU's time from the embedding to the logits: the rest of the wall
+        // time is the run's allocations, their release and the host's waits around them.
+        printf("    GPU time %.3f s (other kernels %.3f s), wall time outside it %.3f s\n",
+               result->compute_seconds, result->compute_seconds - attention - identification - gemm,
+               seconds - result->compute_seconds);
       }
       if (result->device_bytes_in_use > 0) {
         printf("    device memory in use after the last layer: %.2f GiB (whole process)\n",

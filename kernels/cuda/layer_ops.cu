@@ -93,27 +93,46 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMSNorm, one block per row. kVec: h % 4 == 0, x 16-byte, w and y 8-byte aligned.
+// RMSNorm, one block per row; with kAdd the residual add before it (x_out = x_in + add, then
+// the norm of x_out), in one pass over x. kVec: h % 4 == 0, x 16-byte, add, w and y 8-byte
+// aligned. The sums run in the same order either way, so the fused form gives the bits of the
+// residual add followed by the norm.
 
-template <bool kVec>
+template <bool kVec, bool kAdd>
 __global__ void __launch_bounds__(kThreads)
-    RmsNormKernel(const float* x, int64_t n, int h, const uint16_t* w, float eps, uint16_t* y) {
+    RmsNormKernel(const float* x_in, const uint16_t* add, float* x_out, int64_t n, int h,
+                  const uint16_t* w, float eps, uint16_t* y) {
   __shared__ float warp_sums[kWarps];
   __shared__ float row_scale;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
-    const float* row = x + t * h;
+    const float* row = x_in + t * h;
     uint16_t* out = y + t * h;
     float sum = 0.0f;
     if constexpr (kVec) {
       const auto* row4 = reinterpret_cast<const float4*>(row);
       for (int j = threadIdx.x; j < h / 4; j += blockDim.x) {
-        const float4 v = row4[j];
+        float4 v = row4[j];
+        if constexpr (kAdd) {
+          const uint2 b = reinterpret_cast<const uint2*>(add + t * h)[j];
+          v.x += LowBf16(b.x);
+          v.y += HighBf16(b.x);
+          v.z += LowBf16(b.y);
+          v.w += HighBf16(b.y);
+          reinterpret_cast<float4*>(x_out + t * h)[j] = v;
+        }
         sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
     } else {
-      for (int j = threadIdx.x; j < h; j += blockDim.x) sum += row[j] * row[j];
+      for (int j = threadIdx.x; j < h; j += blockDim.x) {
+        float v = row[j];
+        if constexpr (kAdd) {
+          v += Bf16Bits(add[t * h + j]);
+          x_out[t * h + j] = v;
+        }
+        sum += v * v;
+      }
     }
     sum = WarpSum(sum);
     if (lane == 0) warp_sums[warp] = sum;
@@ -126,8 +145,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const float scale = row_scale;
+    // With kAdd each thread reads back the elements it wrote itself.
+    const float* normed_row = kAdd ? x_out + t * h : row;
     if constexpr (kVec) {
-      const auto* row4 = reinterpret_cast<const float4*>(row);
+      const auto* row4 = reinterpret_cast<const float4*>(normed_row);
       const auto* w4 = reinterpret_cast<const uint2*>(w);
       auto* out4 = reinterpret_cast<uint2*>(out);
       for (int j = threadIdx.x; j < h / 4; j += blockDim.x) {
@@ -143,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else {
       for (int j = threadIdx.x; j < h; j += blockDim.x) {
-        const float normed = Bf16Bits(ToBf16(row[j] * scale));
+        const float normed = Bf16Bits(ToBf16(normed_row[j] * scale));
         out[j] = ToBf16(Bf16Bits(w[j]) * normed);
       }
     }
@@ -403,9 +424,27 @@ cudaError_t LaunchRmsNorm(const float* x, int64_t n, int h, const uint16_t* w, f
   if (n == 0) return cudaSuccess;
   if (x == nullptr || w == nullptr || y == nullptr) return cudaErrorInvalidValue;
   if (h % 4 == 0 && Aligned(x, 16) && Aligned(w, 8) && Aligned(y, 8)) {
-    RmsNormKernel<true><<<RowBlocks(n), kThreads, 0, stream>>>(x, n, h, w, eps, y);
+    RmsNormKernel<true, false>
+        <<<RowBlocks(n), kThreads, 0, stream>>>(x, nullptr, nullptr, n, h, w, eps, y);
   } else {
-    RmsNormKernel<false><<<RowBlocks(n), kThreads, 0, stream>>>(x, n, h, w, eps, y);
+    RmsNormKernel<false, false>
+        <<<RowBlocks(n), kThreads, 0, stream>>>(x, nullptr, nullptr, n, h, w, eps, y);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchResidualAddRmsNorm(float* x, const uint16_t* add, int64_t n, int h,
+                                     const uint16_t* w, float eps, uint16_t* y,
+                                     cudaStream_t stream) {
+  if (n < 0 || h < 1 || !(eps >= 0.0f) || std::isinf(eps)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (x == nullptr || add == nullptr || w == nullptr || y == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (h % 4 == 0 && Aligned(x, 16) && Aligned(add, 8) && Aligned(w, 8) && Aligned(y, 8)) {
+    RmsNormKernel<true, true><<<RowBlocks(n), kThreads, 0, stream>>>(x, add, x, n, h, w, eps, y);
+  } else {
+    RmsNormKernel<false, true><<<RowBlocks(n), kThreads, 0, stream>>>(x, add, x, n, h, w, eps, y);
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,7 @@
 // Elementwise and per-row kernels of the CUDA prefill engine (one transformer layer of Llama /
 // Qwen2 around the GEMMs and the attention): embedding gather, RMSNorm, rotary embedding,
-// residual add, SiLU-and-multiply, K/V extraction and fp32 -> bf16 conversion.
+// residual add (alone or fused with the RMSNorm that follows it), SiLU-and-multiply, K/V
+// extraction and fp32 -> bf16 conversion.
 //
 // Plain C++: bf16 tensors are passed as their bit patterns (uint16_t), so that host code needs no
 // cuda_bf16.h. Every launcher is asynchronous on `stream` (no synchronisation) and returns the
@@ -47,6 +48,13 @@ cudaError_t LaunchRope(uint16_t* data, int64_t n, int64_t row_stride, int num_he
 
 // x[t, :] += y[t, :]   x fp32 [n, h], y bf16 [n, h] (fp32 add). Needs n >= 0, h >= 1.
 cudaError_t LaunchResidualAdd(float* x, const uint16_t* y, int64_t n, int h, cudaStream_t stream);
+
+// LaunchResidualAdd(x, add) then LaunchRmsNorm(x, w -> y) in one pass over x, with the same bits:
+// x[t, :] += add[t, :], then y[t, :] as LaunchRmsNorm of the new x[t, :]. add bf16 [n, h].
+// Needs n >= 0, h >= 1, eps >= 0.
+cudaError_t LaunchResidualAddRmsNorm(float* x, const uint16_t* add, int64_t n, int h,
+                                     const uint16_t* w, float eps, uint16_t* y,
+                                     cudaStream_t stream);
 
 // out[t, j] = bf16(silu(g) * u), g = gate_up[t, j], u = gate_up[t, inter + j],
 // silu(g) = g / (1 + expf(-g)) in fp32; gate_up bf16 [n, 2*inter], out bf16 [n, inter].

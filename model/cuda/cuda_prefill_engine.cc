@@ -364,7 +364,10 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
   std::vector<Event> gemm_marks(static_cast<size_t>(2 * gemm_brackets * num_layers));
   for (Event& e : gemm_marks) ANCHOR_RETURN_IF_ERROR(e.Create());
   size_t next_mark = 0;
-  auto mark_gemm = [&]() { return gemm_marks[next_mark++].Record(compute_); };
+  auto mark_gemm = [&]() -> absl::Status {
+    if (next_mark == gemm_marks.size()) return absl::InternalError("GEMM event pool exhausted");
+    return gemm_marks[next_mark++].Record(compute_);
+  };
 
   ANCHOR_RETURN_IF_ERROR(run_begin.Record(compute_));
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.as<int32_t>(), task.token_ids.data(), n * 4,
@@ -409,11 +412,14 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     const DeviceLayer& w = layers_[l];
     ANCHOR_RETURN_IF_ERROR(layer_start[l].Record(compute_));
 
-    // Attention block.
-    ANCHOR_RETURN_IF_ERROR(LaunchStatus(
-        cuda::LaunchRmsNorm(x.as<float>(), n, static_cast<int>(h), w.input_norm.as<uint16_t>(), eps,
-                            normed.as<uint16_t>(), compute_),
-        "LaunchRmsNorm"));
+    // Attention block. Layers after the first get their input norm from the previous layer's
+    // last residual add (fused).
+    if (l == 0) {
+      ANCHOR_RETURN_IF_ERROR(LaunchStatus(
+          cuda::LaunchRmsNorm(x.as<float>(), n, static_cast<int>(h), w.input_norm.as<uint16_t>(),
+                              eps, normed.as<uint16_t>(), compute_),
+          "LaunchRmsNorm"));
+    }
     ANCHOR_RETURN_IF_ERROR(mark_gemm());
     ANCHOR_RETURN_IF_ERROR(gemm_->Linear(normed.as<uint16_t>(), n, h, w.q.as<uint16_t>(), q_dim,
                                          w.q_bias.as<uint16_t>(), q.as<uint16_t>(), compute_));
@@ -448,9 +454,12 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_RETURN_IF_ERROR(gemm_->Linear(attn.as<uint16_t>(), n, q_dim, w.o.as<uint16_t>(), h,
                                          nullptr, proj.as<uint16_t>(), compute_));
     ANCHOR_RETURN_IF_ERROR(mark_gemm());
-    ANCHOR_RETURN_IF_ERROR(LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(),
-                                                                n, static_cast<int>(h), compute_),
-                                        "LaunchResidualAdd"));
+    // x += o_proj output, and the MLP's input norm of the new x.
+    ANCHOR_RETURN_IF_ERROR(
+        LaunchStatus(cuda::LaunchResidualAddRmsNorm(x.as<float>(), proj.as<uint16_t>(), n,
+                                                    static_cast<int>(h), w.post_norm.as<uint16_t>(),
+                                                    eps, normed.as<uint16_t>(), compute_),
+                     "LaunchResidualAddRmsNorm"));
 
     // K/V of this layer out to the host while the MLP and the next layer compute.
     if (export_kv && l >= task.kv_layer_begin && l < task.kv_layer_end) {
@@ -476,11 +485,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
       ANCHOR_RETURN_IF_ERROR(copied[slot].Record(copy_));
     }
 
-    // MLP block over row chunks: x += down(silu(gate(m)) * up(m)), m = RMSNorm(x).
-    ANCHOR_RETURN_IF_ERROR(LaunchStatus(
-        cuda::LaunchRmsNorm(x.as<float>(), n, static_cast<int>(h), w.post_norm.as<uint16_t>(), eps,
-                            normed.as<uint16_t>(), compute_),
-        "LaunchRmsNorm"));
+    // MLP block over row chunks: x += down(silu(gate(m)) * up(m)), m = RMSNorm(x) (above).
     for (int64_t row0 = 0; row0 < n; row0 += mlp_rows) {
       const int64_t rows = std::min(mlp_rows, n - row0);
       ANCHOR_RETURN_IF_ERROR(mark_gemm());
@@ -497,9 +502,19 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
                                            h, nullptr, proj.as<uint16_t>() + row0 * h, compute_));
       ANCHOR_RETURN_IF_ERROR(mark_gemm());
     }
-    ANCHOR_RETURN_IF_ERROR(LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(),
-                                                                n, static_cast<int>(h), compute_),
-                                        "LaunchResidualAdd"));
+    if (l + 1 < num_layers) {
+      // x += down_proj output, and the next layer's input norm of the new x.
+      ANCHOR_RETURN_IF_ERROR(LaunchStatus(
+          cuda::LaunchResidualAddRmsNorm(x.as<float>(), proj.as<uint16_t>(), n, static_cast<int>(h),
+                                         layers_[l + 1].input_norm.as<uint16_t>(), eps,
+                                         normed.as<uint16_t>(), compute_),
+          "LaunchResidualAddRmsNorm"));
+    } else {
+      ANCHOR_RETURN_IF_ERROR(
+          LaunchStatus(cuda::LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(), n,
+                                               static_cast<int>(h), compute_),
+                       "LaunchResidualAdd"));
+    }
     ANCHOR_RETURN_IF_ERROR(layer_end[l].Record(compute_));
 
     // The previous exported layer has had this layer's compute to arrive: hand it over now.
@@ -528,6 +543,10 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
   }
   ANCHOR_RETURN_IF_ERROR(run_end.Record(compute_));
   ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(compute_));
+  if (next_mark != gemm_marks.size()) {
+    return absl::InternalError(
+        absl::StrCat("recorded ", next_mark, " GEMM events, sized for ", gemm_marks.size()));
+  }
   result->compute_seconds = SecondsBetween(run_begin, run_end);
   for (int l = 0; l < num_layers; ++l) {
     PrefillLayerStats& stats = result->layers[l];

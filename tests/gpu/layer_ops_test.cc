@@ -276,23 +276,48 @@ TEST_P(RowOpsTest, EmbeddingGather) {
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = bf16(w * bf16(x * r)), r = 1 / sqrt(mean(x^2) + eps).
 
-TEST_P(RowOpsTest, RmsNorm) {
-  SKIP_WITHOUT_CUDA_DEVICE();
-  const auto [n, h] = GetParam();
-  std::mt19937_64 rng(202 + n * 131 + h);
-  constexpr float kEps = 1e-6f;
+constexpr float kRmsEps = 1e-6f;
+
+// Rows of different magnitudes, values in (-1, 1) times 10^[-2, 2].
+std::vector<float> RandomRows(int64_t n, int h, std::mt19937_64& rng) {
   std::uniform_real_distribution<double> unit(-1.0, 1.0);
   std::uniform_real_distribution<double> log_scale(-2.0, 2.0);
   std::vector<float> x(static_cast<size_t>(n) * h);
   for (int64_t t = 0; t < n; ++t) {
-    const double scale = std::pow(10.0, log_scale(rng));  // rows of different magnitudes
+    const double scale = std::pow(10.0, log_scale(rng));
     for (int j = 0; j < h; ++j) x[t * h + j] = static_cast<float>(unit(rng) * scale);
   }
-  const std::vector<uint16_t> w = RandomBf16(h, -1.5, 1.5, rng);
+  return x;
+}
 
+// Checks y against an fp64 RMSNorm of x (kRmsEps) with the weight w.
+void CheckRmsNorm(const std::vector<float>& x, int64_t n, int h, const std::vector<uint16_t>& w,
+                  const std::vector<uint16_t>& y, Checker* check) {
   // fp32: the sum of squares (<= (h + 1) u relative, positive terms), the mean, + eps, sqrt and
   // the division give r within (h + 8) u; x * r one more u.
   const double r_error = (h + 8) * kUnitFp32;
+  for (int64_t t = 0; t < n; ++t) {
+    double sum = 0;
+    for (int j = 0; j < h; ++j) sum += double{x[t * h + j]} * x[t * h + j];
+    const double r = 1.0 / std::sqrt(sum / h + double{kRmsEps});
+    for (int j = 0; j < h; ++j) {
+      const double z = x[t * h + j] * r;
+      const double weight = Bf16Value(w[j]);
+      const double z_error = std::abs(z) * (r_error + 2 * kUnitFp32);
+      // bf16(z) then the exact product with the weight, rounded once.
+      const double pre_error = std::abs(weight) * (z_error + HalfUlpBf16(std::abs(z) + z_error));
+      check->Near(Bf16Value(y[t * h + j]), weight * z, Bf16Tolerance(weight * z, pre_error),
+                  t * h + j);
+    }
+  }
+}
+
+TEST_P(RowOpsTest, RmsNorm) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const auto [n, h] = GetParam();
+  std::mt19937_64 rng(202 + n * 131 + h);
+  const std::vector<float> x = RandomRows(n, h, rng);
+  const std::vector<uint16_t> w = RandomBf16(h, -1.5, 1.5, rng);
   for (const int offset : kOffsets) {
     SCOPED_TRACE(absl::StrCat("offset ", offset));
     DeviceTensor<float> d_x;
@@ -301,25 +326,61 @@ TEST_P(RowOpsTest, RmsNorm) {
     ASSERT_CUDA_OK(d_x.Init(x, offset, 0.0f));
     ASSERT_CUDA_OK(d_w.Init(w, offset, 0));
     ASSERT_CUDA_OK(d_y.InitPoisoned(n * h, offset));
-    ASSERT_CUDA_OK(LaunchRmsNorm(d_x.get(), n, h, d_w.get(), kEps, d_y.get(), nullptr));
+    ASSERT_CUDA_OK(LaunchRmsNorm(d_x.get(), n, h, d_w.get(), kRmsEps, d_y.get(), nullptr));
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     std::vector<uint16_t> y;
     ASSERT_NO_FATAL_FAILURE(ReadBack(d_y, &y));
     Checker check("rmsnorm");
-    for (int64_t t = 0; t < n; ++t) {
-      double sum = 0;
-      for (int j = 0; j < h; ++j) sum += double{x[t * h + j]} * x[t * h + j];
-      const double r = 1.0 / std::sqrt(sum / h + double{kEps});
-      for (int j = 0; j < h; ++j) {
-        const double z = x[t * h + j] * r;
-        const double weight = Bf16Value(w[j]);
-        const double z_error = std::abs(z) * (r_error + 2 * kUnitFp32);
-        // bf16(z) then the exact product with the weight, rounded once.
-        const double pre_error = std::abs(weight) * (z_error + HalfUlpBf16(std::abs(z) + z_error));
-        check.Near(Bf16Value(y[t * h + j]), weight * z, Bf16Tolerance(weight * z, pre_error),
-                   t * h + j);
-      }
+    CheckRmsNorm(x, n, h, w, y, &check);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual add fused with the RMSNorm after it: x += add (fp32), y = RMSNorm(x); the bits of the
+// two launches it replaces.
+
+TEST_P(RowOpsTest, ResidualAddRmsNorm) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const auto [n, h] = GetParam();
+  std::mt19937_64 rng(252 + n * 131 + h);
+  const std::vector<float> x = RandomRows(n, h, rng);
+  const std::vector<uint16_t> add = RandomBf16(x.size(), -4.0, 4.0, rng);
+  const std::vector<uint16_t> w = RandomBf16(h, -1.5, 1.5, rng);
+  // fp32 addition is correctly rounded on both sides.
+  std::vector<float> sum(x.size());
+  for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + static_cast<float>(Bf16Value(add[i]));
+
+  for (const int offset : kOffsets) {
+    SCOPED_TRACE(absl::StrCat("offset ", offset));
+    DeviceTensor<float> d_x, d_x_unfused;
+    DeviceTensor<uint16_t> d_add, d_w, d_y, d_y_unfused;
+    ASSERT_CUDA_OK(d_x.Init(x, offset, 12345.0f));
+    ASSERT_CUDA_OK(d_x_unfused.Init(x, offset, 12345.0f));
+    ASSERT_CUDA_OK(d_add.Init(add, offset, 0x3f80));
+    ASSERT_CUDA_OK(d_w.Init(w, offset, 0));
+    ASSERT_CUDA_OK(d_y.InitPoisoned(n * h, offset));
+    ASSERT_CUDA_OK(d_y_unfused.InitPoisoned(n * h, offset));
+    ASSERT_CUDA_OK(LaunchResidualAddRmsNorm(d_x.get(), d_add.get(), n, h, d_w.get(), kRmsEps,
+                                            d_y.get(), nullptr));
+    ASSERT_CUDA_OK(LaunchResidualAdd(d_x_unfused.get(), d_add.get(), n, h, nullptr));
+    ASSERT_CUDA_OK(
+        LaunchRmsNorm(d_x_unfused.get(), n, h, d_w.get(), kRmsEps, d_y_unfused.get(), nullptr));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> got_x, unfused_x;
+    std::vector<uint16_t> y, unfused_y;
+    ASSERT_NO_FATAL_FAILURE(ReadBack(d_x, &got_x));
+    ASSERT_NO_FATAL_FAILURE(ReadBack(d_y, &y));
+    ASSERT_NO_FATAL_FAILURE(ReadBack(d_x_unfused, &unfused_x));
+    ASSERT_NO_FATAL_FAILURE(ReadBack(d_y_unfused, &unfused_y));
+    Checker check_x("fused residual add"), check_y("fused rmsnorm");
+    Checker same_x("fused vs unfused x"), same_y("fused vs unfused y");
+    for (size_t i = 0; i < x.size(); ++i) {
+      const auto index = static_cast<int64_t>(i);
+      check_x.Bits(FloatBits(got_x[i]), FloatBits(sum[i]), index);
+      same_x.Bits(FloatBits(got_x[i]), FloatBits(unfused_x[i]), index);
+      same_y.Bits(y[i], unfused_y[i], index);
     }
+    CheckRmsNorm(sum, n, h, w, y, &check_y);
   }
 }
 
@@ -631,6 +692,13 @@ TEST(LayerOpsArgumentsTest, BadSizesAreInvalidValueAndEmptyIsSuccess) {
   EXPECT_EQ(LaunchResidualAdd(&f, &b, -1, 4, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchResidualAdd(&f, nullptr, 1, 4, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchResidualAdd(nullptr, nullptr, 0, 4, nullptr), cudaSuccess);
+  EXPECT_EQ(LaunchResidualAddRmsNorm(&f, &b, -1, 4, &b, 1e-6f, &b, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchResidualAddRmsNorm(&f, &b, 1, 0, &b, 1e-6f, &b, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchResidualAddRmsNorm(&f, &b, 1, 4, &b, -1.0f, &b, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchResidualAddRmsNorm(&f, nullptr, 1, 4, &b, 1e-6f, &b, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchResidualAddRmsNorm(nullptr, nullptr, 0, 4, nullptr, 1e-6f, nullptr, nullptr),
+            cudaSuccess);
   EXPECT_EQ(LaunchSiluMul(&b, 1, 0, &b, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchSiluMul(&b, 1, 4, nullptr, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchSiluMul(nullptr, 0, 4, nullptr, nullptr), cudaSuccess);

@@ -1,0 +1,248 @@
+// anchor_layer_ops_bench: the CUDA prefill engine's elementwise kernels (kernels/cuda/layer_ops.h)
+// alone, at one layer's shapes, as the engine launches them: the "everything else" of
+// anchor_prefill_bench's split, kernel by kernel.
+//
+//   anchor_layer_ops_bench [--lengths=32768,131072] [--hidden=4096] [--heads=32] [--kv_heads=8]
+//                          [--head_dim=128] [--inter=14336] [--mlp_chunk_rows=4608] [--reps=5]
+//
+// Defaults are Llama-3.1-8B's shape and the engine's default MLP chunk. Per length and kernel it
+// prints the median time of one launch (CUDA events, after one warm-up), the bytes a launch must
+// move at least (every input read once, every output written once) and the rate that gives, and
+// the kernel's time per layer (launches per layer x median). Inputs are uniform random values
+// (timings of these kernels do not depend on the data).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "bench/gpu/bench_util.h"
+#include "kernels/cuda/layer_ops.h"
+
+namespace anchorserve::cuda {
+namespace {
+
+struct Options {
+  std::vector<int64_t> lengths = {32768, 131072};
+  int hidden = 4096, heads = 32, kv_heads = 8, head_dim = 128, inter = 14336;
+  int64_t mlp_chunk_rows = 4608;
+  int reps = 5;
+};
+
+bool ParseFlags(int argc, char** argv, Options* o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const size_t eq = arg.find('=');
+    const std::string key = arg.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    int64_t number = 0;
+    if (key == "--lengths") {
+      o->lengths.clear();
+      for (absl::string_view part : absl::StrSplit(value, ',')) {
+        if (!absl::SimpleAtoi(part, &number) || number < 1) return false;
+        o->lengths.push_back(number);
+      }
+      continue;
+    }
+    if (!absl::SimpleAtoi(value, &number) || number < 1 || number > (int64_t{1} << 30)) {
+      std::fprintf(stderr, "%s needs a positive integer\n", key.c_str());
+      return false;
+    }
+    if (key == "--hidden") {
+      o->hidden = static_cast<int>(number);
+    } else if (key == "--heads") {
+      o->heads = static_cast<int>(number);
+    } else if (key == "--kv_heads") {
+      o->kv_heads = static_cast<int>(number);
+    } else if (key == "--head_dim") {
+      o->head_dim = static_cast<int>(number);
+    } else if (key == "--inter") {
+      o->inter = static_cast<int>(number);
+    } else if (key == "--mlp_chunk_rows") {
+      o->mlp_chunk_rows = number;
+    } else if (key == "--reps") {
+      o->reps = static_cast<int>(number);
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", arg.c_str());
+      return false;
+    }
+  }
+  return true;
+}
+
+// A device buffer freed at scope exit.
+struct DeviceArray {
+  explicit DeviceArray(int64_t bytes) { BENCH_CUDA(cudaMalloc(&data, static_cast<size_t>(bytes))); }
+  ~DeviceArray() { cudaFree(data); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data);
+  }
+  void* data = nullptr;
+};
+
+// Median milliseconds of `launch` over `reps` timed runs after one warm-up.
+double MedianMs(const std::function<cudaError_t()>& launch, int reps) {
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  BENCH_CUDA(launch());
+  std::vector<double> ms;
+  for (int r = 0; r < reps; ++r) {
+    BENCH_CUDA(cudaEventRecord(start));
+    BENCH_CUDA(launch());
+    BENCH_CUDA(cudaEventRecord(stop));
+    BENCH_CUDA(cudaEventSynchronize(stop));
+    float elapsed = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&elapsed, start, stop));
+    ms.push_back(elapsed);
+  }
+  BENCH_CUDA(cudaEventDestroy(start));
+  BENCH_CUDA(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  if (!ParseFlags(argc, argv, &o)) return 2;
+  cudaDeviceProp properties{};
+  BENCH_CUDA(cudaGetDeviceProperties(&properties, 0));
+  std::printf("device: %s, %d SMs\n", properties.name, properties.multiProcessorCount);
+  const int64_t h = o.hidden, q_dim = int64_t{o.heads} * o.head_dim,
+                kv_dim = int64_t{o.kv_heads} * o.head_dim, inter = o.inter;
+  std::printf(
+      "shape: hidden %lld, heads %d / %d, head_dim %d, intermediate %lld, MLP chunk %lld "
+      "rows\n",
+      static_cast<long long>(h), o.heads, o.kv_heads, o.head_dim, static_cast<long long>(inter),
+      static_cast<long long>(o.mlp_chunk_rows));
+
+  for (const int64_t n : o.lengths) {
+    const int64_t rows = std::min(n, o.mlp_chunk_rows);
+    DeviceArray x(n * h * 4);                   // [N, H] fp32 residual stream
+    DeviceArray normed(n * h * 2);              // [N, H] bf16
+    DeviceArray q(n * q_dim * 2);               // [N, Hq, d]
+    DeviceArray kv(n * 2 * kv_dim * 2);         // [N, 2, Hkv, d]
+    DeviceArray proj(n * h * 2);                // [N, H]
+    DeviceArray gate_up(rows * 2 * inter * 2);  // [rows, 2I]
+    DeviceArray act(rows * inter * 2);          // [rows, I]
+    DeviceArray exported(n * kv_dim * 2);       // [N, Hkv, d] bf16
+    DeviceArray weight(h * 2);                  // [H]
+    DeviceArray inv_freq(o.head_dim / 2 * 4);   // [d/2]
+
+    // Random fp32 values tiled over x, then bf16 copies of them for every bf16 input.
+    std::mt19937 rng(static_cast<uint32_t>(n));
+    std::uniform_real_distribution<float> uniform(-2.0f, 2.0f);
+    std::vector<float> block(int64_t{1} << 22);
+    for (float& v : block) v = uniform(rng);
+    const int64_t x_count = n * h;
+    for (int64_t at = 0; at < x_count; at += static_cast<int64_t>(block.size())) {
+      const int64_t count = std::min<int64_t>(static_cast<int64_t>(block.size()), x_count - at);
+      BENCH_CUDA(cudaMemcpy(x.as<float>() + at, block.data(), count * 4, cudaMemcpyHostToDevice));
+    }
+    auto fill_bf16 = [&](const DeviceArray& dst, int64_t count) {
+      for (int64_t at = 0; at < count; at += x_count) {
+        BENCH_CUDA(LaunchFloatToBf16(x.as<float>(), std::min(x_count, count - at),
+                                     dst.as<uint16_t>() + at, nullptr));
+      }
+    };
+    fill_bf16(normed, n * h);
+    fill_bf16(q, n * q_dim);
+    fill_bf16(kv, n * 2 * kv_dim);
+    fill_bf16(proj, n * h);
+    fill_bf16(gate_up, rows * 2 * inter);
+    fill_bf16(weight, h);
+    std::vector<float> freqs(static_cast<size_t>(o.head_dim / 2));
+    for (size_t i = 0; i < freqs.size(); ++i) {
+      freqs[i] = 1.0f / std::pow(500000.0f, 2.0f * static_cast<float>(i) / o.head_dim);
+    }
+    BENCH_CUDA(cudaMemcpy(inv_freq.data, freqs.data(), freqs.size() * 4, cudaMemcpyHostToDevice));
+    BENCH_CUDA(cudaDeviceSynchronize());
+
+    struct Op {
+      const char* name;
+      int per_layer;  // launches (or, for silu_mul, passes over all N rows) per layer
+      int64_t bytes;  // at least moved by one launch
+      std::function<cudaError_t()> launch;
+    };
+    const float eps = 1e-5f;
+    const std::vector<Op> ops = {
+        // The engine fuses each residual add with the norm after it; the two alone are timed
+        // for comparison (0 per layer: only the first layer's input norm and the last layer's
+        // residual add run unfused).
+        {"rms_norm (alone)", 0, n * h * (4 + 2),
+         [&] {
+           return LaunchRmsNorm(x.as<float>(), n, static_cast<int>(h), weight.as<uint16_t>(), eps,
+                                normed.as<uint16_t>(), nullptr);
+         }},
+        {"residual_add (alone)", 0, n * h * (4 + 2 + 4),
+         [&] {
+           return LaunchResidualAdd(x.as<float>(), proj.as<uint16_t>(), n, static_cast<int>(h),
+                                    nullptr);
+         }},
+        {"residual_add_rms_norm", 2, n * h * (4 + 2 + 4 + 2),
+         [&] {
+           return LaunchResidualAddRmsNorm(x.as<float>(), proj.as<uint16_t>(), n,
+                                           static_cast<int>(h), weight.as<uint16_t>(), eps,
+                                           normed.as<uint16_t>(), nullptr);
+         }},
+        {"rope_q", 1, n * q_dim * 2 * 2,
+         [&] {
+           return LaunchRope(q.as<uint16_t>(), n, q_dim, o.heads, o.head_dim, inv_freq.as<float>(),
+                             nullptr);
+         }},
+        {"rope_k", 1, n * kv_dim * 2 * 2,
+         [&] {
+           return LaunchRope(kv.as<uint16_t>(), n, 2 * kv_dim, o.kv_heads, o.head_dim,
+                             inv_freq.as<float>(), nullptr);
+         }},
+        // All chunks of a layer: the engine runs one launch per chunk between its GEMMs.
+        {"silu_mul (all chunks)", 1, n * inter * (2 * 2 + 2),
+         [&] {
+           for (int64_t row0 = 0; row0 < n; row0 += rows) {
+             const cudaError_t error =
+                 LaunchSiluMul(gate_up.as<uint16_t>(), std::min(rows, n - row0),
+                               static_cast<int>(inter), act.as<uint16_t>(), nullptr);
+             if (error != cudaSuccess) return error;
+           }
+           return cudaSuccess;
+         }},
+        {"extract_kv (K or V, when exported)", 2, n * kv_dim * 2 * 2,
+         [&] {
+           return LaunchExtractKv(kv.as<uint16_t>(), n, 2 * kv_dim, o.kv_heads, o.head_dim,
+                                  kLayerOpsBf16, false, exported.data, nullptr);
+         }},
+    };
+    std::printf("\nN = %lld\n%-36s %10s %10s %10s %14s\n", static_cast<long long>(n), "kernel",
+                "ms", "GB moved", "GB/s", "ms per layer");
+    double layer_ms = 0, layer_ms_without_export = 0;
+    for (const Op& op : ops) {
+      const double ms = MedianMs(op.launch, o.reps);
+      const double gb = static_cast<double>(op.bytes) * 1e-9;
+      std::printf("%-36s %10.3f %10.3f %10.1f %14.3f\n", op.name, ms, gb, gb / (ms * 1e-3),
+                  ms * op.per_layer);
+      layer_ms += ms * op.per_layer;
+      if (std::string(op.name).rfind("extract_kv", 0) != 0)
+        layer_ms_without_export += ms * op.per_layer;
+    }
+    std::printf("%-36s %10s %10s %10s %14.3f\n", "per layer, K/V not exported", "", "", "",
+                layer_ms_without_export);
+    std::printf("%-36s %10s %10s %10s %14.3f\n", "per layer, K/V exported (bf16)", "", "", "",
+                layer_ms);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace anchorserve::cuda
+
+int main(int argc, char** argv) { return anchorserve::cuda::Main(argc, argv); }
