@@ -38,6 +38,9 @@ double SecondsSince(Clock::time_point start) {
 constexpr int64_t kMlpChunkElements = int64_t{128} << 20;
 // Chunk heights are whole GEMM tiles.
 constexpr int64_t kMlpChunkAlign = 128;
+// The pinned K/V ring stays allocated between runs up to this size (all four slots together):
+// page-locking takes time in proportion to the prompt, and the next request reuses the ring.
+constexpr int64_t kKeptPinnedBytes = int64_t{4} << 30;
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {
   if (error == cudaSuccess) return absl::OkStatus();
@@ -83,13 +86,12 @@ class DeviceBuffer {
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;
-  ~PinnedBuffer() {
-    if (data_ != nullptr) cudaFreeHost(data_);
-  }
+  ~PinnedBuffer() { Reset(); }
   PinnedBuffer(const PinnedBuffer&) = delete;
   PinnedBuffer& operator=(const PinnedBuffer&) = delete;
 
   absl::Status Allocate(int64_t bytes) {
+    Reset();
     if (bytes <= 0) return absl::OkStatus();
     const cudaError_t error = cudaMallocHost(&data_, static_cast<size_t>(bytes));
     if (error != cudaSuccess) {
@@ -99,6 +101,10 @@ class PinnedBuffer {
           absl::StrCat("cannot allocate ", bytes, " bytes of pinned host memory for K/V"));
     }
     return absl::OkStatus();
+  }
+  void Reset() {
+    if (data_ != nullptr) cudaFreeHost(data_);
+    data_ = nullptr;
   }
   char* get() const { return static_cast<char*>(data_); }
 
@@ -208,6 +214,10 @@ class CudaPrefillEngine : public PrefillEngine {
   DeviceBuffer inv_freq_;    // [d/2] fp32
   DeviceBuffer staging_;     // fp32, the largest weight tensor
   int64_t staging_count_ = 0;
+  // The pinned ring of exported K/V (two layers in flight), kept across runs up to
+  // kKeptPinnedBytes; each slot holds host_slot_bytes_.
+  std::array<PinnedBuffer, 2> k_host_, v_host_;
+  int64_t host_slot_bytes_ = 0;
   std::mutex run_mutex_;
 };
 
@@ -288,6 +298,13 @@ absl::StatusOr<PrefillResult> CudaPrefillEngine::Run(const PrefillTask& task, Kv
   // Whatever happened, nothing may still run on buffers about to be freed.
   const cudaError_t drained_compute = cudaStreamSynchronize(compute_);
   const cudaError_t drained_copy = cudaStreamSynchronize(copy_);
+  if (4 * host_slot_bytes_ > kKeptPinnedBytes) {
+    for (int s = 0; s < 2; ++s) {
+      k_host_[s].Reset();
+      v_host_[s].Reset();
+    }
+    host_slot_bytes_ = 0;
+  }
   if (!status.ok()) return status;
   ANCHOR_CUDA_RETURN_IF_ERROR(drained_compute);
   ANCHOR_CUDA_RETURN_IF_ERROR(drained_copy);
@@ -320,7 +337,6 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
   const bool export_kv = task.kv_layer_end > task.kv_layer_begin;
   DeviceBuffer ids, x, normed, q, kv, attn, proj, gate_up, act, attention_ws, logits, last;
   std::array<DeviceBuffer, 2> k_slot, v_slot;
-  std::array<PinnedBuffer, 2> k_host, v_host;
   ANCHOR_RETURN_IF_ERROR(ids.Allocate(n * 4, "token ids"));
   ANCHOR_RETURN_IF_ERROR(x.Allocate(n * h * 4, "the residual stream"));           // [N, H] fp32
   ANCHOR_RETURN_IF_ERROR(normed.Allocate(n * h * 2, "normed activations"));       // [N, H]
@@ -337,8 +353,15 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     for (int s = 0; s < 2; ++s) {
       ANCHOR_RETURN_IF_ERROR(k_slot[s].Allocate(kv_bytes, "exported K"));
       ANCHOR_RETURN_IF_ERROR(v_slot[s].Allocate(kv_bytes, "exported V"));
-      ANCHOR_RETURN_IF_ERROR(k_host[s].Allocate(kv_bytes));
-      ANCHOR_RETURN_IF_ERROR(v_host[s].Allocate(kv_bytes));
+    }
+    // The previous run's copies into the ring were drained before it returned.
+    if (kv_bytes > host_slot_bytes_) {
+      host_slot_bytes_ = 0;
+      for (int s = 0; s < 2; ++s) {
+        ANCHOR_RETURN_IF_ERROR(k_host_[s].Allocate(kv_bytes));
+        ANCHOR_RETURN_IF_ERROR(v_host_[s].Allocate(kv_bytes));
+      }
+      host_slot_bytes_ = kv_bytes;
     }
   }
   const int num_layers = c.num_layers;
@@ -400,8 +423,8 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
     ANCHOR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(copied[slot].get()));
     const auto sink_start = Clock::now();
     const absl::Status sunk =
-        sink->OnLayer(layer, absl::MakeConstSpan(k_host[slot].get(), kv_bytes),
-                      absl::MakeConstSpan(v_host[slot].get(), kv_bytes));
+        sink->OnLayer(layer, absl::MakeConstSpan(k_host_[slot].get(), kv_bytes),
+                      absl::MakeConstSpan(v_host_[slot].get(), kv_bytes));
     *sink_seconds += SecondsSince(sink_start);
     return sunk;
   };
@@ -478,9 +501,9 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
           "LaunchExtractKv(v)"));
       ANCHOR_RETURN_IF_ERROR(exported[slot].Record(compute_));
       ANCHOR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy_, exported[slot].get(), 0));
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k_host[slot].get(), k_slot[slot].as<void>(),
+      ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k_host_[slot].get(), k_slot[slot].as<void>(),
                                                   kv_bytes, cudaMemcpyDeviceToHost, copy_));
-      ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v_host[slot].get(), v_slot[slot].as<void>(),
+      ANCHOR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v_host_[slot].get(), v_slot[slot].as<void>(),
                                                   kv_bytes, cudaMemcpyDeviceToHost, copy_));
       ANCHOR_RETURN_IF_ERROR(copied[slot].Record(copy_));
     }

@@ -232,7 +232,7 @@ TEST_P(CudaPrefillEngineTest, MassTargetRunsAndLargeStepIsFailedPrecondition) {
   EXPECT_TRUE(loaded.cuda->CanRun(task.config).ok());
 }
 
-TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationAndNoLeak) {
+TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationNoLeakAndRingReuse) {
   SKIP_WITHOUT_CUDA_DEVICE();
   Loaded loaded;
   ASSERT_NO_FATAL_FAILURE(Load(GetParam(), &loaded));
@@ -298,6 +298,15 @@ TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationAndNoLeak)
   ASSERT_EQ(cudaMemGetInfo(&free_after, &total), cudaSuccess);
   EXPECT_EQ(free_after, free_before);
   EXPECT_EQ(again.k, head_major.k);  // deterministic
+
+  // The pinned K/V ring is kept between runs: the smaller bf16 export above reused it, and a
+  // longer prompt now grows it.
+  const std::vector<int32_t> longer = testing::TestIds(600, c.vocab_size, 11);
+  const PrefillTask longer_task = DenseTask(longer, c.num_layers);
+  CollectingSink cpu_sink;
+  absl::StatusOr<PrefillResult> cpu = loaded.cpu->Run(longer_task, &cpu_sink);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ExpectMatchesCpu(*loaded.cuda, longer_task, *cpu, cpu_sink, c);
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, CudaPrefillEngineTest,
