@@ -77,6 +77,8 @@ class PrefillEngine {
   virtual absl::Status CanRun(const AnchorConfig& config) const { return absl::OkStatus(); }
   // Validates the task (ids in range, layer range, dtype) with INVALID_ARGUMENT naming the field.
   virtual absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) = 0;
+  // Page-locked host memory the engine keeps between runs (the CUDA engine's K/V ring).
+  virtual int64_t KeptPinnedHostBytes() const { return 0; }
 };
 
 }  // namespace anchorserve

@@ -343,7 +343,7 @@ int Run(const ServerConfig& config) {
       return 1;
     }
     prefill_engine = *std::move(engine);
-    prefill_runner = std::make_unique<PrefillRunner>(prefill_engine.get());
+    prefill_runner = std::make_unique<PrefillRunner>(prefill_engine.get(), &metrics);
     // One prefill at a time: each one already uses every core (or the whole GPU).
     prefill_batcher = std::make_unique<DynamicBatcher>(
         BatchLimits{1, config.max_seq_len, absl::ZeroDuration(), config.max_queue_time},

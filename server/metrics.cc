@@ -144,8 +144,8 @@ MetricsRegistry::MetricsRegistry() : registry_(std::make_shared<prometheus::Regi
       &prometheus::BuildGauge()
            .Name("anchorserve_pinned_host_bytes")
            .Help(
-               "Host buffers page-locked for the GPU's copies (--pin_host_buffers), cached or "
-               "in use.")
+               "Host buffers page-locked for the GPU's copies (--pin_host_buffers, and the "
+               "CUDA prefill engine's K/V ring), cached or in use.")
            .Register(*registry_)
            .Add({});
   inflight_ = &prometheus::BuildGauge()

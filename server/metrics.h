@@ -97,7 +97,7 @@ class MetricsRegistry {
   void AddInflightBytes(int64_t delta);
   void SetInflightBytesLimit(int64_t bytes);
   // anchorserve_pinned_host_bytes: host buffers page-locked for the GPU's copies
-  // (--pin_host_buffers), cached or in use.
+  // (--pin_host_buffers, and the CUDA prefill engine's K/V ring), cached or in use.
   void AddPinnedHostBytes(int64_t delta);
   // anchorserve_refusals_total{reason}: calls refused (or stopped) for lack of room.
   void CountRefusal(Refusal reason);

@@ -7,6 +7,7 @@
 
 #include "model/prefill_engine.h"
 #include "server/batch_job.h"
+#include "server/metrics.h"
 
 namespace anchorserve {
 
@@ -37,13 +38,20 @@ class PrefillJob final : public BatchJob {
 
 // The BatchRunner of prefill jobs: each job's whole forward pass on the engine, its KV going to
 // the job's sink while later layers compute.
+// After each job it brings anchorserve_pinned_host_bytes up to date with the page-locked memory
+// the engine keeps (`metrics` may be null).
 class PrefillRunner final : public BatchRunner {
  public:
-  explicit PrefillRunner(PrefillEngine* engine) : engine_(engine) {}
+  PrefillRunner(PrefillEngine* engine, MetricsRegistry* metrics)
+      : engine_(engine), metrics_(metrics) {}
   double Run(absl::Span<BatchJob* const> batch) override;
 
  private:
+  void ReportKeptPinnedBytes();
+
   PrefillEngine* const engine_;
+  MetricsRegistry* const metrics_;
+  int64_t reported_pinned_bytes_ = 0;  // the engine's share of the gauge
 };
 
 }  // namespace anchorserve

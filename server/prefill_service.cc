@@ -30,6 +30,7 @@ double PrefillRunner::Run(absl::Span<BatchJob* const> batch) {
       continue;
     }
     absl::StatusOr<PrefillResult> result = engine_->Run(job->task, job->sink);
+    ReportKeptPinnedBytes();
     if (!result.ok()) {
       job->status = result.status();
       continue;
@@ -37,6 +38,14 @@ double PrefillRunner::Run(absl::Span<BatchJob* const> batch) {
     job->result = *std::move(result);
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void PrefillRunner::ReportKeptPinnedBytes() {
+  const int64_t kept = engine_->KeptPinnedHostBytes();
+  if (metrics_ != nullptr && kept != reported_pinned_bytes_) {
+    metrics_->AddPinnedHostBytes(kept - reported_pinned_bytes_);
+  }
+  reported_pinned_bytes_ = kept;
 }
 
 namespace {

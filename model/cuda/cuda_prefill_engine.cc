@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -184,6 +185,8 @@ class CudaPrefillEngine : public PrefillEngine {
 
   absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) override;
 
+  int64_t KeptPinnedHostBytes() const override { return 4 * host_slot_bytes_.load(); }
+
  private:
   int64_t MlpChunkRows(int64_t n) const {
     return std::max<int64_t>(1, std::min(n, mlp_chunk_rows_));
@@ -217,7 +220,7 @@ class CudaPrefillEngine : public PrefillEngine {
   // The pinned ring of exported K/V (two layers in flight), kept across runs up to
   // kKeptPinnedBytes; each slot holds host_slot_bytes_.
   std::array<PinnedBuffer, 2> k_host_, v_host_;
-  int64_t host_slot_bytes_ = 0;
+  std::atomic<int64_t> host_slot_bytes_{0};
   std::mutex run_mutex_;
 };
 
