@@ -315,23 +315,7 @@ AttentionParams ParamsFor(const Problem& p, const StripeSet* stripes, const Anch
 double TimeMs(const AttentionParams& params, int warmup, int reps) {
   for (int i = 0; i < warmup; ++i) BENCH_LAUNCH(LaunchAttention(params, nullptr));
   BENCH_CUDA(cudaDeviceSynchronize());
-  cudaEvent_t start, stop;
-  BENCH_CUDA(cudaEventCreate(&start));
-  BENCH_CUDA(cudaEventCreate(&stop));
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    BENCH_CUDA(cudaEventRecord(start));
-    BENCH_LAUNCH(LaunchAttention(params, nullptr));
-    BENCH_CUDA(cudaEventRecord(stop));
-    BENCH_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  BENCH_CUDA(cudaEventDestroy(start));
-  BENCH_CUDA(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return MedianEventMs([&] { BENCH_LAUNCH(LaunchAttention(params, nullptr)); }, reps);
 }
 
 struct Accuracy {

@@ -4,8 +4,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <vector>
 
 #include "kernels/cuda/launch_result.h"
 
@@ -32,3 +35,25 @@
       std::exit(1);                                                                               \
     }                                                                                             \
   } while (false)
+
+// Median milliseconds, CUDA events on the default stream, of `enqueue` (which puts its work on
+// that stream) over `reps` runs; warm-up is the caller's.
+inline double MedianEventMs(const std::function<void()>& enqueue, int reps) {
+  cudaEvent_t start, stop;
+  BENCH_CUDA(cudaEventCreate(&start));
+  BENCH_CUDA(cudaEventCreate(&stop));
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    BENCH_CUDA(cudaEventRecord(start));
+    enqueue();
+    BENCH_CUDA(cudaEventRecord(stop));
+    BENCH_CUDA(cudaEventSynchronize(stop));
+    float ms = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  BENCH_CUDA(cudaEventDestroy(start));
+  BENCH_CUDA(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}

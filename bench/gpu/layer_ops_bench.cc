@@ -1,5 +1,5 @@
 // anchor_layer_ops_bench: the CUDA prefill engine's elementwise kernels (kernels/cuda/layer_ops.h)
-// alone, at one layer's shapes, as the engine launches them: the "everything else" of
+// alone, at one layer's shapes, as the engine launches them: the "other kernels" of
 // anchor_prefill_bench's split, kernel by kernel.
 //
 //   anchor_layer_ops_bench [--lengths=32768,131072] [--hidden=4096] [--heads=32] [--kv_heads=8]
@@ -21,58 +21,54 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "bench/gpu/bench_util.h"
 #include "kernels/cuda/layer_ops.h"
+
+ABSL_FLAG(std::vector<std::string>, lengths, (std::vector<std::string>{"32768", "131072"}),
+          "Prompt lengths (tokens).");
+ABSL_FLAG(int, hidden, 4096, "Hidden size.");
+ABSL_FLAG(int, heads, 32, "Query heads.");
+ABSL_FLAG(int, kv_heads, 8, "K/V heads.");
+ABSL_FLAG(int, head_dim, 128, "Head dimension.");
+ABSL_FLAG(int, inter, 14336, "MLP intermediate size.");
+ABSL_FLAG(int64_t, mlp_chunk_rows, 4608, "Rows per MLP chunk (the engine's default for Llama-8B).");
+ABSL_FLAG(int, reps, 5, "Timed runs per kernel (median).");
 
 namespace anchorserve::cuda {
 namespace {
 
 struct Options {
-  std::vector<int64_t> lengths = {32768, 131072};
-  int hidden = 4096, heads = 32, kv_heads = 8, head_dim = 128, inter = 14336;
-  int64_t mlp_chunk_rows = 4608;
-  int reps = 5;
+  std::vector<int64_t> lengths;
+  int hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0;
+  int64_t mlp_chunk_rows = 0;
+  int reps = 0;
 };
 
-bool ParseFlags(int argc, char** argv, Options* o) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    const size_t eq = arg.find('=');
-    const std::string key = arg.substr(0, eq);
-    const std::string value = eq == std::string::npos ? "" : arg.substr(eq + 1);
-    int64_t number = 0;
-    if (key == "--lengths") {
-      o->lengths.clear();
-      for (absl::string_view part : absl::StrSplit(value, ',')) {
-        if (!absl::SimpleAtoi(part, &number) || number < 1) return false;
-        o->lengths.push_back(number);
-      }
-      continue;
-    }
-    if (!absl::SimpleAtoi(value, &number) || number < 1 || number > (int64_t{1} << 30)) {
-      std::fprintf(stderr, "%s needs a positive integer\n", key.c_str());
+// From the flags; false (with a message) when a value is out of range.
+bool ReadFlags(Options* o) {
+  for (const std::string& part : absl::GetFlag(FLAGS_lengths)) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(part, &n) || n < 1) {
+      std::fprintf(stderr, "--lengths: %s is not a positive integer\n", part.c_str());
       return false;
     }
-    if (key == "--hidden") {
-      o->hidden = static_cast<int>(number);
-    } else if (key == "--heads") {
-      o->heads = static_cast<int>(number);
-    } else if (key == "--kv_heads") {
-      o->kv_heads = static_cast<int>(number);
-    } else if (key == "--head_dim") {
-      o->head_dim = static_cast<int>(number);
-    } else if (key == "--inter") {
-      o->inter = static_cast<int>(number);
-    } else if (key == "--mlp_chunk_rows") {
-      o->mlp_chunk_rows = number;
-    } else if (key == "--reps") {
-      o->reps = static_cast<int>(number);
-    } else {
-      std::fprintf(stderr, "unknown flag %s\n", arg.c_str());
-      return false;
-    }
+    o->lengths.push_back(n);
+  }
+  o->hidden = absl::GetFlag(FLAGS_hidden);
+  o->heads = absl::GetFlag(FLAGS_heads);
+  o->kv_heads = absl::GetFlag(FLAGS_kv_heads);
+  o->head_dim = absl::GetFlag(FLAGS_head_dim);
+  o->inter = absl::GetFlag(FLAGS_inter);
+  o->mlp_chunk_rows = absl::GetFlag(FLAGS_mlp_chunk_rows);
+  o->reps = absl::GetFlag(FLAGS_reps);
+  if (o->hidden < 4 || o->heads < 1 || o->kv_heads < 1 || o->head_dim < 2 || o->head_dim % 2 != 0 ||
+      o->inter < 1 || o->mlp_chunk_rows < 1 || o->reps < 1) {
+    std::fprintf(stderr,
+                 "shape flags, --mlp_chunk_rows and --reps must be positive (head_dim even)\n");
+    return false;
   }
   return true;
 }
@@ -92,29 +88,14 @@ struct DeviceArray {
 
 // Median milliseconds of `launch` over `reps` timed runs after one warm-up.
 double MedianMs(const std::function<cudaError_t()>& launch, int reps) {
-  cudaEvent_t start, stop;
-  BENCH_CUDA(cudaEventCreate(&start));
-  BENCH_CUDA(cudaEventCreate(&stop));
   BENCH_CUDA(launch());
-  std::vector<double> ms;
-  for (int r = 0; r < reps; ++r) {
-    BENCH_CUDA(cudaEventRecord(start));
-    BENCH_CUDA(launch());
-    BENCH_CUDA(cudaEventRecord(stop));
-    BENCH_CUDA(cudaEventSynchronize(stop));
-    float elapsed = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&elapsed, start, stop));
-    ms.push_back(elapsed);
-  }
-  BENCH_CUDA(cudaEventDestroy(start));
-  BENCH_CUDA(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return MedianEventMs([&] { BENCH_CUDA(launch()); }, reps);
 }
 
 int Main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
   Options o;
-  if (!ParseFlags(argc, argv, &o)) return 2;
+  if (!ReadFlags(&o)) return 2;
   cudaDeviceProp properties{};
   BENCH_CUDA(cudaGetDeviceProperties(&properties, 0));
   std::printf("device: %s, %d SMs\n", properties.name, properties.multiProcessorCount);

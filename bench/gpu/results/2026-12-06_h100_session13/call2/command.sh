@@ -3,43 +3,28 @@
 # the layer-op and prefill-engine GPU tests, the elementwise kernels alone, transformers' prefill
 # and ours (dense, 8k-128k) with the SM clock and power sampled, theta 12 at 128k, and the
 # continuation checks. Run from the repository root with OUT set.
+# The helpers it defined (save, step, sample, serve, scrape) and its set-up (bundle path, log
+# folder, machine.txt, environment) moved to bench/gpu/device_call.sh afterwards; it sources it.
 set -uo pipefail
-B=$PWD/.gpu/bundle
-W=$OUT/w; mkdir -p $W
-save() { tar czf $OUT/out.tgz -C $W . ; }
-step() { echo "$1 rc=$2 $(date -u +%T)" >> $W/summary.txt; save; }
-export ANCHORSERVE_CLIENT_GEN_DIR=$PWD/client/python/anchorserve_client/_gen
-{ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,driver_version --format=csv; date -u; } > $W/machine.txt 2>&1
-sample() { nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active --format=csv,noheader -lms 100 > $1 2>&1 & SAMPLER=$!; }
+source bench/gpu/device_call.sh
 for t in anchor_layer_ops_tests anchor_cuda_prefill_tests anchor_device_fault_test; do
   timeout 60 $B/run $t > $W/$t.log 2>&1; step $t $?
 done
 timeout 40 $B/run anchor_layer_ops_bench --lengths=32768,131072 > $W/layer_ops.log 2>&1; step layer_ops $?
-sample $W/clocks_baseline.csv
+sample clocks_baseline.csv
 timeout 150 env PYTHONUNBUFFERED=1 python3 bench/gpu/prefill_baseline.py --shape=llama-3.1-8b --out=/tmp/l8b --tokens=8192,32768,65536,131072 > $W/prefill_baseline.log 2>&1; step baseline $?
 kill $SAMPLER
-sample $W/clocks_dense.csv
+sample clocks_dense.csv
 timeout 120 $B/run anchor_prefill_bench --engine=cuda --model=/tmp/l8b --tokens=8192,32768,65536,131072 --dense --repeats=2 --per_layer > $W/prefill_dense.log 2>&1; step dense $?
 kill $SAMPLER
-serve() {  # serve MODEL LOG: starts anchorserve, waits until it answers; sets PORT and PID
-  rm -f /tmp/port
-  $B/run anchorserve --backend=cuda --model=$1 --grpc_port=0 --metrics_port=0 --port_file=/tmp/port \
-    --prefill_memory_bytes=34359738368 > $2 2>&1 &
-  PID=$!
-  for i in $(seq 1 120); do
-    if [ -s /tmp/port ] && $B/run anchorctl health --target=127.0.0.1:$(head -1 /tmp/port | tr -dc 0-9) >/dev/null 2>&1; then break; fi
-    sleep 0.5
-  done
-  PORT=$(head -1 /tmp/port | tr -dc 0-9)
-}
-serve /tmp/l8b $W/server_l8b_check.log
+serve /tmp/l8b server_l8b_check.log
 timeout 150 env PYTHONUNBUFFERED=1 python3 bench/gpu/prefill_check.py --target=127.0.0.1:$PORT --model=/tmp/l8b --tokens=1024 > $W/check_l8b.log 2>&1; step check_l8b $?
 kill -TERM $PID; wait $PID
 timeout 60 $B/run anchor_prefill_bench --engine=cuda --model=/tmp/l8b --tokens=131072 --theta=12 --repeats=1 > $W/prefill_theta12.log 2>&1; step theta12 $?
 python3 scripts/make_tiny_model.py --preset=llama3-gpu-tiny --out=/tmp/llama3-gpu-tiny > /dev/null
 python3 scripts/make_tiny_model.py --preset=qwen2-gpu-tiny --out=/tmp/qwen2-gpu-tiny > /dev/null
 for m in llama3-gpu-tiny qwen2-gpu-tiny; do
-  serve /tmp/$m $W/server_$m.log
+  serve /tmp/$m server_$m.log
   timeout 60 env PYTHONUNBUFFERED=1 python3 bench/gpu/prefill_check.py --target=127.0.0.1:$PORT --model=/tmp/$m --tokens=512 > $W/check_$m.log 2>&1; step check_$m $?
   kill -TERM $PID; wait $PID
 done

@@ -3,14 +3,10 @@
 # and prefill-engine GPU tests, the dense prefill at 32k and 128k (two runs each: the first
 # allocates the ring, the second reuses it), and the service end to end at 128k with all K/V
 # returned, twice. Run from the repository root with OUT set.
+# The helpers it defined (save, step, sample, serve, scrape) and its set-up (bundle path, log
+# folder, machine.txt, environment) moved to bench/gpu/device_call.sh afterwards; it sources it.
 set -uo pipefail
-B=$PWD/.gpu/bundle
-W=$OUT/w; mkdir -p $W
-save() { tar czf $OUT/out.tgz -C $W . ; }
-step() { echo "$1 rc=$2 $(date -u +%T)" >> $W/summary.txt; save; }
-export ANCHORSERVE_CLIENT_GEN_DIR=$PWD/client/python/anchorserve_client/_gen
-export ANCHOR_PYTHON=$(command -v python3)
-{ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,driver_version --format=csv; date -u; } > $W/machine.txt 2>&1
+source bench/gpu/device_call.sh
 for t in anchor_layer_ops_tests anchor_cuda_prefill_tests anchor_device_fault_test; do
   timeout 60 $B/run $t > $W/$t.log 2>&1; step $t $?
 done
@@ -18,7 +14,7 @@ timeout 60 env PYTHONUNBUFFERED=1 python3 bench/gpu/prefill_baseline.py --shape=
 timeout 90 $B/run anchor_prefill_bench --engine=cuda --model=/tmp/l8b --tokens=32768,131072 --dense --repeats=2 > $W/prefill_dense.log 2>&1; step dense $?
 rm -f /tmp/port
 $B/run anchorserve --backend=cuda --model=/tmp/l8b --grpc_port=0 --metrics_port=0 --port_file=/tmp/port \
-  --prefill_memory_bytes=34359738368 > $W/server_l8b.log 2>&1 &
+  --prefill_memory_bytes=34359738368 > server_l8b.log 2>&1 &
 PID=$!
 for i in $(seq 1 120); do
   if [ -s /tmp/port ] && $B/run anchorctl health --target=127.0.0.1:$(head -1 /tmp/port | tr -dc 0-9) >/dev/null 2>&1; then break; fi
