@@ -8,11 +8,13 @@
 #   serve MODEL LOG      starts anchorserve --backend=cuda --model=MODEL (log in $W/LOG) and waits
 #                        until it answers; sets PORT (gRPC), MPORT (metrics) and PID
 #   scrape FILE          appends anchorserve_pinned_host_bytes from /metrics to $W/FILE
+# shellcheck disable=SC2034  # B, SAMPLER, PID, PORT and MPORT are for the sourcing script
 B=$PWD/.gpu/bundle
 W=$OUT/w
 mkdir -p "$W"
 export ANCHORSERVE_CLIENT_GEN_DIR=$PWD/client/python/anchorserve_client/_gen
-export ANCHOR_PYTHON=$(command -v python3)
+ANCHOR_PYTHON=$(command -v python3)
+export ANCHOR_PYTHON
 { nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,driver_version --format=csv; date -u; } > "$W/machine.txt" 2>&1
 
 save() { tar czf "$OUT/out.tgz" -C "$W" . ; }
