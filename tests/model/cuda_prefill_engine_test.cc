@@ -239,7 +239,11 @@ TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationNoLeakAndR
   const ModelConfig& c = loaded.model->config();
   const std::vector<int32_t> ids = testing::TestIds(300, c.vocab_size, 9);
   CollectingSink head_major;
+  EXPECT_EQ(loaded.cuda->KeptPinnedHostBytes(), 0);
   ASSERT_TRUE(loaded.cuda->Run(DenseTask(ids, c.num_layers), &head_major).ok());
+  // Two slots of K and V, fp32.
+  const int64_t ring_bytes = 4 * static_cast<int64_t>(ids.size()) * c.KvDim() * 4;
+  EXPECT_EQ(loaded.cuda->KeptPinnedHostBytes(), ring_bytes);
 
   // Token-major bf16 of one layer: the same values as head-major fp32, rounded.
   class RawSink final : public KvSink {
@@ -258,6 +262,7 @@ TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationNoLeakAndR
   token_major.kv_dtype = DType::kBf16;
   token_major.kv_layout = Layout::kTokenMajor;
   ASSERT_TRUE(loaded.cuda->Run(token_major, &raw).ok());
+  EXPECT_EQ(loaded.cuda->KeptPinnedHostBytes(), ring_bytes);  // reused, not shrunk
   ASSERT_EQ(raw.layers, std::vector<int>{1});
   const int64_t n = static_cast<int64_t>(ids.size());
   ASSERT_EQ(raw.k.size(), static_cast<size_t>(n * c.KvDim() * 2));
@@ -307,6 +312,7 @@ TEST_P(CudaPrefillEngineTest, LayoutsDtypesRangeSinkErrorsCancellationNoLeakAndR
   absl::StatusOr<PrefillResult> cpu = loaded.cpu->Run(longer_task, &cpu_sink);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ExpectMatchesCpu(*loaded.cuda, longer_task, *cpu, cpu_sink, c);
+  EXPECT_EQ(loaded.cuda->KeptPinnedHostBytes(), 2 * ring_bytes);
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, CudaPrefillEngineTest,
