@@ -185,7 +185,9 @@ class CudaPrefillEngine : public PrefillEngine {
 
   absl::StatusOr<PrefillResult> Run(const PrefillTask& task, KvSink* sink) override;
 
-  int64_t KeptPinnedHostBytes() const override { return 4 * host_slot_bytes_.load(); }
+  int64_t KeptPinnedHostBytes() const override {
+    return static_cast<int64_t>(k_host_.size() + v_host_.size()) * host_slot_bytes_.load();
+  }
 
  private:
   int64_t MlpChunkRows(int64_t n) const {
@@ -201,6 +203,10 @@ class CudaPrefillEngine : public PrefillEngine {
   }
   absl::Status RunLocked(const PrefillTask& task, KvSink* sink, PrefillResult* result,
                          double* sink_seconds);
+  // Grows the pinned ring to slots of `slot_bytes` (a smaller request reuses it); after a failed
+  // allocation nothing is kept. Only while no copy into the ring is in flight.
+  absl::Status ReserveHostRing(int64_t slot_bytes);
+  void ReleaseHostRing();
 
   const Model& model_;
   const ModelConfig& config_;
@@ -301,17 +307,34 @@ absl::StatusOr<PrefillResult> CudaPrefillEngine::Run(const PrefillTask& task, Kv
   // Whatever happened, nothing may still run on buffers about to be freed.
   const cudaError_t drained_compute = cudaStreamSynchronize(compute_);
   const cudaError_t drained_copy = cudaStreamSynchronize(copy_);
-  if (4 * host_slot_bytes_ > kKeptPinnedBytes) {
-    for (int s = 0; s < 2; ++s) {
-      k_host_[s].Reset();
-      v_host_[s].Reset();
-    }
-    host_slot_bytes_ = 0;
-  }
+  if (KeptPinnedHostBytes() > kKeptPinnedBytes) ReleaseHostRing();
   if (!status.ok()) return status;
   ANCHOR_CUDA_RETURN_IF_ERROR(drained_compute);
   ANCHOR_CUDA_RETURN_IF_ERROR(drained_copy);
   return result;
+}
+
+absl::Status CudaPrefillEngine::ReserveHostRing(int64_t slot_bytes) {
+  if (slot_bytes <= host_slot_bytes_) return absl::OkStatus();
+  ReleaseHostRing();
+  for (int s = 0; s < 2; ++s) {
+    absl::Status allocated = k_host_[s].Allocate(slot_bytes);
+    if (allocated.ok()) allocated = v_host_[s].Allocate(slot_bytes);
+    if (!allocated.ok()) {
+      ReleaseHostRing();
+      return allocated;
+    }
+  }
+  host_slot_bytes_ = slot_bytes;
+  return absl::OkStatus();
+}
+
+void CudaPrefillEngine::ReleaseHostRing() {
+  for (int s = 0; s < 2; ++s) {
+    k_host_[s].Reset();
+    v_host_[s].Reset();
+  }
+  host_slot_bytes_ = 0;
 }
 
 absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
@@ -358,14 +381,7 @@ absl::Status CudaPrefillEngine::RunLocked(const PrefillTask& task, KvSink* sink,
       ANCHOR_RETURN_IF_ERROR(v_slot[s].Allocate(kv_bytes, "exported V"));
     }
     // The previous run's copies into the ring were drained before it returned.
-    if (kv_bytes > host_slot_bytes_) {
-      host_slot_bytes_ = 0;
-      for (int s = 0; s < 2; ++s) {
-        ANCHOR_RETURN_IF_ERROR(k_host_[s].Allocate(kv_bytes));
-        ANCHOR_RETURN_IF_ERROR(v_host_[s].Allocate(kv_bytes));
-      }
-      host_slot_bytes_ = kv_bytes;
-    }
+    ANCHOR_RETURN_IF_ERROR(ReserveHostRing(kv_bytes));
   }
   const int num_layers = c.num_layers;
   std::vector<Event> layer_start(num_layers), layer_end(num_layers), attention_start(num_layers),
