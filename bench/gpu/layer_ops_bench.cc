@@ -40,35 +40,15 @@ ABSL_FLAG(int, reps, 5, "Timed runs per kernel (median).");
 namespace anchorserve::cuda {
 namespace {
 
-struct Options {
-  std::vector<int64_t> lengths;
-  int hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0;
-  int64_t mlp_chunk_rows = 0;
-  int reps = 0;
-};
-
-// From the flags; false (with a message) when a value is out of range.
-bool ReadFlags(Options* o) {
+// --lengths as numbers; false (with a message) for one that is not a positive integer.
+bool ReadLengths(std::vector<int64_t>* lengths) {
   for (const std::string& part : absl::GetFlag(FLAGS_lengths)) {
     int64_t n = 0;
     if (!absl::SimpleAtoi(part, &n) || n < 1) {
       std::fprintf(stderr, "--lengths: %s is not a positive integer\n", part.c_str());
       return false;
     }
-    o->lengths.push_back(n);
-  }
-  o->hidden = absl::GetFlag(FLAGS_hidden);
-  o->heads = absl::GetFlag(FLAGS_heads);
-  o->kv_heads = absl::GetFlag(FLAGS_kv_heads);
-  o->head_dim = absl::GetFlag(FLAGS_head_dim);
-  o->inter = absl::GetFlag(FLAGS_inter);
-  o->mlp_chunk_rows = absl::GetFlag(FLAGS_mlp_chunk_rows);
-  o->reps = absl::GetFlag(FLAGS_reps);
-  if (o->hidden < 4 || o->heads < 1 || o->kv_heads < 1 || o->head_dim < 2 || o->head_dim % 2 != 0 ||
-      o->inter < 1 || o->mlp_chunk_rows < 1 || o->reps < 1) {
-    std::fprintf(stderr,
-                 "shape flags, --mlp_chunk_rows and --reps must be positive (head_dim even)\n");
-    return false;
+    lengths->push_back(n);
   }
   return true;
 }
@@ -94,21 +74,31 @@ double MedianMs(const std::function<cudaError_t()>& launch, int reps) {
 
 int Main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  Options o;
-  if (!ReadFlags(&o)) return 2;
+  std::vector<int64_t> lengths;
+  if (!ReadLengths(&lengths)) return 2;
+  const int heads = absl::GetFlag(FLAGS_heads), kv_heads = absl::GetFlag(FLAGS_kv_heads),
+            head_dim = absl::GetFlag(FLAGS_head_dim);
+  const int64_t h = absl::GetFlag(FLAGS_hidden), inter = absl::GetFlag(FLAGS_inter),
+                mlp_chunk_rows = absl::GetFlag(FLAGS_mlp_chunk_rows);
+  const int reps = absl::GetFlag(FLAGS_reps);
+  if (h < 4 || heads < 1 || kv_heads < 1 || head_dim < 2 || head_dim % 2 != 0 || inter < 1 ||
+      mlp_chunk_rows < 1 || reps < 1) {
+    std::fprintf(stderr,
+                 "shape flags, --mlp_chunk_rows and --reps must be positive (head_dim even)\n");
+    return 2;
+  }
   cudaDeviceProp properties{};
   BENCH_CUDA(cudaGetDeviceProperties(&properties, 0));
   std::printf("device: %s, %d SMs\n", properties.name, properties.multiProcessorCount);
-  const int64_t h = o.hidden, q_dim = int64_t{o.heads} * o.head_dim,
-                kv_dim = int64_t{o.kv_heads} * o.head_dim, inter = o.inter;
+  const int64_t q_dim = int64_t{heads} * head_dim, kv_dim = int64_t{kv_heads} * head_dim;
   std::printf(
       "shape: hidden %lld, heads %d / %d, head_dim %d, intermediate %lld, MLP chunk %lld "
       "rows\n",
-      static_cast<long long>(h), o.heads, o.kv_heads, o.head_dim, static_cast<long long>(inter),
-      static_cast<long long>(o.mlp_chunk_rows));
+      static_cast<long long>(h), heads, kv_heads, head_dim, static_cast<long long>(inter),
+      static_cast<long long>(mlp_chunk_rows));
 
-  for (const int64_t n : o.lengths) {
-    const int64_t rows = std::min(n, o.mlp_chunk_rows);
+  for (const int64_t n : lengths) {
+    const int64_t rows = std::min(n, mlp_chunk_rows);
     DeviceArray x(n * h * 4);                   // [N, H] fp32 residual stream
     DeviceArray normed(n * h * 2);              // [N, H] bf16
     DeviceArray q(n * q_dim * 2);               // [N, Hq, d]
@@ -118,7 +108,7 @@ int Main(int argc, char** argv) {
     DeviceArray act(rows * inter * 2);          // [rows, I]
     DeviceArray exported(n * kv_dim * 2);       // [N, Hkv, d] bf16
     DeviceArray weight(h * 2);                  // [H]
-    DeviceArray inv_freq(o.head_dim / 2 * 4);   // [d/2]
+    DeviceArray inv_freq(head_dim / 2 * 4);     // [d/2]
 
     // Random fp32 values tiled over x, then bf16 copies of them for every bf16 input.
     std::mt19937 rng(static_cast<uint32_t>(n));
@@ -142,9 +132,9 @@ int Main(int argc, char** argv) {
     fill_bf16(proj, n * h);
     fill_bf16(gate_up, rows * 2 * inter);
     fill_bf16(weight, h);
-    std::vector<float> freqs(static_cast<size_t>(o.head_dim / 2));
+    std::vector<float> freqs(static_cast<size_t>(head_dim / 2));
     for (size_t i = 0; i < freqs.size(); ++i) {
-      freqs[i] = 1.0f / std::pow(500000.0f, 2.0f * static_cast<float>(i) / o.head_dim);
+      freqs[i] = 1.0f / std::pow(500000.0f, 2.0f * static_cast<float>(i) / head_dim);
     }
     BENCH_CUDA(cudaMemcpy(inv_freq.data, freqs.data(), freqs.size() * 4, cudaMemcpyHostToDevice));
     BENCH_CUDA(cudaDeviceSynchronize());
@@ -178,12 +168,12 @@ int Main(int argc, char** argv) {
          }},
         {"rope_q", 1, n * q_dim * 2 * 2,
          [&] {
-           return LaunchRope(q.as<uint16_t>(), n, q_dim, o.heads, o.head_dim, inv_freq.as<float>(),
+           return LaunchRope(q.as<uint16_t>(), n, q_dim, heads, head_dim, inv_freq.as<float>(),
                              nullptr);
          }},
         {"rope_k", 1, n * kv_dim * 2 * 2,
          [&] {
-           return LaunchRope(kv.as<uint16_t>(), n, 2 * kv_dim, o.kv_heads, o.head_dim,
+           return LaunchRope(kv.as<uint16_t>(), n, 2 * kv_dim, kv_heads, head_dim,
                              inv_freq.as<float>(), nullptr);
          }},
         // All chunks of a layer: the engine runs one launch per chunk between its GEMMs.
@@ -199,7 +189,7 @@ int Main(int argc, char** argv) {
          }},
         {"extract_kv (K or V, when exported)", 2, n * kv_dim * 2 * 2,
          [&] {
-           return LaunchExtractKv(kv.as<uint16_t>(), n, 2 * kv_dim, o.kv_heads, o.head_dim,
+           return LaunchExtractKv(kv.as<uint16_t>(), n, 2 * kv_dim, kv_heads, head_dim,
                                   kLayerOpsBf16, false, exported.data, nullptr);
          }},
     };
@@ -207,7 +197,7 @@ int Main(int argc, char** argv) {
                 "ms", "GB moved", "GB/s", "ms per layer");
     double layer_ms = 0, layer_ms_without_export = 0;
     for (const Op& op : ops) {
-      const double ms = MedianMs(op.launch, o.reps);
+      const double ms = MedianMs(op.launch, reps);
       const double gb = static_cast<double>(op.bytes) * 1e-9;
       std::printf("%-36s %10.3f %10.3f %10.1f %14.3f\n", op.name, ms, gb, gb / (ms * 1e-3),
                   ms * op.per_layer);
